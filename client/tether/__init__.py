@@ -1,0 +1,45 @@
+"""Tether: a kill switch for fleets of AI agents.
+
+Inside an agent::
+
+    with tether.Agent("agent://acme/email-campaign", run_id="campaign-42") as agent:
+        agent.check()                      # raises tether.Killed when halted
+        agent.report(checkpoint={"batch": 7})
+"""
+
+from tether._admin import AdminClient, selector
+from tether._agent import Agent, AsyncAgent
+from tether._errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Killed,
+    NotFound,
+    TetherError,
+    TetherLost,
+    Unavailable,
+)
+from tether._types import AgentEvent, AgentInstance, AuditEntry, Halt, Scope, Selector, State
+from tether._uri import AgentRef, parse_agent_uri
+
+__all__ = [
+    "AdminClient",
+    "Agent",
+    "AgentEvent",
+    "AgentInstance",
+    "AgentRef",
+    "AsyncAgent",
+    "AuditEntry",
+    "FailedPrecondition",
+    "Halt",
+    "InvalidArgument",
+    "Killed",
+    "NotFound",
+    "Scope",
+    "Selector",
+    "State",
+    "TetherError",
+    "TetherLost",
+    "Unavailable",
+    "parse_agent_uri",
+    "selector",
+]

@@ -1,0 +1,160 @@
+"""``AdminClient``: kill, resume and fleet reads, for operators and the CLI."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+
+from tether._agent import resolve_targets
+from tether._errors import InvalidArgument, from_rpc_error
+from tether._types import (
+    STATE_TO_PB,
+    AgentEvent,
+    AgentInstance,
+    AuditEntry,
+    Halt,
+    Scope,
+    Selector,
+    State,
+)
+from tether._uri import parse_agent_uri
+from tether.v1 import admin_pb2, admin_pb2_grpc
+
+T = TypeVar("T")
+
+
+def default_actor() -> str:
+    """``user@host``: who the audit says ordered a kill when no actor is given."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def selector(
+    *,
+    all: bool = False,
+    tenant: str | None = None,
+    agent: str | None = None,
+    run_id: str | None = None,
+) -> Selector:
+    """Build a selector from exactly one of the CLI-style choices.
+
+    ``agent`` is a URI, ``agent://TENANT/AGENT``. ``run_id`` may be combined with
+    ``tenant`` to narrow a run kill to one tenant.
+    """
+    if agent is not None:
+        if all or tenant is not None or run_id is not None:
+            raise InvalidArgument("an agent URI already names the tenant; give it alone")
+        ref = parse_agent_uri(agent)
+        return Selector(Scope.AGENT, ref.tenant, ref.agent)
+    if run_id is not None:
+        return Selector(Scope.RUN, tenant=tenant or "", run_id=run_id)
+    if tenant is not None:
+        return Selector(Scope.TENANT, tenant=tenant)
+    if all:
+        return Selector(Scope.GLOBAL)
+    raise InvalidArgument("name a scope: global, tenant, agent or run")
+
+
+class AdminClient:
+    """Talks to one coordinator's AdminService. Every coordinator answers the same.
+
+    Args:
+        target: ``HOST:PORT``; defaults to ``TETHER_ADDR``, then ``127.0.0.1:7700``.
+        timeout: Seconds per call.
+        actor: Recorded in the audit as who acted; defaults to ``user@host``.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float = 10.0,
+        actor: str | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.target = resolve_targets(target, environ)[0]
+        self._timeout = timeout
+        self._actor = actor or default_actor()
+        self._channel = grpc.insecure_channel(self.target)
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., T], request: Any) -> T:
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def kill(self, sel: Selector, reason: str, *, force: bool = False) -> tuple[Halt, bool]:
+        """Halt ``sel``. Returns the halt in force and whether it was already there."""
+        req = admin_pb2.KillRequest(
+            selector=sel.to_pb(), reason=reason, actor=self._actor, force=force
+        )
+        resp = self._call(self._stub.Kill, req)
+        return Halt.from_pb(resp.halt), resp.already_halted
+
+    def resume(self, sel: Selector, reason: str = "") -> Halt | None:
+        """Lift the halt on ``sel``; returns it, or None when nothing was halted."""
+        req = admin_pb2.ResumeRequest(selector=sel.to_pb(), reason=reason, actor=self._actor)
+        resp = self._call(self._stub.Resume, req)
+        return Halt.from_pb(resp.resumed) if resp.was_halted else None
+
+    def agents(
+        self, *, tenant: str = "", agent: str = "", run_id: str = "", state: State | None = None
+    ) -> list[AgentInstance]:
+        req = admin_pb2.ListAgentsRequest(
+            tenant=tenant, agent=agent, run_id=run_id, state=STATE_TO_PB[state] if state else 0
+        )
+        return [AgentInstance.from_pb(a) for a in self._call(self._stub.ListAgents, req).agents]
+
+    def agent(self, tenant: str, agent: str, run_id: str, instance_id: str = "") -> AgentInstance:
+        req = admin_pb2.GetAgentRequest(
+            tenant=tenant, agent=agent, run_id=run_id, instance_id=instance_id
+        )
+        return AgentInstance.from_pb(self._call(self._stub.GetAgent, req))
+
+    def halts(self, *, tenant: str = "") -> list[Halt]:
+        req = admin_pb2.ListHaltsRequest(tenant=tenant)
+        return [Halt.from_pb(h) for h in self._call(self._stub.ListHalts, req).halts]
+
+    def audit(
+        self, *, tenant: str = "", since: datetime | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        req = admin_pb2.ListAuditRequest(tenant=tenant, limit=limit)
+        if since is not None:
+            req.since.FromDatetime(since)
+        return [AuditEntry.from_pb(e) for e in self._call(self._stub.ListAudit, req).entries]
+
+    def watch(
+        self, *, tenant: str = "", agent: str = "", run_id: str = "", snapshot: bool = True
+    ) -> Iterator[AgentEvent]:
+        """State changes as they happen, after the current state unless ``snapshot`` is off."""
+        req = admin_pb2.WatchAgentsRequest(
+            tenant=tenant, agent=agent, run_id=run_id, skip_snapshot=not snapshot
+        )
+        stream = self._stub.WatchAgents(req)
+        try:
+            for event in stream:
+                yield AgentEvent.from_pb(event)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                raise from_rpc_error(err) from err
+        finally:
+            stream.cancel()

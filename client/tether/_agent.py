@@ -1,0 +1,200 @@
+"""``Agent`` and ``AsyncAgent``: two thin front doors over one ``Core``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from tether._core import Core, Identity
+from tether._errors import InvalidArgument
+from tether._types import Halt
+from tether._uri import check_name, parse_agent_uri
+
+DEFAULT_ADDR = "127.0.0.1:7700"
+
+
+def resolve_targets(target: str | None, environ: Mapping[str, str]) -> list[str]:
+    """``target``, else ``TETHER_ADDR``, else the default; a comma-separated list fails over."""
+    raw = target or environ.get("TETHER_ADDR") or DEFAULT_ADDR
+    targets = [t.strip() for t in raw.split(",") if t.strip()]
+    if not targets:
+        raise InvalidArgument(f"no coordinator address in {raw!r}: expected HOST:PORT[,HOST:PORT]")
+    return targets
+
+
+def _identity(
+    uri: str,
+    run_id: str | None,
+    instance_id: str | None,
+    capabilities: Iterable[str],
+    labels: Mapping[str, str] | None,
+) -> Identity:
+    ref = parse_agent_uri(uri)
+    instance = instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return Identity(
+        tenant=ref.tenant,
+        agent=ref.agent,
+        run_id=check_name("run_id", run_id or uuid.uuid4().hex),
+        instance_id=check_name("instance_id", instance),
+        capabilities=tuple(capabilities),
+        labels=dict(labels or {}),
+    )
+
+
+class _Front:
+    """What both front doors share: everything that only reads or replaces state."""
+
+    _core: Core
+
+    @property
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The run's last stored checkpoint at registration, or None for a fresh run."""
+        return self._core.checkpoint
+
+    @property
+    def run_id(self) -> str:
+        return self._core.identity.run_id
+
+    @property
+    def instance_id(self) -> str:
+        return self._core.identity.instance_id
+
+    @property
+    def halts(self) -> tuple[Halt, ...]:
+        """The halts that match this instance, as the coordinator last said."""
+        return self._core.halts
+
+    @property
+    def killed(self) -> bool:
+        """True when ``check()`` would raise."""
+        try:
+            self._core.check()
+        except Exception:
+            return True
+        return False
+
+    def check(self) -> None:
+        """Raise ``tether.Killed`` if a halt matches or the tether is lost. Makes no RPC."""
+        self._core.check()
+
+    def report(self, checkpoint: Mapping[str, Any]) -> None:
+        """Store the newest checkpoint; the stream sends it. Never blocks."""
+        self._core.report(checkpoint)
+
+
+class Agent(_Front):
+    """A tethered agent instance for synchronous code.
+
+    The stream runs on a private event loop in a daemon thread; ``check()`` and
+    ``report()`` never touch it, so they cost an attribute read.
+
+    Args:
+        uri: ``agent://TENANT/AGENT``.
+        run_id: The execution this instance serves; its checkpoint is the run's.
+        target: ``HOST:PORT`` of a coordinator, or a comma-separated list to fail over
+            across. Defaults to ``TETHER_ADDR``, then ``127.0.0.1:7700``.
+        instance_id: Unique per process; generated when omitted.
+        capabilities: The tools or effects this instance may use.
+        labels: Free-form labels, such as ``{"version": "2.3.1"}``.
+        connect_timeout: How long ``__enter__`` waits to register before raising
+            ``tether.Unavailable``.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        run_id: str | None = None,
+        target: str | None = None,
+        instance_id: str | None = None,
+        capabilities: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        identity = _identity(uri, run_id, instance_id, capabilities, labels)
+        self._core = Core(identity, resolve_targets(target, os.environ), connect_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Register with a coordinator; blocks until the first reply."""
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="tether", daemon=True)
+        self._thread.start()
+        self._loop = loop
+        try:
+            asyncio.run_coroutine_threadsafe(self._core.start(), loop).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def close(self, checkpoint: Mapping[str, Any] | None = None) -> None:
+        """End cleanly: the final checkpoint is stored before this returns."""
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._core.close(checkpoint), self._loop).result()
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            loop.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncAgent(_Front):
+    """The same as ``Agent``, for asyncio code: the stream runs on the caller's loop."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        run_id: str | None = None,
+        target: str | None = None,
+        instance_id: str | None = None,
+        capabilities: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        identity = _identity(uri, run_id, instance_id, capabilities, labels)
+        self._core = Core(identity, resolve_targets(target, os.environ), connect_timeout)
+
+    async def start(self) -> None:
+        """Register with a coordinator; returns after the first reply."""
+        await self._core.start()
+
+    async def close(self, checkpoint: Mapping[str, Any] | None = None) -> None:
+        """End cleanly: the final checkpoint is stored before this returns."""
+        await self._core.close(checkpoint)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,309 @@
+"""The one engine behind ``Agent`` and ``AsyncAgent``: a stream that keeps a verdict fresh.
+
+The engine runs on an asyncio loop. ``check()`` and ``report()`` only read or replace
+attributes, so they are safe from any thread and never block: the verdict is a frozen
+value swapped in whole, and the newest checkpoint simply replaces the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from tether._errors import (
+    InvalidArgument,
+    Killed,
+    TetherLost,
+    Unavailable,
+    from_rpc_error,
+    is_permanent,
+)
+from tether._types import Halt, struct_to_dict
+from tether.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger("tether")
+
+_INITIAL_BACKOFF = 0.05
+_MAX_BACKOFF = 2.0
+_GOODBYE_TIMEOUT = 5.0
+DEFAULT_MAX_CHECKPOINT_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who this instance is, as sent in the first message of every stream."""
+
+    tenant: str
+    agent: str
+    run_id: str
+    instance_id: str
+    capabilities: tuple[str, ...]
+    labels: Mapping[str, str]
+
+    def register(self) -> agent_pb2.HeartbeatRequest:
+        reg = agent_pb2.Register(
+            tenant=self.tenant,
+            agent=self.agent,
+            run_id=self.run_id,
+            instance_id=self.instance_id,
+            capabilities=self.capabilities,
+            labels=dict(self.labels),
+        )
+        return agent_pb2.HeartbeatRequest(register=reg)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the coordinator last said. ``killed`` is None when it said RUN."""
+
+    killed: Killed | None
+    confirmed_at: float  # time.monotonic() of the confirmation
+    revision: int = 0
+
+
+def _killed_from(resp: agent_pb2.HeartbeatResponse) -> Killed | None:
+    if resp.order == agent_pb2.ORDER_RUN:
+        return None
+    if resp.fail_closed_reason or not resp.halts:
+        return TetherLost(resp.fail_closed_reason or "coordinator ordered a stop")
+    halt = Halt.from_pb(resp.halts[0])
+    return Killed(halt.reason, scope=halt.selector.scope.value, actor=halt.actor, halt_id=halt.id)
+
+
+def to_struct(checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
+    msg = struct_pb2.Struct()
+    msg.update(checkpoint)
+    return msg
+
+
+class Core:
+    """Holds one tether to a coordinator, reconnecting with backoff when it breaks."""
+
+    def __init__(self, identity: Identity, targets: Sequence[str], connect_timeout: float) -> None:
+        self.identity = identity
+        self._targets = list(targets)
+        self._connect_timeout = connect_timeout
+        self.verdict: Verdict | None = None
+        self.ttl = 0.0
+        self.halts: tuple[Halt, ...] = ()
+        self.checkpoint: dict[str, Any] | None = None
+        self.max_checkpoint_bytes = DEFAULT_MAX_CHECKPOINT_BYTES
+        self._latest: struct_pb2.Struct | None = None
+        self._reported: struct_pb2.Struct | None = None
+        self._wake: asyncio.Event | None = None
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._registered: asyncio.Future[None] | None = None
+        self._call: Any = None
+        self._seq = 0
+        self._interval = 1.0
+        self._sent_at: dict[int, float] = {}
+
+    # -- front-door operations: never block, safe from any thread ---------------------------
+
+    def check(self) -> None:
+        verdict = self.verdict
+        if verdict is None:
+            raise TetherLost("not registered with a coordinator yet")
+        if verdict.killed is not None:
+            raise verdict.killed
+        if time.monotonic() - verdict.confirmed_at > self.ttl:
+            raise TetherLost(f"no confirmed heartbeat reply within the lease TTL ({self.ttl:g}s)")
+
+    def report(self, checkpoint: Mapping[str, Any]) -> None:
+        self._latest = self._checked(checkpoint)
+
+    def _checked(self, checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
+        """Convert now, so that a bad checkpoint fails at the caller, not on the stream."""
+        try:
+            msg = to_struct(checkpoint)
+            size = len(json.dumps(checkpoint, separators=(",", ":")))
+        except (TypeError, ValueError, AttributeError) as err:
+            raise InvalidArgument(
+                f"checkpoint must be a JSON object of JSON values: {err}"
+            ) from None
+        if size > self.max_checkpoint_bytes:
+            raise InvalidArgument(
+                f"checkpoint is {size} bytes as JSON; the coordinator's limit is "
+                f"{self.max_checkpoint_bytes}. Checkpoint a reference to large state instead"
+            )
+        return msg
+
+    # -- lifecycle, on the engine's loop ------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and register; returns once the first reply arrived."""
+        loop = asyncio.get_running_loop()
+        self._registered = loop.create_future()
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._run(), name=f"tether-{self.identity.instance_id}")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._registered), self._connect_timeout)
+        except TimeoutError:
+            await self.abort()
+            raise Unavailable(
+                f"could not register with a coordinator at {', '.join(self._targets)} "
+                f"within {self._connect_timeout:g}s"
+            ) from None
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def close(self, final: Mapping[str, Any] | None) -> None:
+        """Say goodbye with the final checkpoint, wait for it to be stored, and stop."""
+        self._closing = True
+        if final is not None:
+            self._latest = self._checked(final)
+        call = self._call
+        if call is not None and self.verdict is not None:
+            goodbye = agent_pb2.Goodbye()
+            if self._latest is not None:
+                goodbye.checkpoint.CopyFrom(self._latest)
+            try:
+                await call.write(agent_pb2.HeartbeatRequest(goodbye=goodbye))
+                await call.done_writing()
+                await asyncio.wait_for(asyncio.shield(self._task_done()), _GOODBYE_TIMEOUT)
+            except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError) as err:
+                log.warning("tether: goodbye not confirmed, final checkpoint may be lost: %s", err)
+        await self.abort()
+
+    async def abort(self) -> None:
+        self._closing = True
+        if self._call is not None:
+            self._call.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _task_done(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = _INITIAL_BACKOFF
+        attempt = 0
+        while not self._closing:
+            target = self._targets[attempt % len(self._targets)]
+            attempt += 1
+            try:
+                await self._session(target)
+                backoff = _INITIAL_BACKOFF
+                if self._closing:
+                    return
+            except grpc.RpcError as err:
+                if self._closing:
+                    return
+                if is_permanent(err):
+                    self._fail_permanently(err)
+                    return
+                log.info("tether: stream to %s broke (%s); reconnecting", target, err)
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _fail_permanently(self, err: grpc.RpcError) -> None:
+        error = from_rpc_error(err)
+        if self._registered is not None and not self._registered.done():
+            self._registered.set_exception(error)
+            return
+        self.verdict = Verdict(TetherLost(f"coordinator refused the tether: {error}"), 0.0)
+        log.error("tether: giving up: %s", error)
+
+    async def _session(self, target: str) -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat()
+            self._call = call
+            try:
+                await call.write(self.identity.register())
+                first = await call.read()
+                if first is grpc.aio.EOF:
+                    raise await _eof_error(call)
+                self._on_grant(first)
+                sender = asyncio.create_task(self._send_beats(call))
+                try:
+                    await self._read_replies(call)
+                finally:
+                    sender.cancel()
+            finally:
+                self._call = None
+
+    def _on_grant(self, first: agent_pb2.HeartbeatResponse) -> None:
+        grant = first.session
+        self.ttl = grant.ttl_ms / 1000.0
+        self._interval = max(grant.heartbeat_interval_ms / 1000.0, 0.01)
+        self.max_checkpoint_bytes = grant.max_checkpoint_bytes or DEFAULT_MAX_CHECKPOINT_BYTES
+        if self._registered is not None and not self._registered.done():
+            # The stored checkpoint is handed over once, at the first registration; later
+            # reconnects keep the run's own newer progress.
+            if grant.has_checkpoint:
+                self.checkpoint = struct_to_dict(grant.checkpoint)
+            self._reported = None
+            self._apply(first, time.monotonic())
+            self._registered.set_result(None)
+        else:
+            self._reported = None  # the new coordinator gets the newest checkpoint at once
+            self._apply(first, time.monotonic())
+
+    async def _read_replies(self, call: Any) -> None:
+        while True:
+            resp = await call.read()
+            if resp is grpc.aio.EOF:
+                if self._closing:
+                    return
+                raise await _eof_error(call)
+            sent = self._sent_at.pop(resp.ack_seq, None) if resp.ack_seq else None
+            self._apply(resp, sent if sent is not None else time.monotonic())
+            if resp.order == agent_pb2.ORDER_STOP and self._wake is not None:
+                self._wake.set()  # send the newest checkpoint now: it is the one to resume from
+
+    def _apply(self, resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> None:
+        self.halts = tuple(Halt.from_pb(h) for h in resp.halts)
+        self.verdict = Verdict(_killed_from(resp), confirmed_at, resp.revision)
+
+    async def _send_beats(self, call: Any) -> None:
+        assert self._wake is not None
+        while True:
+            self._seq += 1
+            beat = agent_pb2.Beat(seq=self._seq)
+            latest = self._latest
+            if latest is not None and latest is not self._reported:
+                beat.checkpoint.CopyFrom(latest)
+                self._reported = latest
+            now = time.monotonic()
+            self._sent_at[self._seq] = now
+            self._forget_old_beats(now)
+            await call.write(agent_pb2.HeartbeatRequest(beat=beat))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except TimeoutError:
+                pass
+
+    def _forget_old_beats(self, now: float) -> None:
+        if len(self._sent_at) > 64:
+            horizon = now - max(self.ttl, 1.0)
+            self._sent_at = {s: t for s, t in self._sent_at.items() if t >= horizon}
+
+
+async def _eof_error(call: Any) -> grpc.RpcError:
+    """The stream ended without a reply; surface the coordinator's status as the error."""
+    code = await call.code()
+    details = await call.details()
+    if code == grpc.StatusCode.OK:
+        return grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="coordinator closed the stream",
+        )
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)

@@ -1,0 +1,74 @@
+"""One exception root for the SDK, and the table that maps gRPC status codes onto it."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TetherError(Exception):
+    """Root of every error the Tether SDK raises."""
+
+
+class InvalidArgument(TetherError):
+    """The request was malformed; the message says what to fix."""
+
+
+class FailedPrecondition(TetherError):
+    """The request is well formed but cannot be served in the current state."""
+
+
+class NotFound(TetherError):
+    """The named agent, run or instance does not exist."""
+
+
+class Unavailable(TetherError):
+    """The coordinator, or the etcd behind it, cannot be reached."""
+
+
+class Killed(TetherError):
+    """The instance must stop: a halt matches it, or its tether is lost.
+
+    Attributes:
+        reason: Why it was killed, as the operator wrote it.
+        scope: ``global``, ``tenant``, ``agent``, ``run`` or ``tether`` (fail closed).
+        actor: Who ordered it.
+        halt_id: The halt's id, empty when the SDK failed closed on its own.
+    """
+
+    def __init__(self, reason: str, *, scope: str, actor: str, halt_id: str = "") -> None:
+        super().__init__(f"killed ({scope}) by {actor}: {reason}")
+        self.reason = reason
+        self.scope = scope
+        self.actor = actor
+        self.halt_id = halt_id
+
+
+class TetherLost(Killed):
+    """Fail closed: no confirmed heartbeat reply within the lease TTL, or the
+    coordinator said it can no longer know the halt state."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, scope="tether", actor="tether")
+
+
+_BY_CODE: dict[grpc.StatusCode, type[TetherError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> TetherError:
+    """Translate a gRPC error at the transport boundary: ``raise from_rpc_error(e) from e``."""
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = err.details() if isinstance(err, grpc.Call) else str(err)
+    cls = _BY_CODE.get(code, TetherError)
+    return cls(details or code.name)
+
+
+def is_permanent(err: grpc.RpcError) -> bool:
+    """True for errors that retrying the same request cannot fix."""
+    code = err.code() if isinstance(err, grpc.Call) else None
+    return code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)

@@ -1,0 +1,205 @@
+"""The SDK's own types. The public API returns these, never pb2 messages."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from tether.v1 import admin_pb2, types_pb2
+
+
+class Scope(enum.StrEnum):
+    """The breadth of a halt."""
+
+    GLOBAL = "global"
+    TENANT = "tenant"
+    AGENT = "agent"
+    RUN = "run"
+
+
+class State(enum.StrEnum):
+    """An instance's state as operators see it."""
+
+    ACTIVE = "ACTIVE"
+    KILLED = "KILLED"
+    STALE = "STALE"
+    EXITED = "EXITED"
+
+
+_SCOPE_TO_PB = {
+    Scope.GLOBAL: types_pb2.SCOPE_GLOBAL,
+    Scope.TENANT: types_pb2.SCOPE_TENANT,
+    Scope.AGENT: types_pb2.SCOPE_AGENT,
+    Scope.RUN: types_pb2.SCOPE_RUN,
+}
+_SCOPE_FROM_PB = {v: k for k, v in _SCOPE_TO_PB.items()}
+_STATE_FROM_PB = {
+    types_pb2.INSTANCE_STATE_ACTIVE: State.ACTIVE,
+    types_pb2.INSTANCE_STATE_KILLED: State.KILLED,
+    types_pb2.INSTANCE_STATE_STALE: State.STALE,
+    types_pb2.INSTANCE_STATE_EXITED: State.EXITED,
+}
+STATE_TO_PB = {v: k for k, v in _STATE_FROM_PB.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Which instances a halt applies to."""
+
+    scope: Scope
+    tenant: str = ""
+    agent: str = ""
+    run_id: str = ""
+
+    def to_pb(self) -> types_pb2.Selector:
+        return types_pb2.Selector(
+            scope=_SCOPE_TO_PB[self.scope], tenant=self.tenant, agent=self.agent, run_id=self.run_id
+        )
+
+    def describe(self) -> str:
+        """A short human form, such as ``agent://acme/email`` or ``run campaign-42``."""
+        if self.scope is Scope.GLOBAL:
+            return "global"
+        if self.scope is Scope.TENANT:
+            return f"tenant {self.tenant}"
+        if self.scope is Scope.AGENT:
+            return f"agent://{self.tenant}/{self.agent}"
+        return f"run {self.run_id}" + (f" (tenant {self.tenant})" if self.tenant else "")
+
+
+def selector_from_pb(msg: types_pb2.Selector) -> Selector:
+    return Selector(_SCOPE_FROM_PB.get(msg.scope, Scope.GLOBAL), msg.tenant, msg.agent, msg.run_id)
+
+
+def _time(ts: timestamp_pb2.Timestamp) -> datetime | None:
+    if not ts.seconds and not ts.nanos:
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _ints(value: Any) -> Any:
+    # Struct keeps every number as a double; give back the ints that went in.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
+def struct_to_dict(msg: struct_pb2.Struct) -> dict[str, Any]:
+    """A checkpoint as the agent reported it: JSON values, integral numbers as ints."""
+    result: dict[str, Any] = _ints(json_format.MessageToDict(msg))
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Halt:
+    """A kill order, in force until resumed."""
+
+    id: str
+    selector: Selector
+    reason: str
+    actor: str
+    created_at: datetime | None
+    revision: int
+
+    @classmethod
+    def from_pb(cls, msg: types_pb2.Halt) -> Halt:
+        return cls(
+            msg.id,
+            selector_from_pb(msg.selector),
+            msg.reason,
+            msg.actor,
+            _time(msg.created_at),
+            msg.revision,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInstance:
+    """One agent process: one stream, one lease."""
+
+    tenant: str
+    agent: str
+    run_id: str
+    instance_id: str
+    state: State
+    capabilities: tuple[str, ...]
+    labels: dict[str, str]
+    coordinator: str
+    registered_at: datetime | None
+    last_heartbeat: datetime | None
+    ended_at: datetime | None
+    checkpoint: dict[str, Any] | None
+    halts: tuple[Halt, ...] = field(default=())
+
+    @classmethod
+    def from_pb(cls, msg: types_pb2.AgentInstance) -> AgentInstance:
+        return cls(
+            tenant=msg.tenant,
+            agent=msg.agent,
+            run_id=msg.run_id,
+            instance_id=msg.instance_id,
+            state=_STATE_FROM_PB.get(msg.state, State.STALE),
+            capabilities=tuple(msg.capabilities),
+            labels=dict(msg.labels),
+            coordinator=msg.coordinator,
+            registered_at=_time(msg.registered_at),
+            last_heartbeat=_time(msg.last_heartbeat),
+            ended_at=_time(msg.ended_at),
+            checkpoint=struct_to_dict(msg.checkpoint) if msg.HasField("checkpoint") else None,
+            halts=tuple(Halt.from_pb(h) for h in msg.halts),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEvent:
+    """A change of an instance's state, from ``watch_agents``."""
+
+    instance: AgentInstance
+    previous: State | None
+    snapshot: bool
+    revision: int
+
+    @classmethod
+    def from_pb(cls, msg: admin_pb2.AgentEvent) -> AgentEvent:
+        return cls(
+            AgentInstance.from_pb(msg.agent),
+            _STATE_FROM_PB.get(msg.previous),
+            msg.snapshot,
+            msg.revision,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One kill or resume, with who, why and when."""
+
+    id: str
+    action: str
+    selector: Selector
+    actor: str
+    reason: str
+    at: datetime | None
+    revision: int
+    changed: bool
+
+    @classmethod
+    def from_pb(cls, msg: admin_pb2.AuditEntry) -> AuditEntry:
+        action = admin_pb2.AuditAction.Name(msg.action).removeprefix("AUDIT_ACTION_").lower()
+        return cls(
+            msg.id,
+            action,
+            selector_from_pb(msg.selector),
+            msg.actor,
+            msg.reason,
+            _time(msg.at),
+            msg.revision,
+            msg.changed,
+        )

@@ -1,0 +1,306 @@
+"""AdminService: kill, resume, and the operator's view of the fleet."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+from tether._errors import FailedPrecondition, InvalidArgument, NotFound
+from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+
+from tether_server._fleet import Fleet
+from tether_server._halts import halt_from_kv
+from tether_server._selectors import InstanceKey, halt_id, matches, scope_name, validate
+from tether_server._sessions import Sessions, now_timestamp
+from tether_server._store import (
+    AUDIT,
+    CHECKPOINTS,
+    FLEET,
+    HALTS,
+    ROSTER,
+    RUNS,
+    EtcdUnavailable,
+    Store,
+    absent,
+    delete_op,
+    from_json,
+    path,
+    present,
+    put_op,
+    range_op,
+    to_json,
+)
+from tether_server._telemetry import tracer
+from tether_server._watch import WatchBroken, watch_prefix
+
+R = TypeVar("R")
+
+_STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    EtcdUnavailable: grpc.StatusCode.UNAVAILABLE,
+    WatchBroken: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Trace the call and turn our errors into gRPC statuses with an actionable message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Any) -> R:
+        with tracer.start_as_current_span(f"tether.v1.AdminService/{method.__name__}"):
+            try:
+                return await method(self, request, context)
+            except tuple(_STATUS) as err:
+                await context.abort(_STATUS[type(err)], str(err))
+                raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _actor(request: Any, context: Any) -> str:
+    if request.actor:
+        return str(request.actor)
+    return f"anonymous@{context.peer()}"
+
+
+def _since_key(since: timestamp_pb2.Timestamp) -> bytes:
+    return AUDIT + f"{since.ToNanoseconds():020d}".encode()
+
+
+class Admin(admin_pb2_grpc.AdminServiceServicer):
+    """Reads go to etcd, so every coordinator answers the same; writes are transactions."""
+
+    def __init__(self, store: Store, sessions: Sessions) -> None:
+        self._store = store
+        self._sessions = sessions
+
+    # -- kill and resume --------------------------------------------------------------------
+
+    @_rpc
+    async def Kill(self, request: admin_pb2.KillRequest, context: Any) -> admin_pb2.KillResponse:
+        sel = validate(request.selector)
+        if not request.reason.strip():
+            raise InvalidArgument("reason is required: say why, it goes into the audit")
+        if request.mode == types_pb2.KILL_MODE_SOFT:
+            raise InvalidArgument("soft kills are not served yet; send mode HARD or leave it unset")
+        if not request.force:
+            await self._check_known(sel)
+        halt = types_pb2.Halt(
+            id=halt_id(sel),
+            selector=sel,
+            reason=request.reason,
+            actor=_actor(request, context),
+            created_at=now_timestamp(),
+            mode=types_pb2.KILL_MODE_HARD,
+        )
+        key = HALTS + halt.id.encode()
+        entry = self._audit(admin_pb2.AUDIT_ACTION_KILL, sel, halt.actor, halt.reason)
+        resp = await self._store.txn(
+            [absent(key)],
+            [put_op(key, to_json(halt)), self._audit_op(entry, changed=True)],
+            [range_op(key), self._audit_op(entry, changed=False)],
+        )
+        if not resp.succeeded:
+            return admin_pb2.KillResponse(
+                halt=halt_from_kv(resp.responses[0].response_range.kvs[0]), already_halted=True
+            )
+        halt.revision = resp.header.revision
+        return admin_pb2.KillResponse(halt=halt)
+
+    async def _check_known(self, sel: types_pb2.Selector) -> None:
+        """Refuse to halt a name nothing ever registered under: a typo is not a stop."""
+        if sel.scope == types_pb2.SCOPE_RUN:
+            resp = await self._store.range(path(RUNS, sel.run_id), prefix=False)
+            owner = resp.kvs[0].value.decode() if resp.kvs else ""
+            tenant, _, agent = owner.partition("/")
+            known = bool(owner) and matches(sel, InstanceKey(tenant, agent, sel.run_id, ""))
+            what = f"run {sel.run_id!r}"
+        elif sel.scope in (types_pb2.SCOPE_TENANT, types_pb2.SCOPE_AGENT):
+            parts = [sel.tenant] + ([sel.agent] if sel.agent else [])
+            known = await self._store.exists(path(ROSTER, *parts, ""))
+            what = f"{scope_name(sel.scope)} {'/'.join(parts)!r}"
+        else:
+            return
+        if not known:
+            raise FailedPrecondition(
+                f"no instance of {what} has ever registered; check the name, "
+                "or pass force to halt it before its agents start"
+            )
+
+    @_rpc
+    async def Resume(
+        self, request: admin_pb2.ResumeRequest, context: Any
+    ) -> admin_pb2.ResumeResponse:
+        sel = validate(request.selector)
+        key = HALTS + halt_id(sel).encode()
+        entry = self._audit(
+            admin_pb2.AUDIT_ACTION_RESUME, sel, _actor(request, context), request.reason
+        )
+        resp = await self._store.txn(
+            [present(key)],
+            [delete_op(key, prev_kv=True), self._audit_op(entry, changed=True)],
+            [self._audit_op(entry, changed=False)],
+        )
+        out = admin_pb2.ResumeResponse(was_halted=resp.succeeded, revision=resp.header.revision)
+        if resp.succeeded:
+            out.resumed.CopyFrom(halt_from_kv(resp.responses[0].response_delete_range.prev_kvs[0]))
+        return out
+
+    def _audit(self, action: int, sel: types_pb2.Selector, actor: str, reason: str) -> Any:
+        return admin_pb2.AuditEntry(
+            id=f"{time.time_ns():020d}-{os.urandom(3).hex()}",
+            action=action,  # type: ignore[arg-type]
+            selector=sel,
+            actor=actor,
+            reason=reason,
+            at=now_timestamp(),
+        )
+
+    def _audit_op(self, entry: admin_pb2.AuditEntry, *, changed: bool) -> Any:
+        record = admin_pb2.AuditEntry()
+        record.CopyFrom(entry)
+        record.changed = changed
+        return put_op(AUDIT + record.id.encode(), to_json(record))
+
+    # -- reading the fleet ------------------------------------------------------------------
+
+    async def _fleet(self, tenant: str = "") -> Fleet:
+        checkpoints = path(CHECKPOINTS, tenant, "") if tenant else CHECKPOINTS
+        resp = await self._store.txn(
+            (), [range_op(FLEET, prefix=True), range_op(checkpoints, prefix=True)]
+        )
+        fleet = Fleet()
+        kvs = [*resp.responses[0].response_range.kvs, *resp.responses[1].response_range.kvs]
+        fleet.load(kvs, resp.header.revision)
+        return fleet
+
+    def _overlay(self, instance: types_pb2.AgentInstance) -> types_pb2.AgentInstance:
+        """Instances on this coordinator get their exact last heartbeat."""
+        key = InstanceKey(instance.tenant, instance.agent, instance.run_id, instance.instance_id)
+        session = self._sessions.registry.by_key.get(key)
+        if session is not None:
+            age = time.monotonic() - session.last_beat
+            instance.last_heartbeat.FromNanoseconds(time.time_ns() - int(max(age, 0) * 1e9))
+        return instance
+
+    @_rpc
+    async def ListAgents(
+        self, request: admin_pb2.ListAgentsRequest, context: Any
+    ) -> admin_pb2.ListAgentsResponse:
+        fleet = await self._fleet(request.tenant)
+        out = admin_pb2.ListAgentsResponse(revision=fleet.revision)
+        for key in fleet.keys():
+            if _wanted(request, key) and (not request.state or request.state == fleet.state(key)):
+                out.agents.append(self._overlay(fleet.instance(key)))
+        return out
+
+    @_rpc
+    async def GetAgent(
+        self, request: admin_pb2.GetAgentRequest, context: Any
+    ) -> types_pb2.AgentInstance:
+        if not (request.tenant and request.agent and request.run_id):
+            raise InvalidArgument("GetAgent needs tenant, agent and run_id")
+        fleet = await self._fleet(request.tenant)
+        found = [k for k in fleet.keys() if _wanted(request, k)]
+        if request.instance_id:
+            found = [k for k in found if k.instance_id == request.instance_id]
+        run = f"agent://{request.tenant}/{request.agent} run {request.run_id}"
+        if not found:
+            raise NotFound(
+                f"no instance of {run}"
+                + (f" with id {request.instance_id}" if request.instance_id else "")
+            )
+        if len(found) > 1:
+            ids = ", ".join(k.instance_id for k in found)
+            raise FailedPrecondition(f"{run} has {len(found)} instances ({ids}); name instance_id")
+        return self._overlay(fleet.instance(found[0]))
+
+    @_rpc
+    async def ListHalts(
+        self, request: admin_pb2.ListHaltsRequest, context: Any
+    ) -> admin_pb2.ListHaltsResponse:
+        resp = await self._store.range(HALTS)
+        halts = [halt_from_kv(kv) for kv in resp.kvs]
+        if request.tenant:
+            halts = [h for h in halts if h.selector.tenant in ("", request.tenant)]
+        halts.sort(key=lambda h: h.revision)
+        return admin_pb2.ListHaltsResponse(halts=halts, revision=resp.header.revision)
+
+    @_rpc
+    async def ListAudit(
+        self, request: admin_pb2.ListAuditRequest, context: Any
+    ) -> admin_pb2.ListAuditResponse:
+        start = _since_key(request.since) if request.HasField("since") else AUDIT
+        rng = await self._store.range_from(start, AUDIT)
+        entries = []
+        for kv in rng.kvs:
+            entry = from_json(kv.value, admin_pb2.AuditEntry())
+            entry.revision = kv.mod_revision
+            if not request.tenant or entry.selector.tenant in ("", request.tenant):
+                entries.append(entry)
+        return admin_pb2.ListAuditResponse(entries=entries[-(request.limit or 100) :])
+
+    async def WatchAgents(
+        self, request: admin_pb2.WatchAgentsRequest, context: Any
+    ) -> AsyncIterator[admin_pb2.AgentEvent]:
+        with tracer.start_as_current_span("tether.v1.AdminService/WatchAgents"):
+            try:
+                async for event in self._watch(request):
+                    yield event
+            except (EtcdUnavailable, WatchBroken) as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+
+    async def _watch(
+        self, request: admin_pb2.WatchAgentsRequest
+    ) -> AsyncIterator[admin_pb2.AgentEvent]:
+        fleet = await self._fleet(request.tenant)
+        seen: dict[InstanceKey, int] = {}
+        for key in fleet.keys():
+            if _wanted(request, key):
+                seen[key] = fleet.state(key)
+                if not request.skip_snapshot:
+                    yield self._event(fleet, key, 0, snapshot=True)
+        async for resp in watch_prefix(self._store, FLEET, fleet.revision + 1):
+            touched: set[InstanceKey] = set()
+            for event in resp.events:
+                keys = fleet.apply(event)
+                touched |= set(fleet.keys()) if keys is None else keys
+            fleet.revision = resp.header.revision
+            for key in sorted(k for k in touched if _wanted(request, k)):
+                state, before = fleet.state(key), seen.get(key, 0)
+                if state != before or key in resp_keys(resp, key):
+                    seen[key] = state
+                    yield self._event(fleet, key, before)
+
+    def _event(self, fleet: Fleet, key: InstanceKey, before: int, *, snapshot: bool = False) -> Any:
+        instance = self._overlay(fleet.instance(key, with_checkpoint=False))
+        return admin_pb2.AgentEvent(
+            agent=instance,
+            previous=before,
+            snapshot=snapshot,
+            revision=fleet.revision,  # type: ignore[arg-type]
+        )
+
+
+def resp_keys(resp: Any, key: InstanceKey) -> set[InstanceKey]:
+    """The instance keys whose roster record this response rewrote (a re-registration)."""
+    rewritten = set()
+    for event in resp.events:
+        if event.type == event.PUT and event.kv.key == path(ROSTER, *key.parts):
+            rewritten.add(key)
+    return rewritten
+
+
+def _wanted(request: Any, key: InstanceKey) -> bool:
+    return (
+        (not request.tenant or request.tenant == key.tenant)
+        and (not request.agent or request.agent == key.agent)
+        and (not request.run_id or request.run_id == key.run_id)
+    )

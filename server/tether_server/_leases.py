@@ -1,0 +1,87 @@
+"""Many leases kept alive over one long-lived LeaseKeepAlive stream.
+
+A lease is renewed at most once per round (a third of the TTL) and only if its instance
+heartbeated since the last round, so renewals cost one small stream message per instance
+per round however fast agents beat. The coordinator's own lease goes out every round and
+doubles as the probe of etcd: a round whose probe is unanswered by the next round means
+etcd is gone, and the coordinator must fail closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from aetcd import rpc
+
+from tether_server._store import Store
+
+
+class EtcdLost(Exception):
+    """The keep-alive stream broke or went unanswered."""
+
+
+class LeaseKeeper:
+    """Renews leases for instances that heartbeated, and probes etcd every round."""
+
+    def __init__(
+        self, store: Store, own_lease: int, round_seconds: float, on_expired: Callable[[int], None]
+    ) -> None:
+        self._store = store
+        self._own = own_lease
+        self._round = round_seconds
+        self._on_expired = on_expired
+        self._due: set[int] = set()
+        self._answered = True
+
+    def touch(self, lease_id: int) -> None:
+        """Renew ``lease_id`` in the next round."""
+        self._due.add(lease_id)
+
+    def forget(self, lease_id: int) -> None:
+        self._due.discard(lease_id)
+
+    async def run(self) -> None:
+        """Keep leases alive until the stream breaks.
+
+        Raises:
+            EtcdLost: always, with the reason, when it returns.
+        """
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def outgoing() -> AsyncIterator[Any]:
+            while True:
+                yield await queue.get()
+
+        call = self._store.lease.LeaseKeepAlive(outgoing())
+        reader = asyncio.create_task(self._read(call))
+        try:
+            while not reader.done():
+                if not self._answered:
+                    raise EtcdLost(
+                        f"etcd did not answer a lease keep-alive within {self._round:g}s"
+                    )
+                self._answered = False
+                due, self._due = self._due, set()
+                queue.put_nowait(rpc.LeaseKeepAliveRequest(ID=self._own))
+                for lease_id in due:
+                    queue.put_nowait(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                await asyncio.wait({reader}, timeout=self._round)
+            raise EtcdLost(reader.exception() or "etcd ended the lease keep-alive stream")
+        finally:
+            reader.cancel()
+            call.cancel()
+
+    async def _read(self, call: Any) -> None:
+        try:
+            async for resp in call:
+                if self._own == resp.ID:
+                    if resp.TTL <= 0:
+                        raise EtcdLost("the coordinator's own lease expired")
+                    self._answered = True
+                elif resp.TTL <= 0:
+                    self._on_expired(int(resp.ID))
+        except grpc.RpcError as err:
+            raise EtcdLost(str(self._store.unavailable(err))) from err

@@ -1,0 +1,95 @@
+"""Halt selectors: validating them, naming them, and matching them to instances."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from tether._errors import InvalidArgument
+from tether._uri import check_name
+from tether.v1 import types_pb2
+
+_SCOPE_NAMES = {
+    types_pb2.SCOPE_GLOBAL: "global",
+    types_pb2.SCOPE_TENANT: "tenant",
+    types_pb2.SCOPE_AGENT: "agent",
+    types_pb2.SCOPE_RUN: "run",
+}
+# Which identity fields each scope requires (R), allows (A), or forbids (absent).
+_FIELDS = {
+    types_pb2.SCOPE_GLOBAL: {},
+    types_pb2.SCOPE_TENANT: {"tenant": "R"},
+    types_pb2.SCOPE_AGENT: {"tenant": "R", "agent": "R"},
+    types_pb2.SCOPE_RUN: {"tenant": "A", "agent": "A", "run_id": "R"},
+}
+
+
+class InstanceKey(NamedTuple):
+    """Who an instance is; also the tail of its etcd keys."""
+
+    tenant: str
+    agent: str
+    run_id: str
+    instance_id: str
+
+    @property
+    def parts(self) -> tuple[str, str, str, str]:
+        return (self.tenant, self.agent, self.run_id, self.instance_id)
+
+
+def validate(sel: types_pb2.Selector) -> types_pb2.Selector:
+    """Return ``sel`` if it names one well-formed scope.
+
+    Raises:
+        InvalidArgument: with what to fix. A selector is never widened: an empty or
+            unknown scope is rejected, not read as global.
+    """
+    if sel.scope not in _SCOPE_NAMES:
+        raise InvalidArgument(
+            f"selector.scope {sel.scope} is unknown: use one of global, tenant, agent, run"
+            if sel.scope
+            else "selector.scope is required: one of global, tenant, agent, run"
+        )
+    if sel.capability or sel.labels:
+        raise InvalidArgument(
+            "capability and label selectors are not supported by this coordinator yet: "
+            "halt the whole tenant, agent or run instead"
+        )
+    scope, rules = _SCOPE_NAMES[sel.scope], _FIELDS[sel.scope]
+    for name in ("tenant", "agent", "run_id"):
+        value = getattr(sel, name)
+        rule = rules.get(name)
+        if rule == "R" and not value:
+            raise InvalidArgument(f"a {scope} halt needs selector.{name}")
+        if rule is None and value:
+            raise InvalidArgument(
+                f"a {scope} halt takes no selector.{name}; drop it or narrow the scope"
+            )
+        if value:
+            check_name(name, value)
+    if sel.agent and not sel.tenant:
+        raise InvalidArgument("selector.agent needs selector.tenant as well")
+    return sel
+
+
+def halt_id(sel: types_pb2.Selector) -> str:
+    """A stable name for a selector: the same selector always maps to the same halt."""
+    scope = _SCOPE_NAMES[sel.scope]
+    if sel.scope == types_pb2.SCOPE_GLOBAL:
+        return scope
+    fields = [sel.tenant, sel.agent] if sel.scope != types_pb2.SCOPE_RUN else [sel.tenant or "*"]
+    if sel.scope == types_pb2.SCOPE_RUN:
+        fields += [sel.agent or "*", sel.run_id]
+    return "/".join([scope, *[f for f in fields if f]])
+
+
+def matches(sel: types_pb2.Selector, key: InstanceKey) -> bool:
+    """True when every identity field the selector names equals the instance's."""
+    return (
+        (not sel.tenant or sel.tenant == key.tenant)
+        and (not sel.agent or sel.agent == key.agent)
+        and (not sel.run_id or sel.run_id == key.run_id)
+    )
+
+
+def scope_name(scope: int) -> str:
+    return _SCOPE_NAMES.get(scope, "unknown")

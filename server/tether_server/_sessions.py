@@ -1,0 +1,471 @@
+"""AgentService.Heartbeat: one stream, one lease and one session per agent instance."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+from tether._errors import InvalidArgument
+from tether._uri import check_name, parse_agent_uri
+from tether.v1 import agent_pb2, types_pb2
+
+from tether_server._checkpoints import CheckpointWriter
+from tether_server._halts import HaltTable
+from tether_server._leases import LeaseKeeper
+from tether_server._selectors import InstanceKey, matches
+from tether_server._store import (
+    CHECKPOINTS,
+    LIVE,
+    ROSTER,
+    RUNS,
+    EtcdUnavailable,
+    Store,
+    delete_op,
+    leased_by,
+    path,
+    put_op,
+    range_op,
+    to_json,
+)
+from tether_server._telemetry import Metrics
+
+log = logging.getLogger("tether_server")
+
+
+@dataclass(frozen=True, slots=True)
+class _Push:
+    """A pushed order, timed from the watch event that caused it."""
+
+    payload: bytes
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    details: str = ""
+
+
+_DONE = _End()
+
+
+class Session:
+    """One connected instance. Slotted: a coordinator holds thousands."""
+
+    __slots__ = (
+        "checkpoint_key",
+        "detached",
+        "key",
+        "last_beat",
+        "lease",
+        "outbox",
+        "record",
+        "sent",
+    )
+
+    def __init__(self, key: InstanceKey, lease: int, record: types_pb2.AgentInstance) -> None:
+        self.key = key
+        self.lease = lease
+        self.record = record
+        self.checkpoint_key = path(CHECKPOINTS, key.tenant, key.agent, key.run_id)
+        self.last_beat = time.monotonic()
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.sent: tuple[str, ...] = ()  # ids of the halts last sent
+        self.detached = False  # the coordinator let go of it; leave its lease alone
+
+
+class Registry:
+    """Open sessions, indexed so that a halt finds its instances without a full scan."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[InstanceKey, Session] = {}
+        self._by_tenant: dict[str, set[Session]] = {}
+        self._by_run: dict[str, set[Session]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def add(self, session: Session) -> Session | None:
+        old = self.by_key.get(session.key)
+        if old is not None:
+            self.remove(old)
+        self.by_key[session.key] = session
+        self._by_tenant.setdefault(session.key.tenant, set()).add(session)
+        self._by_run.setdefault(session.key.run_id, set()).add(session)
+        return old
+
+    def remove(self, session: Session) -> bool:
+        if self.by_key.get(session.key) is not session:
+            return False
+        del self.by_key[session.key]
+        _discard(self._by_tenant, session.key.tenant, session)
+        _discard(self._by_run, session.key.run_id, session)
+        return True
+
+    def serves_run(self, run_id: str) -> bool:
+        return run_id in self._by_run
+
+    def candidates(self, sel: types_pb2.Selector) -> Iterable[Session]:
+        if sel.run_id:
+            return tuple(self._by_run.get(sel.run_id, ()))
+        if sel.tenant:
+            return tuple(self._by_tenant.get(sel.tenant, ()))
+        return tuple(self.by_key.values())
+
+
+def _discard(index: dict[str, set[Session]], name: str, session: Session) -> None:
+    members = index.get(name)
+    if members is not None:
+        members.discard(session)
+        if not members:
+            del index[name]
+
+
+def order(
+    halts: Iterable[types_pb2.Halt], revision: int, *, ack_seq: int = 0, fail_closed: str = ""
+) -> agent_pb2.HeartbeatResponse:
+    halts = list(halts)
+    stop = bool(halts) or bool(fail_closed)
+    return agent_pb2.HeartbeatResponse(
+        order=agent_pb2.ORDER_STOP if stop else agent_pb2.ORDER_RUN,
+        halts=halts,
+        ack_seq=ack_seq,
+        revision=revision,
+        fail_closed_reason=fail_closed,
+    )
+
+
+def now_timestamp() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def identity_from(reg: agent_pb2.Register) -> InstanceKey:
+    """Validate a registration; raises InvalidArgument with what to fix."""
+    if reg.agent_uri:
+        if reg.tenant or reg.agent:
+            raise InvalidArgument("register.agent_uri replaces tenant and agent; send one form")
+        tenant, agent = parse_agent_uri(reg.agent_uri)
+    else:
+        if not reg.tenant or not reg.agent:
+            raise InvalidArgument("register needs tenant and agent, or agent_uri")
+        tenant, agent = check_name("tenant", reg.tenant), check_name("agent", reg.agent)
+    if not reg.run_id or not reg.instance_id:
+        raise InvalidArgument("register needs run_id and instance_id")
+    for cap in reg.capabilities:
+        check_name("capability", cap)
+    return InstanceKey(
+        tenant, agent, check_name("run_id", reg.run_id), check_name("instance_id", reg.instance_id)
+    )
+
+
+class Sessions:
+    """Serves AgentService.Heartbeat and pushes orders onto open streams."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        halts: HaltTable,
+        checkpoints: CheckpointWriter,
+        metrics: Metrics,
+        coordinator_id: str,
+        lease_ttl: float,
+        heartbeat_interval: float,
+        max_checkpoint_bytes: int,
+    ) -> None:
+        self.registry = Registry()
+        self.keeper: LeaseKeeper | None = None
+        self.serving_error = "coordinator is starting and has not reached etcd yet"
+        self._store = store
+        self._halts = halts
+        self._checkpoints = checkpoints
+        self._metrics = metrics
+        self._coordinator = coordinator_id
+        self._ttl = lease_ttl
+        self._interval = heartbeat_interval
+        self._max_checkpoint = max_checkpoint_bytes
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    # -- the stream -------------------------------------------------------------------------
+
+    async def heartbeat(self, requests: AsyncIterator[Any], context: Any) -> None:
+        try:
+            session = await self._open(requests, context)
+        except InvalidArgument as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except EtcdUnavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        reader = asyncio.create_task(self._read(session, requests))
+        clean = False
+        try:
+            while True:
+                item = await session.outbox.get()
+                if isinstance(item, _End):
+                    clean = item.code == grpc.StatusCode.OK
+                    if not clean:
+                        await context.abort(item.code, item.details)
+                    return
+                if isinstance(item, _Push):
+                    await context.write(item.payload)
+                    self._metrics.kill_push_latency.record((time.monotonic() - item.since) * 1e3)
+                else:
+                    await context.write(item)
+        finally:
+            reader.cancel()
+            if not clean:
+                self._spawn(self._drop(session))
+
+    async def _open(self, requests: AsyncIterator[Any], context: Any) -> Session:
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            raise InvalidArgument("the stream closed before register was sent") from None
+        if first.WhichOneof("body") != "register":
+            raise InvalidArgument(
+                "the first message of a Heartbeat stream must be register, "
+                f"got {first.WhichOneof('body') or 'an empty message'}"
+            )
+        key = identity_from(first.register)
+        if self.keeper is None:
+            raise EtcdUnavailable(self.serving_error)
+        lease, ttl = await self._store.grant(self._ttl)
+        record = self._record(key, first.register, lease)
+        stored = await self._claim(key, record, lease)
+        session = Session(key, lease, record)
+        self._checkpoints.seed(session.checkpoint_key, stored)
+        replaced = self.registry.add(session)
+        if replaced is not None:
+            replaced.detached = True
+            replaced.outbox.put_nowait(_End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
+        self._metrics.sessions.add(1)
+        self.keeper.touch(lease)
+        await context.write(self._grant(session, ttl, stored))
+        return session
+
+    def _record(
+        self, key: InstanceKey, reg: agent_pb2.Register, lease: int
+    ) -> types_pb2.AgentInstance:
+        return types_pb2.AgentInstance(
+            tenant=key.tenant,
+            agent=key.agent,
+            run_id=key.run_id,
+            instance_id=key.instance_id,
+            state=types_pb2.INSTANCE_STATE_ACTIVE,
+            capabilities=reg.capabilities,
+            labels=reg.labels,
+            coordinator=self._coordinator,
+            registered_at=now_timestamp(),
+            last_heartbeat=now_timestamp(),
+        )
+
+    async def _claim(
+        self, key: InstanceKey, record: types_pb2.AgentInstance, lease: int
+    ) -> bytes | None:
+        """Write presence and roster, and read the run's checkpoint, in one transaction."""
+        checkpoint_key = path(CHECKPOINTS, key.tenant, key.agent, key.run_id)
+        resp = await self._store.txn(
+            (),
+            [
+                put_op(path(LIVE, *key.parts), f"{lease:x}".encode(), lease),
+                put_op(path(ROSTER, *key.parts), to_json(record)),
+                put_op(path(RUNS, key.run_id), f"{key.tenant}/{key.agent}".encode()),
+                range_op(checkpoint_key),
+            ],
+        )
+        kvs = resp.responses[3].response_range.kvs
+        return bytes(kvs[0].value) if kvs else None
+
+    def _grant(
+        self, session: Session, ttl: float, stored: bytes | None
+    ) -> agent_pb2.HeartbeatResponse:
+        halts = self._halts.matching(session.key)
+        session.sent = tuple(h.id for h in halts)
+        resp = order(halts, self._halts.revision)
+        grant = resp.session
+        grant.session_id = f"{session.lease:x}"
+        grant.ttl_ms = int(ttl * 1000)
+        grant.heartbeat_interval_ms = int(self._interval * 1000)
+        grant.coordinator = self._coordinator
+        grant.max_checkpoint_bytes = self._max_checkpoint
+        if stored is not None:
+            json_format.Parse(stored, grant.checkpoint)
+            grant.has_checkpoint = True
+        return resp
+
+    async def _read(self, session: Session, requests: AsyncIterator[Any]) -> None:
+        end = _End(grpc.StatusCode.CANCELLED, "the agent closed its side without goodbye")
+        try:
+            async for req in requests:
+                kind = req.WhichOneof("body")
+                if kind == "beat":
+                    self._beat(session, req.beat)
+                elif kind == "goodbye":
+                    await self._goodbye(session, req.goodbye)
+                    end = _DONE
+                    break
+                else:
+                    raise InvalidArgument(f"unexpected {kind or 'empty message'} after register")
+        except InvalidArgument as err:
+            end = _End(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except EtcdUnavailable as err:
+            end = _End(grpc.StatusCode.UNAVAILABLE, str(err))
+        except grpc.RpcError:
+            pass
+        session.outbox.put_nowait(end)
+
+    def _beat(self, session: Session, beat: agent_pb2.Beat) -> None:
+        session.last_beat = time.monotonic()
+        if self.keeper is not None:
+            self.keeper.touch(session.lease)
+        if beat.HasField("checkpoint"):
+            self._offer_checkpoint(session, beat.checkpoint)
+        session.outbox.put_nowait(
+            order(
+                self._halts.matching(session.key) if session.sent else (),
+                self._halts.revision,
+                ack_seq=beat.seq,
+            )
+        )
+
+    def _offer_checkpoint(self, session: Session, checkpoint: Any) -> None:
+        value = json_format.MessageToJson(checkpoint, indent=None, sort_keys=True).encode()
+        if len(value) > self._max_checkpoint:
+            raise InvalidArgument(
+                f"checkpoint is {len(value)} bytes as JSON; the limit is {self._max_checkpoint} "
+                "bytes. Store large state elsewhere and checkpoint a reference to it; "
+                "the last accepted checkpoint is kept"
+            )
+        self._checkpoints.offer(session.checkpoint_key, value)
+        if session.sent:  # killed: this is the checkpoint a resume starts from
+            self._spawn(self._flush(session))
+
+    async def _goodbye(self, session: Session, goodbye: agent_pb2.Goodbye) -> None:
+        if goodbye.HasField("checkpoint"):
+            self._offer_checkpoint(session, goodbye.checkpoint)
+        await self._checkpoints.flush([session.checkpoint_key])
+        record = session.record
+        record.state = (
+            types_pb2.INSTANCE_STATE_KILLED if session.sent else types_pb2.INSTANCE_STATE_EXITED
+        )
+        record.ended_at.GetCurrentTime()
+        record.last_heartbeat.GetCurrentTime()
+        live = path(LIVE, *session.key.parts)
+        await self._store.txn(
+            [leased_by(live, session.lease)],
+            [put_op(path(ROSTER, *session.key.parts), to_json(record)), delete_op(live)],
+        )
+        self._release(session)
+        await self._store.revoke(session.lease)
+
+    # -- ending -----------------------------------------------------------------------------
+
+    def _release(self, session: Session) -> None:
+        if self.registry.remove(session):
+            self._metrics.sessions.add(-1)
+            if self.keeper is not None:
+                self.keeper.forget(session.lease)
+            if not self.registry.serves_run(session.key.run_id):
+                self._checkpoints.forget(session.checkpoint_key)
+
+    async def _drop(self, session: Session) -> None:
+        """The stream ended without goodbye: the instance is STALE now, not after the TTL."""
+        released = self.registry.by_key.get(session.key) is session
+        self._release(session)
+        try:
+            await self._checkpoints.flush([session.checkpoint_key])
+            if released and not session.detached:
+                await self._store.revoke(session.lease)
+                self._metrics.stale_declared.add(1)
+        except EtcdUnavailable as err:
+            log.warning("could not release %s: %s", "/".join(session.key.parts), err)
+
+    async def _flush(self, session: Session) -> None:
+        try:
+            await self._checkpoints.flush([session.checkpoint_key])
+        except EtcdUnavailable as err:
+            log.warning("kill-time checkpoint flush deferred: %s", err)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    # -- pushes -----------------------------------------------------------------------------
+
+    def on_halt(self, halt: types_pb2.Halt, since: float) -> None:
+        """A halt was put or deleted: push the new order to every instance it touches."""
+        payloads: dict[tuple[str, ...], bytes] = {}  # serialise each distinct order once
+        for session in self.registry.candidates(halt.selector):
+            if not matches(halt.selector, session.key):
+                continue
+            halts = self._halts.matching(session.key)
+            ids = tuple(h.id for h in halts)
+            if ids == session.sent:
+                continue
+            was_running, session.sent = not session.sent, ids
+            payload = payloads.get(ids)
+            if payload is None:
+                payload = order(halts, self._halts.revision).SerializeToString()
+                payloads[ids] = payload
+            session.outbox.put_nowait(_Push(payload, since))
+            if ids and was_running:
+                self._metrics.kills_pushed.add(1)
+                self._spawn(self._flush(session))
+
+    def fail_closed(self, reason: str) -> None:
+        """etcd is gone: tell every agent to stop, then let go so it can find another coordinator."""
+        payload = order((), self._halts.revision, fail_closed=reason).SerializeToString()
+        end = _End(grpc.StatusCode.UNAVAILABLE, f"coordinator lost etcd ({reason}); reconnect")
+        for session in tuple(self.registry.by_key.values()):
+            session.detached = True
+            session.outbox.put_nowait(_Push(payload, time.monotonic()))
+            session.outbox.put_nowait(end)
+            self._release(session)
+
+    def expire(self, lease: int) -> None:
+        """etcd says a session's lease is gone: end that stream so the agent re-registers."""
+        for session in tuple(self.registry.by_key.values()):
+            if session.lease == lease:
+                self._metrics.stale_declared.add(1)
+                session.outbox.put_nowait(
+                    _End(grpc.StatusCode.UNAVAILABLE, "session lease expired; register again")
+                )
+
+    async def watch_silence(self) -> None:
+        """Declare an instance STALE once it has been silent for a whole TTL.
+
+        The lease would lapse on its own, but only up to a renewal round later; this is
+        the coordinator's own, sooner timer.
+        """
+        period = min(0.5, self._ttl / 8)
+        while True:
+            await asyncio.sleep(period)
+            horizon = time.monotonic() - self._ttl
+            for session in tuple(self.registry.by_key.values()):
+                if session.last_beat < horizon:
+                    session.outbox.put_nowait(
+                        _End(grpc.StatusCode.UNAVAILABLE, f"no heartbeat for {self._ttl:g}s")
+                    )
+                    session.last_beat = float("inf")  # end it once
+
+    async def drain(self) -> None:
+        """Shutdown: flush checkpoints and let streams go; leases lapse if nobody takes over."""
+        for session in tuple(self.registry.by_key.values()):
+            session.detached = True
+            session.outbox.put_nowait(
+                _End(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down; reconnect")
+            )
+        try:
+            await self._checkpoints.flush()
+        except EtcdUnavailable as err:
+            log.warning("final checkpoint flush failed: %s", err)
+        if self._cleanups:
+            await asyncio.wait(self._cleanups, timeout=2)

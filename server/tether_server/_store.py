@@ -1,0 +1,166 @@
+"""The etcd key layout and the few KV operations the coordinator makes.
+
+Everything Tether knows lives under ``/tether/``. What WatchAgents needs sits under
+``/tether/fleet/`` so that one watch sees it all::
+
+    /tether/fleet/halts/<halt id>                    Halt (JSON), until resumed
+    /tether/fleet/live/<tenant>/<agent>/<run>/<inst> on the instance's lease: presence
+    /tether/fleet/roster/<tenant>/<agent>/<run>/<inst> AgentInstance (JSON), outlives the lease
+    /tether/checkpoints/<tenant>/<agent>/<run>       the run's last checkpoint (Struct JSON)
+    /tether/runs/<run>                               "<tenant>/<agent>" of a run, for run kills
+    /tether/audit/<time ns>-<random>                 AuditEntry (JSON), append-only
+    /tether/coordinators/<id>                        on the coordinator's own lease
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from aetcd import rpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+ROOT = b"/tether/"
+FLEET = ROOT + b"fleet/"
+HALTS = FLEET + b"halts/"
+LIVE = FLEET + b"live/"
+ROSTER = FLEET + b"roster/"
+CHECKPOINTS = ROOT + b"checkpoints/"
+RUNS = ROOT + b"runs/"
+AUDIT = ROOT + b"audit/"
+COORDINATORS = ROOT + b"coordinators/"
+
+# etcd's default --max-txn-ops; one coalesced checkpoint flush is split to fit.
+MAX_TXN_OPS = 128
+
+M = TypeVar("M", bound=Message)
+
+
+class EtcdUnavailable(Exception):
+    """etcd did not answer; the message says which endpoint and why."""
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range_end that makes [prefix, end) cover every key starting with prefix."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def path(prefix: bytes, *parts: str) -> bytes:
+    return prefix + "/".join(parts).encode()
+
+
+def to_json(msg: Message) -> bytes:
+    return json_format.MessageToJson(msg, indent=None, sort_keys=True).encode()
+
+
+def from_json(data: bytes, msg: M) -> M:
+    json_format.Parse(data, msg, ignore_unknown_fields=True)
+    return msg
+
+
+def put_op(key: bytes, value: bytes, lease: int = 0) -> Any:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+
+
+def delete_op(key: bytes, *, prev_kv: bool = False) -> Any:
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key, prev_kv=prev_kv))
+
+
+def range_op(key: bytes, *, prefix: bool = False) -> Any:
+    end = prefix_end(key) if prefix else b""
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end))
+
+
+def absent(key: bytes) -> Any:
+    """A compare that holds when ``key`` does not exist."""
+    return rpc.Compare(
+        key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=0
+    )
+
+
+def present(key: bytes) -> Any:
+    return rpc.Compare(
+        key=key, result=rpc.Compare.GREATER, target=rpc.Compare.CREATE, create_revision=0
+    )
+
+
+def leased_by(key: bytes, lease: int) -> Any:
+    """A compare that holds when ``key`` is attached to ``lease``."""
+    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.LEASE, lease=lease)
+
+
+class Store:
+    """A thin async face over etcd's KV and Lease services (aetcd's generated stubs)."""
+
+    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0) -> None:
+        self.endpoints = tuple(endpoints)
+        self.timeout = timeout
+        target = endpoints[0] if len(endpoints) == 1 else "ipv4:" + ",".join(endpoints)
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.keepalive_time_ms", 5000),
+                ("grpc.keepalive_timeout_ms", 2000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.max_receive_message_length", 64 << 20),
+            ],
+        )
+        self.kv = rpc.KVStub(self.channel)
+        self.lease = rpc.LeaseStub(self.channel)
+        self.watch = rpc.WatchStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def unavailable(self, err: grpc.RpcError) -> EtcdUnavailable:
+        detail = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
+        return EtcdUnavailable(f"etcd at {', '.join(self.endpoints)} did not answer: {detail}")
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise self.unavailable(err) from err
+
+    async def range(self, key: bytes, *, prefix: bool = True, limit: int = 0) -> Any:
+        end = prefix_end(key) if prefix else b""
+        return await self._call(
+            self.kv.Range, rpc.RangeRequest(key=key, range_end=end, limit=limit)
+        )
+
+    async def range_from(self, start: bytes, prefix: bytes) -> Any:
+        """Every key from ``start`` to the end of ``prefix``, in key order."""
+        req = rpc.RangeRequest(key=start, range_end=prefix_end(prefix))
+        return await self._call(self.kv.Range, req)
+
+    async def exists(self, key: bytes, *, prefix: bool = True) -> bool:
+        end = prefix_end(key) if prefix else b""
+        req = rpc.RangeRequest(key=key, range_end=end, limit=1, count_only=True)
+        return int((await self._call(self.kv.Range, req)).count) > 0
+
+    async def txn(
+        self, compare: Iterable[Any], success: Iterable[Any], failure: Iterable[Any] = ()
+    ) -> Any:
+        req = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+        return await self._call(self.kv.Txn, req)
+
+    async def put_many(self, ops: Sequence[Any]) -> None:
+        """Write ops in as few transactions as etcd allows."""
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            await self.txn((), ops[start : start + MAX_TXN_OPS])
+
+    async def grant(self, ttl: float) -> tuple[int, float]:
+        resp = await self._call(self.lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=round(ttl)))
+        if resp.error:
+            raise EtcdUnavailable(f"etcd refused a lease: {resp.error}")
+        return int(resp.ID), float(resp.TTL)
+
+    async def revoke(self, lease_id: int) -> None:
+        try:
+            await self.lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout)
+        except grpc.RpcError as err:
+            if isinstance(err, grpc.aio.AioRpcError) and err.code() == grpc.StatusCode.NOT_FOUND:
+                return  # already expired: the outcome we wanted
+            raise self.unavailable(err) from err
