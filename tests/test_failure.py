@@ -1,0 +1,121 @@
+"""What happens when parts die: the agent, the coordinator, etcd. Real processes, real signals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tether
+from tests.conftest import Coordinator, Etcd, eventually
+from tether_server._embedded import free_port
+
+
+def test_sigkilled_agent_goes_stale(coordinators: tuple[Coordinator, Coordinator], tenant: str) -> None:
+    a, b = coordinators
+    uri = f"agent://{tenant}/worker"
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "agent_process.py"), uri, "r-stale", a.addr],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"READY"
+        with tether.AdminClient(b.addr) as admin:  # the other coordinator sees it too
+            eventually(lambda: admin.agents(tenant=tenant)[0].checkpoint)  # a beat carried one
+            events = admin.watch(tenant=tenant)
+            snapshot = next(events)  # the stream is open from here on
+            assert snapshot.snapshot and snapshot.instance.state is tether.State.ACTIVE
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            event = next(events)
+            assert event.instance.state is tether.State.STALE
+            assert event.previous is tether.State.ACTIVE
+            assert event.instance.instance_id == "proc-r-stale"
+            (found,) = admin.agents(tenant=tenant)
+            assert found.state is tether.State.STALE
+            assert found.checkpoint is not None and found.checkpoint["i"] >= 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_silent_agent_goes_stale_when_its_lease_lapses(coord: Coordinator, tenant: str) -> None:
+    """SIGSTOP keeps the TCP connection open: only the lease and the coordinator's timer notice."""
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "agent_process.py"),
+         f"agent://{tenant}/w", "r-silent", coord.addr],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"READY"
+        with tether.AdminClient(coord.addr) as admin:
+            proc.send_signal(signal.SIGSTOP)
+            eventually(lambda: admin.agents(tenant=tenant)[0].state is tether.State.STALE)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_agent_fails_closed_when_its_coordinator_dies_and_recovers_through_another(
+    etcd: Etcd, tmp_path: Path, tenant: str
+) -> None:
+    first = Coordinator(etcd).start(tmp_path)
+    second = Coordinator(etcd)  # its port is known to the agent, but nothing listens yet
+    try:
+        with tether.Agent(
+            f"agent://{tenant}/w", run_id="r", target=f"{first.addr},{second.addr}"
+        ) as agent:
+            agent.check()
+            first.stop(signal.SIGKILL)
+            eventually(lambda: agent.killed)
+            with pytest.raises(tether.TetherLost) as info:
+                agent.check()
+            assert "lease TTL" in info.value.reason
+            second.start(tmp_path)
+            eventually(lambda: not agent.killed)  # reconnected and told RUN
+            agent.check()
+            assert agent._core.verdict is not None  # noqa: SLF001
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_coordinator_that_loses_etcd_tells_its_agents_to_stop(tmp_path: Path, tenant: str) -> None:
+    store = Etcd(tmp_path / "etcd").start()
+    coordinator = Coordinator(store).start(tmp_path)
+    try:
+        with tether.Agent(f"agent://{tenant}/w", target=coordinator.addr) as agent:
+            agent.check()
+            store.stop(signal.SIGKILL)
+            eventually(lambda: agent.killed)
+            with pytest.raises(tether.TetherLost) as info:
+                agent.check()
+            assert "etcd" in info.value.reason
+            store.start()  # same data dir and ports
+            eventually(coordinator.serving)
+            eventually(lambda: not agent.killed)
+    finally:
+        coordinator.stop()
+        store.stop()
+
+
+def test_coordinator_without_etcd_exits_with_a_reason(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "tether._cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
+         "--etcd", dead],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"TETHER_STARTUP_TIMEOUT": "2", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("tether: etcd at 127.0.0.1:")
+    assert "did not answer" in lines[-1]
+    assert "Traceback" not in result.stderr
