@@ -20,7 +20,6 @@ import grpc
 import pytest
 from aetcd import rpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tether_server._embedded import etcd_binary, free_port
 
 LEASE_TTL = 2  # etcd's floor: keeps STALE and fail-closed tests short
@@ -33,12 +32,13 @@ def eventually(probe: Callable[[], T], timeout: float = 15.0, interval: float = 
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = probe()
-            if last:
-                return last
+            result = probe()
+            if result:
+                return result
+            last = result
         except ProcessExited:
             raise
-        except Exception as err:  # noqa: BLE001 - retried until the deadline
+        except Exception as err:
             last = err
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s; last result: {last!r}")
@@ -177,4 +177,5 @@ def _clean(request: pytest.FixtureRequest) -> None:
 @pytest.fixture
 def tenant(request: pytest.FixtureRequest) -> str:
     """A tenant name of this test's own, so tests never see each other's agents."""
-    return "t-" + request.node.name.replace("_", "-").replace("[", "-").strip("]")[:40]
+    name: str = request.node.name
+    return "t-" + name.replace("_", "-").replace("[", "-").strip("]")[:40]

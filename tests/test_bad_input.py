@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
-
 import tether
-from tests.conftest import Coordinator
+from google.protobuf import struct_pb2
 from tether.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, types_pb2
+
+from tests.conftest import Coordinator
 
 
 @pytest.fixture
@@ -27,14 +27,30 @@ def _stream(channel: grpc.Channel, *messages: agent_pb2.HeartbeatRequest) -> lis
 
 
 def _register(tenant: str, **kw: str) -> agent_pb2.HeartbeatRequest:
-    fields = {"tenant": tenant, "agent": "a", "run_id": "r", "instance_id": "i", **kw}
-    return agent_pb2.HeartbeatRequest(register=agent_pb2.Register(**fields))
+    reg = agent_pb2.Register(tenant=tenant, agent="a", run_id="r", instance_id="i")
+    for name, value in kw.items():
+        setattr(reg, name, value)
+    return agent_pb2.HeartbeatRequest(register=reg)
 
 
-def _status(fn: Any) -> grpc.RpcError:
+class Status:
+    """The code and details of a failed call."""
+
+    def __init__(self, err: grpc.RpcError) -> None:
+        call = cast(grpc.Call, err)
+        self._code, self._details = call.code(), call.details() or ""
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def _status(fn: Any) -> Status:
     with pytest.raises(grpc.RpcError) as info:
         fn()
-    return info.value
+    return Status(info.value)
 
 
 def test_malformed_agent_uri(channel: grpc.Channel, tenant: str) -> None:
@@ -82,7 +98,7 @@ def test_oversized_checkpoint_is_refused_and_the_last_one_kept(
 def test_kill_selectors_are_checked_never_widened(channel: grpc.Channel, tenant: str) -> None:
     stub = admin_pb2_grpc.AdminServiceStub(channel)
 
-    def kill(reason: str = "why", force: bool = False, **sel: Any) -> grpc.RpcError:
+    def kill(reason: str = "why", force: bool = False, **sel: Any) -> Status:
         req = admin_pb2.KillRequest(selector=types_pb2.Selector(**sel), reason=reason, force=force)
         return _status(lambda: stub.Kill(req, timeout=5))
 

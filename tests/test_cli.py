@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import tether
+
 from tests.conftest import Coordinator, eventually
 
 BIN = Path(sys.executable).parent
@@ -22,7 +22,11 @@ def tether_cli(*args: str, addr: str | None = None) -> subprocess.CompletedProce
     if addr is not None:
         env["TETHER_ADDR"] = addr
     return subprocess.run(
-        [sys.executable, "-m", "tether._cli", *args], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-m", "tether._cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
 
 
@@ -35,36 +39,82 @@ def test_kill_resume_and_reads_with_json_output(coord: Coordinator, tenant: str)
     uri = f"agent://{tenant}/email"
     with tether.Agent(uri, run_id="c-1", target=coord.addr) as agent:
         agent.report({"batch": 2})
-        eventually(lambda: json.loads(ok(tether_cli("agents", "-o", "json", "--tenant", tenant, addr=coord.addr)))[0]["checkpoint"])
-        (row,) = json.loads(ok(tether_cli("agents", "-o", "json", "--tenant", tenant, addr=coord.addr)))
-        for key in ("tenant", "agent", "run_id", "instance_id", "state", "last_heartbeat", "checkpoint"):
+        eventually(
+            lambda: json.loads(
+                ok(tether_cli("agents", "-o", "json", "--tenant", tenant, addr=coord.addr))
+            )[0]["checkpoint"]
+        )
+        (row,) = json.loads(
+            ok(tether_cli("agents", "-o", "json", "--tenant", tenant, addr=coord.addr))
+        )
+        for key in (
+            "tenant",
+            "agent",
+            "run_id",
+            "instance_id",
+            "state",
+            "last_heartbeat",
+            "checkpoint",
+        ):
             assert key in row
         assert (row["agent"], row["run_id"], row["state"]) == ("email", "c-1", "ACTIVE")
         assert row["checkpoint"] == {"batch": 2}
 
-        killed = json.loads(ok(tether_cli("kill", "--agent", uri, "--reason", "bad link", "-o", "json", "--addr", coord.addr)))
+        killed = json.loads(
+            ok(
+                tether_cli(
+                    "kill",
+                    "--agent",
+                    uri,
+                    "--reason",
+                    "bad link",
+                    "-o",
+                    "json",
+                    "--addr",
+                    coord.addr,
+                )
+            )
+        )
         assert killed["already_halted"] is False
-        assert killed["halt"]["selector"] == {"scope": "agent", "tenant": tenant, "agent": "email", "run_id": ""}
+        assert killed["halt"]["selector"] == {
+            "scope": "agent",
+            "tenant": tenant,
+            "agent": "email",
+            "run_id": "",
+        }
         assert killed["halt"]["actor"].startswith("oncall@")
         eventually(lambda: agent.killed)
 
         table = ok(tether_cli("agents", "--tenant", tenant, addr=coord.addr))
         assert table.splitlines()[0].split()[:5] == ["TENANT", "AGENT", "RUN", "INSTANCE", "STATE"]
         assert "KILLED" in table.splitlines()[1]
-        (halt,) = json.loads(ok(tether_cli("halts", "-o", "json", "--tenant", tenant, addr=coord.addr)))
+        (halt,) = json.loads(
+            ok(tether_cli("halts", "-o", "json", "--tenant", tenant, addr=coord.addr))
+        )
         assert halt["reason"] == "bad link"
-        assert "already halted" in ok(tether_cli("kill", "--agent", uri, "--reason", "again", addr=coord.addr))
+        assert "already halted" in ok(
+            tether_cli("kill", "--agent", uri, "--reason", "again", addr=coord.addr)
+        )
 
-        resumed = json.loads(ok(tether_cli("resume", "--agent", uri, "-o", "json", addr=coord.addr)))
+        resumed = json.loads(
+            ok(tether_cli("resume", "--agent", uri, "-o", "json", addr=coord.addr))
+        )
         assert resumed["was_halted"] is True
         eventually(lambda: not agent.killed)
         assert "was not halted" in ok(tether_cli("resume", "--agent", uri, addr=coord.addr))
 
-    audit = json.loads(ok(tether_cli("audit", "-o", "json", "--tenant", tenant, "--since", "1h", addr=coord.addr)))
+    audit = json.loads(
+        ok(tether_cli("audit", "-o", "json", "--tenant", tenant, "--since", "1h", addr=coord.addr))
+    )
     assert [(e["action"], e["changed"]) for e in audit] == [
         ("kill", True), ("kill", False), ("resume", True), ("resume", False)
     ]  # fmt: skip
-    events = [json.loads(line) for line in ok(tether_cli("watch", "-o", "json", "--tenant", tenant, "--count", "1", addr=coord.addr)).splitlines()]
+    events = [
+        json.loads(line)
+        for line in ok(
+            tether_cli("watch", "-o", "json", "--tenant", tenant, "--count", "1", addr=coord.addr)
+        ).splitlines()
+    ]
     assert events[0]["instance"]["state"] == "EXITED" and events[0]["snapshot"] is True
 
 
@@ -97,7 +147,10 @@ def test_unreachable_coordinator_exits_1_with_one_line() -> None:
 def test_serve_rejects_a_malformed_etcd_url() -> None:
     result = tether_cli("serve", "--etcd", "etcd.example:notaport")
     assert result.returncode == 2
-    assert "etcd endpoint 'etcd.example:notaport' is malformed: expected http://HOST:PORT" in result.stderr
+    assert (
+        "etcd endpoint 'etcd.example:notaport' is malformed: expected http://HOST:PORT"
+        in result.stderr
+    )
 
 
 # -- grpcurl -------------------------------------------------------------------------------
@@ -122,9 +175,15 @@ def test_grpcurl_list_describe_list_agents_and_kill(coord: Coordinator, tenant: 
     )
     admin = grpcurl(coord.addr, "describe", "tether.v1.AdminService")
     assert "rpc Kill ( .tether.v1.KillRequest ) returns ( .tether.v1.KillResponse );" in admin
-    assert "rpc WatchAgents ( .tether.v1.WatchAgentsRequest ) returns ( stream .tether.v1.AgentEvent );" in admin
+    assert (
+        "rpc WatchAgents ( .tether.v1.WatchAgentsRequest ) returns ( stream .tether.v1.AgentEvent );"
+        in admin
+    )
     stream = grpcurl(coord.addr, "describe", "tether.v1.AgentService")
-    assert "rpc Heartbeat ( stream .tether.v1.HeartbeatRequest ) returns ( stream .tether.v1.HeartbeatResponse );" in stream
+    assert (
+        "rpc Heartbeat ( stream .tether.v1.HeartbeatRequest ) returns ( stream .tether.v1.HeartbeatResponse );"
+        in stream
+    )
     checkpoint = grpcurl(coord.addr, "describe", "tether.v1.SessionGrant")
     assert ".google.protobuf.Struct checkpoint = 4;" in checkpoint
 
@@ -138,7 +197,11 @@ def test_grpcurl_list_describe_list_agents_and_kill(coord: Coordinator, tenant: 
         assert one["state"] == "INSTANCE_STATE_ACTIVE"
         assert one["checkpoint"] == {"batch": 11}
 
-        kill = {"selector": {"scope": "SCOPE_AGENT", "tenant": tenant, "agent": "email"}, "reason": "from grpcurl", "actor": "oncall"}
+        kill = {
+            "selector": {"scope": "SCOPE_AGENT", "tenant": tenant, "agent": "email"},
+            "reason": "from grpcurl",
+            "actor": "oncall",
+        }
         killed = json.loads(grpcurl(coord.addr, "tether.v1.AdminService/Kill", data=kill))
         assert killed["halt"]["id"] == f"agent/{tenant}/email"
         eventually(lambda: agent.killed)

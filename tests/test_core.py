@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
-
 import tether
+
 from tests.conftest import Coordinator, eventually
 
 
@@ -61,7 +61,7 @@ def test_kill_reaches_every_instance_on_both_coordinators(
         halt, already = admin.kill(tether.selector(agent=uri), "broken unsubscribe link")
         assert not already
         for agent in agents:
-            eventually(lambda agent=agent: agent.killed)
+            eventually(lambda a=agent: a.killed)  # type: ignore[misc]
             with pytest.raises(tether.Killed) as info:
                 agent.check()
             assert info.value.reason == "broken unsubscribe link"
@@ -87,8 +87,8 @@ def test_tenant_kill_does_not_touch_another_tenant(
         admin.kill(tether.selector(tenant=tenant), "tenant incident")
         eventually(lambda: mine.killed)
         # The other tenant's agents got every heartbeat ack since, and are still told RUN.
-        seq = [t._core.verdict for t in theirs]  # noqa: SLF001
-        eventually(lambda: all(t._core.verdict is not s for t, s in zip(theirs, seq, strict=True)))  # noqa: SLF001
+        seq = [t._core.verdict for t in theirs]
+        eventually(lambda: all(t._core.verdict is not s for t, s in zip(theirs, seq, strict=True)))
         for agent in theirs:
             agent.check()
 
@@ -168,7 +168,9 @@ def test_async_agent(coord: Coordinator, admin: tether.AdminClient, tenant: str)
             agent.check()
             agent.report({"n": 1})
             await asyncio.to_thread(admin.kill, tether.selector(agent=uri), "async stop")
-            while not agent.killed:
+            for _ in range(1000):
+                if agent.killed:
+                    break
                 await asyncio.sleep(0.01)
             with pytest.raises(tether.Killed) as info:
                 agent.check()

@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import tether
-from tests.conftest import Coordinator, Etcd, eventually
 from tether_server._embedded import free_port
 
+from tests.conftest import Coordinator, Etcd, eventually
 
-def test_sigkilled_agent_goes_stale(coordinators: tuple[Coordinator, Coordinator], tenant: str) -> None:
+
+def test_sigkilled_agent_goes_stale(
+    coordinators: tuple[Coordinator, Coordinator], tenant: str
+) -> None:
     a, b = coordinators
     uri = f"agent://{tenant}/worker"
     proc = subprocess.Popen(
@@ -79,7 +81,7 @@ def test_agent_fails_closed_when_its_coordinator_dies_and_recovers_through_anoth
             second.start(tmp_path)
             eventually(lambda: not agent.killed)  # reconnected and told RUN
             agent.check()
-            assert agent._core.verdict is not None  # noqa: SLF001
+            assert agent._core.verdict is not None
     finally:
         first.stop()
         second.stop()

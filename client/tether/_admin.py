@@ -24,7 +24,7 @@ from tether._types import (
     State,
 )
 from tether._uri import parse_agent_uri
-from tether.v1 import admin_pb2, admin_pb2_grpc
+from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 T = TypeVar("T")
 
@@ -120,7 +120,10 @@ class AdminClient:
         self, *, tenant: str = "", agent: str = "", run_id: str = "", state: State | None = None
     ) -> list[AgentInstance]:
         req = admin_pb2.ListAgentsRequest(
-            tenant=tenant, agent=agent, run_id=run_id, state=STATE_TO_PB[state] if state else 0
+            tenant=tenant,
+            agent=agent,
+            run_id=run_id,
+            state=STATE_TO_PB[state] if state else types_pb2.INSTANCE_STATE_UNSPECIFIED,
         )
         return [AgentInstance.from_pb(a) for a in self._call(self._stub.ListAgents, req).agents]
 
@@ -154,7 +157,7 @@ class AdminClient:
             for event in stream:
                 yield AgentEvent.from_pb(event)
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+            if err.code() != grpc.StatusCode.CANCELLED:
                 raise from_rpc_error(err) from err
         finally:
             stream.cancel()

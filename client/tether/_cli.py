@@ -53,7 +53,7 @@ def _scope_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = _Parser(prog="tether", description="Kill switch for fleets of AI agents.")
-    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    verbs: Any = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     serve = verbs.add_parser("serve", help="run a coordinator")
     serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7700)")
@@ -239,10 +239,9 @@ def _audit_row(e: AuditEntry) -> list[str]:
 
 
 def _watch(client: AdminClient, args: argparse.Namespace) -> int:
-    seen = 0
-    for event in client.watch(**_agent_filter(args), snapshot=not args.no_snapshot):
+    events = client.watch(**_agent_filter(args), snapshot=not args.no_snapshot)
+    for seen, event in enumerate(events, start=1):
         _print_event(event, args.output)
-        seen += 1
         if args.count and seen >= args.count:
             break
     return EXIT_OK
@@ -255,10 +254,8 @@ def _print_event(event: AgentEvent, output: str) -> None:
     a = event.instance
     before = event.previous.value if event.previous else "-"
     when = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
-    print(
-        f"{when} {a.tenant}/{a.agent} run={a.run_id} instance={a.instance_id} {before} -> {a.state.value}",
-        flush=True,
-    )
+    who = f"agent://{a.tenant}/{a.agent} run={a.run_id} instance={a.instance_id}"
+    print(f"{when} {who} {before} -> {a.state.value}", flush=True)
 
 
 VERBS = {

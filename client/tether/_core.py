@@ -8,13 +8,14 @@ value swapped in whole, and the newest checkpoint simply replaces the last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import struct_pb2
@@ -228,7 +229,7 @@ class Core:
                 first = await call.read()
                 if first is grpc.aio.EOF:
                     raise await _eof_error(call)
-                self._on_grant(first)
+                self._on_grant(cast(agent_pb2.HeartbeatResponse, first))
                 sender = asyncio.create_task(self._send_beats(call))
                 try:
                     await self._read_replies(call)
@@ -284,10 +285,8 @@ class Core:
             self._forget_old_beats(now)
             await call.write(agent_pb2.HeartbeatRequest(beat=beat))
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
 
     def _forget_old_beats(self, now: float) -> None:
         if len(self._sent_at) > 64:

@@ -196,7 +196,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListAgentsResponse:
         fleet = await self._fleet(request.tenant)
         out = admin_pb2.ListAgentsResponse(revision=fleet.revision)
-        for key in fleet.keys():
+        for key in fleet.ordered():
             if _wanted(request, key) and (not request.state or request.state == fleet.state(key)):
                 out.agents.append(self._overlay(fleet.instance(key)))
         return out
@@ -208,7 +208,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         if not (request.tenant and request.agent and request.run_id):
             raise InvalidArgument("GetAgent needs tenant, agent and run_id")
         fleet = await self._fleet(request.tenant)
-        found = [k for k in fleet.keys() if _wanted(request, k)]
+        found = [k for k in fleet.ordered() if _wanted(request, k)]
         if request.instance_id:
             found = [k for k in found if k.instance_id == request.instance_id]
         run = f"agent://{request.tenant}/{request.agent} run {request.run_id}"
@@ -262,7 +262,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> AsyncIterator[admin_pb2.AgentEvent]:
         fleet = await self._fleet(request.tenant)
         seen: dict[InstanceKey, int] = {}
-        for key in fleet.keys():
+        for key in fleet.ordered():
             if _wanted(request, key):
                 seen[key] = fleet.state(key)
                 if not request.skip_snapshot:
@@ -271,7 +271,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             touched: set[InstanceKey] = set()
             for event in resp.events:
                 keys = fleet.apply(event)
-                touched |= set(fleet.keys()) if keys is None else keys
+                touched |= set(fleet.ordered()) if keys is None else keys
             fleet.revision = resp.header.revision
             for key in sorted(k for k in touched if _wanted(request, k)):
                 state, before = fleet.state(key), seen.get(key, 0)
@@ -283,9 +283,9 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         instance = self._overlay(fleet.instance(key, with_checkpoint=False))
         return admin_pb2.AgentEvent(
             agent=instance,
-            previous=before,
+            previous=types_pb2.InstanceState.ValueType(before),
             snapshot=snapshot,
-            revision=fleet.revision,  # type: ignore[arg-type]
+            revision=fleet.revision,
         )
 
 

@@ -71,7 +71,8 @@ class EmbeddedEtcd:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         client, peer = f"http://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
         log_file = (self.data_dir / "etcd.log").open("ab")
-        self._proc = subprocess.Popen(
+        # Popen only forks; readiness is awaited below without blocking the loop.
+        self._proc = subprocess.Popen(  # noqa: ASYNC220
             [
                 etcd_binary(),
                 "--name=tether",

@@ -91,5 +91,5 @@ class Fleet:
             json_format.Parse(stored, out.checkpoint)
         return out
 
-    def keys(self) -> Iterator[InstanceKey]:
+    def ordered(self) -> Iterator[InstanceKey]:
         yield from sorted(set(self.roster) | self.live)

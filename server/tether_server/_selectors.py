@@ -8,7 +8,7 @@ from tether._errors import InvalidArgument
 from tether._uri import check_name
 from tether.v1 import types_pb2
 
-_SCOPE_NAMES = {
+_SCOPE_NAMES: dict[int, str] = {
     types_pb2.SCOPE_GLOBAL: "global",
     types_pb2.SCOPE_TENANT: "tenant",
     types_pb2.SCOPE_AGENT: "agent",

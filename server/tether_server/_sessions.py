@@ -421,7 +421,7 @@ class Sessions:
                 self._spawn(self._flush(session))
 
     def fail_closed(self, reason: str) -> None:
-        """etcd is gone: tell every agent to stop, then let go so it can find another coordinator."""
+        """etcd is gone: tell every agent to stop, then let go so it finds another coordinator."""
         payload = order((), self._halts.revision, fail_closed=reason).SerializeToString()
         end = _End(grpc.StatusCode.UNAVAILABLE, f"coordinator lost etcd ({reason}); reconnect")
         for session in tuple(self.registry.by_key.values()):
