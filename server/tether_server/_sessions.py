@@ -61,6 +61,7 @@ class Session:
     __slots__ = (
         "checkpoint_key",
         "detached",
+        "ending",
         "key",
         "last_beat",
         "lease",
@@ -78,6 +79,7 @@ class Session:
         self.outbox: asyncio.Queue[Any] = asyncio.Queue()
         self.sent: tuple[str, ...] = ()  # ids of the halts last sent
         self.detached = False  # the coordinator let go of it; leave its lease alone
+        self.ending = False  # its end is queued
 
 
 class Registry:
@@ -350,42 +352,52 @@ class Sessions:
     async def _goodbye(self, session: Session, goodbye: agent_pb2.Goodbye) -> None:
         if goodbye.HasField("checkpoint"):
             self._offer_checkpoint(session, goodbye.checkpoint)
-        await self._checkpoints.flush([session.checkpoint_key])
-        record = session.record
-        record.state = (
-            types_pb2.INSTANCE_STATE_KILLED if session.sent else types_pb2.INSTANCE_STATE_EXITED
-        )
-        record.ended_at.GetCurrentTime()
-        record.last_heartbeat.GetCurrentTime()
-        live = path(LIVE, *session.key.parts)
-        await self._store.txn(
-            [leased_by(live, session.lease)],
-            [put_op(path(ROSTER, *session.key.parts), to_json(record)), delete_op(live)],
-        )
+        ended = types_pb2.INSTANCE_STATE_KILLED if session.sent else types_pb2.INSTANCE_STATE_EXITED
+        session.record.state = ended
+        session.record.ended_at.GetCurrentTime()
         self._release(session)
-        await self._store.revoke(session.lease)
+        await self._retire(session)
 
     # -- ending -----------------------------------------------------------------------------
 
-    def _release(self, session: Session) -> None:
-        if self.registry.remove(session):
-            self._metrics.sessions.add(-1)
-            if self.keeper is not None:
-                self.keeper.forget(session.lease)
-            if not self.registry.serves_run(session.key.run_id):
-                self._checkpoints.forget(session.checkpoint_key)
+    def _release(self, session: Session) -> bool:
+        """Forget a session locally; False when it was already gone or replaced."""
+        if not self.registry.remove(session):
+            return False
+        self._metrics.sessions.add(-1)
+        if self.keeper is not None:
+            self.keeper.forget(session.lease)
+        if not self.registry.serves_run(session.key.run_id):
+            self._checkpoints.forget(session.checkpoint_key)
+        return True
 
     async def _drop(self, session: Session) -> None:
         """The stream ended without goodbye: the instance is STALE now, not after the TTL."""
-        released = self.registry.by_key.get(session.key) is session
-        self._release(session)
+        released = self._release(session)
         try:
-            await self._checkpoints.flush([session.checkpoint_key])
             if released and not session.detached:
-                await self._store.revoke(session.lease)
+                await self._retire(session)
                 self._metrics.stale_declared.add(1)
+            else:
+                await self._checkpoints.flush([session.checkpoint_key])
         except EtcdUnavailable as err:
             log.warning("could not release %s: %s", "/".join(session.key.parts), err)
+
+    async def _retire(self, session: Session) -> None:
+        """Store the final checkpoint and record, drop presence, and give the lease back.
+
+        The record keeps its ACTIVE state when the instance vanished, so readers derive
+        STALE from the missing presence key; EXITED and KILLED are written as they are.
+        """
+        await self._checkpoints.flush([session.checkpoint_key])
+        age = max(time.monotonic() - session.last_beat, 0.0)
+        session.record.last_heartbeat.FromNanoseconds(time.time_ns() - int(age * 1e9))
+        live = path(LIVE, *session.key.parts)
+        await self._store.txn(
+            [leased_by(live, session.lease)],  # a newer stream may own the instance by now
+            [put_op(path(ROSTER, *session.key.parts), to_json(session.record)), delete_op(live)],
+        )
+        await self._store.revoke(session.lease)
 
     async def _flush(self, session: Session) -> None:
         try:
@@ -450,11 +462,11 @@ class Sessions:
             await asyncio.sleep(period)
             horizon = time.monotonic() - self._ttl
             for session in tuple(self.registry.by_key.values()):
-                if session.last_beat < horizon:
+                if session.last_beat < horizon and not session.ending:
+                    session.ending = True
                     session.outbox.put_nowait(
                         _End(grpc.StatusCode.UNAVAILABLE, f"no heartbeat for {self._ttl:g}s")
                     )
-                    session.last_beat = float("inf")  # end it once
 
     async def drain(self) -> None:
         """Shutdown: flush checkpoints and let streams go; leases lapse if nobody takes over."""
