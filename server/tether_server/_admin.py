@@ -275,7 +275,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             fleet.revision = resp.header.revision
             for key in sorted(k for k in touched if _wanted(request, k)):
                 state, before = fleet.state(key), seen.get(key, 0)
-                if state != before or key in resp_keys(resp, key):
+                if state != before:
                     seen[key] = state
                     yield self._event(fleet, key, before)
 
@@ -287,15 +287,6 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             snapshot=snapshot,
             revision=fleet.revision,
         )
-
-
-def resp_keys(resp: Any, key: InstanceKey) -> set[InstanceKey]:
-    """The instance keys whose roster record this response rewrote (a re-registration)."""
-    rewritten = set()
-    for event in resp.events:
-        if event.type == event.PUT and event.kv.key == path(ROSTER, *key.parts):
-            rewritten.add(key)
-    return rewritten
 
 
 def _wanted(request: Any, key: InstanceKey) -> bool:

@@ -29,7 +29,6 @@ class CheckpointWriter:
         self._dirty: dict[bytes, bytes] = {}
         # A digest, not the value: enough to skip rewriting an unchanged checkpoint.
         self._stored: dict[bytes, bytes] = {}
-        self.writes = 0
 
     def seed(self, key: bytes, stored: bytes | None) -> None:
         """Remember what etcd holds for ``key``, as read at registration."""
@@ -65,7 +64,6 @@ class CheckpointWriter:
             for key, value in batch.items():
                 self._dirty.setdefault(key, value)  # a newer value may have arrived meanwhile
             raise
-        self.writes += 1
         for key, value in batch.items():
             self._stored[key] = digest(value)
 

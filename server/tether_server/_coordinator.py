@@ -15,7 +15,7 @@ from tether_server._config import ServerConfig
 from tether_server._halts import HaltTable
 from tether_server._leases import EtcdLost, LeaseKeeper
 from tether_server._sessions import Sessions
-from tether_server._store import COORDINATORS, HALTS, EtcdUnavailable, Store, path
+from tether_server._store import COORDINATORS, HALTS, EtcdUnavailable, Store, path, put_op
 from tether_server._telemetry import Metrics
 from tether_server._watch import WatchBroken, watch_prefix
 
@@ -65,7 +65,13 @@ class Coordinator:
         self._lease, _ = await self.store.grant(ttl)
         await self.store.txn(
             (),
-            [_put(path(COORDINATORS, self.config.coordinator_id), self.config.listen, self._lease)],
+            [
+                put_op(
+                    path(COORDINATORS, self.config.coordinator_id),
+                    self.config.listen.encode(),
+                    self._lease,
+                )
+            ],
         )
         resp = await self.store.range(HALTS)
         self.halts.load(resp.kvs, resp.header.revision)
@@ -101,9 +107,10 @@ class Coordinator:
     async def _watch_halts(self) -> None:
         async for resp in watch_prefix(self.store, HALTS, self.halts.revision + 1):
             since = time.monotonic()
-            self.halts.revision = resp.header.revision
             for event in resp.events:
-                self.sessions.on_halt(self.halts.apply(event), since)
+                halt = self.halts.apply(event)
+                self.halts.revision = event.kv.mod_revision
+                self.sessions.on_halt(halt, since)
 
     def _lose(self, reason: str) -> None:
         log.error("coordinator lost etcd, failing closed: %s", reason)
@@ -125,9 +132,3 @@ class Coordinator:
                 await self.store.revoke(self._lease)
             except EtcdUnavailable as err:
                 log.warning("could not revoke the coordinator lease: %s", err)
-
-
-def _put(key: bytes, value: str, lease: int) -> Any:
-    from tether_server._store import put_op
-
-    return put_op(key, value.encode(), lease)

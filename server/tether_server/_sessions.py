@@ -21,6 +21,7 @@ from tether_server._leases import LeaseKeeper
 from tether_server._selectors import InstanceKey, matches
 from tether_server._store import (
     CHECKPOINTS,
+    HALTS,
     LIVE,
     ROSTER,
     RUNS,
@@ -62,12 +63,13 @@ class Session:
         "checkpoint_key",
         "detached",
         "ending",
+        "halts",
         "key",
         "last_beat",
         "lease",
         "outbox",
         "record",
-        "sent",
+        "revision",
     )
 
     def __init__(self, key: InstanceKey, lease: int, record: types_pb2.AgentInstance) -> None:
@@ -77,7 +79,8 @@ class Session:
         self.checkpoint_key = path(CHECKPOINTS, key.tenant, key.agent, key.run_id)
         self.last_beat = time.monotonic()
         self.outbox: asyncio.Queue[Any] = asyncio.Queue()
-        self.sent: tuple[str, ...] = ()  # ids of the halts last sent
+        self.halts: tuple[types_pb2.Halt, ...] = ()  # the order last sent: these halts match
+        self.revision = 0  # the etcd revision that order reflects
         self.detached = False  # the coordinator let go of it; leave its lease alone
         self.ending = False  # its end is queued
 
@@ -240,8 +243,9 @@ class Sessions:
             raise EtcdUnavailable(self.serving_error)
         lease, ttl = await self._store.grant(self._ttl)
         record = self._record(key, first.register, lease)
-        stored = await self._claim(key, record, lease)
+        stored, halts = await self._claim(key, record, lease)
         session = Session(key, lease, record)
+        session.halts, session.revision = tuple(halts.matching(key)), halts.revision
         self._checkpoints.seed(session.checkpoint_key, stored)
         replaced = self.registry.add(session)
         if replaced is not None:
@@ -270,8 +274,12 @@ class Sessions:
 
     async def _claim(
         self, key: InstanceKey, record: types_pb2.AgentInstance, lease: int
-    ) -> bytes | None:
-        """Write presence and roster, and read the run's checkpoint, in one transaction."""
+    ) -> tuple[bytes | None, HaltTable]:
+        """Write presence and roster, read the run's checkpoint and the halts, atomically.
+
+        The halts come from the same transaction, not only from the watch, so that a halt
+        committed before registration is in the first reply even if the watch lags.
+        """
         checkpoint_key = path(CHECKPOINTS, key.tenant, key.agent, key.run_id)
         resp = await self._store.txn(
             (),
@@ -280,17 +288,20 @@ class Sessions:
                 put_op(path(ROSTER, *key.parts), to_json(record)),
                 put_op(path(RUNS, key.run_id), f"{key.tenant}/{key.agent}".encode()),
                 range_op(checkpoint_key),
+                range_op(HALTS, prefix=True),
             ],
         )
         kvs = resp.responses[3].response_range.kvs
-        return bytes(kvs[0].value) if kvs else None
+        halts = self._halts
+        if resp.header.revision > halts.revision:
+            halts = HaltTable()
+            halts.load(resp.responses[4].response_range.kvs, resp.header.revision)
+        return (bytes(kvs[0].value) if kvs else None), halts
 
     def _grant(
         self, session: Session, ttl: float, stored: bytes | None
     ) -> agent_pb2.HeartbeatResponse:
-        halts = self._halts.matching(session.key)
-        session.sent = tuple(h.id for h in halts)
-        resp = order(halts, self._halts.revision)
+        resp = order(session.halts, session.revision)
         grant = resp.session
         grant.session_id = f"{session.lease:x}"
         grant.ttl_ms = int(ttl * 1000)
@@ -329,13 +340,8 @@ class Sessions:
             self.keeper.touch(session.lease)
         if beat.HasField("checkpoint"):
             self._offer_checkpoint(session, beat.checkpoint)
-        session.outbox.put_nowait(
-            order(
-                self._halts.matching(session.key) if session.sent else (),
-                self._halts.revision,
-                ack_seq=beat.seq,
-            )
-        )
+        # An ack repeats the session's current order: what was last pushed is what holds.
+        session.outbox.put_nowait(order(session.halts, session.revision, ack_seq=beat.seq))
 
     def _offer_checkpoint(self, session: Session, checkpoint: Any) -> None:
         value = json_format.MessageToJson(checkpoint, indent=None, sort_keys=True).encode()
@@ -346,13 +352,15 @@ class Sessions:
                 "the last accepted checkpoint is kept"
             )
         self._checkpoints.offer(session.checkpoint_key, value)
-        if session.sent:  # killed: this is the checkpoint a resume starts from
+        if session.halts:  # killed: this is the checkpoint a resume starts from
             self._spawn(self._flush(session))
 
     async def _goodbye(self, session: Session, goodbye: agent_pb2.Goodbye) -> None:
         if goodbye.HasField("checkpoint"):
             self._offer_checkpoint(session, goodbye.checkpoint)
-        ended = types_pb2.INSTANCE_STATE_KILLED if session.sent else types_pb2.INSTANCE_STATE_EXITED
+        ended = (
+            types_pb2.INSTANCE_STATE_KILLED if session.halts else types_pb2.INSTANCE_STATE_EXITED
+        )
         session.record.state = ended
         session.record.ended_at.GetCurrentTime()
         self._release(session)
@@ -414,18 +422,20 @@ class Sessions:
 
     def on_halt(self, halt: types_pb2.Halt, since: float) -> None:
         """A halt was put or deleted: push the new order to every instance it touches."""
+        revision = self._halts.revision
         payloads: dict[tuple[str, ...], bytes] = {}  # serialise each distinct order once
         for session in self.registry.candidates(halt.selector):
-            if not matches(halt.selector, session.key):
-                continue
-            halts = self._halts.matching(session.key)
+            if not matches(halt.selector, session.key) or session.revision > revision:
+                continue  # registration read a newer view than this event; it stands
+            halts = tuple(self._halts.matching(session.key))
             ids = tuple(h.id for h in halts)
-            if ids == session.sent:
+            session.revision = revision
+            if ids == tuple(h.id for h in session.halts):
                 continue
-            was_running, session.sent = not session.sent, ids
+            was_running, session.halts = not session.halts, halts
             payload = payloads.get(ids)
             if payload is None:
-                payload = order(halts, self._halts.revision).SerializeToString()
+                payload = order(halts, revision).SerializeToString()
                 payloads[ids] = payload
             session.outbox.put_nowait(_Push(payload, since))
             if ids and was_running:
