@@ -107,9 +107,9 @@ class Coordinator:
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, tmp: Path, *extra: str) -> Coordinator:
+    def start(self, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Coordinator:
         self.log = tmp / f"coordinator-{self.port}.log"
-        env = {**os.environ, "TETHER_LOG_LEVEL": "INFO"}
+        env = {**os.environ, "TETHER_LOG_LEVEL": "INFO", **(env or {})}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [
