@@ -107,8 +107,8 @@ def test_kill_selectors_are_checked_never_widened(channel: grpc.Channel, tenant:
         (kill(scope=42), "selector.scope 42 is unknown"),
         (kill(scope=types_pb2.SCOPE_TENANT), "a tenant halt needs selector.tenant"),
         (kill(scope=types_pb2.SCOPE_GLOBAL, tenant="acme"), "a global halt takes no selector.tenant"),
-        (kill(scope=types_pb2.SCOPE_TENANT, tenant="acme", capability="send_email"),
-         "capability and label selectors are not supported"),
+        (kill(scope=types_pb2.SCOPE_TENANT, tenant="acme", capability="send email"),
+         "selector.capability 'send email' is not a valid name"),
         (kill(reason=" ", scope=types_pb2.SCOPE_GLOBAL), "reason is required"),
     ]  # fmt: skip
     for err, message in cases:

@@ -81,6 +81,8 @@ def test_kill_resume_and_reads_with_json_output(coord: Coordinator, tenant: str)
             "tenant": tenant,
             "agent": "email",
             "run_id": "",
+            "capability": "",
+            "labels": {},
         }
         assert killed["halt"]["actor"].startswith("oncall@")
         eventually(lambda: agent.killed)
@@ -125,7 +127,7 @@ def test_kill_resume_and_reads_with_json_output(coord: Coordinator, tenant: str)
         (["kill", "--reason", "x"], "one of the arguments --global --tenant --agent --run is required"),
         (["kill", "--agent", "acme/email", "--reason", "x"], "malformed agent URI 'acme/email'"),
         (["kill", "--tenant", "never-seen", "--reason", "x"], "has ever registered"),
-        (["kill", "--tenant", "acme", "--capability", "send_email", "--reason", "x"], "--capability freezes are not served yet"),
+        (["kill", "--tenant", "acme", "--label", "nolabel", "--reason", "x"], "--label 'nolabel': expected KEY=VALUE"),
         (["audit", "--since", "yesterday"], "--since 'yesterday': use an ISO time"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],

@@ -10,6 +10,7 @@ Inside an agent::
 from tether._admin import AdminClient, selector
 from tether._agent import Agent, AsyncAgent
 from tether._errors import (
+    CapabilityFrozen,
     FailedPrecondition,
     InvalidArgument,
     Killed,
@@ -29,6 +30,7 @@ __all__ = [
     "AgentRef",
     "AsyncAgent",
     "AuditEntry",
+    "CapabilityFrozen",
     "FailedPrecondition",
     "Halt",
     "InvalidArgument",

@@ -44,23 +44,27 @@ def selector(
     tenant: str | None = None,
     agent: str | None = None,
     run_id: str | None = None,
+    capability: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Selector:
     """Build a selector from exactly one of the CLI-style choices.
 
     ``agent`` is a URI, ``agent://TENANT/AGENT``. ``run_id`` may be combined with
-    ``tenant`` to narrow a run kill to one tenant.
+    ``tenant`` to narrow a run kill to one tenant. ``capability`` narrows any scope to
+    one tool (a freeze); ``labels`` narrow it to instances carrying all of them.
     """
+    cap, wanted = capability or "", dict(labels or {})
     if agent is not None:
         if all or tenant is not None or run_id is not None:
             raise InvalidArgument("an agent URI already names the tenant; give it alone")
         ref = parse_agent_uri(agent)
-        return Selector(Scope.AGENT, ref.tenant, ref.agent)
+        return Selector(Scope.AGENT, ref.tenant, ref.agent, "", cap, wanted)
     if run_id is not None:
-        return Selector(Scope.RUN, tenant=tenant or "", run_id=run_id)
+        return Selector(Scope.RUN, tenant or "", "", run_id, cap, wanted)
     if tenant is not None:
-        return Selector(Scope.TENANT, tenant=tenant)
+        return Selector(Scope.TENANT, tenant, "", "", cap, wanted)
     if all:
-        return Selector(Scope.GLOBAL)
+        return Selector(Scope.GLOBAL, "", "", "", cap, wanted)
     raise InvalidArgument("name a scope: global, tenant, agent or run")
 
 

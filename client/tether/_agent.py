@@ -79,9 +79,20 @@ class _Front:
             return True
         return False
 
-    def check(self) -> None:
-        """Raise ``tether.Killed`` if a halt matches or the tether is lost. Makes no RPC."""
-        self._core.check()
+    def check(self, capability: str | None = None) -> None:
+        """Raise ``tether.Killed`` if a halt matches or the tether is lost. Makes no RPC.
+
+        With ``capability``, also raise ``tether.CapabilityFrozen`` if that one is frozen.
+        """
+        self._core.check(capability)
+
+    def frozen(self, capability: str) -> bool:
+        """True when ``check(capability)`` would raise."""
+        try:
+            self._core.check(capability)
+        except Exception:
+            return True
+        return False
 
     def report(self, checkpoint: Mapping[str, Any]) -> None:
         """Store the newest checkpoint; the stream sends it. Never blocks."""

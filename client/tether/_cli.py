@@ -47,7 +47,11 @@ def _scope_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--agent", metavar="URI", help="every instance of agent://TENANT/AGENT")
     group.add_argument("--run", metavar="RUN_ID", help="every instance serving one run")
     parser.add_argument("--in-tenant", metavar="T", help="with --run: only that tenant's run")
-    parser.add_argument("--capability", help="freeze one capability (not served yet)")
+    parser.add_argument("--capability", help="freeze only this capability within the scope")
+    parser.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE",
+        help="only instances with this label (repeatable), e.g. feature=beta",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,12 +148,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _selector(args: argparse.Namespace) -> Any:
-    if args.capability:
-        raise InvalidArgument("--capability freezes are not served yet; halt the scope instead")
     if args.in_tenant and not args.run:
         raise InvalidArgument("--in-tenant goes with --run")
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"--label {item!r}: expected KEY=VALUE, e.g. feature=beta")
+        labels[key] = value
     tenant = args.in_tenant if args.run else args.tenant
-    return selector(all=args.all, tenant=tenant, agent=args.agent, run_id=args.run)
+    return selector(
+        all=args.all, tenant=tenant, agent=args.agent, run_id=args.run,
+        capability=args.capability, labels=labels,
+    )  # fmt: skip
 
 
 def _kill(client: AdminClient, args: argparse.Namespace) -> int:

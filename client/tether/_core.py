@@ -14,13 +14,14 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import grpc
 from google.protobuf import struct_pb2
 
 from tether._errors import (
+    CapabilityFrozen,
     InvalidArgument,
     Killed,
     TetherLost,
@@ -69,15 +70,28 @@ class Verdict:
     killed: Killed | None
     confirmed_at: float  # time.monotonic() of the confirmation
     revision: int = 0
+    frozen: Mapping[str, CapabilityFrozen] = field(default_factory=dict)
 
 
-def _killed_from(resp: agent_pb2.HeartbeatResponse) -> Killed | None:
-    if resp.order == agent_pb2.ORDER_RUN:
-        return None
-    if resp.fail_closed_reason or not resp.halts:
-        return TetherLost(resp.fail_closed_reason or "coordinator ordered a stop")
-    halt = Halt.from_pb(resp.halts[0])
-    return Killed(halt.reason, scope=halt.selector.scope.value, actor=halt.actor, halt_id=halt.id)
+def _verdict(resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> Verdict:
+    halts = [Halt.from_pb(h) for h in resp.halts]
+    frozen = {
+        h.selector.capability: CapabilityFrozen(
+            h.selector.capability, h.reason, scope=h.selector.scope.value, actor=h.actor,
+            halt_id=h.id,
+        )
+        for h in reversed(halts)  # the broadest freeze of a capability wins
+        if h.selector.capability
+    }  # fmt: skip
+    killed: Killed | None = None
+    if resp.order != agent_pb2.ORDER_RUN:
+        stops = [h for h in halts if not h.selector.capability]
+        if resp.fail_closed_reason or not stops:
+            killed = TetherLost(resp.fail_closed_reason or "coordinator ordered a stop")
+        else:
+            h = stops[0]
+            killed = Killed(h.reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id)
+    return Verdict(killed, confirmed_at, resp.revision, frozen)
 
 
 def to_struct(checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -111,7 +125,7 @@ class Core:
 
     # -- front-door operations: never block, safe from any thread ---------------------------
 
-    def check(self) -> None:
+    def check(self, capability: str | None = None) -> None:
         verdict = self.verdict
         if verdict is None:
             raise TetherLost("not registered with a coordinator yet")
@@ -119,6 +133,8 @@ class Core:
             raise verdict.killed
         if time.monotonic() - verdict.confirmed_at > self.ttl:
             raise TetherLost(f"no confirmed heartbeat reply within the lease TTL ({self.ttl:g}s)")
+        if capability is not None and (frozen := verdict.frozen.get(capability)) is not None:
+            raise frozen
 
     def report(self, checkpoint: Mapping[str, Any]) -> None:
         self._latest = self._checked(checkpoint)
@@ -269,7 +285,7 @@ class Core:
 
     def _apply(self, resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> None:
         self.halts = tuple(Halt.from_pb(h) for h in resp.halts)
-        self.verdict = Verdict(_killed_from(resp), confirmed_at, resp.revision)
+        self.verdict = _verdict(resp, confirmed_at)
 
     async def _send_beats(self, call: Any) -> None:
         assert self._wake is not None

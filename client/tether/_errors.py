@@ -43,6 +43,21 @@ class Killed(TetherError):
         self.halt_id = halt_id
 
 
+class CapabilityFrozen(Killed):
+    """One capability is frozen; the instance's other work may go on.
+
+    Attributes:
+        capability: The frozen capability, such as ``send_email``.
+    """
+
+    def __init__(
+        self, capability: str, reason: str, *, scope: str, actor: str, halt_id: str
+    ) -> None:
+        super().__init__(reason, scope=scope, actor=actor, halt_id=halt_id)
+        self.capability = capability
+        self.args = (f"capability {capability} frozen ({scope}) by {actor}: {reason}",)
+
+
 class TetherLost(Killed):
     """Fail closed: no confirmed heartbeat reply within the lease TTL, or the
     coordinator said it can no longer know the halt state."""

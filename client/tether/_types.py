@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -54,14 +55,27 @@ class Selector:
     tenant: str = ""
     agent: str = ""
     run_id: str = ""
+    capability: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def to_pb(self) -> types_pb2.Selector:
         return types_pb2.Selector(
-            scope=_SCOPE_TO_PB[self.scope], tenant=self.tenant, agent=self.agent, run_id=self.run_id
+            scope=_SCOPE_TO_PB[self.scope],
+            tenant=self.tenant,
+            agent=self.agent,
+            run_id=self.run_id,
+            capability=self.capability,
+            labels=dict(self.labels),
         )
 
     def describe(self) -> str:
         """A short human form, such as ``agent://acme/email`` or ``run campaign-42``."""
+        text = self._base()
+        if self.labels:
+            text += " [" + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())) + "]"
+        return f"{self.capability} in {text}" if self.capability else text
+
+    def _base(self) -> str:
         if self.scope is Scope.GLOBAL:
             return "global"
         if self.scope is Scope.TENANT:
@@ -72,7 +86,8 @@ class Selector:
 
 
 def selector_from_pb(msg: types_pb2.Selector) -> Selector:
-    return Selector(_SCOPE_FROM_PB.get(msg.scope, Scope.GLOBAL), msg.tenant, msg.agent, msg.run_id)
+    scope = _SCOPE_FROM_PB.get(msg.scope, Scope.GLOBAL)
+    return Selector(scope, msg.tenant, msg.agent, msg.run_id, msg.capability, dict(msg.labels))
 
 
 def _time(ts: timestamp_pb2.Timestamp) -> datetime | None:

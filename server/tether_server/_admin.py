@@ -15,7 +15,7 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 from tether_server._fleet import Fleet
 from tether_server._halts import halt_from_kv
-from tether_server._selectors import InstanceKey, halt_id, matches, scope_name, validate
+from tether_server._selectors import InstanceKey, halt_id, scope_name, validate
 from tether_server._sessions import Sessions, now_timestamp
 from tether_server._store import (
     AUDIT,
@@ -120,7 +120,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             resp = await self._store.range(path(RUNS, sel.run_id), prefix=False)
             owner = resp.kvs[0].value.decode() if resp.kvs else ""
             tenant, _, agent = owner.partition("/")
-            known = bool(owner) and matches(sel, InstanceKey(tenant, agent, sel.run_id, ""))
+            known = bool(owner) and sel.tenant in ("", tenant) and sel.agent in ("", agent)
             what = f"run {sel.run_id!r}"
         elif sel.scope in (types_pb2.SCOPE_TENANT, types_pb2.SCOPE_AGENT):
             parts = [sel.tenant] + ([sel.agent] if sel.agent else [])

@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from tether.v1 import types_pb2
 
 from tether_server._halts import HaltTable
-from tether_server._selectors import InstanceKey
+from tether_server._selectors import EMPTY, InstanceKey, is_full_stop
 from tether_server._store import CHECKPOINTS, HALTS, LIVE, ROSTER, from_json
 
 _ENDED = (types_pb2.INSTANCE_STATE_EXITED, types_pb2.INSTANCE_STATE_KILLED)
@@ -70,7 +70,8 @@ class Fleet:
     def state(self, key: InstanceKey) -> int:
         record = self.roster.get(key)
         if key in self.live:
-            halted = bool(self.halts.matching(key))
+            halts = self.halts.matching(key, record.labels if record is not None else EMPTY)
+            halted = any(map(is_full_stop, halts))
             return types_pb2.INSTANCE_STATE_KILLED if halted else types_pb2.INSTANCE_STATE_ACTIVE
         if record is not None and record.state in _ENDED:
             return record.state
@@ -85,7 +86,7 @@ class Fleet:
         else:  # presence without roster: registered by a coordinator mid-write
             out.tenant, out.agent, out.run_id, out.instance_id = key.parts
         out.state = self.state(key)  # type: ignore[assignment]
-        out.halts.extend(self.halts.matching(key))
+        out.halts.extend(self.halts.matching(key, out.labels))
         stored = self.checkpoints.get((key.tenant, key.agent, key.run_id))
         if with_checkpoint and stored is not None:
             json_format.Parse(stored, out.checkpoint)

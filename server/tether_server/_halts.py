@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tether.v1 import types_pb2
 
-from tether_server._selectors import InstanceKey, matches
+from tether_server._selectors import EMPTY, InstanceKey, matches
 from tether_server._store import HALTS, from_json
 
 
@@ -38,8 +38,8 @@ class HaltTable:
         removed = self.halts.pop(event.kv.key[len(HALTS) :].decode(), None)
         return removed if removed is not None else halt_from_kv(event.prev_kv)
 
-    def matching(self, key: InstanceKey) -> list[types_pb2.Halt]:
-        """The halts that apply to ``key``, broadest scope first."""
-        found = [h for h in self.halts.values() if matches(h.selector, key)]
-        found.sort(key=lambda h: (h.selector.scope, h.revision))
+    def matching(self, key: InstanceKey, labels: Mapping[str, str] = EMPTY) -> list[types_pb2.Halt]:
+        """The halts that apply to ``key``: whole-instance stops first, broadest scope first."""
+        found = [h for h in self.halts.values() if matches(h.selector, key, labels)]
+        found.sort(key=lambda h: (bool(h.selector.capability), h.selector.scope, h.revision))
         return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from tether._errors import InvalidArgument
@@ -49,11 +50,11 @@ def validate(sel: types_pb2.Selector) -> types_pb2.Selector:
             if sel.scope
             else "selector.scope is required: one of global, tenant, agent, run"
         )
-    if sel.capability or sel.labels:
-        raise InvalidArgument(
-            "capability and label selectors are not supported by this coordinator yet: "
-            "halt the whole tenant, agent or run instead"
-        )
+    if sel.capability:
+        check_name("selector.capability", sel.capability)
+    for label, value in sel.labels.items():
+        check_name("label key", label)
+        check_name(f"label {label}", value)
     scope, rules = _SCOPE_NAMES[sel.scope], _FIELDS[sel.scope]
     for name in ("tenant", "agent", "run_id"):
         value = getattr(sel, name)
@@ -72,23 +73,40 @@ def validate(sel: types_pb2.Selector) -> types_pb2.Selector:
 
 
 def halt_id(sel: types_pb2.Selector) -> str:
-    """A stable name for a selector: the same selector always maps to the same halt."""
+    """A stable name for a selector: the same selector always maps to the same halt.
+
+    ``global``, ``tenant/acme``, ``agent/acme/email``, ``run/*/*/campaign-42``, then
+    ``+cap=send_email`` for a capability freeze and ``+feature=beta`` per label.
+    """
     scope = _SCOPE_NAMES[sel.scope]
-    if sel.scope == types_pb2.SCOPE_GLOBAL:
-        return scope
-    fields = [sel.tenant, sel.agent] if sel.scope != types_pb2.SCOPE_RUN else [sel.tenant or "*"]
     if sel.scope == types_pb2.SCOPE_RUN:
-        fields += [sel.agent or "*", sel.run_id]
-    return "/".join([scope, *[f for f in fields if f]])
+        parts = [scope, sel.tenant or "*", sel.agent or "*", sel.run_id]
+    else:
+        parts = [scope, *(f for f in (sel.tenant, sel.agent) if f)]
+    name = "/".join(parts)
+    if sel.capability:
+        name += f"+cap={sel.capability}"
+    for label in sorted(sel.labels):
+        name += f"+{label}={sel.labels[label]}"
+    return name
 
 
-def matches(sel: types_pb2.Selector, key: InstanceKey) -> bool:
-    """True when every identity field the selector names equals the instance's."""
+EMPTY: Mapping[str, str] = {}
+
+
+def matches(sel: types_pb2.Selector, key: InstanceKey, labels: Mapping[str, str] = EMPTY) -> bool:
+    """True when every identity field and label the selector names equals the instance's."""
     return (
         (not sel.tenant or sel.tenant == key.tenant)
         and (not sel.agent or sel.agent == key.agent)
         and (not sel.run_id or sel.run_id == key.run_id)
+        and all(labels.get(k) == v for k, v in sel.labels.items())
     )
+
+
+def is_full_stop(halt: types_pb2.Halt) -> bool:
+    """A halt stops the whole instance unless it only freezes one capability."""
+    return not halt.selector.capability
 
 
 def scope_name(scope: int) -> str:

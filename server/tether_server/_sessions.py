@@ -18,7 +18,7 @@ from tether.v1 import agent_pb2, types_pb2
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._halts import HaltTable
 from tether_server._leases import LeaseKeeper
-from tether_server._selectors import InstanceKey, matches
+from tether_server._selectors import InstanceKey, is_full_stop, matches
 from tether_server._store import (
     CHECKPOINTS,
     HALTS,
@@ -136,7 +136,7 @@ def order(
     halts: Iterable[types_pb2.Halt], revision: int, *, ack_seq: int = 0, fail_closed: str = ""
 ) -> agent_pb2.HeartbeatResponse:
     halts = list(halts)
-    stop = bool(halts) or bool(fail_closed)
+    stop = stopped(halts) or bool(fail_closed)
     return agent_pb2.HeartbeatResponse(
         order=agent_pb2.ORDER_STOP if stop else agent_pb2.ORDER_RUN,
         halts=halts,
@@ -144,6 +144,11 @@ def order(
         revision=revision,
         fail_closed_reason=fail_closed,
     )
+
+
+def stopped(halts: Iterable[types_pb2.Halt]) -> bool:
+    """True when a halt stops the whole instance, not just one capability."""
+    return any(map(is_full_stop, halts))
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
@@ -245,7 +250,8 @@ class Sessions:
         record = self._record(key, first.register, lease)
         stored, halts = await self._claim(key, record, lease)
         session = Session(key, lease, record)
-        session.halts, session.revision = tuple(halts.matching(key)), halts.revision
+        session.halts = tuple(halts.matching(key, record.labels))
+        session.revision = halts.revision
         self._checkpoints.seed(session.checkpoint_key, stored)
         replaced = self.registry.add(session)
         if replaced is not None:
@@ -352,14 +358,16 @@ class Sessions:
                 "the last accepted checkpoint is kept"
             )
         self._checkpoints.offer(session.checkpoint_key, value)
-        if session.halts:  # killed: this is the checkpoint a resume starts from
+        if stopped(session.halts):  # killed: this is the checkpoint a resume starts from
             self._spawn(self._flush(session))
 
     async def _goodbye(self, session: Session, goodbye: agent_pb2.Goodbye) -> None:
         if goodbye.HasField("checkpoint"):
             self._offer_checkpoint(session, goodbye.checkpoint)
         ended = (
-            types_pb2.INSTANCE_STATE_KILLED if session.halts else types_pb2.INSTANCE_STATE_EXITED
+            types_pb2.INSTANCE_STATE_KILLED
+            if stopped(session.halts)
+            else types_pb2.INSTANCE_STATE_EXITED
         )
         session.record.state = ended
         session.record.ended_at.GetCurrentTime()
@@ -425,20 +433,21 @@ class Sessions:
         revision = self._halts.revision
         payloads: dict[tuple[str, ...], bytes] = {}  # serialise each distinct order once
         for session in self.registry.candidates(halt.selector):
-            if not matches(halt.selector, session.key) or session.revision > revision:
+            labels = session.record.labels
+            if not matches(halt.selector, session.key, labels) or session.revision > revision:
                 continue  # registration read a newer view than this event; it stands
-            halts = tuple(self._halts.matching(session.key))
+            halts = tuple(self._halts.matching(session.key, labels))
             ids = tuple(h.id for h in halts)
             session.revision = revision
             if ids == tuple(h.id for h in session.halts):
                 continue
-            was_running, session.halts = not session.halts, halts
+            was_running, session.halts = not stopped(session.halts), halts
             payload = payloads.get(ids)
             if payload is None:
                 payload = order(halts, revision).SerializeToString()
                 payloads[ids] = payload
             session.outbox.put_nowait(_Push(payload, since))
-            if ids and was_running:
+            if was_running and stopped(halts):
                 self._metrics.kills_pushed.add(1)
                 self._spawn(self._flush(session))
 
