@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any, NoReturn
 
 from tether._admin import AdminClient, selector
+from tether._drill import SCOPES, Fleet, drill, own_fleet, render
 from tether._errors import FailedPrecondition, InvalidArgument, TetherError
 from tether._types import AgentEvent, AgentInstance, AuditEntry, Halt, State
 
@@ -87,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
     audit.add_argument("--limit", type=int, default=100)
 
+    drill = verbs.add_parser(
+        "drill", parents=[common], help="pull the lever at each scope and prove the stop"
+    )
+    drill.add_argument("--scope", choices=[*SCOPES, "all"], default="all")
+    drill.add_argument("--settle", type=float, default=60.0, help="seconds to watch after the flip")
+    drill.add_argument("--items", type=int, default=200, help="queue length of each worker")
+    drill.add_argument("--tick", type=float, default=0.01, help="seconds of work per item")
+    drill.add_argument("--allow-global", action="store_true", help="global scope with --addr")
+
     watch = verbs.add_parser("watch", parents=[common], help="stream state changes")
     _filter_args(watch)
     watch.add_argument("--no-snapshot", action="store_true", help="only changes from now on")
@@ -105,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb == "serve":
             return _serve(args)
+        if args.verb == "drill":
+            return _drill(args)
         with AdminClient(args.addr) as client:
             return VERBS[args.verb](client, args)
     except (InvalidArgument, FailedPrecondition) as err:
@@ -267,6 +279,28 @@ def _print_event(event: AgentEvent, output: str) -> None:
     when = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
     who = f"agent://{a.tenant}/{a.agent} run={a.run_id} instance={a.instance_id}"
     print(f"{when} {who} {before} -> {a.state.value}", flush=True)
+
+
+def _drill(args: argparse.Namespace) -> int:
+    scopes = list(SCOPES) if args.scope == "all" else [args.scope]
+    if args.addr and "global" in scopes and not args.allow_global:
+        raise InvalidArgument(
+            "a global drill against --addr stops every agent there; add --allow-global, "
+            "or leave out --addr to drill a fleet of the drill's own"
+        )
+    fleet = Fleet([a for a in args.addr.split(",") if a]) if args.addr else own_fleet(2.0)
+    try:
+        reports = [
+            drill(s, fleet, settle=args.settle, items=args.items, tick=args.tick) for s in scopes
+        ]
+    finally:
+        fleet.close()
+    verdict = "FAIL" if any(r["verdict"] == "FAIL" for r in reports) else "PASS"
+    if args.output == "json":
+        _json({"verdict": verdict, "drills": reports})
+    else:
+        print("\n\n".join(render(r) for r in reports))
+    return EXIT_OK if verdict == "PASS" else EXIT_ERROR
 
 
 VERBS = {

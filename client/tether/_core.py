@@ -121,6 +121,8 @@ class Core:
         self._call: Any = None
         self._seq = 0
         self._interval = 1.0
+        self._sender: asyncio.Task[None] | None = None
+        self.goodbye_confirmed = False
         self._sent_at: dict[int, float] = {}
 
     # -- front-door operations: never block, safe from any thread ---------------------------
@@ -180,17 +182,16 @@ class Core:
         self._closing = True
         if final is not None:
             self._latest = self._checked(final)
-        call = self._call
-        if call is not None and self.verdict is not None:
-            goodbye = agent_pb2.Goodbye()
-            if self._latest is not None:
-                goodbye.checkpoint.CopyFrom(self._latest)
+        sender = self._sender
+        if self._call is not None and sender is not None and not sender.done():
+            assert self._wake is not None
+            self._wake.set()  # the sender writes the goodbye: a stream takes one writer
             try:
-                await call.write(agent_pb2.HeartbeatRequest(goodbye=goodbye))
-                await call.done_writing()
                 await asyncio.wait_for(asyncio.shield(self._task_done()), _GOODBYE_TIMEOUT)
-            except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError) as err:
-                log.warning("tether: goodbye not confirmed, final checkpoint may be lost: %s", err)
+            except TimeoutError:
+                log.warning("tether: goodbye not confirmed in %ss", _GOODBYE_TIMEOUT)
+        if not self.goodbye_confirmed:
+            log.warning("tether: the final checkpoint may not be stored (no confirmed goodbye)")
         await self.abort()
 
     async def abort(self) -> None:
@@ -246,11 +247,11 @@ class Core:
                 if first is grpc.aio.EOF:
                     raise await _eof_error(call)
                 self._on_grant(cast(agent_pb2.HeartbeatResponse, first))
-                sender = asyncio.create_task(self._send_beats(call))
+                self._sender = asyncio.create_task(self._send_beats(call))
                 try:
                     await self._read_replies(call)
                 finally:
-                    sender.cancel()
+                    self._sender.cancel()
             finally:
                 self._call = None
 
@@ -276,6 +277,7 @@ class Core:
             resp = await call.read()
             if resp is grpc.aio.EOF:
                 if self._closing:
+                    self.goodbye_confirmed = await call.code() == grpc.StatusCode.OK
                     return
                 raise await _eof_error(call)
             sent = self._sent_at.pop(resp.ack_seq, None) if resp.ack_seq else None
@@ -290,6 +292,13 @@ class Core:
     async def _send_beats(self, call: Any) -> None:
         assert self._wake is not None
         while True:
+            if self._closing:
+                goodbye = agent_pb2.Goodbye()
+                if self._latest is not None:
+                    goodbye.checkpoint.CopyFrom(self._latest)
+                await call.write(agent_pb2.HeartbeatRequest(goodbye=goodbye))
+                await call.done_writing()
+                return
             self._seq += 1
             beat = agent_pb2.Beat(seq=self._seq)
             latest = self._latest
