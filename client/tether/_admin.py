@@ -149,6 +149,11 @@ class AdminClient:
             req.since.FromDatetime(since)
         return [AuditEntry.from_pb(e) for e in self._call(self._stub.ListAudit, req).entries]
 
+    def verify_audit(self) -> tuple[bool, int, str, str]:
+        """Walk the audit hash chain: (intact, entries checked, first bad id, problem)."""
+        resp = self._call(self._stub.VerifyAudit, admin_pb2.VerifyAuditRequest())
+        return resp.intact, resp.entries, resp.first_bad_id, resp.problem
+
     def watch(
         self, *, tenant: str = "", agent: str = "", run_id: str = "", snapshot: bool = True
     ) -> Iterator[AgentEvent]:

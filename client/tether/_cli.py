@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--tenant", default="")
     audit.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
     audit.add_argument("--limit", type=int, default=100)
+    audit.add_argument(
+        "--verify", action="store_true", help="check the hash chain; exit 1 if broken"
+    )
 
     drill = verbs.add_parser(
         "drill", parents=[common], help="pull the lever at each scope and prove the stop"
@@ -245,6 +248,8 @@ def _halt_row(h: Halt) -> list[str]:
 
 
 def _audit(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.verify:
+        return _verify_audit(client, args)
     entries = client.audit(tenant=args.tenant, since=_since(args.since), limit=args.limit)
     if args.output == "json":
         _json(entries)
@@ -253,6 +258,18 @@ def _audit(client: AdminClient, args: argparse.Namespace) -> int:
             ["AT", "ACTION", "SCOPE", "ACTOR", "CHANGED", "REASON"],
             [_audit_row(e) for e in entries],
         )
+    return EXIT_OK
+
+
+def _verify_audit(client: AdminClient, args: argparse.Namespace) -> int:
+    intact, count, bad, problem = client.verify_audit()
+    if args.output == "json":
+        _json({"intact": intact, "entries": count, "first_bad_id": bad, "problem": problem})
+    elif intact:
+        print(f"audit intact: {count} entries, hash chain verified")
+    if not intact:
+        where = f" at entry {bad}" if bad else ""
+        return _fail(EXIT_ERROR, f"audit chain broken{where}: {problem}")
     return EXIT_OK
 
 

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
 from tether._errors import FailedPrecondition, InvalidArgument, NotFound
 from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
+from tether_server._audit import AuditLog, new_entry
 from tether_server._fleet import Fleet
 from tether_server._halts import halt_from_kv
 from tether_server._selectors import InstanceKey, halt_id, scope_name, validate
 from tether_server._sessions import Sessions, now_timestamp
 from tether_server._store import (
-    AUDIT,
     CHECKPOINTS,
     FLEET,
     HALTS,
@@ -28,7 +26,6 @@ from tether_server._store import (
     Store,
     absent,
     delete_op,
-    from_json,
     path,
     present,
     put_op,
@@ -70,16 +67,13 @@ def _actor(request: Any, context: Any) -> str:
     return f"anonymous@{context.peer()}"
 
 
-def _since_key(since: timestamp_pb2.Timestamp) -> bytes:
-    return AUDIT + f"{since.ToNanoseconds():020d}".encode()
-
-
 class Admin(admin_pb2_grpc.AdminServiceServicer):
     """Reads go to etcd, so every coordinator answers the same; writes are transactions."""
 
     def __init__(self, store: Store, sessions: Sessions) -> None:
         self._store = store
         self._sessions = sessions
+        self._audit = AuditLog(store)
 
     # -- kill and resume --------------------------------------------------------------------
 
@@ -101,13 +95,11 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             mode=types_pb2.KILL_MODE_HARD,
         )
         key = HALTS + halt.id.encode()
-        entry = self._audit(admin_pb2.AUDIT_ACTION_KILL, sel, halt.actor, halt.reason)
-        resp = await self._store.txn(
-            [absent(key)],
-            [put_op(key, to_json(halt)), self._audit_op(entry, changed=True)],
-            [range_op(key), self._audit_op(entry, changed=False)],
+        entry = new_entry(admin_pb2.AUDIT_ACTION_KILL, sel, halt.actor, halt.reason, halt.mode)
+        changed, resp = await self._audit.record(
+            entry, [absent(key)], [put_op(key, to_json(halt))], [range_op(key)]
         )
-        if not resp.succeeded:
+        if not changed:
             return admin_pb2.KillResponse(
                 halt=halt_from_kv(resp.responses[0].response_range.kvs[0]), already_halted=True
             )
@@ -140,34 +132,15 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ResumeResponse:
         sel = validate(request.selector)
         key = HALTS + halt_id(sel).encode()
-        entry = self._audit(
-            admin_pb2.AUDIT_ACTION_RESUME, sel, _actor(request, context), request.reason
+        actor = _actor(request, context)
+        entry = new_entry(admin_pb2.AUDIT_ACTION_RESUME, sel, actor, request.reason)
+        changed, resp = await self._audit.record(
+            entry, [present(key)], [delete_op(key, prev_kv=True)]
         )
-        resp = await self._store.txn(
-            [present(key)],
-            [delete_op(key, prev_kv=True), self._audit_op(entry, changed=True)],
-            [self._audit_op(entry, changed=False)],
-        )
-        out = admin_pb2.ResumeResponse(was_halted=resp.succeeded, revision=resp.header.revision)
-        if resp.succeeded:
+        out = admin_pb2.ResumeResponse(was_halted=changed, revision=resp.header.revision)
+        if changed:
             out.resumed.CopyFrom(halt_from_kv(resp.responses[0].response_delete_range.prev_kvs[0]))
         return out
-
-    def _audit(self, action: int, sel: types_pb2.Selector, actor: str, reason: str) -> Any:
-        return admin_pb2.AuditEntry(
-            id=f"{time.time_ns():020d}-{os.urandom(3).hex()}",
-            action=action,  # type: ignore[arg-type]
-            selector=sel,
-            actor=actor,
-            reason=reason,
-            at=now_timestamp(),
-        )
-
-    def _audit_op(self, entry: admin_pb2.AuditEntry, *, changed: bool) -> Any:
-        record = admin_pb2.AuditEntry()
-        record.CopyFrom(entry)
-        record.changed = changed
-        return put_op(AUDIT + record.id.encode(), to_json(record))
 
     # -- reading the fleet ------------------------------------------------------------------
 
@@ -237,15 +210,20 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def ListAudit(
         self, request: admin_pb2.ListAuditRequest, context: Any
     ) -> admin_pb2.ListAuditResponse:
-        start = _since_key(request.since) if request.HasField("since") else AUDIT
-        rng = await self._store.range_from(start, AUDIT)
-        entries = []
-        for kv in rng.kvs:
-            entry = from_json(kv.value, admin_pb2.AuditEntry())
-            entry.revision = kv.mod_revision
-            if not request.tenant or entry.selector.tenant in ("", request.tenant):
-                entries.append(entry)
+        since = request.since.ToNanoseconds() if request.HasField("since") else 0
+        entries = [
+            e
+            for e in await self._audit.entries()
+            if e.at.ToNanoseconds() >= since
+            and (not request.tenant or e.selector.tenant in ("", request.tenant))
+        ]
         return admin_pb2.ListAuditResponse(entries=entries[-(request.limit or 100) :])
+
+    @_rpc
+    async def VerifyAudit(
+        self, request: admin_pb2.VerifyAuditRequest, context: Any
+    ) -> admin_pb2.VerifyAuditResponse:
+        return await self._audit.verify()
 
     async def WatchAgents(
         self, request: admin_pb2.WatchAgentsRequest, context: Any

@@ -353,6 +353,8 @@ class AuditEntry(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     CHANGED_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     action: Global___AuditAction.ValueType
     actor: _builtins.str
@@ -361,6 +363,11 @@ class AuditEntry(_message.Message):
     changed: _builtins.bool
     """false when the kill or resume found nothing to change"""
     mode: _types_pb2.KillMode.ValueType
+    prev_hash: _builtins.str
+    """The audit is a hash chain: hash = sha256(canonical JSON of the entry with
+    prev_hash set and hash empty). Editing or deleting an entry breaks the chain.
+    """
+    hash: _builtins.str
     @_builtins.property
     def selector(self) -> _types_pb2.Selector: ...
     @_builtins.property
@@ -377,10 +384,12 @@ class AuditEntry(_message.Message):
         revision: _builtins.int = ...,
         changed: _builtins.bool = ...,
         mode: _types_pb2.KillMode.ValueType = ...,
+        prev_hash: _builtins.str = ...,
+        hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "changed", b"changed", "id", b"id", "mode", b"mode", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "changed", b"changed", "hash", b"hash", "id", b"id", "mode", b"mode", "prev_hash", b"prev_hash", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -432,3 +441,52 @@ class ListAuditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditResponse: _TypeAlias = ListAuditResponse  # noqa: Y015
+
+@_typing.final
+class VerifyAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditRequest: _TypeAlias = VerifyAuditRequest  # noqa: Y015
+
+@_typing.final
+class VerifyAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTACT_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    FIRST_BAD_ID_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    intact: _builtins.bool
+    entries: _builtins.int
+    """entries checked"""
+    first_bad_id: _builtins.str
+    """the first entry where the chain breaks"""
+    problem: _builtins.str
+    """what is wrong there, for a person"""
+    head_hash: _builtins.str
+    def __init__(
+        self,
+        *,
+        intact: _builtins.bool = ...,
+        entries: _builtins.int = ...,
+        first_bad_id: _builtins.str = ...,
+        problem: _builtins.str = ...,
+        head_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "first_bad_id", b"first_bad_id", "head_hash", b"head_hash", "intact", b"intact", "problem", b"problem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditResponse: _TypeAlias = VerifyAuditResponse  # noqa: Y015

@@ -41,6 +41,8 @@ class AdminServiceStub:
     ListHalts: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListHaltsRequest, _admin_pb2.ListHaltsResponse]
     WatchAgents: _grpc.UnaryStreamMultiCallable[_admin_pb2.WatchAgentsRequest, _admin_pb2.AgentEvent]
     ListAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]
+    VerifyAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]
+    """Walk the whole audit hash chain and say whether it is intact."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -54,6 +56,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListHalts: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListHaltsRequest, _admin_pb2.ListHaltsResponse]  # type: ignore[assignment]
     WatchAgents: _aio.UnaryStreamMultiCallable[_admin_pb2.WatchAgentsRequest, _admin_pb2.AgentEvent]  # type: ignore[assignment]
     ListAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]  # type: ignore[assignment]
+    VerifyAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]  # type: ignore[assignment]
+    """Walk the whole audit hash chain and say whether it is intact."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is the operator's side: kill, resume, and see the fleet."""
@@ -106,5 +110,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListAuditRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListAuditResponse, _abc.Awaitable[_admin_pb2.ListAuditResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def VerifyAudit(
+        self,
+        request: _admin_pb2.VerifyAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.VerifyAuditResponse, _abc.Awaitable[_admin_pb2.VerifyAuditResponse]]:
+        """Walk the whole audit hash chain and say whether it is intact."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

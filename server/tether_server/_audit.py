@@ -1,0 +1,148 @@
+"""The audit: append-only and tamper-evident, as a hash chain serialised through one head key.
+
+Every kill and resume commits in the same etcd transaction as its audit entry and the new
+chain head, guarded by a compare on the head's revision; a concurrent append makes the
+transaction fail and it is retried on the new head. Editing, inserting or deleting an
+entry afterwards breaks the chain, and ``verify`` says where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aetcd import rpc
+from tether.v1 import admin_pb2, types_pb2
+
+from tether_server._store import (
+    AUDIT,
+    ROOT,
+    EtcdUnavailable,
+    Store,
+    from_json,
+    put_op,
+    range_op,
+    to_json,
+)
+
+HEAD = ROOT + b"audit-head"
+_RETRIES = 64
+
+
+def entry_hash(entry: admin_pb2.AuditEntry) -> str:
+    """sha256 over the entry's canonical JSON, with ``prev_hash`` set and ``hash`` empty."""
+    body = admin_pb2.AuditEntry()
+    body.CopyFrom(entry)
+    body.hash = ""
+    body.revision = 0
+    return hashlib.sha256(to_json(body)).hexdigest()
+
+
+def new_entry(
+    action: int, sel: types_pb2.Selector, actor: str, reason: str, mode: int = 0
+) -> admin_pb2.AuditEntry:
+    entry = admin_pb2.AuditEntry(
+        id=f"{time.time_ns():020d}-{os.urandom(3).hex()}",
+        selector=sel,
+        actor=actor,
+        reason=reason,
+    )
+    entry.action = action  # type: ignore[assignment]
+    entry.mode = mode  # type: ignore[assignment]
+    entry.at.GetCurrentTime()
+    return entry
+
+
+def _head_is(revision: int) -> Any:
+    target = rpc.Compare.MOD
+    return rpc.Compare(key=HEAD, result=rpc.Compare.EQUAL, target=target, mod_revision=revision)
+
+
+class AuditLog:
+    """Appends entries onto the chain, lists them in chain order, and verifies the chain."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def record(
+        self,
+        entry: admin_pb2.AuditEntry,
+        compare: Sequence[Any] = (),
+        success: Sequence[Any] = (),
+        failure: Sequence[Any] = (),
+    ) -> tuple[bool, Any]:
+        """Commit ``success`` if ``compare`` holds, else ``failure``; audit either way.
+
+        Returns whether ``compare`` held, and the transaction response, whose first
+        responses are those of ``success`` or ``failure``.
+        """
+        for _ in range(_RETRIES):
+            head = await self._store.range(HEAD, prefix=False)
+            prev = json.loads(head.kvs[0].value)["hash"] if head.kvs else ""
+            revision = head.kvs[0].mod_revision if head.kvs else 0
+            resp = await self._store.txn(
+                [_head_is(revision), *compare],
+                [*success, *self._chain(entry, prev, changed=True)],
+                [range_op(HEAD)],
+            )
+            if resp.succeeded:
+                return True, resp
+            kvs = resp.responses[0].response_range.kvs
+            if (kvs[0].mod_revision if kvs else 0) != revision:
+                continue  # another append won the head; chain onto the new one
+            resp = await self._store.txn(
+                [_head_is(revision)], [*failure, *self._chain(entry, prev, changed=False)]
+            )
+            if resp.succeeded:
+                return False, resp
+        raise EtcdUnavailable(f"could not append to the audit after {_RETRIES} tries (contention)")
+
+    def _chain(self, entry: admin_pb2.AuditEntry, prev: str, *, changed: bool) -> list[Any]:
+        record = admin_pb2.AuditEntry()
+        record.CopyFrom(entry)
+        record.changed = changed
+        record.prev_hash = prev
+        record.hash = entry_hash(record)
+        head = json.dumps({"id": record.id, "hash": record.hash}).encode()
+        return [put_op(AUDIT + record.id.encode(), to_json(record)), put_op(HEAD, head)]
+
+    async def entries(self) -> list[admin_pb2.AuditEntry]:
+        """Every entry, in the order it was committed (etcd revision order)."""
+        resp = await self._store.range(AUDIT)
+        out = []
+        for kv in sorted(resp.kvs, key=lambda kv: kv.create_revision):  # edits keep it
+            entry = from_json(kv.value, admin_pb2.AuditEntry())
+            entry.revision = kv.create_revision
+            out.append(entry)
+        return out
+
+    async def verify(self) -> admin_pb2.VerifyAuditResponse:
+        entries = await self.entries()
+        head = await self._store.range(HEAD, prefix=False)
+        out = admin_pb2.VerifyAuditResponse(intact=True, entries=len(entries))
+        prev = ""
+        for entry in entries:
+            problem = ""
+            if entry.prev_hash != prev:
+                problem = (
+                    "its prev_hash does not match the entry before it: "
+                    "an entry was removed or inserted"
+                )
+            elif entry_hash(entry) != entry.hash:
+                problem = "its content does not match its hash: the entry was edited"
+            if problem:
+                out.intact, out.first_bad_id, out.problem = False, entry.id, problem
+                return out
+            prev = entry.hash
+        expected = json.loads(head.kvs[0].value)["hash"] if head.kvs else ""
+        if expected != prev:
+            out.intact = False
+            out.problem = (
+                "the chain head does not match the last entry: entries were cut off the end"
+            )
+        out.head_hash = prev
+        return out

@@ -1,0 +1,110 @@
+"""The audit is append-only and tamper-evident: a hash chain that `tether audit --verify` walks."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import tether
+from aetcd import rpc
+
+from tests.conftest import Coordinator, Etcd
+from tests.test_cli import tether_cli
+
+
+def _audit_kvs(etcd: Etcd) -> list[tuple[bytes, bytes]]:
+    with grpc.insecure_channel(etcd.endpoint) as channel:
+        resp = rpc.KVStub(channel).Range(
+            rpc.RangeRequest(key=b"/tether/audit/", range_end=b"/tether/audit0"), timeout=5
+        )
+        return [(kv.key, kv.value) for kv in sorted(resp.kvs, key=lambda kv: kv.create_revision)]
+
+
+def _put(etcd: Etcd, key: bytes, value: bytes) -> None:
+    with grpc.insecure_channel(etcd.endpoint) as channel:
+        rpc.KVStub(channel).Put(rpc.PutRequest(key=key, value=value), timeout=5)
+
+
+def _delete(etcd: Etcd, key: bytes) -> None:
+    with grpc.insecure_channel(etcd.endpoint) as channel:
+        rpc.KVStub(channel).DeleteRange(rpc.DeleteRangeRequest(key=key), timeout=5)
+
+
+def test_concurrent_kills_on_two_coordinators_keep_one_chain(
+    coordinators: tuple[Coordinator, Coordinator], tenant: str
+) -> None:
+    a, b = coordinators
+    with tether.Agent(f"agent://{tenant}/x", target=a.addr):
+        clients = [tether.AdminClient(c.addr, actor=f"op-{i}") for i, c in enumerate((a, b))]
+
+        def flip(n: int) -> None:
+            client = clients[n % 2]
+            sel = tether.selector(run_id=f"run-{n}", tenant=tenant)
+            client.kill(sel, f"kill {n}", force=True)
+            client.resume(sel, f"resume {n}")
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(flip, range(24)))
+        intact, count, bad, problem = clients[0].verify_audit()
+        assert (intact, count, bad, problem) == (True, 48, "", "")
+        entries = clients[1].audit(limit=1000)
+        assert len(entries) == 48
+        assert sorted(e.reason for e in entries if e.action == "kill") == sorted(
+            f"kill {n}" for n in range(24)
+        )
+        for client in clients:
+            client.close()
+
+
+def test_an_edited_entry_is_detected(coord: Coordinator, etcd: Etcd, tenant: str) -> None:
+    with (
+        tether.Agent(f"agent://{tenant}/x", target=coord.addr),
+        tether.AdminClient(coord.addr, actor="alice") as admin,
+    ):
+        admin.kill(tether.selector(tenant=tenant), "first")
+        admin.resume(tether.selector(tenant=tenant), "second")
+        admin.kill(tether.selector(tenant=tenant), "third")
+    ok = json.loads(tether_cli("audit", "--verify", "-o", "json", addr=coord.addr).stdout)
+    assert ok == {"intact": True, "entries": 3, "first_bad_id": "", "problem": ""}
+
+    key, value = _audit_kvs(etcd)[1]
+    forged = json.loads(value)
+    forged["actor"] = "mallory"  # someone rewrites who resumed
+    _put(etcd, key, json.dumps(forged).encode())
+    result = tether_cli("audit", "--verify", addr=coord.addr)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"tether: audit chain broken at entry {key.decode().rsplit('/', 1)[1]}: "
+        "its content does not match its hash: the entry was edited"
+    )
+
+
+def _six_entries(coord: Coordinator, etcd: Etcd, tenant: str) -> list[tuple[bytes, bytes]]:
+    with (
+        tether.Agent(f"agent://{tenant}/x", target=coord.addr),
+        tether.AdminClient(coord.addr) as admin,
+    ):
+        for n in range(3):
+            admin.kill(tether.selector(tenant=tenant), f"k{n}")
+            admin.resume(tether.selector(tenant=tenant), f"r{n}")
+    return _audit_kvs(etcd)
+
+
+def test_a_deleted_entry_is_detected(coord: Coordinator, etcd: Etcd, tenant: str) -> None:
+    kvs = _six_entries(coord, etcd, tenant)
+    _delete(etcd, kvs[2][0])
+    with tether.AdminClient(coord.addr) as admin:
+        intact, _, bad, problem = admin.verify_audit()
+    assert not intact
+    assert bad == kvs[3][0].decode().rsplit("/", 1)[1]
+    assert "removed or inserted" in problem
+
+
+def test_a_cut_tail_is_detected_by_the_head(coord: Coordinator, etcd: Etcd, tenant: str) -> None:
+    kvs = _six_entries(coord, etcd, tenant)
+    _delete(etcd, kvs[-1][0])
+    with tether.AdminClient(coord.addr) as admin:
+        intact, count, _, problem = admin.verify_audit()
+    assert (intact, count) == (False, 5)
+    assert "cut off the end" in problem
