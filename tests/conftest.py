@@ -91,9 +91,11 @@ class Etcd:
         self.proc = None
 
     def wipe(self) -> None:
+        """Delete every fact under /tether/ except the coordinators' shared permit key."""
         with grpc.insecure_channel(self.endpoint) as channel:
             kv = rpc.KVStub(channel)
-            kv.DeleteRange(rpc.DeleteRangeRequest(key=b"/tether/", range_end=b"/tether0"))
+            for start, end in ((b"/tether/", b"/tether/keys/"), (b"/tether/keys0", b"/tether0")):
+                kv.DeleteRange(rpc.DeleteRangeRequest(key=start, range_end=end))
 
 
 @dataclass

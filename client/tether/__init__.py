@@ -19,10 +19,30 @@ from tether._errors import (
     TetherLost,
     Unavailable,
 )
-from tether._types import AgentEvent, AgentInstance, AuditEntry, Halt, Scope, Selector, State
+from tether._gate import DuplicateEffect, Effect
+from tether._permits import (
+    PERMIT_METADATA,
+    HaltCache,
+    InvalidPermit,
+    PermitClaims,
+    PermitInterceptor,
+    PermitVerifier,
+)
+from tether._types import (
+    AgentEvent,
+    AgentInstance,
+    AuditEntry,
+    EffectRecord,
+    EffectStatus,
+    Halt,
+    Scope,
+    Selector,
+    State,
+)
 from tether._uri import AgentRef, parse_agent_uri
 
 __all__ = [
+    "PERMIT_METADATA",
     "AdminClient",
     "Agent",
     "AgentEvent",
@@ -31,11 +51,20 @@ __all__ = [
     "AsyncAgent",
     "AuditEntry",
     "CapabilityFrozen",
+    "DuplicateEffect",
+    "Effect",
+    "EffectRecord",
+    "EffectStatus",
     "FailedPrecondition",
     "Halt",
+    "HaltCache",
     "InvalidArgument",
+    "InvalidPermit",
     "Killed",
     "NotFound",
+    "PermitClaims",
+    "PermitInterceptor",
+    "PermitVerifier",
     "Scope",
     "Selector",
     "State",

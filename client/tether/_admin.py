@@ -14,10 +14,13 @@ import grpc
 from tether._agent import resolve_targets
 from tether._errors import InvalidArgument, from_rpc_error
 from tether._types import (
+    EFFECT_STATUS_TO_PB,
     STATE_TO_PB,
     AgentEvent,
     AgentInstance,
     AuditEntry,
+    EffectRecord,
+    EffectStatus,
     Halt,
     Scope,
     Selector,
@@ -148,6 +151,29 @@ class AdminClient:
         if since is not None:
             req.since.FromDatetime(since)
         return [AuditEntry.from_pb(e) for e in self._call(self._stub.ListAudit, req).entries]
+
+    def effects(
+        self,
+        tenant: str,
+        *,
+        agent: str = "",
+        run_id: str = "",
+        since: datetime | None = None,
+        status: EffectStatus | None = None,
+    ) -> list[EffectRecord]:
+        """The ledger: one row per gated effect, oldest first."""
+        req = admin_pb2.ListEffectsRequest(tenant=tenant, agent=agent, run_id=run_id)
+        if status is not None:
+            req.status = EFFECT_STATUS_TO_PB[status]
+        if since is not None:
+            req.since.FromDatetime(since)
+        resp = self._call(self._stub.ListEffects, req)
+        return [EffectRecord.from_pb(e) for e in resp.effects]
+
+    def permit_key(self) -> tuple[str, str]:
+        """(public key PEM, key id) that verifies effect permits."""
+        resp = self._call(self._stub.GetPermitKey, admin_pb2.GetPermitKeyRequest())
+        return resp.public_key_pem, resp.key_id
 
     def verify_audit(self) -> tuple[bool, int, str, str]:
         """Walk the audit hash chain: (intact, entries checked, first bad id, problem)."""

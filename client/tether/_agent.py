@@ -7,12 +7,13 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
 from tether._core import Core, Identity
 from tether._errors import InvalidArgument
+from tether._gate import Effect
 from tether._types import Halt
 from tether._uri import check_name, parse_agent_uri
 
@@ -51,6 +52,11 @@ class _Front:
     """What both front doors share: everything that only reads or replaces state."""
 
     _core: Core
+    _strict: bool
+
+    def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop a sync caller may block on for a strict permit; None for asyncio code."""
+        return None
 
     @property
     def checkpoint(self) -> dict[str, Any] | None:
@@ -98,6 +104,31 @@ class _Front:
         """Store the newest checkpoint; the stream sends it. Never blocks."""
         self._core.report(checkpoint)
 
+    def effect(
+        self,
+        capability: str,
+        *,
+        key: str | Callable[..., str] | None = None,
+        strict: bool | None = None,
+    ) -> Effect:
+        """Gate one side effect: ``with``, ``async with``, or as a decorator.
+
+        Args:
+            capability: The tool or effect, such as ``send_email``.
+            key: Idempotency key; an effect whose key already landed in this run raises
+                ``tether.DuplicateEffect``. In decorator form, a callable of the arguments.
+            strict: Ask the coordinator before the effect leaves, and get a permit.
+                Defaults to the agent's ``strict_effects``.
+        """
+        check_name("capability", capability)
+        mode = self._strict if strict is None else strict
+        return Effect(self._core, self._strict_loop, capability, key, mode)
+
+    @property
+    def landed_keys(self) -> frozenset[str]:
+        """Idempotency keys that landed in this run, as far as this instance knows."""
+        return frozenset(self._core.landed)
+
 
 class Agent(_Front):
     """A tethered agent instance for synchronous code.
@@ -115,6 +146,7 @@ class Agent(_Front):
         labels: Free-form labels, such as ``{"version": "2.3.1"}``.
         connect_timeout: How long ``__enter__`` waits to register before raising
             ``tether.Unavailable``.
+        strict_effects: Gate effects in strict mode by default (see ``effect``).
     """
 
     def __init__(
@@ -127,11 +159,16 @@ class Agent(_Front):
         capabilities: Iterable[str] = (),
         labels: Mapping[str, str] | None = None,
         connect_timeout: float = 10.0,
+        strict_effects: bool = False,
     ) -> None:
         identity = _identity(uri, run_id, instance_id, capabilities, labels)
         self._core = Core(identity, resolve_targets(target, os.environ), connect_timeout)
+        self._strict = strict_effects
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+
+    def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
 
     def start(self) -> None:
         """Register with a coordinator; blocks until the first reply."""
@@ -186,9 +223,11 @@ class AsyncAgent(_Front):
         capabilities: Iterable[str] = (),
         labels: Mapping[str, str] | None = None,
         connect_timeout: float = 10.0,
+        strict_effects: bool = False,
     ) -> None:
         identity = _identity(uri, run_id, instance_id, capabilities, labels)
         self._core = Core(identity, resolve_targets(target, os.environ), connect_timeout)
+        self._strict = strict_effects
 
     async def start(self) -> None:
         """Register with a coordinator; returns after the first reply."""

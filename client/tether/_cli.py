@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from tether._admin import AdminClient, selector
 from tether._drill import SCOPES, Fleet, drill, own_fleet, render
 from tether._errors import FailedPrecondition, InvalidArgument, TetherError
-from tether._types import AgentEvent, AgentInstance, AuditEntry, Halt, State
+from tether._types import AgentEvent, AgentInstance, AuditEntry, EffectStatus, Halt, State
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="embedded etcd data directory (default .tether)")
     serve.add_argument("--lease-ttl", type=float, help="instance lease TTL in seconds (default 10)")
     serve.add_argument("--max-checkpoint-bytes", type=int, help="checkpoint size limit (512 KiB)")
+    serve.add_argument("--permit-key", help="PEM Ed25519 key for effect permits (default: in etcd)")
 
     kill = verbs.add_parser("kill", parents=[common], help="halt a scope now")
     _scope_args(kill)
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--verify", action="store_true", help="check the hash chain; exit 1 if broken"
     )
+
+    effects = verbs.add_parser("effects", parents=[common], help="the side-effect ledger")
+    _filter_args(effects)
+    effects.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
+    effects.add_argument("--status", choices=[s.value for s in EffectStatus], type=str.lower)
+
+    verbs.add_parser("permit-key", parents=[common], help="the public key that verifies permits")
 
     drill = verbs.add_parser(
         "drill", parents=[common], help="pull the lever at each scope and prove the stop"
@@ -320,6 +328,34 @@ def _drill(args: argparse.Namespace) -> int:
     return EXIT_OK if verdict == "PASS" else EXIT_ERROR
 
 
+def _effects(client: AdminClient, args: argparse.Namespace) -> int:
+    where = _agent_filter(args)
+    if not where["tenant"]:
+        raise InvalidArgument("tether effects needs --tenant or --agent agent://TENANT/AGENT")
+    rows = client.effects(
+        where["tenant"], agent=where["agent"], run_id=where["run_id"], since=_since(args.since),
+        status=EffectStatus(args.status) if args.status else None,
+    )  # fmt: skip
+    if args.output == "json":
+        _json(rows)
+    else:
+        _table(["INTENDED", "RUN", "CAPABILITY", "KEY", "STATUS", "REFUSED BY"], [
+            [e.intended_at.isoformat(timespec="milliseconds") if e.intended_at else "-",
+             e.run_id, e.capability, e.key or "-", e.status.value, e.refused_by or "-"]
+            for e in rows
+        ])  # fmt: skip
+    return EXIT_OK
+
+
+def _permit_key(client: AdminClient, args: argparse.Namespace) -> int:
+    pem, key_id = client.permit_key()
+    if args.output == "json":
+        _json({"public_key_pem": pem, "key_id": key_id})
+    else:
+        print(pem, end="")
+    return EXIT_OK
+
+
 VERBS = {
     "kill": _kill,
     "resume": _resume,
@@ -327,6 +363,8 @@ VERBS = {
     "halts": _halts,
     "audit": _audit,
     "watch": _watch,
+    "effects": _effects,
+    "permit-key": _permit_key,
 }
 
 # -- output --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -30,7 +31,7 @@ from tether._errors import (
     is_permanent,
 )
 from tether._types import Halt, struct_to_dict
-from tether.v1 import agent_pb2, agent_pb2_grpc
+from tether.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("tether")
 
@@ -122,6 +123,12 @@ class Core:
         self._seq = 0
         self._interval = 1.0
         self._sender: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ledger: deque[types_pb2.Effect] = deque()
+        self._permit_requests: deque[agent_pb2.PermitRequest] = deque()
+        self._permit_waiters: dict[int, asyncio.Future[agent_pb2.PermitDecision]] = {}
+        self._permit_seq = 0
+        self.landed: set[str] = set()  # idempotency keys that landed in this run
         self.goodbye_confirmed = False
         self._sent_at: dict[int, float] = {}
 
@@ -162,6 +169,7 @@ class Core:
     async def start(self) -> None:
         """Connect and register; returns once the first reply arrived."""
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._registered = loop.create_future()
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(), name=f"tether-{self.identity.instance_id}")
@@ -247,7 +255,7 @@ class Core:
                 if first is grpc.aio.EOF:
                     raise await _eof_error(call)
                 self._on_grant(cast(agent_pb2.HeartbeatResponse, first))
-                self._sender = asyncio.create_task(self._send_beats(call))
+                self._sender = asyncio.create_task(self._send(call))
                 try:
                     await self._read_replies(call)
                 finally:
@@ -265,6 +273,7 @@ class Core:
             # reconnects keep the run's own newer progress.
             if grant.has_checkpoint:
                 self.checkpoint = struct_to_dict(grant.checkpoint)
+            self.landed.update(grant.landed_keys)
             self._reported = None
             self._apply(first, time.monotonic())
             self._registered.set_result(None)
@@ -282,6 +291,10 @@ class Core:
                 raise await _eof_error(call)
             sent = self._sent_at.pop(resp.ack_seq, None) if resp.ack_seq else None
             self._apply(resp, sent if sent is not None else time.monotonic())
+            if resp.HasField("permit"):
+                waiter = self._permit_waiters.get(resp.permit.request_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(resp.permit)
             if resp.order == agent_pb2.ORDER_STOP and self._wake is not None:
                 self._wake.set()  # send the newest checkpoint now: it is the one to resume from
 
@@ -289,9 +302,16 @@ class Core:
         self.halts = tuple(Halt.from_pb(h) for h in resp.halts)
         self.verdict = _verdict(resp, confirmed_at)
 
-    async def _send_beats(self, call: Any) -> None:
+    async def _send(self, call: Any) -> None:
+        """The stream's one writer: permit requests and ledger records, then beats."""
         assert self._wake is not None
+        next_beat = 0.0
         while True:
+            self._wake.clear()
+            while self._permit_requests:
+                request = self._permit_requests.popleft()
+                await call.write(agent_pb2.HeartbeatRequest(permit=request))
+            await self._send_effects(call)
             if self._closing:
                 goodbye = agent_pb2.Goodbye()
                 if self._latest is not None:
@@ -299,19 +319,68 @@ class Core:
                 await call.write(agent_pb2.HeartbeatRequest(goodbye=goodbye))
                 await call.done_writing()
                 return
-            self._seq += 1
-            beat = agent_pb2.Beat(seq=self._seq)
-            latest = self._latest
-            if latest is not None and latest is not self._reported:
-                beat.checkpoint.CopyFrom(latest)
-                self._reported = latest
             now = time.monotonic()
-            self._sent_at[self._seq] = now
-            self._forget_old_beats(now)
-            await call.write(agent_pb2.HeartbeatRequest(beat=beat))
-            self._wake.clear()
+            killed = self.verdict is not None and self.verdict.killed is not None
+            if now >= next_beat or (killed and self._latest is not self._reported):
+                await call.write(agent_pb2.HeartbeatRequest(beat=self._beat(now)))
+                next_beat = now + self._interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                await asyncio.wait_for(self._wake.wait(), max(next_beat - time.monotonic(), 0))
+
+    def _beat(self, now: float) -> agent_pb2.Beat:
+        self._seq += 1
+        beat = agent_pb2.Beat(seq=self._seq)
+        latest = self._latest
+        if latest is not None and latest is not self._reported:
+            beat.checkpoint.CopyFrom(latest)
+            self._reported = latest
+        self._sent_at[self._seq] = now
+        self._forget_old_beats(now)
+        return beat
+
+    async def _send_effects(self, call: Any) -> None:
+        batch = agent_pb2.EffectBatch()
+        while self._ledger:
+            batch.effects.append(self._ledger.popleft())
+        if not batch.effects:
+            return
+        try:
+            await call.write(agent_pb2.HeartbeatRequest(effects=batch))
+        except BaseException:
+            self._ledger.extendleft(reversed(batch.effects))  # the next stream sends them
+            raise
+
+    # -- the effect gate's needs ------------------------------------------------------------
+
+    def record(self, effect: types_pb2.Effect) -> None:
+        """Queue a ledger record for the stream. Safe from any thread; never blocks."""
+        self._ledger.append(effect)
+        if effect.status == types_pb2.EFFECT_STATUS_LANDED and effect.key:
+            self.landed.add(effect.key)
+        self._wake_soon()
+
+    def _wake_soon(self) -> None:
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def permit(self, capability: str, key: str) -> agent_pb2.PermitDecision:
+        """Ask the coordinator, over the stream, whether this effect may leave now."""
+        self._permit_seq += 1
+        request = agent_pb2.PermitRequest(
+            request_id=self._permit_seq, capability=capability, key=key
+        )
+        waiter: asyncio.Future[agent_pb2.PermitDecision] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._permit_waiters[request.request_id] = waiter
+        self._permit_requests.append(request)
+        self._wake_soon()
+        try:
+            return await asyncio.wait_for(waiter, max(self.ttl, 1.0))
+        except TimeoutError:
+            raise TetherLost(f"no permit decision within the lease TTL ({self.ttl:g}s)") from None
+        finally:
+            self._permit_waiters.pop(request.request_id, None)
 
     def _forget_old_beats(self, now: float) -> None:
         if len(self._sent_at) > 64:

@@ -192,6 +192,65 @@ class AgentEvent:
         )
 
 
+class EffectStatus(enum.StrEnum):
+    """Where a gated effect ended up."""
+
+    INTENDED = "intended"
+    LANDED = "landed"
+    FAILED = "failed"
+    REFUSED = "refused"
+    DUPLICATE = "duplicate"
+
+
+_EFFECT_STATUS_FROM_PB = {
+    types_pb2.EFFECT_STATUS_INTENDED: EffectStatus.INTENDED,
+    types_pb2.EFFECT_STATUS_LANDED: EffectStatus.LANDED,
+    types_pb2.EFFECT_STATUS_FAILED: EffectStatus.FAILED,
+    types_pb2.EFFECT_STATUS_REFUSED: EffectStatus.REFUSED,
+    types_pb2.EFFECT_STATUS_DUPLICATE: EffectStatus.DUPLICATE,
+}
+EFFECT_STATUS_TO_PB = {v: k for k, v in _EFFECT_STATUS_FROM_PB.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class EffectRecord:
+    """One row of the side-effect ledger."""
+
+    effect_id: str
+    key: str
+    capability: str
+    status: EffectStatus
+    intended_at: datetime | None
+    ended_at: datetime | None
+    refused_by: str
+    error: str
+    strict: bool
+    permit_revision: int
+    tenant: str
+    agent: str
+    run_id: str
+    instance_id: str
+
+    @classmethod
+    def from_pb(cls, msg: types_pb2.Effect) -> EffectRecord:
+        return cls(
+            effect_id=msg.effect_id,
+            key=msg.key,
+            capability=msg.capability,
+            status=_EFFECT_STATUS_FROM_PB.get(msg.status, EffectStatus.INTENDED),
+            intended_at=_time(msg.intended_at),
+            ended_at=_time(msg.ended_at),
+            refused_by=msg.refused_by,
+            error=msg.error,
+            strict=msg.strict,
+            permit_revision=msg.permit_revision,
+            tenant=msg.tenant,
+            agent=msg.agent,
+            run_id=msg.run_id,
+            instance_id=msg.instance_id,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
     """One kill or resume, with who, why and when."""

@@ -13,6 +13,7 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 from tether_server._audit import AuditLog, new_entry
 from tether_server._fleet import Fleet
+from tether_server._gate import Gate
 from tether_server._halts import halt_from_kv
 from tether_server._selectors import InstanceKey, halt_id, scope_name, validate
 from tether_server._sessions import Sessions, now_timestamp
@@ -70,9 +71,10 @@ def _actor(request: Any, context: Any) -> str:
 class Admin(admin_pb2_grpc.AdminServiceServicer):
     """Reads go to etcd, so every coordinator answers the same; writes are transactions."""
 
-    def __init__(self, store: Store, sessions: Sessions) -> None:
+    def __init__(self, store: Store, sessions: Sessions, gate: Gate) -> None:
         self._store = store
         self._sessions = sessions
+        self._gate = gate
         self._audit = AuditLog(store)
 
     # -- kill and resume --------------------------------------------------------------------
@@ -218,6 +220,32 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             and (not request.tenant or e.selector.tenant in ("", request.tenant))
         ]
         return admin_pb2.ListAuditResponse(entries=entries[-(request.limit or 100) :])
+
+    @_rpc
+    async def ListEffects(
+        self, request: admin_pb2.ListEffectsRequest, context: Any
+    ) -> admin_pb2.ListEffectsResponse:
+        if not request.tenant:
+            raise InvalidArgument("ListEffects needs tenant (and optionally agent and run_id)")
+        if request.run_id and not request.agent:
+            raise InvalidArgument("ListEffects with run_id needs agent as well")
+        since = request.since.ToNanoseconds() if request.HasField("since") else 0
+        effects = [
+            e
+            for e in await self._gate.ledger.read(request.tenant, request.agent, request.run_id)
+            if e.intended_at.ToNanoseconds() >= since
+            and (not request.status or e.status == request.status)
+        ]
+        return admin_pb2.ListEffectsResponse(effects=effects)
+
+    @_rpc
+    async def GetPermitKey(
+        self, request: admin_pb2.GetPermitKeyRequest, context: Any
+    ) -> admin_pb2.PermitKey:
+        signer = self._gate.signer
+        if signer is None:
+            raise FailedPrecondition("the coordinator has not loaded its permit key yet")
+        return admin_pb2.PermitKey(public_key_pem=signer.public_pem(), key_id=signer.key_id)
 
     @_rpc
     async def VerifyAudit(

@@ -37,6 +37,8 @@ class ServerConfig:
     """Largest checkpoint accepted, as serialised JSON."""
     checkpoint_flush_interval: float = 1.0
     """Seconds between coalesced checkpoint writes. Kills and exits flush at once."""
+    permit_key: Path | None = None
+    """PEM file with the Ed25519 key that signs effect permits; None: shared via etcd."""
     startup_timeout: float = 15.0
     """Seconds to wait for etcd at start before giving up with a reason."""
     shutdown_grace: float = 5.0
@@ -91,6 +93,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
         kwargs["lease_ttl"] = _number("--lease-ttl", ttl, MIN_LEASE_TTL, 3600.0)
     if limit := pick(args.max_checkpoint_bytes, "TETHER_MAX_CHECKPOINT_BYTES"):
         kwargs["max_checkpoint_bytes"] = int(_number("--max-checkpoint-bytes", limit, 1, 1 << 20))
+    if permit_key := pick(getattr(args, "permit_key", None), "TETHER_PERMIT_KEY"):
+        kwargs["permit_key"] = Path(permit_key)
     if startup := environ.get("TETHER_STARTUP_TIMEOUT"):
         kwargs["startup_timeout"] = _number("TETHER_STARTUP_TIMEOUT", startup, 0.1, 600.0)
     return ServerConfig(**kwargs)  # type: ignore[arg-type]

@@ -12,8 +12,10 @@ from grpc_health.v1._async import HealthServicer
 
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._config import ServerConfig
+from tether_server._gate import Gate, load_signer
 from tether_server._halts import HaltTable
 from tether_server._leases import EtcdLost, LeaseKeeper
+from tether_server._ledger import LedgerWriter
 from tether_server._sessions import Sessions
 from tether_server._store import COORDINATORS, HALTS, EtcdUnavailable, Store, path, put_op
 from tether_server._telemetry import Metrics
@@ -34,10 +36,13 @@ class Coordinator:
         self.health = health
         self.halts = HaltTable()
         self.checkpoints = CheckpointWriter(store, config.checkpoint_flush_interval)
+        ledger = LedgerWriter(store, config.coordinator_id, config.checkpoint_flush_interval)
+        self.gate = Gate(ledger, self.halts)
         self.sessions = Sessions(
             store=store,
             halts=self.halts,
             checkpoints=self.checkpoints,
+            gate=self.gate,
             metrics=Metrics(),
             coordinator_id=config.coordinator_id,
             lease_ttl=config.lease_ttl,
@@ -73,6 +78,7 @@ class Coordinator:
                 )
             ],
         )
+        self.gate.signer = await load_signer(self.store, self.config.permit_key)
         resp = await self.store.range(HALTS)
         self.halts.load(resp.kvs, resp.header.revision)
         self.sessions.keeper = LeaseKeeper(self.store, self._lease, ttl / 3, self.sessions.expire)
@@ -92,6 +98,7 @@ class Coordinator:
             asyncio.create_task(keeper.run(), name="lease-keeper"),
             asyncio.create_task(self._watch_halts(), name="halt-watch"),
             asyncio.create_task(self.checkpoints.run(), name="checkpoints"),
+            asyncio.create_task(self.gate.ledger.run(), name="ledger"),
             asyncio.create_task(self.sessions.watch_silence(), name="silence"),
         ]
         try:
@@ -127,6 +134,10 @@ class Coordinator:
     async def detach(self) -> None:
         """Shutdown: let sessions go, flush checkpoints, drop the coordinator's own lease."""
         await self.sessions.drain()
+        try:
+            await self.gate.ledger.flush()
+        except EtcdUnavailable as err:
+            log.warning("final ledger flush failed: %s", err)
         if self._lease:
             try:
                 await self.store.revoke(self._lease)

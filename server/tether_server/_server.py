@@ -50,7 +50,7 @@ def build_server(coordinator: Coordinator, health: HealthServicer) -> grpc.aio.S
     )
     server.add_generic_rpc_handlers((_agent_handler(coordinator),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        Admin(coordinator.store, coordinator.sessions), server
+        Admin(coordinator.store, coordinator.sessions, coordinator.gate), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (

@@ -16,8 +16,10 @@ from tether._uri import check_name, parse_agent_uri
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._checkpoints import CheckpointWriter
+from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._leases import LeaseKeeper
+from tether_server._ledger import decode, run_prefix
 from tether_server._selectors import InstanceKey, is_full_stop, matches
 from tether_server._store import (
     CHECKPOINTS,
@@ -185,6 +187,7 @@ class Sessions:
         store: Store,
         halts: HaltTable,
         checkpoints: CheckpointWriter,
+        gate: Gate,
         metrics: Metrics,
         coordinator_id: str,
         lease_ttl: float,
@@ -197,6 +200,7 @@ class Sessions:
         self._store = store
         self._halts = halts
         self._checkpoints = checkpoints
+        self._gate = gate
         self._metrics = metrics
         self._coordinator = coordinator_id
         self._ttl = lease_ttl
@@ -244,22 +248,28 @@ class Sessions:
                 f"got {first.WhichOneof('body') or 'an empty message'}"
             )
         key = identity_from(first.register)
-        if self.keeper is None:
+        keeper = self.keeper
+        if keeper is None:
             raise EtcdUnavailable(self.serving_error)
         lease, ttl = await self._store.grant(self._ttl)
         record = self._record(key, first.register, lease)
-        stored, halts = await self._claim(key, record, lease)
+        stored, halts, effects = await self._claim(key, record, lease)
         session = Session(key, lease, record)
+        landed = self._gate.seed((key.tenant, key.agent, key.run_id), effects)
         session.halts = tuple(halts.matching(key, record.labels))
         session.revision = halts.revision
         self._checkpoints.seed(session.checkpoint_key, stored)
+        if self.keeper is not keeper:  # etcd was lost while this registration was in flight
+            raise EtcdUnavailable(self.serving_error)
         replaced = self.registry.add(session)
         if replaced is not None:
             replaced.detached = True
             replaced.outbox.put_nowait(_End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
         self._metrics.sessions.add(1)
-        self.keeper.touch(lease)
-        await context.write(self._grant(session, ttl, stored))
+        keeper.touch(lease)
+        grant = self._grant(session, ttl, stored)
+        grant.session.landed_keys.extend(landed)
+        await context.write(grant)
         return session
 
     def _record(
@@ -280,7 +290,7 @@ class Sessions:
 
     async def _claim(
         self, key: InstanceKey, record: types_pb2.AgentInstance, lease: int
-    ) -> tuple[bytes | None, HaltTable]:
+    ) -> tuple[bytes | None, HaltTable, list[types_pb2.Effect]]:
         """Write presence and roster, read the run's checkpoint and the halts, atomically.
 
         The halts come from the same transaction, not only from the watch, so that a halt
@@ -295,14 +305,16 @@ class Sessions:
                 put_op(path(RUNS, key.run_id), f"{key.tenant}/{key.agent}".encode()),
                 range_op(checkpoint_key),
                 range_op(HALTS, prefix=True),
+                range_op(run_prefix((key.tenant, key.agent, key.run_id)), prefix=True),
             ],
         )
+        effects = decode(resp.responses[5].response_range.kvs)
         kvs = resp.responses[3].response_range.kvs
         halts = self._halts
         if resp.header.revision > halts.revision:
             halts = HaltTable()
             halts.load(resp.responses[4].response_range.kvs, resp.header.revision)
-        return (bytes(kvs[0].value) if kvs else None), halts
+        return (bytes(kvs[0].value) if kvs else None), halts, effects
 
     def _grant(
         self, session: Session, ttl: float, stored: bytes | None
@@ -326,6 +338,14 @@ class Sessions:
                 kind = req.WhichOneof("body")
                 if kind == "beat":
                     self._beat(session, req.beat)
+                elif kind == "effects":
+                    self._effects(session, req.effects)
+                elif kind == "permit":
+                    resp = order(session.halts, session.revision)
+                    resp.permit.CopyFrom(
+                        self._gate.decide(session.key, session.record.labels, req.permit)
+                    )
+                    session.outbox.put_nowait(resp)
                 elif kind == "goodbye":
                     await self._goodbye(session, req.goodbye)
                     end = _DONE
@@ -348,6 +368,11 @@ class Sessions:
             self._offer_checkpoint(session, beat.checkpoint)
         # An ack repeats the session's current order: what was last pushed is what holds.
         session.outbox.put_nowait(order(session.halts, session.revision, ack_seq=beat.seq))
+
+    def _effects(self, session: Session, batch: agent_pb2.EffectBatch) -> None:
+        self._gate.record(session.key, batch)
+        if stopped(session.halts):  # what left before the kill, and what it refused: now
+            self._spawn(self._flush(session))
 
     def _offer_checkpoint(self, session: Session, checkpoint: Any) -> None:
         value = json_format.MessageToJson(checkpoint, indent=None, sort_keys=True).encode()
@@ -385,6 +410,7 @@ class Sessions:
             self.keeper.forget(session.lease)
         if not self.registry.serves_run(session.key.run_id):
             self._checkpoints.forget(session.checkpoint_key)
+            self._gate.forget((session.key.tenant, session.key.agent, session.key.run_id))
         return True
 
     async def _drop(self, session: Session) -> None:
@@ -406,6 +432,7 @@ class Sessions:
         STALE from the missing presence key; EXITED and KILLED are written as they are.
         """
         await self._checkpoints.flush([session.checkpoint_key])
+        await self._gate.ledger.flush([(session.key.tenant, session.key.agent, session.key.run_id)])
         age = max(time.monotonic() - session.last_beat, 0.0)
         session.record.last_heartbeat.FromNanoseconds(time.time_ns() - int(age * 1e9))
         live = path(LIVE, *session.key.parts)
@@ -418,6 +445,9 @@ class Sessions:
     async def _flush(self, session: Session) -> None:
         try:
             await self._checkpoints.flush([session.checkpoint_key])
+            await self._gate.ledger.flush(
+                [(session.key.tenant, session.key.agent, session.key.run_id)]
+            )
         except EtcdUnavailable as err:
             log.warning("kill-time checkpoint flush deferred: %s", err)
 

@@ -32,8 +32,10 @@ RUNS = ROOT + b"runs/"
 AUDIT = ROOT + b"audit/"
 COORDINATORS = ROOT + b"coordinators/"
 
-# etcd's default --max-txn-ops; one coalesced checkpoint flush is split to fit.
+# etcd's defaults: --max-txn-ops 128 and --max-request-bytes 1.5 MiB. Batched writes are
+# split to fit both, with room for the transaction's own framing.
 MAX_TXN_OPS = 128
+MAX_TXN_BYTES = 1024 * 1024
 
 M = TypeVar("M", bound=Message)
 
@@ -147,9 +149,18 @@ class Store:
         return await self._call(self.kv.Txn, req)
 
     async def put_many(self, ops: Sequence[Any]) -> None:
-        """Write ops in as few transactions as etcd allows."""
-        for start in range(0, len(ops), MAX_TXN_OPS):
-            await self.txn((), ops[start : start + MAX_TXN_OPS])
+        """Write ops in as few transactions as etcd's op and size limits allow."""
+        batch: list[Any] = []
+        size = 0
+        for op in ops:
+            op_size = op.ByteSize()
+            if batch and (len(batch) == MAX_TXN_OPS or size + op_size > MAX_TXN_BYTES):
+                await self.txn((), batch)
+                batch, size = [], 0
+            batch.append(op)
+            size += op_size
+        if batch:
+            await self.txn((), batch)
 
     async def grant(self, ttl: float) -> tuple[int, float]:
         resp = await self._call(self.lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=round(ttl)))

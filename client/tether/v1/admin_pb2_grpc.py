@@ -76,6 +76,16 @@ class AdminServiceStub:
                 request_serializer=tether_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.ListEffects = channel.unary_unary(
+                '/tether.v1.AdminService/ListEffects',
+                request_serializer=tether_dot_v1_dot_admin__pb2.ListEffectsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.ListEffectsResponse.FromString,
+                _registered_method=True)
+        self.GetPermitKey = channel.unary_unary(
+                '/tether.v1.AdminService/GetPermitKey',
+                request_serializer=tether_dot_v1_dot_admin__pb2.GetPermitKeyRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.PermitKey.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -131,6 +141,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEffects(self, request, context):
+        """The side-effect ledger: what landed before a kill, and what was refused after it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPermitKey(self, request, context):
+        """The public key that verifies effect permits, for downstream tools.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +197,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=tether_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
                     response_serializer=tether_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'ListEffects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEffects,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.ListEffectsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.ListEffectsResponse.SerializeToString,
+            ),
+            'GetPermitKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPermitKey,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.GetPermitKeyRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.PermitKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +426,60 @@ class AdminService:
             '/tether.v1.AdminService/VerifyAudit',
             tether_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
             tether_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEffects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/ListEffects',
+            tether_dot_v1_dot_admin__pb2.ListEffectsRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.ListEffectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPermitKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/GetPermitKey',
+            tether_dot_v1_dot_admin__pb2.GetPermitKeyRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.PermitKey.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class AdminServiceStub:
     ListAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]
     VerifyAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]
     """Walk the whole audit hash chain and say whether it is intact."""
+    ListEffects: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEffectsRequest, _admin_pb2.ListEffectsResponse]
+    """The side-effect ledger: what landed before a kill, and what was refused after it."""
+    GetPermitKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPermitKeyRequest, _admin_pb2.PermitKey]
+    """The public key that verifies effect permits, for downstream tools."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -58,6 +62,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]  # type: ignore[assignment]
     VerifyAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]  # type: ignore[assignment]
     """Walk the whole audit hash chain and say whether it is intact."""
+    ListEffects: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEffectsRequest, _admin_pb2.ListEffectsResponse]  # type: ignore[assignment]
+    """The side-effect ledger: what landed before a kill, and what was refused after it."""
+    GetPermitKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPermitKeyRequest, _admin_pb2.PermitKey]  # type: ignore[assignment]
+    """The public key that verifies effect permits, for downstream tools."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is the operator's side: kill, resume, and see the fleet."""
@@ -118,5 +126,21 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.VerifyAuditResponse, _abc.Awaitable[_admin_pb2.VerifyAuditResponse]]:
         """Walk the whole audit hash chain and say whether it is intact."""
+
+    @_abc_1.abstractmethod
+    def ListEffects(
+        self,
+        request: _admin_pb2.ListEffectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListEffectsResponse, _abc.Awaitable[_admin_pb2.ListEffectsResponse]]:
+        """The side-effect ledger: what landed before a kill, and what was refused after it."""
+
+    @_abc_1.abstractmethod
+    def GetPermitKey(
+        self,
+        request: _admin_pb2.GetPermitKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PermitKey, _abc.Awaitable[_admin_pb2.PermitKey]]:
+        """The public key that verifies effect permits, for downstream tools."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -50,6 +50,8 @@ class HeartbeatRequest(_message.Message):
     REGISTER_FIELD_NUMBER: _builtins.int
     BEAT_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
+    EFFECTS_FIELD_NUMBER: _builtins.int
+    PERMIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register:
         """must be the first message, and only the first"""
@@ -60,22 +62,120 @@ class HeartbeatRequest(_message.Message):
     def goodbye(self) -> Global___Goodbye:
         """clean exit: stores the final checkpoint"""
 
+    @_builtins.property
+    def effects(self) -> Global___EffectBatch:
+        """ledger records of gated effects"""
+
+    @_builtins.property
+    def permit(self) -> Global___PermitRequest:
+        """strict gate: may this effect leave now?"""
+
     def __init__(
         self,
         *,
         register: Global___Register | None = ...,
         beat: Global___Beat | None = ...,
         goodbye: Global___Goodbye | None = ...,
+        effects: Global___EffectBatch | None = ...,
+        permit: Global___PermitRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["beat", b"beat", "body", b"body", "goodbye", b"goodbye", "register", b"register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["beat", b"beat", "body", b"body", "effects", b"effects", "goodbye", b"goodbye", "permit", b"permit", "register", b"register"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["beat", b"beat", "body", b"body", "goodbye", b"goodbye", "register", b"register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beat", b"beat", "body", b"body", "effects", b"effects", "goodbye", b"goodbye", "permit", b"permit", "register", b"register"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "beat", "goodbye"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "beat", "goodbye", "effects", "permit"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class EffectBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EFFECTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def effects(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Effect]: ...
+    def __init__(
+        self,
+        *,
+        effects: _abc.Iterable[_types_pb2.Effect] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effects", b"effects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EffectBatch: _TypeAlias = EffectBatch  # noqa: Y015
+
+@_typing.final
+class PermitRequest(_message.Message):
+    """Strict mode: the coordinator decides, from the halts it has seen, before the effect leaves."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    capability: _builtins.str
+    key: _builtins.str
+    """idempotency key; a key that already landed is a duplicate"""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        capability: _builtins.str = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "key", b"key", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermitRequest: _TypeAlias = PermitRequest  # noqa: Y015
+
+@_typing.final
+class PermitDecision(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    PERMIT_FIELD_NUMBER: _builtins.int
+    REFUSED_BY_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    granted: _builtins.bool
+    permit: _builtins.str
+    """signed, short-lived; downstream tools verify it"""
+    duplicate: _builtins.bool
+    """the key already landed for this run"""
+    revision: _builtins.int
+    """the etcd revision the decision was made at"""
+    @_builtins.property
+    def refused_by(self) -> _types_pb2.Halt:
+        """set when a halt refused it"""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        granted: _builtins.bool = ...,
+        permit: _builtins.str = ...,
+        refused_by: _types_pb2.Halt | None = ...,
+        duplicate: _builtins.bool = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refused_by", b"refused_by"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "granted", b"granted", "permit", b"permit", "refused_by", b"refused_by", "request_id", b"request_id", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermitDecision: _TypeAlias = PermitDecision  # noqa: Y015
 
 @_typing.final
 class Register(_message.Message):
@@ -196,6 +296,7 @@ class HeartbeatResponse(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     FAIL_CLOSED_REASON_FIELD_NUMBER: _builtins.int
+    PERMIT_FIELD_NUMBER: _builtins.int
     order: Global___Order.ValueType
     ack_seq: _builtins.int
     """the Beat.seq this confirms; 0 for pushes"""
@@ -213,6 +314,10 @@ class HeartbeatResponse(_message.Message):
     def session(self) -> Global___SessionGrant:
         """only in the first reply"""
 
+    @_builtins.property
+    def permit(self) -> Global___PermitDecision:
+        """the answer to a PermitRequest"""
+
     def __init__(
         self,
         *,
@@ -222,10 +327,11 @@ class HeartbeatResponse(_message.Message):
         revision: _builtins.int = ...,
         session: Global___SessionGrant | None = ...,
         fail_closed_reason: _builtins.str = ...,
+        permit: Global___PermitDecision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["permit", b"permit", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_seq", b"ack_seq", "fail_closed_reason", b"fail_closed_reason", "halts", b"halts", "order", b"order", "revision", b"revision", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_seq", b"ack_seq", "fail_closed_reason", b"fail_closed_reason", "halts", b"halts", "order", b"order", "permit", b"permit", "revision", b"revision", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -242,6 +348,7 @@ class SessionGrant(_message.Message):
     HAS_CHECKPOINT_FIELD_NUMBER: _builtins.int
     COORDINATOR_FIELD_NUMBER: _builtins.int
     MAX_CHECKPOINT_BYTES_FIELD_NUMBER: _builtins.int
+    LANDED_KEYS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """the etcd lease, in hex"""
     ttl_ms: _builtins.int
@@ -254,6 +361,10 @@ class SessionGrant(_message.Message):
     def checkpoint(self) -> _struct_pb2.Struct:
         """the run's last stored checkpoint"""
 
+    @_builtins.property
+    def landed_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """idempotency keys that already landed in this run"""
+
     def __init__(
         self,
         *,
@@ -264,10 +375,11 @@ class SessionGrant(_message.Message):
         has_checkpoint: _builtins.bool = ...,
         coordinator: _builtins.str = ...,
         max_checkpoint_bytes: _builtins.int = ...,
+        landed_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "coordinator", b"coordinator", "has_checkpoint", b"has_checkpoint", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_checkpoint_bytes", b"max_checkpoint_bytes", "session_id", b"session_id", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "coordinator", b"coordinator", "has_checkpoint", b"has_checkpoint", "heartbeat_interval_ms", b"heartbeat_interval_ms", "landed_keys", b"landed_keys", "max_checkpoint_bytes", b"max_checkpoint_bytes", "session_id", b"session_id", "ttl_ms", b"ttl_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

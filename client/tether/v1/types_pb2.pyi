@@ -106,6 +106,40 @@ INSTANCE_STATE_EXITED: InstanceState.ValueType  # 4
 """closed cleanly"""
 Global___InstanceState: _TypeAlias = InstanceState  # noqa: Y015
 
+class _EffectStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EffectStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EffectStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EFFECT_STATUS_UNSPECIFIED: _EffectStatus.ValueType  # 0
+    EFFECT_STATUS_INTENDED: _EffectStatus.ValueType  # 1
+    """passed the gate, not yet finished"""
+    EFFECT_STATUS_LANDED: _EffectStatus.ValueType  # 2
+    """finished: it left the agent"""
+    EFFECT_STATUS_FAILED: _EffectStatus.ValueType  # 3
+    """raised inside the gate"""
+    EFFECT_STATUS_REFUSED: _EffectStatus.ValueType  # 4
+    """stopped at the gate by a halt"""
+    EFFECT_STATUS_DUPLICATE: _EffectStatus.ValueType  # 5
+    """its key had already landed; it did not run again"""
+
+class EffectStatus(_EffectStatus, metaclass=_EffectStatusEnumTypeWrapper):
+    """AgentInstance is one process holding one stream and one lease."""
+
+EFFECT_STATUS_UNSPECIFIED: EffectStatus.ValueType  # 0
+EFFECT_STATUS_INTENDED: EffectStatus.ValueType  # 1
+"""passed the gate, not yet finished"""
+EFFECT_STATUS_LANDED: EffectStatus.ValueType  # 2
+"""finished: it left the agent"""
+EFFECT_STATUS_FAILED: EffectStatus.ValueType  # 3
+"""raised inside the gate"""
+EFFECT_STATUS_REFUSED: EffectStatus.ValueType  # 4
+"""stopped at the gate by a halt"""
+EFFECT_STATUS_DUPLICATE: EffectStatus.ValueType  # 5
+"""its key had already landed; it did not run again"""
+Global___EffectStatus: _TypeAlias = EffectStatus  # noqa: Y015
+
 @_typing.final
 class Selector(_message.Message):
     """Selector names the instances a halt applies to. Every non-empty field must
@@ -220,9 +254,74 @@ class Halt(_message.Message):
 Global___Halt: _TypeAlias = Halt  # noqa: Y015
 
 @_typing.final
-class AgentInstance(_message.Message):
-    """AgentInstance is one process holding one stream and one lease."""
+class Effect(_message.Message):
+    """One gated side effect, as the ledger keeps it."""
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EFFECT_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    INTENDED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    REFUSED_BY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    PERMIT_REVISION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    effect_id: _builtins.str
+    """unique, chosen by the SDK"""
+    key: _builtins.str
+    """idempotency key"""
+    capability: _builtins.str
+    status: Global___EffectStatus.ValueType
+    refused_by: _builtins.str
+    """the halt that refused it"""
+    error: _builtins.str
+    strict: _builtins.bool
+    permit_revision: _builtins.int
+    """strict: the revision the permit was granted at"""
+    tenant: _builtins.str
+    """Set by the coordinator from the stream's registration."""
+    agent: _builtins.str
+    run_id: _builtins.str
+    instance_id: _builtins.str
+    @_builtins.property
+    def intended_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        effect_id: _builtins.str = ...,
+        key: _builtins.str = ...,
+        capability: _builtins.str = ...,
+        status: Global___EffectStatus.ValueType = ...,
+        intended_at: _timestamp_pb2.Timestamp | None = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
+        refused_by: _builtins.str = ...,
+        error: _builtins.str = ...,
+        strict: _builtins.bool = ...,
+        permit_revision: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "intended_at", b"intended_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capability", b"capability", "effect_id", b"effect_id", "ended_at", b"ended_at", "error", b"error", "instance_id", b"instance_id", "intended_at", b"intended_at", "key", b"key", "permit_revision", b"permit_revision", "refused_by", b"refused_by", "run_id", b"run_id", "status", b"status", "strict", b"strict", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Effect: _TypeAlias = Effect  # noqa: Y015
+
+@_typing.final
+class AgentInstance(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final

@@ -1,0 +1,85 @@
+"""The coordinator's side of the effect gate: ledger intake and strict permit decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from tether._permits import PermitSigner
+from tether.v1 import agent_pb2, types_pb2
+
+from tether_server._halts import HaltTable
+from tether_server._ledger import LedgerWriter, RunKey, landed
+from tether_server._selectors import InstanceKey, is_full_stop
+from tether_server._store import ROOT, Store, absent, put_op, range_op
+
+KEY = ROOT + b"keys/permit-ed25519"
+log = logging.getLogger("tether_server")
+
+
+async def load_signer(store: Store, pem_file: Path | None) -> PermitSigner:
+    """The permit key: from ``--permit-key``, else the one all coordinators share in etcd."""
+    if pem_file is not None:
+        return PermitSigner.from_pem(await asyncio.to_thread(pem_file.read_bytes))
+    fresh = os.urandom(32)  # an Ed25519 private key is 32 random bytes
+    resp = await store.txn([absent(KEY)], [put_op(KEY, fresh.hex().encode())], [range_op(KEY)])
+    raw = (
+        fresh
+        if resp.succeeded
+        else bytes.fromhex(resp.responses[0].response_range.kvs[0].value.decode())
+    )
+    return PermitSigner.from_raw(raw)
+
+
+class Gate:
+    """Takes effect records into the ledger and decides strict permits."""
+
+    def __init__(self, ledger: LedgerWriter, halts: HaltTable) -> None:
+        self.ledger = ledger
+        self.signer: PermitSigner | None = None
+        self._halts = halts
+        self._landed: dict[RunKey, set[str]] = {}
+
+    def seed(self, run: RunKey, records: Iterable[types_pb2.Effect]) -> list[str]:
+        """Load a run's landed keys at registration; returns them for the session grant."""
+        keys = self._landed.setdefault(run, set())
+        keys |= landed(records)
+        return sorted(keys)
+
+    def forget(self, run: RunKey) -> None:
+        self._landed.pop(run, None)
+
+    def record(self, key: InstanceKey, batch: agent_pb2.EffectBatch) -> None:
+        run = (key.tenant, key.agent, key.run_id)
+        for effect in batch.effects:
+            effect.tenant, effect.agent, effect.run_id, effect.instance_id = key.parts
+            if effect.status == types_pb2.EFFECT_STATUS_LANDED and effect.key:
+                self._landed.setdefault(run, set()).add(effect.key)
+        self.ledger.add(run, batch.effects)
+
+    def decide(
+        self, key: InstanceKey, labels: Mapping[str, str], req: agent_pb2.PermitRequest
+    ) -> agent_pb2.PermitDecision:
+        """Refuse if any halt this coordinator has seen stops the instance or the capability."""
+        decision = agent_pb2.PermitDecision(
+            request_id=req.request_id, revision=self._halts.revision
+        )
+        for halt in self._halts.matching(key, labels):
+            if is_full_stop(halt) or halt.selector.capability == req.capability:
+                decision.refused_by.CopyFrom(halt)
+                return decision
+        if req.key and req.key in self._landed.get((key.tenant, key.agent, key.run_id), ()):
+            decision.duplicate = True
+            return decision
+        if self.signer is None:
+            decision.refused_by.reason = "the coordinator has no permit key yet"
+            return decision
+        decision.permit, _ = self.signer.sign(
+            tenant=key.tenant, agent=key.agent, run_id=key.run_id, instance_id=key.instance_id,
+            capability=req.capability, key=req.key, revision=self._halts.revision,
+        )  # fmt: skip
+        decision.granted = True
+        return decision

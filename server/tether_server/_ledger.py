@@ -1,0 +1,118 @@
+"""The side-effect ledger: every gated effect with its key, status and the kill that refused it.
+
+It lives in etcd under ``/tether/ledger/<tenant>/<agent>/<run>/`` so that it survives
+coordinator restarts and is readable from any coordinator, like the rest of Tether's
+state. Agents ship records on their stream; the coordinator buffers them per run and
+writes one value per run per flush (batched into as few transactions as etcd allows),
+never one write per effect. Records are appended, never rewritten: readers fold them by
+``effect_id``, and a final status (landed, failed, refused, duplicate) beats ``intended``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from tether.v1 import agent_pb2, types_pb2
+
+from tether_server._store import ROOT, EtcdUnavailable, Store, from_json, path, put_op, to_json
+
+LEDGER = ROOT + b"ledger/"
+_MAX_CHUNK = 128 * 1024  # bytes per value: several fit one transaction under etcd's limit
+log = logging.getLogger("tether_server")
+
+RunKey = tuple[str, str, str]
+
+
+def run_prefix(run: RunKey) -> bytes:
+    return path(LEDGER, *run, "")
+
+
+def fold(records: Iterable[types_pb2.Effect]) -> list[types_pb2.Effect]:
+    """One row per effect: its final status, in the order effects were intended."""
+    rows: dict[str, types_pb2.Effect] = {}
+    for record in records:
+        row = rows.get(record.effect_id)
+        if row is None:
+            rows[record.effect_id] = row = types_pb2.Effect()
+            row.CopyFrom(record)
+        elif record.status != types_pb2.EFFECT_STATUS_INTENDED:
+            intended = row.intended_at
+            row.CopyFrom(record)
+            if intended.seconds and not record.intended_at.seconds:
+                row.intended_at.CopyFrom(intended)
+    return sorted(rows.values(), key=lambda e: (e.intended_at.ToNanoseconds(), e.effect_id))
+
+
+def decode(kvs: Iterable[Any]) -> list[types_pb2.Effect]:
+    records: list[types_pb2.Effect] = []
+    for kv in sorted(kvs, key=lambda kv: kv.key):
+        records.extend(from_json(kv.value, agent_pb2.EffectBatch()).effects)
+    return records
+
+
+def landed(records: Iterable[types_pb2.Effect]) -> set[str]:
+    return {e.key for e in fold(records) if e.key and e.status == types_pb2.EFFECT_STATUS_LANDED}
+
+
+class LedgerWriter:
+    """Buffers records per run and writes them in batches."""
+
+    def __init__(self, store: Store, coordinator_id: str, interval: float) -> None:
+        self._store = store
+        self._coordinator = coordinator_id
+        self._interval = interval
+        self._pending: dict[RunKey, list[types_pb2.Effect]] = defaultdict(list)
+        self._seq = 0
+
+    def add(self, run: RunKey, effects: Iterable[types_pb2.Effect]) -> None:
+        self._pending[run].extend(effects)
+
+    async def flush(self, runs: Iterable[RunKey] | None = None) -> None:
+        """Write what is buffered (for ``runs``, or all); on failure it stays buffered."""
+        keys = list(self._pending) if runs is None else [r for r in runs if r in self._pending]
+        batch = {run: self._pending.pop(run) for run in keys}
+        ops = [op for run, effects in batch.items() for op in self._ops(run, effects)]
+        if not ops:
+            return
+        try:
+            await self._store.put_many(ops)
+        except EtcdUnavailable:
+            for run, effects in batch.items():
+                self._pending[run][:0] = effects
+            raise
+
+    def _ops(self, run: RunKey, effects: list[types_pb2.Effect]) -> list[Any]:
+        ops, chunk = [], agent_pb2.EffectBatch()
+        for effect in effects:
+            chunk.effects.append(effect)
+            if chunk.ByteSize() > _MAX_CHUNK:
+                ops.append(self._op(run, chunk))
+                chunk = agent_pb2.EffectBatch()
+        if chunk.effects:
+            ops.append(self._op(run, chunk))
+        return ops
+
+    def _op(self, run: RunKey, chunk: agent_pb2.EffectBatch) -> Any:
+        self._seq += 1
+        name = f"{time.time_ns():020d}-{self._coordinator}-{self._seq}"
+        return put_op(run_prefix(run) + name.encode(), to_json(chunk))
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.flush()
+            except EtcdUnavailable as err:
+                log.warning("ledger flush deferred: %s", err)
+
+    async def read(self, tenant: str, agent: str = "", run_id: str = "") -> list[types_pb2.Effect]:
+        """Every record under the tenant, agent or run, folded."""
+        parts = [p for p in (tenant, agent, run_id) if p]
+        prefix = path(LEDGER, *parts) + b"/"
+        resp = await self._store.range(prefix)
+        return fold(decode(resp.kvs))

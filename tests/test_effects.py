@@ -1,0 +1,321 @@
+"""The effect gate, the ledger, strict mode, idempotency and permits, on real parts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+
+import grpc
+import pytest
+import tether
+from aetcd import rpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from tether._permits import PermitSigner
+
+from tests.conftest import Coordinator, Etcd, eventually
+from tests.test_cli import tether_cli
+
+
+@pytest.fixture
+def admin(coord: Coordinator) -> Iterator[tether.AdminClient]:
+    with tether.AdminClient(coord.addr, actor="pytest") as client:
+        yield client
+
+
+def _ledger(admin: tether.AdminClient, tenant: str, n: int) -> list[tether.EffectRecord]:
+    """The ledger once it holds ``n`` rows that are no longer merely intended."""
+
+    def done() -> list[tether.EffectRecord]:
+        rows = admin.effects(tenant)
+        final = [r for r in rows if r.status is not tether.EffectStatus.INTENDED]
+        return rows if len(final) >= n else []
+
+    return eventually(done)
+
+
+def test_local_gate_records_landed_failed_and_refused(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    uri = f"agent://{tenant}/mailer"
+    with tether.Agent(uri, run_id="r1", target=coord.addr) as agent:
+        with agent.effect("send_email", key="m-1") as fx:
+            assert fx.permit == ""  # local mode: no round trip, no permit
+        with pytest.raises(RuntimeError), agent.effect("send_email", key="m-2"):
+            raise RuntimeError("smtp down")
+        halt, _ = admin.kill(tether.selector(tenant=tenant, capability="send_email"), "freeze")
+        eventually(lambda: agent.frozen("send_email"))
+        with pytest.raises(tether.CapabilityFrozen), agent.effect("send_email", key="m-3"):
+            pytest.fail("a frozen capability must not run")
+        with agent.effect("read_crm"):
+            pass  # other tools keep flowing
+
+        @agent.effect("send_email", key=lambda n: f"m-{n}")
+        def send(n: int) -> int:
+            return n
+
+        with pytest.raises(tether.CapabilityFrozen):
+            send(4)
+    rows = _ledger(admin, tenant, 5)
+    assert [(r.key, r.capability, r.status.value) for r in rows] == [
+        ("m-1", "send_email", "landed"),
+        ("m-2", "send_email", "failed"),
+        ("m-3", "send_email", "refused"),
+        ("", "read_crm", "landed"),
+        ("m-4", "send_email", "refused"),
+    ]
+    assert rows[1].error == "RuntimeError: smtp down"
+    assert rows[2].refused_by == halt.id
+    assert all(r.run_id == "r1" and r.agent == "mailer" for r in rows)
+    table = json.loads(
+        tether_cli(
+            "effects", "--agent", uri, "--status", "refused", "-o", "json", addr=coord.addr
+        ).stdout
+    )
+    assert [row["key"] for row in table] == ["m-3", "m-4"]
+
+
+def test_duplicate_keys_after_resume_do_not_run_again(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    uri = f"agent://{tenant}/mailer"
+    sel = tether.selector(agent=uri)
+    with tether.Agent(uri, run_id="r", target=coord.addr) as agent:
+        for n in range(3):
+            with agent.effect("send_email", key=f"batch-{n}"):
+                pass
+        admin.kill(sel, "stop")
+        eventually(lambda: agent.killed)
+    admin.resume(sel)
+    with tether.Agent(uri, run_id="r", target=coord.addr) as again:
+        assert again.landed_keys == {"batch-0", "batch-1", "batch-2"}
+        for strict in (False, True):
+            with (
+                pytest.raises(tether.DuplicateEffect, match="batch-1"),
+                again.effect("send_email", key="batch-1", strict=strict),
+            ):
+                pytest.fail("a landed key must not run again")
+        with again.effect("send_email", key="batch-3", strict=True) as fx:
+            assert fx.permit
+    rows = _ledger(admin, tenant, 6)
+    assert [r.status.value for r in rows if r.key == "batch-1"] == [
+        "landed",
+        "duplicate",
+        "duplicate",
+    ]
+    assert [r.status.value for r in rows if r.key == "batch-3"] == ["landed"]
+
+
+def test_strict_mode_lets_no_effect_land_after_the_kill_commit(
+    coordinators: tuple[Coordinator, Coordinator], admin: tether.AdminClient, tenant: str
+) -> None:
+    """A fleet hammers strict effects while it is killed, round after round.
+
+    Each strict permit carries the etcd revision of the halt view it was granted at. Between
+    a kill's commit revision and its resume's, no permit may have been granted.
+    """
+    uri = f"agent://{tenant}/hammer"
+    sel = tether.selector(agent=uri)
+    with ExitStack() as stack:
+        agents = [
+            stack.enter_context(
+                tether.Agent(
+                    uri, run_id=f"r{i}", target=coordinators[i % 2].addr, strict_effects=True
+                )
+            )
+            for i in range(4)
+        ]
+        for round_no in range(5):
+            _hammer_round(admin, tenant, sel, agents, round_no)
+
+    def settled() -> list[tether.EffectRecord]:
+        rows = admin.effects(tenant)
+        return rows if all(r.status is not tether.EffectStatus.INTENDED for r in rows) else []
+
+    rows = eventually(settled)
+    landed = [r for r in rows if r.status is tether.EffectStatus.LANDED]
+    refused = [r for r in rows if r.status is tether.EffectStatus.REFUSED]
+    assert landed
+    assert refused
+    assert all(r.strict and r.permit_revision > 0 for r in landed)
+    audit = admin.audit(tenant=tenant, limit=1000)
+    kills = [e.revision for e in audit if e.action == "kill"]
+    resumes = [e.revision for e in audit if e.action == "resume"]
+    assert len(kills) == len(resumes) == 5
+    for kill_rev, resume_rev in zip(kills, resumes, strict=True):
+        inside = [r for r in landed if kill_rev <= r.permit_revision < resume_rev]
+        assert inside == [], f"{len(inside)} strict effects landed while halted at {kill_rev}"
+
+
+def _hammer_round(
+    admin: tether.AdminClient, tenant: str, sel: tether.Selector, agents: list[tether.Agent], n: int
+) -> None:
+    stop = threading.Event()
+
+    def hammer(agent: tether.Agent) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                with agent.effect("charge_card", key=f"{n}-{agent.run_id}-{i}"):
+                    pass
+            except tether.Killed:
+                stop.wait(0.001)
+
+    threads = [threading.Thread(target=hammer, args=(a,)) for a in agents]
+    for t in threads:
+        t.start()
+    before = len(admin.effects(tenant))
+    eventually(lambda: len(admin.effects(tenant)) > before + 20, timeout=30)
+    admin.kill(sel, f"round {n}")
+    for a in agents:
+        eventually(lambda a=a: a.killed)  # type: ignore[misc]
+    time.sleep(0.05)  # the fleet keeps hammering a closed gate
+    stop.set()
+    for t in threads:
+        t.join(10)
+    admin.resume(sel, f"round {n} over")
+    for a in agents:
+        eventually(lambda a=a: not a.killed)  # type: ignore[misc]
+
+
+def test_local_mode_effects_after_the_flip_are_measured(
+    coord: Coordinator,
+    admin: tether.AdminClient,
+    tenant: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    uri = f"agent://{tenant}/local"
+    with tether.Agent(uri, run_id="r", target=coord.addr) as agent:
+        stop = threading.Event()
+        flipped: list[float] = []
+
+        def hammer() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    with agent.effect("post", key=f"k{i}"):
+                        time.sleep(0.001)  # the effect itself takes a moment
+                except tether.Killed:
+                    return
+
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        eventually(lambda: len(admin.effects(tenant)) > 50)
+        admin.kill(tether.selector(agent=uri), "flip")
+        flipped.append(time.time())
+        thread.join(10)
+        stop.set()
+    rows = _ledger(admin, tenant, 1)
+    late = [
+        r
+        for r in rows
+        if r.status is tether.EffectStatus.LANDED
+        and r.intended_at
+        and r.intended_at.timestamp() > flipped[0]
+    ]
+    record_property("local_effects_after_kill_returned", len(late))
+    print(f"local mode: {len(late)} effects passed the gate after Kill returned")
+    assert rows[-1].status is tether.EffectStatus.REFUSED  # and then the gate shut
+
+
+def _permit_key(etcd: Etcd) -> bytes:
+    with grpc.insecure_channel(etcd.endpoint) as channel:
+        resp = rpc.KVStub(channel).Range(
+            rpc.RangeRequest(key=b"/tether/keys/permit-ed25519"), timeout=5
+        )
+    return bytes.fromhex(resp.kvs[0].value.decode())
+
+
+def test_permits_verify_and_are_rejected_when_killed_expired_or_forged(
+    coord: Coordinator, etcd: Etcd, admin: tether.AdminClient, tenant: str
+) -> None:
+    pem, key_id = admin.permit_key()
+    verifier = tether.PermitVerifier(pem, halted=tether.HaltCache(coord.addr, max_age=0))
+    uri = f"agent://{tenant}/payer"
+    with tether.Agent(uri, run_id="r", target=coord.addr) as agent:
+        with agent.effect("charge_card", key="c-1", strict=True) as fx:
+            claims = verifier.verify(fx.permit, capability="charge_card")
+        assert (claims.run_id, claims.key, claims.key_id) == ("r", "c-1", key_id)
+        with pytest.raises(tether.InvalidPermit, match="not 'send_email'"):
+            verifier.verify(fx.permit, capability="send_email")
+
+        payload, signature = fx.permit.split(".")
+        body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        body["run_id"] = "someone-else"
+        forged = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+        with pytest.raises(tether.InvalidPermit, match="forged"):
+            verifier.verify(f"{forged}.{signature}")
+        impostor = PermitSigner.from_raw(b"\x01" * 32)
+        fake, _ = impostor.sign(
+            tenant=tenant,
+            agent="payer",
+            run_id="r",
+            instance_id="x",
+            capability="charge_card",
+            key="",
+            revision=1,
+        )
+        with pytest.raises(tether.InvalidPermit, match="forged"):
+            verifier.verify(fake)
+        expired, _ = PermitSigner.from_raw(_permit_key(etcd), ttl=-1).sign(
+            tenant=tenant,
+            agent="payer",
+            run_id="r",
+            instance_id="x",
+            capability="charge_card",
+            key="",
+            revision=1,
+        )
+        with pytest.raises(tether.InvalidPermit, match="expired"):
+            verifier.verify(expired)
+
+        admin.kill(tether.selector(run_id="r", tenant=tenant), "stop paying")
+        with pytest.raises(tether.InvalidPermit, match="halted: stop paying"):
+            verifier.verify(fx.permit)  # a permit from before the kill is dead too
+
+
+def test_permit_interceptor_guards_a_tool_server(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    pem, _ = admin.permit_key()
+    verifier = tether.PermitVerifier(pem, halted=tether.HaltCache(coord.addr, max_age=0))
+
+    async def scenario() -> list[str]:
+        server = grpc.aio.server(interceptors=[tether.PermitInterceptor(verifier)])
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        outcomes = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                tool = health_pb2_grpc.HealthStub(channel)
+                uri = f"agent://{tenant}/buggy"
+                async with tether.AsyncAgent(uri, run_id="rb", target=coord.addr) as agent:
+                    async with agent.effect("call_tool", strict=True) as fx:
+                        permit = fx.permit
+                    for token in (permit, "", None):
+                        metadata = ((tether.PERMIT_METADATA, token),) if token else None
+                        if token is None:
+                            await asyncio.to_thread(admin.kill, tether.selector(agent=uri), "buggy")
+                            metadata = ((tether.PERMIT_METADATA, permit),)
+                        try:
+                            await tool.Check(health_pb2.HealthCheckRequest(), metadata=metadata)
+                            outcomes.append("ok")
+                        except grpc.aio.AioRpcError as err:
+                            outcomes.append(f"{err.code().name}: {err.details()}")
+        finally:
+            await server.stop(0)
+        return outcomes
+
+    ok, missing, killed = asyncio.run(scenario())
+    assert ok == "ok"
+    assert missing == "PERMISSION_DENIED: no permit: send one in the x-tether-permit metadata"
+    assert killed.startswith("PERMISSION_DENIED: run rb is halted: buggy")
