@@ -146,6 +146,7 @@ def test_kill_and_resume_converge(
     with tether.Agent(f"agent://{tenant}/a", target=coord.addr) as agent:
         sel = tether.selector(tenant=tenant)
         first, already = admin.kill(sel, "one")
+        halt_id = first.id
         second, again = admin.kill(sel, "two")
         assert (already, again) == (False, True)
         assert second.id == first.id and second.reason == "one"
@@ -154,9 +155,19 @@ def test_kill_and_resume_converge(
         assert admin.resume(sel, "fixed again") is None
         eventually(lambda: not agent.killed)  # the resume is pushed onto the open stream too
         agent.check()
-    actions = [(e.action, e.changed) for e in admin.audit(tenant=tenant)]
+
+    def with_ack() -> list[tether.AuditEntry]:
+        found = admin.audit(tenant=tenant)
+        return found if any(e.halt_id == halt_id for e in found if e.action == "ack") else []
+
+    entries = eventually(with_ack)
+    actions = [(e.action, e.changed) for e in entries if e.action != "ack" and e.halt_id == halt_id]
     assert actions == [("kill", True), ("kill", False), ("resume", True), ("resume", False)]
-    assert all(e.actor == "pytest" for e in admin.audit(tenant=tenant))
+    assert all(e.actor == "pytest" for e in entries if e.action != "ack")
+    (ack,) = [e for e in entries if e.action == "ack" and e.halt_id == halt_id]
+    assert ack.actor == "tether"
+    assert ack.reason == "1 instance(s) stopped; 0 effect(s) were in flight"
+    assert ack.instances == (f"{tenant}/a/{agent.run_id}/{agent.instance_id}",)
 
 
 def test_async_agent(coord: Coordinator, admin: tether.AdminClient, tenant: str) -> None:

@@ -109,11 +109,35 @@ class AdminClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
-    def kill(self, sel: Selector, reason: str, *, force: bool = False) -> tuple[Halt, bool]:
-        """Halt ``sel``. Returns the halt in force and whether it was already there."""
+    def kill(
+        self,
+        sel: Selector,
+        reason: str,
+        *,
+        force: bool = False,
+        soft: bool = False,
+        grace: float | None = None,
+        drain: bool = False,
+    ) -> tuple[Halt, bool]:
+        """Halt ``sel``. Returns the halt in force and whether it was already there.
+
+        Args:
+            force: Halt a name that never registered.
+            soft: Let gated work in flight finish within ``grace`` seconds (default 30),
+                then escalate to hard. New effects stop at once either way.
+            drain: Let work queued through ``WorkQueue`` run to completion; by default it
+                is discarded and recorded in the ledger as not started.
+        """
         req = admin_pb2.KillRequest(
-            selector=sel.to_pb(), reason=reason, actor=self._actor, force=force
+            selector=sel.to_pb(),
+            reason=reason,
+            actor=self._actor,
+            force=force,
+            mode=types_pb2.KILL_MODE_SOFT if soft else types_pb2.KILL_MODE_HARD,
+            queue=types_pb2.QUEUE_POLICY_DRAIN if drain else types_pb2.QUEUE_POLICY_DISCARD,
         )
+        if grace is not None:
+            req.grace.FromMilliseconds(int(grace * 1000))
         resp = self._call(self._stub.Kill, req)
         return Halt.from_pb(resp.halt), resp.already_halted
 

@@ -9,15 +9,17 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from tether._core import Core, Identity
 from tether._errors import InvalidArgument
 from tether._gate import Effect
 from tether._types import Halt
 from tether._uri import check_name, parse_agent_uri
+from tether._work import Timer, WorkQueue, retry
 
 DEFAULT_ADDR = "127.0.0.1:7700"
+T = TypeVar("T")
 
 
 def resolve_targets(target: str | None, environ: Mapping[str, str]) -> list[str]:
@@ -110,6 +112,7 @@ class _Front:
         *,
         key: str | Callable[..., str] | None = None,
         strict: bool | None = None,
+        drain: bool = False,
     ) -> Effect:
         """Gate one side effect: ``with``, ``async with``, or as a decorator.
 
@@ -122,7 +125,7 @@ class _Front:
         """
         check_name("capability", capability)
         mode = self._strict if strict is None else strict
-        return Effect(self._core, self._strict_loop, capability, key, mode)
+        return Effect(self._core, self._strict_loop, capability, key, mode, drain=drain)
 
     @property
     def landed_keys(self) -> frozenset[str]:
@@ -169,6 +172,22 @@ class Agent(_Front):
 
     def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
+
+    def queue(
+        self, capability: str, handler: Callable[[Any], Any], *, strict: bool | None = None
+    ) -> WorkQueue:
+        """A work queue whose items each run as one gated ``capability`` effect."""
+        check_name("capability", capability)
+        return WorkQueue(self, capability, handler, strict=strict)
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        """Run ``fn(*args)`` after ``delay`` seconds unless a kill comes first."""
+        self.check()
+        return Timer(self._core.stops.timers, delay, fn, args)
+
+    def retry(self, fn: Callable[..., T], *args: Any, **options: Any) -> T:
+        """``fn(*args)`` with retries that a kill cancels; see ``tether._work.retry``."""
+        return retry(self, fn, *args, **options)
 
     def start(self) -> None:
         """Register with a coordinator; blocks until the first reply."""

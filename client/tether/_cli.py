@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     _scope_args(kill)
     kill.add_argument("--reason", required=True, help="why; it goes into the audit")
     kill.add_argument("--force", action="store_true", help="halt a name that never registered")
+    kill.add_argument(
+        "--mode",
+        choices=("hard", "soft"),
+        default="hard",
+        help="hard cancels work in flight; soft lets it finish within --grace",
+    )
+    kill.add_argument("--grace", type=float, help="seconds a soft kill waits (default 30)")
+    kill.add_argument(
+        "--queue",
+        choices=("discard", "drain"),
+        default="discard",
+        help="what happens to work queued through the SDK",
+    )
 
     resume = verbs.add_parser("resume", parents=[common], help="lift a halt")
     _scope_args(resume)
@@ -187,7 +200,12 @@ def _selector(args: argparse.Namespace) -> Any:
 
 
 def _kill(client: AdminClient, args: argparse.Namespace) -> int:
-    halt, already = client.kill(_selector(args), args.reason, force=args.force)
+    if args.grace is not None and args.mode != "soft":
+        raise InvalidArgument("--grace goes with --mode soft")
+    halt, already = client.kill(
+        _selector(args), args.reason, force=args.force, soft=args.mode == "soft",
+        grace=args.grace, drain=args.queue == "drain",
+    )  # fmt: skip
     if args.output == "json":
         _json({"halt": halt, "already_halted": already})
     else:

@@ -30,6 +30,7 @@ from tether._errors import (
     from_rpc_error,
     is_permanent,
 )
+from tether._stop import Stopper
 from tether._types import Halt, struct_to_dict
 from tether.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
@@ -72,6 +73,7 @@ class Verdict:
     confirmed_at: float  # time.monotonic() of the confirmation
     revision: int = 0
     frozen: Mapping[str, CapabilityFrozen] = field(default_factory=dict)
+    drain: bool = False  # every stopping halt lets queued work drain
 
 
 def _verdict(resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> Verdict:
@@ -85,6 +87,8 @@ def _verdict(resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> Verdict:
         if h.selector.capability
     }  # fmt: skip
     killed: Killed | None = None
+    policies = [h.queue for h in resp.halts if not h.selector.capability]
+    drain = bool(policies) and all(q == types_pb2.QUEUE_POLICY_DRAIN for q in policies)
     if resp.order != agent_pb2.ORDER_RUN:
         stops = [h for h in halts if not h.selector.capability]
         if resp.fail_closed_reason or not stops:
@@ -92,7 +96,8 @@ def _verdict(resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> Verdict:
         else:
             h = stops[0]
             killed = Killed(h.reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id)
-    return Verdict(killed, confirmed_at, resp.revision, frozen)
+    drain = drain and not resp.fail_closed_reason
+    return Verdict(killed, confirmed_at, resp.revision, frozen, drain)
 
 
 def to_struct(checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -129,21 +134,26 @@ class Core:
         self._permit_waiters: dict[int, asyncio.Future[agent_pb2.PermitDecision]] = {}
         self._permit_seq = 0
         self.landed: set[str] = set()  # idempotency keys that landed in this run
+        self.stops = Stopper(self._wake_soon, lambda: self._latest)
         self.goodbye_confirmed = False
         self._sent_at: dict[int, float] = {}
 
     # -- front-door operations: never block, safe from any thread ---------------------------
 
-    def check(self, capability: str | None = None) -> None:
+    def check(self, capability: str | None = None, *, drain: bool = False) -> None:
         verdict = self.verdict
         if verdict is None:
             raise TetherLost("not registered with a coordinator yet")
-        if verdict.killed is not None:
+        if verdict.killed is not None and not (drain and verdict.drain):
             raise verdict.killed
         if time.monotonic() - verdict.confirmed_at > self.ttl:
             raise TetherLost(f"no confirmed heartbeat reply within the lease TTL ({self.ttl:g}s)")
         if capability is not None and (frozen := verdict.frozen.get(capability)) is not None:
             raise frozen
+
+    def verdict_drains(self) -> bool:
+        """True when every halt stopping this instance lets queued work drain."""
+        return self.verdict is not None and self.verdict.drain
 
     def report(self, checkpoint: Mapping[str, Any]) -> None:
         self._latest = self._checked(checkpoint)
@@ -300,7 +310,8 @@ class Core:
 
     def _apply(self, resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> None:
         self.halts = tuple(Halt.from_pb(h) for h in resp.halts)
-        self.verdict = _verdict(resp, confirmed_at)
+        before, self.verdict = self.verdict, _verdict(resp, confirmed_at)
+        self.stops.on_order(before, self.verdict, list(resp.halts))
 
     async def _send(self, call: Any) -> None:
         """The stream's one writer: permit requests and ledger records, then beats."""
@@ -308,6 +319,9 @@ class Core:
         next_beat = 0.0
         while True:
             self._wake.clear()
+            while self.stops.acks:
+                ack = self.stops.acks.popleft()
+                await call.write(agent_pb2.HeartbeatRequest(ack=ack))
             while self._permit_requests:
                 request = self._permit_requests.popleft()
                 await call.write(agent_pb2.HeartbeatRequest(permit=request))
@@ -363,11 +377,13 @@ class Core:
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    async def permit(self, capability: str, key: str) -> agent_pb2.PermitDecision:
+    async def permit(
+        self, capability: str, key: str, *, drain: bool = False
+    ) -> agent_pb2.PermitDecision:
         """Ask the coordinator, over the stream, whether this effect may leave now."""
         self._permit_seq += 1
         request = agent_pb2.PermitRequest(
-            request_id=self._permit_seq, capability=capability, key=key
+            request_id=self._permit_seq, capability=capability, key=key, drain=drain
         )
         waiter: asyncio.Future[agent_pb2.PermitDecision] = (
             asyncio.get_running_loop().create_future()

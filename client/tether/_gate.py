@@ -54,9 +54,12 @@ class Effect:
         capability: str,
         key: str | Callable[..., str] | None,
         strict: bool,
+        *,
+        drain: bool = False,
     ) -> None:
         self._core, self._loop = core, loop
         self.capability, self._key, self.strict = capability, key, strict
+        self.drain = drain
         self.key = key if isinstance(key, str) else ""
         self.permit = ""
         self.record = types_pb2.Effect()
@@ -74,7 +77,7 @@ class Effect:
 
     def _local(self) -> None:
         try:
-            self._core.check(self.capability)
+            self._core.check(self.capability, drain=self.drain)
         except Killed as stop:
             self._refuse(stop.halt_id)
             raise
@@ -102,14 +105,19 @@ class Effect:
         intended.CopyFrom(self.record)
         intended.status = types_pb2.EFFECT_STATUS_INTENDED
         self._core.record(intended)
+        self._core.stops.track(intended, None)
 
     def _refuse(self, halt_id: str) -> None:
         self.record.refused_by = halt_id
         self._finish(types_pb2.EFFECT_STATUS_REFUSED)
 
     def _end(self, exc: BaseException | None) -> None:
+        self._core.stops.untrack(self.record.effect_id)
         if exc is None:
             self._finish(types_pb2.EFFECT_STATUS_LANDED)
+        elif isinstance(exc, asyncio.CancelledError) and self._core.stops.stopped.is_set():
+            self.record.error = "cancelled by a kill"
+            self._finish(types_pb2.EFFECT_STATUS_CANCELLED)
         else:
             self.record.error = f"{type(exc).__name__}: {exc}"[:500]
             self._finish(types_pb2.EFFECT_STATUS_FAILED)
@@ -129,10 +137,9 @@ class Effect:
         loop = self._loop()
         if loop is None:
             raise TetherError("strict effects in asyncio code need `async with agent.effect(...)`")
-        self._core.check()  # a stop already known here needs no round trip
-        future = asyncio.run_coroutine_threadsafe(
-            self._core.permit(self.capability, self.key), loop
-        )
+        self._core.check(drain=self.drain)  # a stop already known here needs no round trip
+        permit = self._core.permit(self.capability, self.key, drain=self.drain)
+        future = asyncio.run_coroutine_threadsafe(permit, loop)
         try:
             self._decided(future.result())
         except Killed as stop:
@@ -153,9 +160,11 @@ class Effect:
         self._begin()
         if not self.strict:
             self._local()
+            self._core.stops.track(self.record, asyncio.current_task())
             return self
         try:
-            self._decided(await self._core.permit(self.capability, self.key))
+            self._decided(await self._core.permit(self.capability, self.key, drain=self.drain))
+            self._core.stops.track(self.record, asyncio.current_task())
         except Killed as stop:
             if not self.record.status:
                 self._refuse(stop.halt_id)
@@ -175,7 +184,9 @@ class Effect:
 
         def fresh(args: Any, kwargs: Any) -> Effect:
             key = self._key(*args, **kwargs) if callable(self._key) else self._key
-            return Effect(self._core, self._loop, self.capability, key, self.strict)
+            return Effect(
+                self._core, self._loop, self.capability, key, self.strict, drain=self.drain
+            )
 
         if inspect.iscoroutinefunction(fn):
 

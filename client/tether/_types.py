@@ -263,6 +263,8 @@ class AuditEntry:
     at: datetime | None
     revision: int
     changed: bool
+    halt_id: str = ""
+    instances: tuple[str, ...] = ()
 
     @classmethod
     def from_pb(cls, msg: admin_pb2.AuditEntry) -> AuditEntry:
@@ -276,4 +278,6 @@ class AuditEntry:
             _time(msg.at),
             msg.revision,
             msg.changed,
+            msg.halt_id,
+            tuple(msg.instances),
         )

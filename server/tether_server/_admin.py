@@ -62,6 +62,42 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     return wrapper
 
 
+MAX_GRACE_SECONDS = 3600
+DEFAULT_GRACE_SECONDS = 30
+
+
+def _halt_from(request: admin_pb2.KillRequest, sel: types_pb2.Selector, actor: str) -> Any:
+    """The halt a Kill asks for, with its mode, grace and queue policy checked."""
+    if request.mode not in (
+        types_pb2.KILL_MODE_UNSPECIFIED,
+        types_pb2.KILL_MODE_HARD,
+        types_pb2.KILL_MODE_SOFT,
+    ):
+        raise InvalidArgument(f"mode {request.mode} is unknown: use HARD or SOFT")
+    soft = request.mode == types_pb2.KILL_MODE_SOFT
+    grace = request.grace.ToTimedelta().total_seconds() if request.HasField("grace") else 0.0
+    if grace and not soft:
+        raise InvalidArgument(
+            "grace goes with mode SOFT; a hard kill cancels in-flight work at once"
+        )
+    if not 0 <= grace <= MAX_GRACE_SECONDS:
+        raise InvalidArgument(f"grace must be between 0 and {MAX_GRACE_SECONDS} seconds")
+    if request.queue not in (0, types_pb2.QUEUE_POLICY_DISCARD, types_pb2.QUEUE_POLICY_DRAIN):
+        raise InvalidArgument(f"queue {request.queue} is unknown: use DISCARD or DRAIN")
+    halt = types_pb2.Halt(
+        id=halt_id(sel),
+        selector=sel,
+        reason=request.reason,
+        actor=actor,
+        created_at=now_timestamp(),
+        mode=types_pb2.KILL_MODE_SOFT if soft else types_pb2.KILL_MODE_HARD,
+        queue=request.queue or types_pb2.QUEUE_POLICY_DISCARD,
+    )
+    if soft:
+        halt.grace.FromSeconds(int(grace or DEFAULT_GRACE_SECONDS))
+    return halt
+
+
 def _actor(request: Any, context: Any) -> str:
     if request.actor:
         return str(request.actor)
@@ -84,20 +120,13 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         sel = validate(request.selector)
         if not request.reason.strip():
             raise InvalidArgument("reason is required: say why, it goes into the audit")
-        if request.mode == types_pb2.KILL_MODE_SOFT:
-            raise InvalidArgument("soft kills are not served yet; send mode HARD or leave it unset")
+        halt = _halt_from(request, sel, _actor(request, context))
         if not request.force:
             await self._check_known(sel)
-        halt = types_pb2.Halt(
-            id=halt_id(sel),
-            selector=sel,
-            reason=request.reason,
-            actor=_actor(request, context),
-            created_at=now_timestamp(),
-            mode=types_pb2.KILL_MODE_HARD,
-        )
         key = HALTS + halt.id.encode()
-        entry = new_entry(admin_pb2.AUDIT_ACTION_KILL, sel, halt.actor, halt.reason, halt.mode)
+        action = admin_pb2.AUDIT_ACTION_FREEZE if sel.capability else admin_pb2.AUDIT_ACTION_KILL
+        entry = new_entry(action, sel, halt.actor, halt.reason, halt.mode)
+        entry.halt_id = halt.id
         changed, resp = await self._audit.record(
             entry, [absent(key)], [put_op(key, to_json(halt))], [range_op(key)]
         )
@@ -136,6 +165,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         key = HALTS + halt_id(sel).encode()
         actor = _actor(request, context)
         entry = new_entry(admin_pb2.AUDIT_ACTION_RESUME, sel, actor, request.reason)
+        entry.halt_id = halt_id(sel)
         changed, resp = await self._audit.record(
             entry, [present(key)], [delete_op(key, prev_kv=True)]
         )

@@ -29,6 +29,9 @@ class CheckpointWriter:
         self._dirty: dict[bytes, bytes] = {}
         # A digest, not the value: enough to skip rewriting an unchanged checkpoint.
         self._stored: dict[bytes, bytes] = {}
+        # One flush at a time: two in flight could commit out of order and leave an older
+        # checkpoint stored last, and a resume would then repeat work.
+        self._lock = asyncio.Lock()
 
     def seed(self, key: bytes, stored: bytes | None) -> None:
         """Remember what etcd holds for ``key``, as read at registration."""
@@ -52,6 +55,10 @@ class CheckpointWriter:
         Raises:
             EtcdUnavailable: nothing is lost; the values stay dirty for the next flush.
         """
+        async with self._lock:
+            await self._flush(keys)
+
+    async def _flush(self, keys: list[bytes] | None) -> None:
         if keys is None:
             batch, self._dirty = self._dirty, {}
         else:

@@ -10,6 +10,8 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from tether_server._acks import AckBook
+from tether_server._audit import AuditLog
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._config import ServerConfig
 from tether_server._gate import Gate, load_signer
@@ -38,11 +40,13 @@ class Coordinator:
         self.checkpoints = CheckpointWriter(store, config.checkpoint_flush_interval)
         ledger = LedgerWriter(store, config.coordinator_id, config.checkpoint_flush_interval)
         self.gate = Gate(ledger, self.halts)
+        self.acks = AckBook(AuditLog(store), self.halts)
         self.sessions = Sessions(
             store=store,
             halts=self.halts,
             checkpoints=self.checkpoints,
             gate=self.gate,
+            acks=self.acks,
             metrics=Metrics(),
             coordinator_id=config.coordinator_id,
             lease_ttl=config.lease_ttl,
@@ -67,7 +71,8 @@ class Coordinator:
 
     async def _attach(self) -> None:
         ttl = self.config.lease_ttl
-        self._lease, _ = await self.store.grant(ttl)
+        # The coordinator's own lease outlives a slow patch; the probe above decides loss.
+        self._lease, _ = await self.store.grant(max(3 * ttl, 10.0))
         await self.store.txn(
             (),
             [
@@ -81,7 +86,7 @@ class Coordinator:
         self.gate.signer = await load_signer(self.store, self.config.permit_key)
         resp = await self.store.range(HALTS)
         self.halts.load(resp.kvs, resp.header.revision)
-        self.sessions.keeper = LeaseKeeper(self.store, self._lease, ttl / 3, self.sessions.expire)
+        self.sessions.keeper = LeaseKeeper(self.store, self._lease, ttl, self.sessions.expire)
         for service in SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.attached.set()
@@ -99,6 +104,7 @@ class Coordinator:
             asyncio.create_task(self._watch_halts(), name="halt-watch"),
             asyncio.create_task(self.checkpoints.run(), name="checkpoints"),
             asyncio.create_task(self.gate.ledger.run(), name="ledger"),
+            asyncio.create_task(self.acks.run(), name="acks"),
             asyncio.create_task(self.sessions.watch_silence(), name="silence"),
         ]
         try:
@@ -136,8 +142,9 @@ class Coordinator:
         await self.sessions.drain()
         try:
             await self.gate.ledger.flush()
+            await self.acks.flush()
         except EtcdUnavailable as err:
-            log.warning("final ledger flush failed: %s", err)
+            log.warning("final ledger and acknowledgement flush failed: %s", err)
         if self._lease:
             try:
                 await self.store.revoke(self._lease)

@@ -68,7 +68,9 @@ class Gate:
             request_id=req.request_id, revision=self._halts.revision
         )
         for halt in self._halts.matching(key, labels):
-            if is_full_stop(halt) or halt.selector.capability == req.capability:
+            frozen = halt.selector.capability == req.capability
+            draining = req.drain and halt.queue == types_pb2.QUEUE_POLICY_DRAIN
+            if frozen or (is_full_stop(halt) and not draining):
                 decision.refused_by.CopyFrom(halt)
                 return decision
         if req.key and req.key in self._landed.get((key.tenant, key.agent, key.run_id), ()):

@@ -3,13 +3,15 @@
 A lease is renewed at most once per round (a third of the TTL) and only if its instance
 heartbeated since the last round, so renewals cost one small stream message per instance
 per round however fast agents beat. The coordinator's own lease goes out every round and
-doubles as the probe of etcd: a round whose probe is unanswered by the next round means
-etcd is gone, and the coordinator must fail closed.
+doubles as the probe of etcd: when no keep-alive has been answered for two thirds of the
+instance TTL, the instances' leases are in jeopardy and the coordinator must fail closed.
+A slow answer within that bound is load, not loss.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,14 +29,15 @@ class LeaseKeeper:
     """Renews leases for instances that heartbeated, and probes etcd every round."""
 
     def __init__(
-        self, store: Store, own_lease: int, round_seconds: float, on_expired: Callable[[int], None]
+        self, store: Store, own_lease: int, ttl: float, on_expired: Callable[[int], None]
     ) -> None:
         self._store = store
         self._own = own_lease
-        self._round = round_seconds
+        self._round = ttl / 3
+        self._lost_after = ttl * 2 / 3
         self._on_expired = on_expired
         self._due: set[int] = set()
-        self._answered = True
+        self._answered_at = time.monotonic()
 
     def touch(self, lease_id: int) -> None:
         """Renew ``lease_id`` in the next round."""
@@ -59,11 +62,9 @@ class LeaseKeeper:
         reader = asyncio.create_task(self._read(call))
         try:
             while not reader.done():
-                if not self._answered:
-                    raise EtcdLost(
-                        f"etcd did not answer a lease keep-alive within {self._round:g}s"
-                    )
-                self._answered = False
+                silent = time.monotonic() - self._answered_at
+                if silent > self._lost_after:
+                    raise EtcdLost(f"etcd answered no lease keep-alive for {silent:.1f}s")
                 due, self._due = self._due, set()
                 queue.put_nowait(rpc.LeaseKeepAliveRequest(ID=self._own))
                 for lease_id in due:
@@ -80,7 +81,7 @@ class LeaseKeeper:
                 if self._own == resp.ID:
                     if resp.TTL <= 0:
                         raise EtcdLost("the coordinator's own lease expired")
-                    self._answered = True
+                    self._answered_at = time.monotonic()
                 elif resp.TTL <= 0:
                     self._on_expired(int(resp.ID))
         except grpc.RpcError as err:

@@ -15,6 +15,7 @@ from tether._errors import InvalidArgument
 from tether._uri import check_name, parse_agent_uri
 from tether.v1 import agent_pb2, types_pb2
 
+from tether_server._acks import AckBook
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
@@ -188,6 +189,7 @@ class Sessions:
         halts: HaltTable,
         checkpoints: CheckpointWriter,
         gate: Gate,
+        acks: AckBook,
         metrics: Metrics,
         coordinator_id: str,
         lease_ttl: float,
@@ -201,6 +203,7 @@ class Sessions:
         self._halts = halts
         self._checkpoints = checkpoints
         self._gate = gate
+        self._acks = acks
         self._metrics = metrics
         self._coordinator = coordinator_id
         self._ttl = lease_ttl
@@ -346,6 +349,10 @@ class Sessions:
                         self._gate.decide(session.key, session.record.labels, req.permit)
                     )
                     session.outbox.put_nowait(resp)
+                elif kind == "ack":
+                    self._acks.add(session.key, req.ack)
+                    if req.ack.HasField("checkpoint"):
+                        self._offer_checkpoint(session, req.ack.checkpoint)
                 elif kind == "goodbye":
                     await self._goodbye(session, req.goodbye)
                     end = _DONE

@@ -31,12 +31,24 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     AUDIT_ACTION_UNSPECIFIED: _AuditAction.ValueType  # 0
     AUDIT_ACTION_KILL: _AuditAction.ValueType  # 1
     AUDIT_ACTION_RESUME: _AuditAction.ValueType  # 2
+    AUDIT_ACTION_FREEZE: _AuditAction.ValueType  # 3
+    """a kill that names a capability"""
+    AUDIT_ACTION_ACK: _AuditAction.ValueType  # 4
+    """instances acknowledged a kill"""
+    AUDIT_ACTION_ESCALATE: _AuditAction.ValueType  # 5
+    """a soft kill's grace timed out; in-flight work was cancelled"""
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper): ...
 
 AUDIT_ACTION_UNSPECIFIED: AuditAction.ValueType  # 0
 AUDIT_ACTION_KILL: AuditAction.ValueType  # 1
 AUDIT_ACTION_RESUME: AuditAction.ValueType  # 2
+AUDIT_ACTION_FREEZE: AuditAction.ValueType  # 3
+"""a kill that names a capability"""
+AUDIT_ACTION_ACK: AuditAction.ValueType  # 4
+"""instances acknowledged a kill"""
+AUDIT_ACTION_ESCALATE: AuditAction.ValueType  # 5
+"""a soft kill's grace timed out; in-flight work was cancelled"""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 @_typing.final
@@ -140,12 +152,14 @@ class KillRequest(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     GRACE_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """required"""
     actor: _builtins.str
     """who orders it; defaults to the caller's peer address"""
     mode: _types_pb2.KillMode.ValueType
+    queue: _types_pb2.QueuePolicy.ValueType
     force: _builtins.bool
     """Halt a tenant, agent or run that has never registered. Without it such a
     kill is refused, because a typo must not look like a successful stop.
@@ -153,7 +167,9 @@ class KillRequest(_message.Message):
     @_builtins.property
     def selector(self) -> _types_pb2.Selector: ...
     @_builtins.property
-    def grace(self) -> _duration_pb2.Duration: ...
+    def grace(self) -> _duration_pb2.Duration:
+        """soft kills; default 30s, at most 1h"""
+
     def __init__(
         self,
         *,
@@ -162,11 +178,12 @@ class KillRequest(_message.Message):
         actor: _builtins.str = ...,
         mode: _types_pb2.KillMode.ValueType = ...,
         grace: _duration_pb2.Duration | None = ...,
+        queue: _types_pb2.QueuePolicy.ValueType = ...,
         force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grace", b"grace", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "force", b"force", "grace", b"grace", "mode", b"mode", "reason", b"reason", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "force", b"force", "grace", b"grace", "mode", b"mode", "queue", b"queue", "reason", b"reason", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -447,6 +464,8 @@ class AuditEntry(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    HALT_ID_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     action: Global___AuditAction.ValueType
     actor: _builtins.str
@@ -460,10 +479,15 @@ class AuditEntry(_message.Message):
     prev_hash set and hash empty). Editing or deleting an entry breaks the chain.
     """
     hash: _builtins.str
+    halt_id: _builtins.str
     @_builtins.property
     def selector(self) -> _types_pb2.Selector: ...
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """for acknowledgements and escalations"""
+
     def __init__(
         self,
         *,
@@ -478,10 +502,12 @@ class AuditEntry(_message.Message):
         mode: _types_pb2.KillMode.ValueType = ...,
         prev_hash: _builtins.str = ...,
         hash: _builtins.str = ...,
+        halt_id: _builtins.str = ...,
+        instances: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "changed", b"changed", "hash", b"hash", "id", b"id", "mode", b"mode", "prev_hash", b"prev_hash", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "changed", b"changed", "halt_id", b"halt_id", "hash", b"hash", "id", b"id", "instances", b"instances", "mode", b"mode", "prev_hash", b"prev_hash", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,6 +52,7 @@ class HeartbeatRequest(_message.Message):
     GOODBYE_FIELD_NUMBER: _builtins.int
     EFFECTS_FIELD_NUMBER: _builtins.int
     PERMIT_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register:
         """must be the first message, and only the first"""
@@ -70,6 +71,10 @@ class HeartbeatRequest(_message.Message):
     def permit(self) -> Global___PermitRequest:
         """strict gate: may this effect leave now?"""
 
+    @_builtins.property
+    def ack(self) -> Global___KillAck:
+        """the instance has stopped: what was in flight, where it stands"""
+
     def __init__(
         self,
         *,
@@ -78,16 +83,60 @@ class HeartbeatRequest(_message.Message):
         goodbye: Global___Goodbye | None = ...,
         effects: Global___EffectBatch | None = ...,
         permit: Global___PermitRequest | None = ...,
+        ack: Global___KillAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["beat", b"beat", "body", b"body", "effects", b"effects", "goodbye", b"goodbye", "permit", b"permit", "register", b"register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "beat", b"beat", "body", b"body", "effects", b"effects", "goodbye", b"goodbye", "permit", b"permit", "register", b"register"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["beat", b"beat", "body", b"body", "effects", b"effects", "goodbye", b"goodbye", "permit", b"permit", "register", b"register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "beat", b"beat", "body", b"body", "effects", b"effects", "goodbye", b"goodbye", "permit", b"permit", "register", b"register"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "beat", "goodbye", "effects", "permit"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "beat", "goodbye", "effects", "permit", "ack"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class KillAck(_message.Message):
+    """Sent once an instance has stopped for a halt: at once for a hard kill, when its
+    in-flight work is done (or the grace ran out) for a soft one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HALT_ID_FIELD_NUMBER: _builtins.int
+    ESCALATED_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    DISCARDED_FIELD_NUMBER: _builtins.int
+    halt_id: _builtins.str
+    escalated: _builtins.bool
+    """a soft kill's grace ran out; in-flight work was cancelled"""
+    discarded: _builtins.int
+    """queued items dropped (recorded as not started)"""
+    @_builtins.property
+    def in_flight(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Effect]:
+        """what was in flight when the kill arrived"""
+
+    @_builtins.property
+    def checkpoint(self) -> _struct_pb2.Struct:
+        """the final checkpoint"""
+
+    def __init__(
+        self,
+        *,
+        halt_id: _builtins.str = ...,
+        escalated: _builtins.bool = ...,
+        in_flight: _abc.Iterable[_types_pb2.Effect] | None = ...,
+        checkpoint: _struct_pb2.Struct | None = ...,
+        discarded: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "discarded", b"discarded", "escalated", b"escalated", "halt_id", b"halt_id", "in_flight", b"in_flight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KillAck: _TypeAlias = KillAck  # noqa: Y015
 
 @_typing.final
 class EffectBatch(_message.Message):
@@ -118,20 +167,24 @@ class PermitRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CAPABILITY_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     capability: _builtins.str
     key: _builtins.str
     """idempotency key; a key that already landed is a duplicate"""
+    drain: _builtins.bool
+    """a queued item being drained: allowed while every stopping halt drains"""
     def __init__(
         self,
         *,
         request_id: _builtins.int = ...,
         capability: _builtins.str = ...,
         key: _builtins.str = ...,
+        drain: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "key", b"key", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "drain", b"drain", "key", b"key", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

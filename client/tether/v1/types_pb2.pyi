@@ -66,9 +66,9 @@ class _KillModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KillMode.Val
     KILL_MODE_SOFT: _KillMode.ValueType  # 2
 
 class KillMode(_KillMode, metaclass=_KillModeEnumTypeWrapper):
-    """KillMode says how hard a kill lands. Only HARD is served today; SOFT
-    (stop new effects, let in-flight ones finish within a grace period) is
-    reserved so that clients compiled now keep working when it arrives.
+    """KillMode says how hard a kill lands. Both stop new effects at once. HARD
+    cancels gated work in flight; SOFT lets it finish within the halt's grace,
+    then escalates to HARD.
     """
 
 KILL_MODE_UNSPECIFIED: KillMode.ValueType  # 0
@@ -76,6 +76,30 @@ KILL_MODE_UNSPECIFIED: KillMode.ValueType  # 0
 KILL_MODE_HARD: KillMode.ValueType  # 1
 KILL_MODE_SOFT: KillMode.ValueType  # 2
 Global___KillMode: _TypeAlias = KillMode  # noqa: Y015
+
+class _QueuePolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QueuePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QueuePolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUEUE_POLICY_UNSPECIFIED: _QueuePolicy.ValueType  # 0
+    """treated as DISCARD"""
+    QUEUE_POLICY_DISCARD: _QueuePolicy.ValueType  # 1
+    """drop it; the ledger records it as not started"""
+    QUEUE_POLICY_DRAIN: _QueuePolicy.ValueType  # 2
+    """run what is queued to completion, through the gate"""
+
+class QueuePolicy(_QueuePolicy, metaclass=_QueuePolicyEnumTypeWrapper):
+    """What a kill does to work queued through the SDK's WorkQueue."""
+
+QUEUE_POLICY_UNSPECIFIED: QueuePolicy.ValueType  # 0
+"""treated as DISCARD"""
+QUEUE_POLICY_DISCARD: QueuePolicy.ValueType  # 1
+"""drop it; the ledger records it as not started"""
+QUEUE_POLICY_DRAIN: QueuePolicy.ValueType  # 2
+"""run what is queued to completion, through the gate"""
+Global___QueuePolicy: _TypeAlias = QueuePolicy  # noqa: Y015
 
 class _InstanceState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -123,6 +147,10 @@ class _EffectStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EffectSt
     """stopped at the gate by a halt"""
     EFFECT_STATUS_DUPLICATE: _EffectStatus.ValueType  # 5
     """its key had already landed; it did not run again"""
+    EFFECT_STATUS_NOT_STARTED: _EffectStatus.ValueType  # 6
+    """queued, then discarded by a kill: resume it from here"""
+    EFFECT_STATUS_CANCELLED: _EffectStatus.ValueType  # 7
+    """in flight when a hard kill (or an expired grace) cancelled it"""
 
 class EffectStatus(_EffectStatus, metaclass=_EffectStatusEnumTypeWrapper):
     """AgentInstance is one process holding one stream and one lease."""
@@ -138,6 +166,10 @@ EFFECT_STATUS_REFUSED: EffectStatus.ValueType  # 4
 """stopped at the gate by a halt"""
 EFFECT_STATUS_DUPLICATE: EffectStatus.ValueType  # 5
 """its key had already landed; it did not run again"""
+EFFECT_STATUS_NOT_STARTED: EffectStatus.ValueType  # 6
+"""queued, then discarded by a kill: resume it from here"""
+EFFECT_STATUS_CANCELLED: EffectStatus.ValueType  # 7
+"""in flight when a hard kill (or an expired grace) cancelled it"""
 Global___EffectStatus: _TypeAlias = EffectStatus  # noqa: Y015
 
 @_typing.final
@@ -217,6 +249,7 @@ class Halt(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     GRACE_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """stable key of the selector"""
     reason: _builtins.str
@@ -225,13 +258,14 @@ class Halt(_message.Message):
     revision: _builtins.int
     """etcd revision that created it"""
     mode: Global___KillMode.ValueType
+    queue: Global___QueuePolicy.ValueType
     @_builtins.property
     def selector(self) -> Global___Selector: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def grace(self) -> _duration_pb2.Duration:
-        """reserved for soft kills"""
+        """soft kills: how long in-flight work may go on"""
 
     def __init__(
         self,
@@ -244,10 +278,11 @@ class Halt(_message.Message):
         revision: _builtins.int = ...,
         mode: Global___KillMode.ValueType = ...,
         grace: _duration_pb2.Duration | None = ...,
+        queue: Global___QueuePolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "grace", b"grace", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "created_at", b"created_at", "grace", b"grace", "id", b"id", "mode", b"mode", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "created_at", b"created_at", "grace", b"grace", "id", b"id", "mode", b"mode", "queue", b"queue", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

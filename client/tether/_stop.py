@@ -1,0 +1,105 @@
+"""What a stop does inside the agent: cancel timers, cancel or wait out work in flight, and
+acknowledge the kill with the final checkpoint and what was in flight.
+
+A hard kill cancels gated asyncio work at once (sync work stops at its next gate or
+check). A soft kill lets gated work in flight finish within the halt's grace, then
+escalates: what is still running is cancelled and the acknowledgement says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from tether._errors import TetherLost
+from tether.v1 import agent_pb2, types_pb2
+
+
+class Stopper:
+    """Per-instance stop machinery; its hooks run on the tether's event loop."""
+
+    def __init__(self, wake: Callable[[], None], checkpoint: Callable[[], Any]) -> None:
+        self._wake = wake
+        self._checkpoint = checkpoint
+        self._lock = threading.Lock()  # in-flight work is tracked from user threads too
+        self.inflight: dict[str, tuple[types_pb2.Effect, asyncio.Task[Any] | None]] = {}
+        self.timers: set[Any] = set()  # anything with .cancel()
+        self.stopped = threading.Event()
+        self.acks: deque[agent_pb2.KillAck] = deque()
+        self.discarded = 0
+        self._soft: tuple[str, asyncio.TimerHandle] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- called by the gate -------------------------------------------------------------------
+
+    def track(self, record: types_pb2.Effect, task: asyncio.Task[Any] | None) -> None:
+        with self._lock:
+            self.inflight[record.effect_id] = (record, task)
+
+    def untrack(self, effect_id: str) -> None:
+        with self._lock:
+            self.inflight.pop(effect_id, None)
+            drained = self._soft is not None and not self.inflight
+        if drained and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._soft_drained)
+
+    # -- called by the core when the order changes ----------------------------------------
+
+    def on_order(self, before: Any, after: Any, halts: list[types_pb2.Halt]) -> None:
+        self._loop = asyncio.get_running_loop()
+        if after.killed is None:
+            self.stopped.clear()
+            self._forget_soft()
+            return
+        self.stopped.set()
+        if before is not None and before.killed is not None:
+            return  # already stopping
+        for timer in list(self.timers):
+            timer.cancel()
+        self.timers.clear()
+        halt = next((h for h in halts if not h.selector.capability), None)
+        if halt is None or isinstance(after.killed, TetherLost):
+            self._cancel_inflight()  # fail closed: nothing to wait for, nobody to tell
+            return
+        if halt.mode == types_pb2.KILL_MODE_SOFT and self.inflight:
+            grace = halt.grace.ToTimedelta().total_seconds()
+            handle = self._loop.call_later(grace, self._grace_over, halt.id)
+            self._soft = (halt.id, handle)
+            return
+        self._ack(halt.id, escalated=False, in_flight=self._cancel_inflight())
+
+    def _soft_drained(self) -> None:
+        if self._soft is not None and not self.inflight:
+            halt_id, handle = self._soft
+            handle.cancel()
+            self._soft = None
+            self._ack(halt_id, escalated=False, in_flight=[])
+
+    def _grace_over(self, halt_id: str) -> None:
+        self._soft = None
+        self._ack(halt_id, escalated=True, in_flight=self._cancel_inflight())
+
+    def _forget_soft(self) -> None:
+        if self._soft is not None:
+            self._soft[1].cancel()
+            self._soft = None
+
+    def _cancel_inflight(self) -> list[types_pb2.Effect]:
+        with self._lock:
+            running = list(self.inflight.values())
+        for _, task in running:
+            if task is not None:
+                task.cancel()
+        return [record for record, _ in running]
+
+    def _ack(self, halt_id: str, *, escalated: bool, in_flight: list[types_pb2.Effect]) -> None:
+        ack = agent_pb2.KillAck(
+            halt_id=halt_id, escalated=escalated, in_flight=in_flight, discarded=self.discarded
+        )
+        if (checkpoint := self._checkpoint()) is not None:
+            ack.checkpoint.CopyFrom(checkpoint)
+        self.acks.append(ack)
+        self._wake()
