@@ -34,7 +34,9 @@ def _ledger(admin: tether.AdminClient, tenant: str, n: int) -> list[tether.Effec
     def done() -> list[tether.EffectRecord]:
         rows = admin.effects(tenant)
         final = [r for r in rows if r.status is not tether.EffectStatus.INTENDED]
-        return rows if len(final) >= n else []
+        if len(final) < n:  # say what is there, for the failure message
+            raise AssertionError([(r.key, r.capability, r.status.value) for r in rows])
+        return rows
 
     return eventually(done)
 

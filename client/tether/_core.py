@@ -327,6 +327,9 @@ class Core:
                 await call.write(agent_pb2.HeartbeatRequest(permit=request))
             await self._send_effects(call)
             if self._closing:
+                # Records made before close() may have landed in the deque while the write
+                # above was in flight: closing is set after them, so this drain gets them.
+                await self._send_effects(call)
                 goodbye = agent_pb2.Goodbye()
                 if self._latest is not None:
                     goodbye.checkpoint.CopyFrom(self._latest)
