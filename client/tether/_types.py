@@ -200,6 +200,8 @@ class EffectStatus(enum.StrEnum):
     FAILED = "failed"
     REFUSED = "refused"
     DUPLICATE = "duplicate"
+    NOT_STARTED = "not_started"
+    CANCELLED = "cancelled"
 
 
 _EFFECT_STATUS_FROM_PB = {
@@ -208,6 +210,8 @@ _EFFECT_STATUS_FROM_PB = {
     types_pb2.EFFECT_STATUS_FAILED: EffectStatus.FAILED,
     types_pb2.EFFECT_STATUS_REFUSED: EffectStatus.REFUSED,
     types_pb2.EFFECT_STATUS_DUPLICATE: EffectStatus.DUPLICATE,
+    types_pb2.EFFECT_STATUS_NOT_STARTED: EffectStatus.NOT_STARTED,
+    types_pb2.EFFECT_STATUS_CANCELLED: EffectStatus.CANCELLED,
 }
 EFFECT_STATUS_TO_PB = {v: k for k, v in _EFFECT_STATUS_FROM_PB.items()}
 
