@@ -118,8 +118,9 @@ def test_strict_mode_lets_no_effect_land_after_the_kill_commit(
 ) -> None:
     """A fleet hammers strict effects while it is killed, round after round.
 
-    Each strict permit carries the etcd revision of the halt view it was granted at. Between
-    a kill's commit revision and its resume's, no permit may have been granted.
+    Each strict permit carries the etcd revision of the halt read it was granted at. Between
+    a kill's commit revision and its resume's, no permit may have been granted; and no effect
+    that reached the gate after Kill returned (wall clock) may have landed before the resume.
     """
     uri = f"agent://{tenant}/hammer"
     sel = tether.selector(agent=uri)
@@ -132,8 +133,7 @@ def test_strict_mode_lets_no_effect_land_after_the_kill_commit(
             )
             for i in range(4)
         ]
-        for round_no in range(5):
-            _hammer_round(admin, tenant, sel, agents, round_no)
+        windows = [_hammer_round(admin, tenant, sel, agents, n) for n in range(5)]
 
     def settled() -> list[tether.EffectRecord]:
         rows = admin.effects(tenant)
@@ -152,11 +152,18 @@ def test_strict_mode_lets_no_effect_land_after_the_kill_commit(
     for kill_rev, resume_rev in zip(kills, resumes, strict=True):
         inside = [r for r in landed if kill_rev <= r.permit_revision < resume_rev]
         assert inside == [], f"{len(inside)} strict effects landed while halted at {kill_rev}"
+    for killed_at, resumed_at in windows:
+        late = [
+            r for r in landed
+            if r.intended_at is not None and killed_at < r.intended_at.timestamp() < resumed_at
+        ]  # fmt: skip
+        assert late == [], f"{len(late)} strict effects passed the gate after Kill returned"
 
 
 def _hammer_round(
     admin: tether.AdminClient, tenant: str, sel: tether.Selector, agents: list[tether.Agent], n: int
-) -> None:
+) -> tuple[float, float]:
+    """One kill under load; returns (Kill returned, resume sent) in wall-clock seconds."""
     stop = threading.Event()
 
     def hammer(agent: tether.Agent) -> None:
@@ -175,15 +182,18 @@ def _hammer_round(
     before = len(admin.effects(tenant))
     eventually(lambda: len(admin.effects(tenant)) > before + 20, timeout=30)
     admin.kill(sel, f"round {n}")
+    killed_at = time.time()
     for a in agents:
         eventually(lambda a=a: a.killed)  # type: ignore[misc]
     time.sleep(0.05)  # the fleet keeps hammering a closed gate
     stop.set()
     for t in threads:
         t.join(10)
+    resumed_at = time.time()
     admin.resume(sel, f"round {n} over")
     for a in agents:
         eventually(lambda a=a: not a.killed)  # type: ignore[misc]
+    return killed_at, resumed_at
 
 
 def test_local_mode_effects_after_the_flip_are_measured(

@@ -29,7 +29,7 @@ def test_capability_freeze_blocks_only_that_capability(
         ]
         freeze = tether.selector(tenant=tenant, capability="send_email")
         halt, _ = admin.kill(freeze, "unsubscribe link broken")
-        assert halt.id == f"tenant/{tenant}+cap=send_email"
+        assert halt.id == f"tenant/{tenant}#send_email"
         for agent in agents:
             eventually(lambda agent=agent: agent.frozen("send_email"))  # type: ignore[misc]
             with pytest.raises(tether.CapabilityFrozen) as info:

@@ -183,7 +183,7 @@ class Agent(_Front):
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
         """Run ``fn(*args)`` after ``delay`` seconds unless a kill comes first."""
         self.check()
-        return Timer(self._core.stops.timers, delay, fn, args)
+        return Timer(self._core.stops.timers, self._core.check, delay, fn, args)
 
     def retry(self, fn: Callable[..., T], *args: Any, **options: Any) -> T:
         """``fn(*args)`` with retries that a kill cancels; see ``tether._work.retry``."""

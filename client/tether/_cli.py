@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = verbs.add_parser("audit", parents=[common], help="every kill and resume")
     audit.add_argument("--tenant", default="")
     audit.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
-    audit.add_argument("--limit", type=int, default=100)
+    audit.add_argument("--limit", type=_positive, default=100)
     audit.add_argument(
         "--verify", action="store_true", help="check the hash chain; exit 1 if broken"
     )
@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {raw!r}")
+    return value
+
+
 def _filter_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", default="")
     parser.add_argument("--agent", default="", metavar="URI_OR_NAME", help="agent://T/A or a name")
@@ -148,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TetherError as err:
         return _fail(EXIT_ERROR, err)
     except KeyboardInterrupt:
-        return EXIT_OK
+        if args.verb == "watch":
+            return EXIT_OK  # ^C is how a watch ends
+        return _fail(EXIT_ERROR, "interrupted: the request may or may not have taken effect")
 
 
 def _fail(code: int, err: object) -> int:
@@ -202,6 +214,8 @@ def _selector(args: argparse.Namespace) -> Any:
 def _kill(client: AdminClient, args: argparse.Namespace) -> int:
     if args.grace is not None and args.mode != "soft":
         raise InvalidArgument("--grace goes with --mode soft")
+    if args.grace is not None and not 0 <= args.grace <= 3600:  # also refuses nan and inf
+        raise InvalidArgument(f"--grace {args.grace}: give seconds between 0 and 3600")
     halt, already = client.kill(
         _selector(args), args.reason, force=args.force, soft=args.mode == "soft",
         grace=args.grace, drain=args.queue == "drain",

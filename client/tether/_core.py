@@ -128,6 +128,7 @@ class Core:
         self._seq = 0
         self._interval = 1.0
         self._sender: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ledger: deque[types_pb2.Effect] = deque()
         self._permit_requests: deque[agent_pb2.PermitRequest] = deque()
@@ -161,15 +162,16 @@ class Core:
     def _checked(self, checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
         """Convert now, so that a bad checkpoint fails at the caller, not on the stream."""
         try:
+            json.dumps(checkpoint, allow_nan=False)  # JSON values only: no NaN, no infinity
             msg = to_struct(checkpoint)
-            size = len(json.dumps(checkpoint, separators=(",", ":")))
         except (TypeError, ValueError, AttributeError) as err:
             raise InvalidArgument(
                 f"checkpoint must be a JSON object of JSON values: {err}"
             ) from None
+        size = msg.ByteSize()  # the coordinator measures the same way
         if size > self.max_checkpoint_bytes:
             raise InvalidArgument(
-                f"checkpoint is {size} bytes as JSON; the coordinator's limit is "
+                f"checkpoint is {size} bytes; the coordinator's limit is "
                 f"{self.max_checkpoint_bytes}. Checkpoint a reference to large state instead"
             )
         return msg
@@ -183,6 +185,7 @@ class Core:
         self._registered = loop.create_future()
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(), name=f"tether-{self.identity.instance_id}")
+        self._watchdog = loop.create_task(self._watch_ttl(), name="tether-watchdog")
         try:
             await asyncio.wait_for(asyncio.shield(self._registered), self._connect_timeout)
         except TimeoutError:
@@ -216,9 +219,28 @@ class Core:
         self._closing = True
         if self._call is not None:
             self._call.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self.verdict = Verdict(TetherLost("this agent was closed"), 0.0)
+
+    async def _watch_ttl(self) -> None:
+        """Fail closed in full when replies stop: cancel timers and in-flight work too.
+
+        ``check()`` already refuses past the TTL on its own; this runs the stop hooks.
+        """
+        while True:
+            await asyncio.sleep(max(self.ttl / 4, 0.05))
+            before = self.verdict
+            if before is None or before.killed is not None:
+                continue
+            if time.monotonic() - before.confirmed_at > self.ttl:
+                lost = TetherLost(
+                    f"no confirmed heartbeat reply within the lease TTL ({self.ttl:g}s)"
+                )
+                self.verdict = Verdict(lost, before.confirmed_at, before.revision, before.frozen)
+                self.stops.on_order(before, self.verdict, [])
 
     async def _task_done(self) -> None:
         if self._task is not None:
@@ -377,8 +399,9 @@ class Core:
         self._wake_soon()
 
     def _wake_soon(self) -> None:
-        if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+        if self._loop is not None and self._wake is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and here
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     async def permit(
         self, capability: str, key: str, *, drain: bool = False

@@ -13,15 +13,16 @@ key already landed in this run raises ``DuplicateEffect`` instead of running aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tether._errors import CapabilityFrozen, Killed, TetherError
+from tether._errors import CapabilityFrozen, Killed, TetherError, TetherLost
 from tether._types import Halt
 from tether.v1 import types_pb2
 
@@ -75,18 +76,29 @@ class Effect:
             self._finish(types_pb2.EFFECT_STATUS_DUPLICATE)
             raise DuplicateEffect(self.capability, self.key)
 
-    def _local(self) -> None:
+    @contextlib.contextmanager
+    def _refusing(self) -> Iterator[None]:
+        """A stop raised inside is recorded in the ledger as a refusal, then re-raised."""
         try:
-            self._core.check(self.capability, drain=self.drain)
+            yield
         except Killed as stop:
-            self._refuse(stop.halt_id)
+            if not self.record.status:
+                self._refuse(stop.halt_id)
             raise
+
+    def _local(self) -> None:
+        with self._refusing():
+            self._core.check(self.capability, drain=self.drain)
         self._intend()
 
     def _decided(self, decision: Any) -> None:
         if decision.duplicate:
             self._finish(types_pb2.EFFECT_STATUS_DUPLICATE)
             raise DuplicateEffect(self.capability, self.key)
+        if not decision.granted and not decision.refused_by.id:
+            reason = decision.refused_by.reason or "the coordinator refused the permit"
+            self._refuse("")
+            raise TetherLost(reason)  # no halt refused it: the coordinator cannot vouch
         if not decision.granted:
             halt = Halt.from_pb(decision.refused_by)
             self._refuse(halt.id)
@@ -137,15 +149,10 @@ class Effect:
         loop = self._loop()
         if loop is None:
             raise TetherError("strict effects in asyncio code need `async with agent.effect(...)`")
-        self._core.check(drain=self.drain)  # a stop already known here needs no round trip
-        permit = self._core.permit(self.capability, self.key, drain=self.drain)
-        future = asyncio.run_coroutine_threadsafe(permit, loop)
-        try:
-            self._decided(future.result())
-        except Killed as stop:
-            if not self.record.status:
-                self._refuse(stop.halt_id)
-            raise
+        with self._refusing():
+            self._core.check(drain=self.drain)  # a stop already known needs no round trip
+            permit = self._core.permit(self.capability, self.key, drain=self.drain)
+            self._decided(asyncio.run_coroutine_threadsafe(permit, loop).result())
         return self
 
     def __exit__(
@@ -162,13 +169,10 @@ class Effect:
             self._local()
             self._core.stops.track(self.record, asyncio.current_task())
             return self
-        try:
+        with self._refusing():
+            self._core.check(drain=self.drain)
             self._decided(await self._core.permit(self.capability, self.key, drain=self.drain))
-            self._core.stops.track(self.record, asyncio.current_task())
-        except Killed as stop:
-            if not self.record.status:
-                self._refuse(stop.halt_id)
-            raise
+        self._core.stops.track(self.record, asyncio.current_task())
         return self
 
     async def __aexit__(

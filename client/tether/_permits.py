@@ -13,6 +13,7 @@ need the public key, from ``tether permit-key``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -133,7 +134,6 @@ class PermitVerifier:
         if not isinstance(public, _crypto().Ed25519PublicKey):
             raise TetherError("the permit key must be an Ed25519 public key (tether permit-key)")
         self._public = public
-        self._key_id = key_id(self._public)
         self._halted = halted
         self._leeway_ms = int(leeway * 1000)
 
@@ -212,9 +212,9 @@ class PermitInterceptor(grpc.aio.ServerInterceptor):
         try:
             if not token:
                 raise InvalidPermit(f"no permit: send one in the {PERMIT_METADATA} metadata")
-            self._verifier.verify(
-                str(token), capability=self._capability_for(handler_call_details.method)
-            )
+            capability = self._capability_for(handler_call_details.method)
+            # verify() may ask a coordinator (HaltCache): keep it off this server's loop
+            await asyncio.to_thread(self._verifier.verify, str(token), capability=capability)
         except (InvalidPermit, TetherError) as err:
             return _deny(handler, str(err))
         return handler

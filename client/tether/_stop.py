@@ -55,37 +55,56 @@ class Stopper:
             self._forget_soft()
             return
         self.stopped.set()
-        if before is not None and before.killed is not None:
-            return  # already stopping
-        for timer in list(self.timers):
-            timer.cancel()
-        self.timers.clear()
-        halt = next((h for h in halts if not h.selector.capability), None)
-        if halt is None or isinstance(after.killed, TetherLost):
-            self._cancel_inflight()  # fail closed: nothing to wait for, nobody to tell
+        first = before is None or before.killed is None
+        if first:
+            for timer in list(self.timers):
+                timer.cancel()
+            self.timers.clear()
+        stops = [h for h in halts if not h.selector.capability]
+        if not stops or isinstance(after.killed, TetherLost):
+            if first:
+                self._cancel_inflight()  # fail closed: nothing to wait for, nobody to tell
             return
-        if halt.mode == types_pb2.KILL_MODE_SOFT and self.inflight:
-            grace = halt.grace.ToTimedelta().total_seconds()
-            handle = self._loop.call_later(grace, self._grace_over, halt.id)
-            self._soft = (halt.id, handle)
+        hard = next((h for h in stops if h.mode != types_pb2.KILL_MODE_SOFT), None)
+        if hard is not None:  # the hardest halt decides, even one that came later
+            if first or self._forget_soft():
+                self._ack(hard.id, escalated=not first, in_flight=self._cancel_inflight())
             return
-        self._ack(halt.id, escalated=False, in_flight=self._cancel_inflight())
+        if first:
+            self._start_soft(min(stops, key=lambda h: h.grace.ToTimedelta()))
+
+    def _start_soft(self, halt: types_pb2.Halt) -> None:
+        assert self._loop is not None
+        with self._lock:
+            if self.inflight:
+                grace = halt.grace.ToTimedelta().total_seconds()
+                self._soft = (halt.id, self._loop.call_later(grace, self._grace_over, halt.id))
+                return
+        self._ack(halt.id, escalated=False, in_flight=[])
 
     def _soft_drained(self) -> None:
-        if self._soft is not None and not self.inflight:
-            halt_id, handle = self._soft
-            handle.cancel()
-            self._soft = None
-            self._ack(halt_id, escalated=False, in_flight=[])
+        with self._lock:
+            if self._soft is None or self.inflight:
+                return
+            (halt_id, handle), self._soft = self._soft, None
+        handle.cancel()
+        self._ack(halt_id, escalated=False, in_flight=[])
 
     def _grace_over(self, halt_id: str) -> None:
-        self._soft = None
+        with self._lock:
+            if self._soft is None:
+                return
+            self._soft = None
         self._ack(halt_id, escalated=True, in_flight=self._cancel_inflight())
 
-    def _forget_soft(self) -> None:
-        if self._soft is not None:
-            self._soft[1].cancel()
-            self._soft = None
+    def _forget_soft(self) -> bool:
+        """Drop a soft kill's pending grace; True if one was pending."""
+        with self._lock:
+            soft, self._soft = self._soft, None
+        if soft is None:
+            return False
+        soft[1].cancel()
+        return True
 
     def _cancel_inflight(self) -> list[types_pb2.Effect]:
         with self._lock:

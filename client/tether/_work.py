@@ -7,6 +7,7 @@ before the flip must be cancelled, not "expire harmlessly later".
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -76,7 +77,7 @@ class WorkQueue:
         while self._items:
             _, key = self._items.popleft()
             record = types_pb2.Effect(
-                effect_id=f"queued-{len(self.discarded)}-{id(self)}",
+                effect_id=uuid.uuid4().hex,
                 key=key,
                 capability=self.capability,
                 status=types_pb2.EFFECT_STATUS_NOT_STARTED,
@@ -86,16 +87,22 @@ class WorkQueue:
             record.ended_at.GetCurrentTime()
             core.record(record)
             self.discarded.append(key)
-        core.stops.discarded += len(self.discarded)
+            core.stops.discarded += 1
 
 
 class Timer:
     """A callback set with ``call_later``; a kill cancels it before it fires."""
 
     def __init__(
-        self, registry: set[Any], delay: float, fn: Callable[..., Any], args: tuple[Any, ...]
+        self,
+        registry: set[Any],
+        check: Callable[[], None],
+        delay: float,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
     ) -> None:
         self._registry = registry
+        self._check = check
         self._fn, self._args = fn, args
         self._timer = threading.Timer(delay, self._fire)
         self._timer.daemon = True
@@ -104,10 +111,15 @@ class Timer:
         self._timer.start()
 
     def _fire(self) -> None:
-        if self in self._registry:  # still armed: no kill came first
-            self._registry.discard(self)
-            self.fired = True
-            self._fn(*self._args)
+        if self not in self._registry:
+            return  # a kill came first
+        self._registry.discard(self)
+        try:
+            self._check()  # a lost tether counts as a kill here too
+        except Killed:
+            return
+        self.fired = True
+        self._fn(*self._args)
 
     def cancel(self) -> None:
         self._registry.discard(self)

@@ -7,8 +7,6 @@ written together, so the audit says who stopped, how, and how much was in flight
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -17,9 +15,8 @@ from tether.v1 import admin_pb2, agent_pb2, types_pb2
 from tether_server._audit import AuditLog, new_entry
 from tether_server._halts import HaltTable
 from tether_server._selectors import InstanceKey
-from tether_server._store import EtcdUnavailable
+from tether_server._store import EtcdUnavailable, every
 
-log = logging.getLogger("tether_server")
 _MAX_NAMES = 100
 
 
@@ -50,11 +47,17 @@ class AckBook:
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, defaultdict(_Acks)
-        for (halt_id, escalated), acks in pending.items():
+        items = list(pending.items())
+        for done, ((halt_id, escalated), acks) in enumerate(items):
             try:
                 await self._audit.record(self._entry(halt_id, escalated, acks))
             except EtcdUnavailable:
-                self._pending[(halt_id, escalated)] = acks
+                for key, left in items[done:]:  # this one and every one after it
+                    merged = self._pending[key]
+                    merged.halt = merged.halt if merged.halt.id else left.halt
+                    merged.instances[:0] = left.instances
+                    merged.in_flight += left.in_flight
+                    merged.discarded += left.discarded
                 raise
 
     def _entry(self, halt_id: str, escalated: bool, acks: _Acks) -> admin_pb2.AuditEntry:
@@ -78,9 +81,4 @@ class AckBook:
         return entry
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.flush()
-            except EtcdUnavailable as err:
-                log.warning("acknowledgements not yet audited: %s", err)
+        await every(self._interval, self.flush, "audit of acknowledgements")

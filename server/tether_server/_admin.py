@@ -15,8 +15,9 @@ from tether_server._audit import AuditLog, new_entry
 from tether_server._fleet import Fleet
 from tether_server._gate import Gate
 from tether_server._halts import halt_from_kv
+from tether_server._registry import now_timestamp
 from tether_server._selectors import InstanceKey, halt_id, scope_name, validate
-from tether_server._sessions import Sessions, now_timestamp
+from tether_server._sessions import Sessions
 from tether_server._store import (
     CHECKPOINTS,
     FLEET,
@@ -32,6 +33,7 @@ from tether_server._store import (
     put_op,
     range_op,
     to_json,
+    unchanged_since,
 )
 from tether_server._telemetry import tracer
 from tether_server._watch import WatchBroken, watch_prefix
@@ -75,8 +77,9 @@ def _halt_from(request: admin_pb2.KillRequest, sel: types_pb2.Selector, actor: s
     ):
         raise InvalidArgument(f"mode {request.mode} is unknown: use HARD or SOFT")
     soft = request.mode == types_pb2.KILL_MODE_SOFT
-    grace = request.grace.ToTimedelta().total_seconds() if request.HasField("grace") else 0.0
-    if grace and not soft:
+    has_grace = request.HasField("grace")
+    grace = request.grace.ToTimedelta().total_seconds() if has_grace else DEFAULT_GRACE_SECONDS
+    if has_grace and not soft:
         raise InvalidArgument(
             "grace goes with mode SOFT; a hard kill cancels in-flight work at once"
         )
@@ -93,8 +96,10 @@ def _halt_from(request: admin_pb2.KillRequest, sel: types_pb2.Selector, actor: s
         mode=types_pb2.KILL_MODE_SOFT if soft else types_pb2.KILL_MODE_HARD,
         queue=request.queue or types_pb2.QUEUE_POLICY_DISCARD,
     )
-    if soft:
-        halt.grace.FromSeconds(int(grace or DEFAULT_GRACE_SECONDS))
+    if soft and has_grace:
+        halt.grace.CopyFrom(request.grace)  # exactly as asked: 0.5 s stays 0.5 s
+    elif soft:
+        halt.grace.FromSeconds(DEFAULT_GRACE_SECONDS)
     return halt
 
 
@@ -131,11 +136,31 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             entry, [absent(key)], [put_op(key, to_json(halt))], [range_op(key)]
         )
         if not changed:
-            return admin_pb2.KillResponse(
-                halt=halt_from_kv(resp.responses[0].response_range.kvs[0]), already_halted=True
-            )
+            kv = resp.responses[0].response_range.kvs[0]
+            existing = halt_from_kv(kv)
+            if existing.mode == types_pb2.KILL_MODE_SOFT and halt.mode == types_pb2.KILL_MODE_HARD:
+                return await self._harden(existing, kv.mod_revision, halt)
+            return admin_pb2.KillResponse(halt=existing, already_halted=True)
         halt.revision = resp.header.revision
         return admin_pb2.KillResponse(halt=halt)
+
+    async def _harden(
+        self, existing: types_pb2.Halt, revision: int, asked: types_pb2.Halt
+    ) -> admin_pb2.KillResponse:
+        """A hard kill of a softly halted selector escalates that halt now."""
+        existing.mode = types_pb2.KILL_MODE_HARD
+        existing.ClearField("grace")
+        key = HALTS + existing.id.encode()
+        reason = f"escalated to hard: {asked.reason}"
+        entry = new_entry(admin_pb2.AUDIT_ACTION_ESCALATE, existing.selector, asked.actor, reason)
+        entry.halt_id = existing.id
+        stored = types_pb2.Halt()
+        stored.CopyFrom(existing)
+        stored.revision = 0
+        await self._audit.record(
+            entry, [unchanged_since(key, revision)], [put_op(key, to_json(stored))]
+        )
+        return admin_pb2.KillResponse(halt=existing, already_halted=True)
 
     async def _check_known(self, sel: types_pb2.Selector) -> None:
         """Refuse to halt a name nothing ever registered under: a typo is not a stop."""

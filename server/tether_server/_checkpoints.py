@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 
-from tether_server._store import EtcdUnavailable, Store, put_op
-
-log = logging.getLogger("tether_server")
+from tether_server._store import EtcdUnavailable, Store, every, put_op
 
 
 def digest(value: bytes) -> bytes:
@@ -75,9 +72,4 @@ class CheckpointWriter:
             self._stored[key] = digest(value)
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.flush()
-            except EtcdUnavailable as err:
-                log.warning("checkpoint flush deferred: %s", err)
+        await every(self._interval, self.flush, "checkpoint flush")

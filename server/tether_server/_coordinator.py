@@ -39,7 +39,7 @@ class Coordinator:
         self.halts = HaltTable()
         self.checkpoints = CheckpointWriter(store, config.checkpoint_flush_interval)
         ledger = LedgerWriter(store, config.coordinator_id, config.checkpoint_flush_interval)
-        self.gate = Gate(ledger, self.halts)
+        self.gate = Gate(ledger, store)
         self.acks = AckBook(AuditLog(store), self.halts)
         self.sessions = Sessions(
             store=store,
@@ -54,6 +54,7 @@ class Coordinator:
             max_checkpoint_bytes=config.max_checkpoint_bytes,
         )
         self.attached = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._lease = 0
 
     async def run(self) -> None:
@@ -66,6 +67,11 @@ class Coordinator:
                 await self._hold()
             except _LOSS as err:
                 self._lose(str(err))
+            except Exception as err:
+                # Any other failure of a loop that keeps the halt view true (a bad halt
+                # record, a bug) leaves this coordinator unable to know: fail closed too.
+                log.exception("coordinator loop failed")
+                self._lose(f"{type(err).__name__}: {err}")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -135,7 +141,9 @@ class Coordinator:
             self._spawn_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _spawn_health(self, service: str, status: Any) -> None:
-        asyncio.get_running_loop().create_task(self.health.set(service, status))
+        task = asyncio.get_running_loop().create_task(self.health.set(service, status))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def detach(self) -> None:
         """Shutdown: let sessions go, flush checkpoints, drop the coordinator's own lease."""

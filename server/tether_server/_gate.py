@@ -14,7 +14,7 @@ from tether.v1 import agent_pb2, types_pb2
 from tether_server._halts import HaltTable
 from tether_server._ledger import LedgerWriter, RunKey, landed
 from tether_server._selectors import InstanceKey, is_full_stop
-from tether_server._store import ROOT, Store, absent, put_op, range_op
+from tether_server._store import HALTS, ROOT, EtcdUnavailable, Store, absent, put_op, range_op
 
 KEY = ROOT + b"keys/permit-ed25519"
 log = logging.getLogger("tether_server")
@@ -34,13 +34,55 @@ async def load_signer(store: Store, pem_file: Path | None) -> PermitSigner:
     return PermitSigner.from_raw(raw)
 
 
+class FreshHalts:
+    """Linearizable reads of the halts, shared by the permit requests that wait together.
+
+    A request waits for a read that *started after it arrived*, so a kill committed before
+    the request is always seen, whatever the watch has delivered so far. Requests that
+    arrive during a read share the next one: one etcd read serves a burst.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._waiting: list[asyncio.Future[HaltTable]] = []
+        self._reading = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def read(self) -> HaltTable:
+        waiter: asyncio.Future[HaltTable] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        if not self._reading:
+            self._reading = True
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+        return await waiter
+
+    async def _serve(self) -> None:
+        try:
+            while self._waiting:
+                waiting, self._waiting = self._waiting, []
+                try:
+                    resp = await self._store.range(HALTS)
+                except Exception as err:
+                    for waiter in waiting:
+                        if not waiter.done():
+                            waiter.set_exception(err)
+                    continue
+                table = HaltTable()
+                table.load(resp.kvs, resp.header.revision)
+                for waiter in waiting:
+                    if not waiter.done():
+                        waiter.set_result(table)
+        finally:
+            self._reading = False
+
+
 class Gate:
     """Takes effect records into the ledger and decides strict permits."""
 
-    def __init__(self, ledger: LedgerWriter, halts: HaltTable) -> None:
+    def __init__(self, ledger: LedgerWriter, store: Store) -> None:
         self.ledger = ledger
         self.signer: PermitSigner | None = None
-        self._halts = halts
+        self._fresh = FreshHalts(store)
         self._landed: dict[RunKey, set[str]] = {}
 
     def seed(self, run: RunKey, records: Iterable[types_pb2.Effect]) -> list[str]:
@@ -60,14 +102,18 @@ class Gate:
                 self._landed.setdefault(run, set()).add(effect.key)
         self.ledger.add(run, batch.effects)
 
-    def decide(
+    async def decide(
         self, key: InstanceKey, labels: Mapping[str, str], req: agent_pb2.PermitRequest
     ) -> agent_pb2.PermitDecision:
-        """Refuse if any halt this coordinator has seen stops the instance or the capability."""
-        decision = agent_pb2.PermitDecision(
-            request_id=req.request_id, revision=self._halts.revision
-        )
-        for halt in self._halts.matching(key, labels):
+        """Refuse if a halt in etcd, read after the request arrived, stops it."""
+        decision = agent_pb2.PermitDecision(request_id=req.request_id)
+        try:
+            halts = await self._fresh.read()
+        except EtcdUnavailable as err:
+            decision.refused_by.reason = f"cannot read the halts ({err}); refusing"
+            return decision  # fail closed
+        decision.revision = halts.revision
+        for halt in halts.matching(key, labels):
             frozen = halt.selector.capability == req.capability
             draining = req.drain and halt.queue == types_pb2.QUEUE_POLICY_DRAIN
             if frozen or (is_full_stop(halt) and not draining):
@@ -81,7 +127,7 @@ class Gate:
             return decision
         decision.permit, _ = self.signer.sign(
             tenant=key.tenant, agent=key.agent, run_id=key.run_id, instance_id=key.instance_id,
-            capability=req.capability, key=req.key, revision=self._halts.revision,
+            capability=req.capability, key=req.key, revision=halts.revision,
         )  # fmt: skip
         decision.granted = True
         return decision

@@ -10,8 +10,6 @@ never one write per effect. Records are appended, never rewritten: readers fold 
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -19,11 +17,19 @@ from typing import Any
 
 from tether.v1 import agent_pb2, types_pb2
 
-from tether_server._store import ROOT, EtcdUnavailable, Store, from_json, path, put_op, to_json
+from tether_server._store import (
+    ROOT,
+    EtcdUnavailable,
+    Store,
+    every,
+    from_json,
+    path,
+    put_op,
+    to_json,
+)
 
 LEDGER = ROOT + b"ledger/"
 _MAX_CHUNK = 128 * 1024  # bytes per value: several fit one transaction under etcd's limit
-log = logging.getLogger("tether_server")
 
 RunKey = tuple[str, str, str]
 
@@ -103,12 +109,7 @@ class LedgerWriter:
         return put_op(run_prefix(run) + name.encode(), to_json(chunk))
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.flush()
-            except EtcdUnavailable as err:
-                log.warning("ledger flush deferred: %s", err)
+        await every(self._interval, self.flush, "ledger flush")
 
     async def read(self, tenant: str, agent: str = "", run_id: str = "") -> list[types_pb2.Effect]:
         """Every record under the tenant, agent or run, folded."""

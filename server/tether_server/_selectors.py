@@ -76,7 +76,8 @@ def halt_id(sel: types_pb2.Selector) -> str:
     """A stable name for a selector: the same selector always maps to the same halt.
 
     ``global``, ``tenant/acme``, ``agent/acme/email``, ``run/*/*/campaign-42``, then
-    ``+cap=send_email`` for a capability freeze and ``+feature=beta`` per label.
+    ``#send_email`` for a capability freeze and ``+feature=beta`` per label (``#`` is
+    not a name character, so a label can never read as a capability).
     """
     scope = _SCOPE_NAMES[sel.scope]
     if sel.scope == types_pb2.SCOPE_RUN:
@@ -85,7 +86,7 @@ def halt_id(sel: types_pb2.Selector) -> str:
         parts = [scope, *(f for f in (sel.tenant, sel.agent) if f)]
     name = "/".join(parts)
     if sel.capability:
-        name += f"+cap={sel.capability}"
+        name += f"#{sel.capability}"
     for label in sorted(sel.labels):
         name += f"+{label}={sel.labels[label]}"
     return name

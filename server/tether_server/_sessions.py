@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 from tether._errors import InvalidArgument
-from tether._uri import check_name, parse_agent_uri
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._acks import AckBook
@@ -21,7 +20,15 @@ from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._leases import LeaseKeeper
 from tether_server._ledger import decode, run_prefix
-from tether_server._selectors import InstanceKey, is_full_stop, matches
+from tether_server._registry import (
+    Registry,
+    Session,
+    identity_from,
+    now_timestamp,
+    order,
+    stopped,
+)
+from tether_server._selectors import InstanceKey, matches
 from tether_server._store import (
     CHECKPOINTS,
     HALTS,
@@ -57,126 +64,6 @@ class _End:
 
 
 _DONE = _End()
-
-
-class Session:
-    """One connected instance. Slotted: a coordinator holds thousands."""
-
-    __slots__ = (
-        "checkpoint_key",
-        "detached",
-        "ending",
-        "halts",
-        "key",
-        "last_beat",
-        "lease",
-        "outbox",
-        "record",
-        "revision",
-    )
-
-    def __init__(self, key: InstanceKey, lease: int, record: types_pb2.AgentInstance) -> None:
-        self.key = key
-        self.lease = lease
-        self.record = record
-        self.checkpoint_key = path(CHECKPOINTS, key.tenant, key.agent, key.run_id)
-        self.last_beat = time.monotonic()
-        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
-        self.halts: tuple[types_pb2.Halt, ...] = ()  # the order last sent: these halts match
-        self.revision = 0  # the etcd revision that order reflects
-        self.detached = False  # the coordinator let go of it; leave its lease alone
-        self.ending = False  # its end is queued
-
-
-class Registry:
-    """Open sessions, indexed so that a halt finds its instances without a full scan."""
-
-    def __init__(self) -> None:
-        self.by_key: dict[InstanceKey, Session] = {}
-        self._by_tenant: dict[str, set[Session]] = {}
-        self._by_run: dict[str, set[Session]] = {}
-
-    def __len__(self) -> int:
-        return len(self.by_key)
-
-    def add(self, session: Session) -> Session | None:
-        old = self.by_key.get(session.key)
-        if old is not None:
-            self.remove(old)
-        self.by_key[session.key] = session
-        self._by_tenant.setdefault(session.key.tenant, set()).add(session)
-        self._by_run.setdefault(session.key.run_id, set()).add(session)
-        return old
-
-    def remove(self, session: Session) -> bool:
-        if self.by_key.get(session.key) is not session:
-            return False
-        del self.by_key[session.key]
-        _discard(self._by_tenant, session.key.tenant, session)
-        _discard(self._by_run, session.key.run_id, session)
-        return True
-
-    def serves_run(self, run_id: str) -> bool:
-        return run_id in self._by_run
-
-    def candidates(self, sel: types_pb2.Selector) -> Iterable[Session]:
-        if sel.run_id:
-            return tuple(self._by_run.get(sel.run_id, ()))
-        if sel.tenant:
-            return tuple(self._by_tenant.get(sel.tenant, ()))
-        return tuple(self.by_key.values())
-
-
-def _discard(index: dict[str, set[Session]], name: str, session: Session) -> None:
-    members = index.get(name)
-    if members is not None:
-        members.discard(session)
-        if not members:
-            del index[name]
-
-
-def order(
-    halts: Iterable[types_pb2.Halt], revision: int, *, ack_seq: int = 0, fail_closed: str = ""
-) -> agent_pb2.HeartbeatResponse:
-    halts = list(halts)
-    stop = stopped(halts) or bool(fail_closed)
-    return agent_pb2.HeartbeatResponse(
-        order=agent_pb2.ORDER_STOP if stop else agent_pb2.ORDER_RUN,
-        halts=halts,
-        ack_seq=ack_seq,
-        revision=revision,
-        fail_closed_reason=fail_closed,
-    )
-
-
-def stopped(halts: Iterable[types_pb2.Halt]) -> bool:
-    """True when a halt stops the whole instance, not just one capability."""
-    return any(map(is_full_stop, halts))
-
-
-def now_timestamp() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
-
-
-def identity_from(reg: agent_pb2.Register) -> InstanceKey:
-    """Validate a registration; raises InvalidArgument with what to fix."""
-    if reg.agent_uri:
-        if reg.tenant or reg.agent:
-            raise InvalidArgument("register.agent_uri replaces tenant and agent; send one form")
-        tenant, agent = parse_agent_uri(reg.agent_uri)
-    else:
-        if not reg.tenant or not reg.agent:
-            raise InvalidArgument("register needs tenant and agent, or agent_uri")
-        tenant, agent = check_name("tenant", reg.tenant), check_name("agent", reg.agent)
-    if not reg.run_id or not reg.instance_id:
-        raise InvalidArgument("register needs run_id and instance_id")
-    for cap in reg.capabilities:
-        check_name("capability", cap)
-    return InstanceKey(
-        tenant, agent, check_name("run_id", reg.run_id), check_name("instance_id", reg.instance_id)
-    )
 
 
 class Sessions:
@@ -272,7 +159,11 @@ class Sessions:
         keeper.touch(lease)
         grant = self._grant(session, ttl, stored)
         grant.session.landed_keys.extend(landed)
-        await context.write(grant)
+        try:
+            await context.write(grant)
+        except BaseException:  # the agent went away mid-registration: do not keep its session
+            self._spawn(self._drop(session))
+            raise
         return session
 
     def _record(
@@ -343,12 +234,8 @@ class Sessions:
                     self._beat(session, req.beat)
                 elif kind == "effects":
                     self._effects(session, req.effects)
-                elif kind == "permit":
-                    resp = order(session.halts, session.revision)
-                    resp.permit.CopyFrom(
-                        self._gate.decide(session.key, session.record.labels, req.permit)
-                    )
-                    session.outbox.put_nowait(resp)
+                elif kind == "permit":  # decided off the reader: it reads etcd
+                    self._spawn(self._permit(session, req.permit))
                 elif kind == "ack":
                     self._acks.add(session.key, req.ack)
                     if req.ack.HasField("checkpoint"):
@@ -365,6 +252,9 @@ class Sessions:
             end = _End(grpc.StatusCode.UNAVAILABLE, str(err))
         except grpc.RpcError:
             pass
+        except Exception as err:  # a bug must end the stream, not leave it hanging
+            log.exception("heartbeat stream of %s failed", "/".join(session.key.parts))
+            end = _End(grpc.StatusCode.INTERNAL, f"coordinator error: {type(err).__name__}")
         session.outbox.put_nowait(end)
 
     def _beat(self, session: Session, beat: agent_pb2.Beat) -> None:
@@ -376,19 +266,31 @@ class Sessions:
         # An ack repeats the session's current order: what was last pushed is what holds.
         session.outbox.put_nowait(order(session.halts, session.revision, ack_seq=beat.seq))
 
+    async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
+        decision = await self._gate.decide(session.key, session.record.labels, request)
+        resp = order(session.halts, session.revision)
+        resp.permit.CopyFrom(decision)
+        session.outbox.put_nowait(resp)
+
     def _effects(self, session: Session, batch: agent_pb2.EffectBatch) -> None:
         self._gate.record(session.key, batch)
         if stopped(session.halts):  # what left before the kill, and what it refused: now
             self._spawn(self._flush(session))
 
     def _offer_checkpoint(self, session: Session, checkpoint: Any) -> None:
-        value = json_format.MessageToJson(checkpoint, indent=None, sort_keys=True).encode()
-        if len(value) > self._max_checkpoint:
+        size = checkpoint.ByteSize()  # the SDK measures the same way
+        if size > self._max_checkpoint:
             raise InvalidArgument(
-                f"checkpoint is {len(value)} bytes as JSON; the limit is {self._max_checkpoint} "
-                "bytes. Store large state elsewhere and checkpoint a reference to it; "
+                f"checkpoint is {size} bytes; the limit is {self._max_checkpoint} bytes. "
+                "Store large state elsewhere and checkpoint a reference to it; "
                 "the last accepted checkpoint is kept"
             )
+        try:
+            value = json_format.MessageToJson(checkpoint, indent=None, sort_keys=True).encode()
+        except ValueError as err:
+            raise InvalidArgument(
+                f"checkpoint is not valid JSON ({err}); it was not stored"
+            ) from None
         self._checkpoints.offer(session.checkpoint_key, value)
         if stopped(session.halts):  # killed: this is the checkpoint a resume starts from
             self._spawn(self._flush(session))
@@ -468,15 +370,15 @@ class Sessions:
     def on_halt(self, halt: types_pb2.Halt, since: float) -> None:
         """A halt was put or deleted: push the new order to every instance it touches."""
         revision = self._halts.revision
-        payloads: dict[tuple[str, ...], bytes] = {}  # serialise each distinct order once
+        payloads: dict[tuple[Any, ...], bytes] = {}  # serialise each distinct order once
         for session in self.registry.candidates(halt.selector):
             labels = session.record.labels
             if not matches(halt.selector, session.key, labels) or session.revision > revision:
                 continue  # registration read a newer view than this event; it stands
             halts = tuple(self._halts.matching(session.key, labels))
-            ids = tuple(h.id for h in halts)
+            ids = tuple((h.id, h.mode) for h in halts)  # a soft halt made hard is news too
             session.revision = revision
-            if ids == tuple(h.id for h in session.halts):
+            if ids == tuple((h.id, h.mode) for h in session.halts):
                 continue
             was_running, session.halts = not stopped(session.halts), halts
             payload = payloads.get(ids)

@@ -14,7 +14,9 @@ Everything Tether knows lives under ``/tether/``. What WatchAgents needs sits un
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -38,10 +40,21 @@ MAX_TXN_OPS = 128
 MAX_TXN_BYTES = 1024 * 1024
 
 M = TypeVar("M", bound=Message)
+log = logging.getLogger("tether_server")
 
 
 class EtcdUnavailable(Exception):
     """etcd did not answer; the message says which endpoint and why."""
+
+
+async def every(interval: float, step: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run ``step`` every ``interval`` seconds; when etcd does not answer, defer it."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await step()
+        except EtcdUnavailable as err:
+            log.warning("%s deferred: %s", what, err)
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -88,6 +101,13 @@ def present(key: bytes) -> Any:
     )
 
 
+def unchanged_since(key: bytes, revision: int) -> Any:
+    """A compare that holds while ``key`` was last written at ``revision``."""
+    return rpc.Compare(
+        key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=revision
+    )
+
+
 def leased_by(key: bytes, lease: int) -> Any:
     """A compare that holds when ``key`` is attached to ``lease``."""
     return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.LEASE, lease=lease)
@@ -131,11 +151,6 @@ class Store:
         return await self._call(
             self.kv.Range, rpc.RangeRequest(key=key, range_end=end, limit=limit)
         )
-
-    async def range_from(self, start: bytes, prefix: bytes) -> Any:
-        """Every key from ``start`` to the end of ``prefix``, in key order."""
-        req = rpc.RangeRequest(key=start, range_end=prefix_end(prefix))
-        return await self._call(self.kv.Range, req)
 
     async def exists(self, key: bytes, *, prefix: bool = True) -> bool:
         end = prefix_end(key) if prefix else b""
