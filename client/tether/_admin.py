@@ -78,6 +78,8 @@ class AdminClient:
         target: ``HOST:PORT``; defaults to ``TETHER_ADDR``, then ``127.0.0.1:7700``.
         timeout: Seconds per call.
         actor: Recorded in the audit as who acted; defaults to ``user@host``.
+        token: Admin bearer token, for coordinators run with ``--admin-tokens``;
+            defaults to ``TETHER_TOKEN``.
     """
 
     def __init__(
@@ -86,11 +88,14 @@ class AdminClient:
         *,
         timeout: float = 10.0,
         actor: str | None = None,
+        token: str | None = None,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         self.target = resolve_targets(target, environ)[0]
         self._timeout = timeout
         self._actor = actor or default_actor()
+        token = token or environ.get("TETHER_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel = grpc.insecure_channel(self.target)
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
@@ -105,7 +110,7 @@ class AdminClient:
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
         try:
-            return method(request, timeout=self._timeout)
+            return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -211,7 +216,7 @@ class AdminClient:
         req = admin_pb2.WatchAgentsRequest(
             tenant=tenant, agent=agent, run_id=run_id, skip_snapshot=not snapshot
         )
-        stream = self._stub.WatchAgents(req)
+        stream = self._stub.WatchAgents(req, metadata=self._metadata)
         try:
             for event in stream:
                 yield AgentEvent.from_pb(event)

@@ -36,6 +36,7 @@ def _common() -> argparse.ArgumentParser:
         "--addr", help="coordinator HOST:PORT (default: $TETHER_ADDR or 127.0.0.1:7700)"
     )
     common.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    common.add_argument("--token", help="admin bearer token (default: $TETHER_TOKEN)")
     return common
 
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lease-ttl", type=float, help="instance lease TTL in seconds (default 10)")
     serve.add_argument("--max-checkpoint-bytes", type=int, help="checkpoint size limit (512 KiB)")
     serve.add_argument("--permit-key", help="PEM Ed25519 key for effect permits (default: in etcd)")
+    serve.add_argument("--admin-tokens", help="file of 'TOKEN TENANT[,...]' lines; default: open")
 
     kill = verbs.add_parser("kill", parents=[common], help="halt a scope now")
     _scope_args(kill)
@@ -151,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.verb == "drill":
             return _drill(args)
-        with AdminClient(args.addr) as client:
+        with AdminClient(args.addr, token=args.token) as client:
             return VERBS[args.verb](client, args)
     except (InvalidArgument, FailedPrecondition) as err:
         return _fail(EXIT_USAGE, err)
@@ -187,6 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail(EXIT_USAGE, err)
     try:
         asyncio.run(tether_server.serve(config))
+    except (tether_server.ConfigError, ValueError) as err:  # a bad file or OTEL_* value
+        return _fail(EXIT_USAGE, err)
     except Exception as err:
         return _fail(EXIT_ERROR, f"{type(err).__name__}: {err}" if not str(err) else err)
     return EXIT_OK

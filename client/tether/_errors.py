@@ -25,6 +25,10 @@ class Unavailable(TetherError):
     """The coordinator, or the etcd behind it, cannot be reached."""
 
 
+class PermissionDenied(TetherError):
+    """The admin token is missing, unknown, or may not address that tenant."""
+
+
 class Killed(TetherError):
     """The instance must stop: a halt matches it, or its tether is lost.
 
@@ -70,6 +74,8 @@ _BY_CODE: dict[grpc.StatusCode, type[TetherError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
 }

@@ -12,6 +12,7 @@ from tether._errors import FailedPrecondition, InvalidArgument, NotFound
 from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 from tether_server._audit import AuditLog, new_entry
+from tether_server._auth import AdminTokens, PermissionDenied, Unauthenticated
 from tether_server._fleet import Fleet
 from tether_server._gate import Gate
 from tether_server._halts import halt_from_kv
@@ -46,7 +47,16 @@ _STATUS = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     EtcdUnavailable: grpc.StatusCode.UNAVAILABLE,
     WatchBroken: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
+
+
+def _tenant_of(request: Any) -> str:
+    """The tenant a request addresses; '' when it addresses every tenant."""
+    if hasattr(request, "selector"):
+        return str(request.selector.tenant)
+    return str(getattr(request, "tenant", ""))
 
 
 def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
@@ -56,6 +66,7 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     async def wrapper(self: Any, request: Any, context: Any) -> R:
         with tracer.start_as_current_span(f"tether.v1.AdminService/{method.__name__}"):
             try:
+                self.authorize(request, context)
                 return await method(self, request, context)
             except tuple(_STATUS) as err:
                 await context.abort(_STATUS[type(err)], str(err))
@@ -112,11 +123,18 @@ def _actor(request: Any, context: Any) -> str:
 class Admin(admin_pb2_grpc.AdminServiceServicer):
     """Reads go to etcd, so every coordinator answers the same; writes are transactions."""
 
-    def __init__(self, store: Store, sessions: Sessions, gate: Gate) -> None:
+    def __init__(
+        self, store: Store, sessions: Sessions, gate: Gate, tokens: AdminTokens | None = None
+    ) -> None:
+        self._tokens = tokens
         self._store = store
         self._sessions = sessions
         self._gate = gate
         self._audit = AuditLog(store)
+
+    def authorize(self, request: Any, context: Any) -> None:
+        if self._tokens is not None:
+            self._tokens.check(context.invocation_metadata(), _tenant_of(request))
 
     # -- kill and resume --------------------------------------------------------------------
 
@@ -313,10 +331,11 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> AsyncIterator[admin_pb2.AgentEvent]:
         with tracer.start_as_current_span("tether.v1.AdminService/WatchAgents"):
             try:
+                self.authorize(request, context)
                 async for event in self._watch(request):
                     yield event
-            except (EtcdUnavailable, WatchBroken) as err:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+            except tuple(_STATUS) as err:
+                await context.abort(_STATUS[type(err)], str(err))
 
     async def _watch(
         self, request: admin_pb2.WatchAgentsRequest

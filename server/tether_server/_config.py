@@ -37,6 +37,8 @@ class ServerConfig:
     """Largest checkpoint accepted, as serialised JSON."""
     checkpoint_flush_interval: float = 1.0
     """Seconds between coalesced checkpoint writes. Kills and exits flush at once."""
+    admin_tokens: Path | None = None
+    """File of admin bearer tokens and the tenants each may address; None: open admin API."""
     permit_key: Path | None = None
     """PEM file with the Ed25519 key that signs effect permits; None: shared via etcd."""
     startup_timeout: float = 15.0
@@ -93,6 +95,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
         kwargs["lease_ttl"] = _number("--lease-ttl", ttl, MIN_LEASE_TTL, 3600.0)
     if limit := pick(args.max_checkpoint_bytes, "TETHER_MAX_CHECKPOINT_BYTES"):
         kwargs["max_checkpoint_bytes"] = int(_number("--max-checkpoint-bytes", limit, 1, 1 << 20))
+    if tokens := pick(getattr(args, "admin_tokens", None), "TETHER_ADMIN_TOKENS"):
+        kwargs["admin_tokens"] = Path(tokens)
     if permit_key := pick(getattr(args, "permit_key", None), "TETHER_PERMIT_KEY"):
         kwargs["permit_key"] = Path(permit_key)
     if startup := environ.get("TETHER_STARTUP_TIMEOUT"):

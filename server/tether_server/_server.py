@@ -18,6 +18,7 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 
 from tether_server import _telemetry
 from tether_server._admin import Admin
+from tether_server._auth import AdminTokens
 from tether_server._config import ServerConfig
 from tether_server._coordinator import Coordinator
 from tether_server._embedded import EmbeddedEtcd
@@ -40,7 +41,9 @@ def _agent_handler(coordinator: Coordinator) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("tether.v1.AgentService", {"Heartbeat": handler})
 
 
-def build_server(coordinator: Coordinator, health: HealthServicer) -> grpc.aio.Server:
+def build_server(
+    coordinator: Coordinator, health: HealthServicer, tokens: AdminTokens | None = None
+) -> grpc.aio.Server:
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_permit_without_calls", 1),
@@ -50,7 +53,7 @@ def build_server(coordinator: Coordinator, health: HealthServicer) -> grpc.aio.S
     )
     server.add_generic_rpc_handlers((_agent_handler(coordinator),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        Admin(coordinator.store, coordinator.sessions, coordinator.gate), server
+        Admin(coordinator.store, coordinator.sessions, coordinator.gate, tokens), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (
@@ -81,9 +84,10 @@ async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -
 
 
 async def _serve(config: ServerConfig, store: Store) -> None:
+    tokens = AdminTokens.load(config.admin_tokens) if config.admin_tokens else None
     health = HealthServicer()
     coordinator = Coordinator(config, store, health)
-    server = build_server(coordinator, health)
+    server = build_server(coordinator, health, tokens)
     if server.add_insecure_port(config.listen) == 0:
         raise OSError(f"cannot listen on {config.listen}")
     runner = asyncio.create_task(coordinator.run(), name="coordinator")

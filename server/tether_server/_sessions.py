@@ -47,6 +47,7 @@ from tether_server._store import (
 from tether_server._telemetry import Metrics
 
 log = logging.getLogger("tether_server")
+KILL_FLUSH_DELAY = 0.05  # seconds: long enough to gather a fleet's final checkpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ class Sessions:
         self._interval = heartbeat_interval
         self._max_checkpoint = max_checkpoint_bytes
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._flushing: asyncio.Task[None] | None = None
 
     # -- the stream -------------------------------------------------------------------------
 
@@ -275,7 +277,7 @@ class Sessions:
     def _effects(self, session: Session, batch: agent_pb2.EffectBatch) -> None:
         self._gate.record(session.key, batch)
         if stopped(session.halts):  # what left before the kill, and what it refused: now
-            self._spawn(self._flush(session))
+            self._flush_soon()
 
     def _offer_checkpoint(self, session: Session, checkpoint: Any) -> None:
         size = checkpoint.ByteSize()  # the SDK measures the same way
@@ -293,7 +295,7 @@ class Sessions:
             ) from None
         self._checkpoints.offer(session.checkpoint_key, value)
         if stopped(session.halts):  # killed: this is the checkpoint a resume starts from
-            self._spawn(self._flush(session))
+            self._flush_soon()
 
     async def _goodbye(self, session: Session, goodbye: agent_pb2.Goodbye) -> None:
         if goodbye.HasField("checkpoint"):
@@ -351,12 +353,20 @@ class Sessions:
         )
         await self._store.revoke(session.lease)
 
-    async def _flush(self, session: Session) -> None:
+    def _flush_soon(self) -> None:
+        """After a kill, write checkpoints and ledger records at once, but as one batch.
+
+        A kill reaches thousands of sessions in a few milliseconds; one flush per session
+        would queue thousands of transactions. One flush a moment later carries them all.
+        """
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_all())
+
+    async def _flush_all(self) -> None:
+        await asyncio.sleep(KILL_FLUSH_DELAY)
         try:
-            await self._checkpoints.flush([session.checkpoint_key])
-            await self._gate.ledger.flush(
-                [(session.key.tenant, session.key.agent, session.key.run_id)]
-            )
+            await self._checkpoints.flush()
+            await self._gate.ledger.flush()
         except EtcdUnavailable as err:
             log.warning("kill-time checkpoint flush deferred: %s", err)
 
@@ -388,7 +398,7 @@ class Sessions:
             session.outbox.put_nowait(_Push(payload, since))
             if was_running and stopped(halts):
                 self._metrics.kills_pushed.add(1)
-                self._spawn(self._flush(session))
+                self._flush_soon()
 
     def fail_closed(self, reason: str) -> None:
         """etcd is gone: tell every agent to stop, then let go so it finds another coordinator."""
