@@ -135,7 +135,7 @@ class Core:
         self._permit_waiters: dict[int, asyncio.Future[agent_pb2.PermitDecision]] = {}
         self._permit_seq = 0
         self.landed: set[str] = set()  # idempotency keys that landed in this run
-        self.stops = Stopper(self._wake_soon, lambda: self._latest)
+        self.stops = Stopper(self._wake_soon, self._checkpoint_for_ack)
         self.goodbye_confirmed = False
         self._sent_at: dict[int, float] = {}
 
@@ -397,6 +397,15 @@ class Core:
         if effect.status == types_pb2.EFFECT_STATUS_LANDED and effect.key:
             self.landed.add(effect.key)
         self._wake_soon()
+
+    def _checkpoint_for_ack(self) -> struct_pb2.Struct | None:
+        """The newest checkpoint, for a kill acknowledgement that will carry it.
+
+        The ack goes out before any beat, so no beat needs to repeat it: at a kill, every
+        agent then sends one message, not two, when the coordinator is busiest.
+        """
+        self._reported = self._latest
+        return self._latest
 
     def _wake_soon(self) -> None:
         if self._loop is not None and self._wake is not None and not self._loop.is_closed():
