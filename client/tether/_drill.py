@@ -185,11 +185,7 @@ def plan(
 
 
 def targeted(sel: Selector, w: Worker) -> bool:
-    return (
-        (not sel.tenant or sel.tenant == w.tenant)
-        and (not sel.agent or sel.agent == w.agent)
-        and (not sel.run_id or sel.run_id == w.run_id)
-    )
+    return sel.names(w.tenant, w.agent, w.run_id)
 
 
 @dataclass

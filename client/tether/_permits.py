@@ -176,9 +176,7 @@ class HaltCache:
         for halt in self._halts:
             sel = halt.selector
             if (
-                sel.tenant in ("", claims.tenant)
-                and sel.agent in ("", claims.agent)
-                and sel.run_id in ("", claims.run_id)
+                sel.names(claims.tenant, claims.agent, claims.run_id)
                 and sel.capability in ("", claims.capability)
                 and not sel.labels  # labels are not in a permit: see the note in the README
             ):

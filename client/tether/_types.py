@@ -68,6 +68,17 @@ class Selector:
             labels=dict(self.labels),
         )
 
+    def names(self, tenant: str, agent: str, run_id: str) -> bool:
+        """True when every identity field this selector sets equals the given one.
+
+        Labels and capability are not compared; callers that know them check them.
+        """
+        return (
+            self.tenant in ("", tenant)
+            and self.agent in ("", agent)
+            and self.run_id in ("", run_id)
+        )
+
     def describe(self) -> str:
         """A short human form, such as ``agent://acme/email`` or ``run campaign-42``."""
         text = self._base()
