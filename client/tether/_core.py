@@ -114,6 +114,8 @@ class Core:
         self._targets = list(targets)
         self._connect_timeout = connect_timeout
         self.verdict: Verdict | None = None
+        self._applied: Verdict | None = None  # the verdict the last reply made, unless replaced
+        self._shape: tuple[int, int, str, int] | None = None  # what that reply said, in brief
         self.ttl = 0.0
         self.halts: tuple[Halt, ...] = ()
         self.checkpoint: dict[str, Any] | None = None
@@ -300,6 +302,7 @@ class Core:
         self.ttl = grant.ttl_ms / 1000.0
         self._interval = max(grant.heartbeat_interval_ms / 1000.0, 0.01)
         self.max_checkpoint_bytes = grant.max_checkpoint_bytes or DEFAULT_MAX_CHECKPOINT_BYTES
+        self._shape = None  # a grant is always applied in full
         if self._registered is not None and not self._registered.done():
             # The stored checkpoint is handed over once, at the first registration; later
             # reconnects keep the run's own newer progress.
@@ -331,16 +334,28 @@ class Core:
                 self._wake.set()  # send the newest checkpoint now: it is the one to resume from
 
     def _apply(self, resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> None:
+        before = self.verdict
+        shape = (resp.revision, resp.order, resp.fail_closed_reason, len(resp.halts))
+        if before is not None and before is self._applied and shape == self._shape:
+            # The same order again (most replies are acks): only the confirmation is new.
+            # A coordinator's order at one etcd revision is always the same order.
+            self.verdict = self._applied = Verdict(
+                before.killed, confirmed_at, before.revision, before.frozen, before.drain
+            )
+            return
         self.halts = tuple(Halt.from_pb(h) for h in resp.halts)
-        before, self.verdict = self.verdict, _verdict(resp, confirmed_at)
+        self.verdict = self._applied = _verdict(resp, confirmed_at)
+        self._shape = shape
         self.stops.on_order(before, self.verdict, list(resp.halts))
 
     async def _send(self, call: Any) -> None:
         """The stream's one writer: permit requests and ledger records, then beats."""
-        assert self._wake is not None
+        wake = self._wake
+        assert wake is not None
+        loop = asyncio.get_running_loop()
         next_beat = 0.0
         while True:
-            self._wake.clear()
+            wake.clear()
             while self.stops.acks:
                 ack = self.stops.acks.popleft()
                 await call.write(agent_pb2.HeartbeatRequest(ack=ack))
@@ -363,8 +378,12 @@ class Core:
             if now >= next_beat or (killed and self._latest is not self._reported):
                 await call.write(agent_pb2.HeartbeatRequest(beat=self._beat(now)))
                 next_beat = now + self._interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(next_beat - time.monotonic(), 0))
+            # A timer handle, not wait_for: no task is created for every beat.
+            alarm = loop.call_at(loop.time() + max(next_beat - time.monotonic(), 0), wake.set)
+            try:
+                await wake.wait()
+            finally:
+                alarm.cancel()
 
     def _beat(self, now: float) -> agent_pb2.Beat:
         self._seq += 1

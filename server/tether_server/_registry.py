@@ -27,6 +27,7 @@ class Session:
         "key",
         "last_beat",
         "lease",
+        "order_bytes",
         "outbox",
         "record",
         "revision",
@@ -41,6 +42,7 @@ class Session:
         self.outbox: asyncio.Queue[Any] = asyncio.Queue()
         self.halts: tuple[types_pb2.Halt, ...] = ()  # the order last sent: these halts match
         self.revision = 0  # the etcd revision that order reflects
+        self.order_bytes: bytes | None = None  # that order serialised; None when it changed
         self.detached = False  # the coordinator let go of it; leave its lease alone
         self.ending = False  # its end is queued
 
@@ -104,6 +106,30 @@ def order(
         revision=revision,
         fail_closed_reason=fail_closed,
     )
+
+
+def current_order(session: Session) -> bytes:
+    """The session's order, serialised once and reused by every heartbeat ack."""
+    if session.order_bytes is None:
+        session.order_bytes = order(session.halts, session.revision).SerializeToString()
+    return session.order_bytes
+
+
+_ACK_SEQ_TAG = b"\x18"  # HeartbeatResponse.ack_seq: field 3, varint
+
+
+def with_ack(payload: bytes, seq: int) -> bytes:
+    """``payload`` (a serialised order) confirming Beat ``seq``: the field appended as bytes.
+
+    Protobuf parses concatenated fields as one message, so an ack costs no message build.
+    """
+    out = bytearray(_ACK_SEQ_TAG)
+    seq &= (1 << 64) - 1
+    while seq > 0x7F:
+        out.append((seq & 0x7F) | 0x80)
+        seq >>= 7
+    out.append(seq)
+    return payload + bytes(out)
 
 
 def stopped(halts: Iterable[types_pb2.Halt]) -> bool:

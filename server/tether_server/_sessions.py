@@ -23,10 +23,12 @@ from tether_server._ledger import decode, run_prefix
 from tether_server._registry import (
     Registry,
     Session,
+    current_order,
     identity_from,
     now_timestamp,
     order,
     stopped,
+    with_ack,
 )
 from tether_server._selectors import InstanceKey, matches
 from tether_server._store import (
@@ -252,8 +254,8 @@ class Sessions:
             end = _End(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except EtcdUnavailable as err:
             end = _End(grpc.StatusCode.UNAVAILABLE, str(err))
-        except grpc.RpcError:
-            pass
+        except (grpc.RpcError, grpc.aio.AbortError):
+            pass  # the agent went away, or this stream is already being ended
         except Exception as err:  # a bug must end the stream, not leave it hanging
             log.exception("heartbeat stream of %s failed", "/".join(session.key.parts))
             end = _End(grpc.StatusCode.INTERNAL, f"coordinator error: {type(err).__name__}")
@@ -266,7 +268,7 @@ class Sessions:
         if beat.HasField("checkpoint"):
             self._offer_checkpoint(session, beat.checkpoint)
         # An ack repeats the session's current order: what was last pushed is what holds.
-        session.outbox.put_nowait(order(session.halts, session.revision, ack_seq=beat.seq))
+        session.outbox.put_nowait(with_ack(current_order(session), beat.seq))
 
     async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
         decision = await self._gate.decide(session.key, session.record.labels, request)
@@ -388,6 +390,7 @@ class Sessions:
             halts = tuple(self._halts.matching(session.key, labels))
             ids = tuple((h.id, h.mode) for h in halts)  # a soft halt made hard is news too
             session.revision = revision
+            session.order_bytes = None
             if ids == tuple((h.id, h.mode) for h in session.halts):
                 continue
             was_running, session.halts = not stopped(session.halts), halts
@@ -395,6 +398,7 @@ class Sessions:
             if payload is None:
                 payload = order(halts, revision).SerializeToString()
                 payloads[ids] = payload
+            session.order_bytes = payload
             session.outbox.put_nowait(_Push(payload, since))
             if was_running and stopped(halts):
                 self._metrics.kills_pushed.add(1)

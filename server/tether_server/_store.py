@@ -39,6 +39,13 @@ COORDINATORS = ROOT + b"coordinators/"
 MAX_TXN_OPS = 128
 MAX_TXN_BYTES = 1024 * 1024
 
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
 M = TypeVar("M", bound=Message)
 log = logging.getLogger("tether_server")
 
@@ -119,25 +126,22 @@ class Store:
     def __init__(self, endpoints: Sequence[str], timeout: float = 5.0) -> None:
         self.endpoints = tuple(endpoints)
         self.timeout = timeout
-        target = endpoints[0] if len(endpoints) == 1 else "ipv4:" + ",".join(endpoints)
-        self.channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.keepalive_time_ms", 5000),
-                ("grpc.keepalive_timeout_ms", 2000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.max_receive_message_length", 64 << 20),
-            ],
-        )
+        self._target = endpoints[0] if len(endpoints) == 1 else "ipv4:" + ",".join(endpoints)
+        self.channel = grpc.aio.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
         self.kv = rpc.KVStub(self.channel)
         self.lease = rpc.LeaseStub(self.channel)
         self.watch = rpc.WatchStub(self.channel)
+
+    def blocking_channel(self) -> grpc.Channel:
+        """A channel on gRPC's blocking API, for a stream driven from its own threads."""
+        return grpc.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
 
     async def close(self) -> None:
         await self.channel.close()
 
     def unavailable(self, err: grpc.RpcError) -> EtcdUnavailable:
-        detail = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
+        details = getattr(err, "details", None)  # both APIs' errors carry details()
+        detail = details() if callable(details) else str(err)
         return EtcdUnavailable(f"etcd at {', '.join(self.endpoints)} did not answer: {detail}")
 
     async def _call(self, method: Any, request: Any) -> Any:
