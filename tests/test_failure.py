@@ -63,6 +63,30 @@ def test_silent_agent_goes_stale_when_its_lease_lapses(coord: Coordinator, tenan
         proc.wait()
 
 
+def test_instances_go_stale_in_etcd_when_their_coordinator_dies(
+    etcd: Etcd, coord: Coordinator, tmp_path: Path, tenant: str
+) -> None:
+    """Nobody is left to delete the presence key: the coordinator's lease lapsing does it."""
+    doomed = Coordinator(etcd).start(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "agent_process.py"),
+         f"agent://{tenant}/w", "r-orphan", doomed.addr],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"READY"
+        with tether.AdminClient(coord.addr) as admin:  # another coordinator's view of etcd
+            (found,) = admin.agents(tenant=tenant)
+            assert found.state is tether.State.ACTIVE
+            doomed.stop(signal.SIGKILL)
+            eventually(lambda: admin.agents(tenant=tenant)[0].state is tether.State.STALE)
+    finally:
+        proc.kill()
+        proc.wait()
+        doomed.stop()
+
+
 def test_agent_fails_closed_when_its_coordinator_dies_and_recovers_through_another(
     etcd: Etcd, tmp_path: Path, tenant: str
 ) -> None:

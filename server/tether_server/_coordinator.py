@@ -77,8 +77,9 @@ class Coordinator:
 
     async def _attach(self) -> None:
         ttl = self.config.lease_ttl
-        # The coordinator's own lease outlives a slow patch; the probe above decides loss.
-        self._lease, _ = await self.store.grant(max(3 * ttl, 10.0))
+        # Every presence key this coordinator writes hangs on this lease: it lapses within
+        # the instance TTL of the coordinator's death, and the instances go STALE with it.
+        self._lease, _ = await self.store.grant(ttl)
         await self.store.txn(
             (),
             [
@@ -92,7 +93,7 @@ class Coordinator:
         self.gate.signer = await load_signer(self.store, self.config.permit_key)
         resp = await self.store.range(HALTS)
         self.halts.load(resp.kvs, resp.header.revision)
-        self.sessions.keeper = LeaseKeeper(self.store, self._lease, ttl, self.sessions.expire)
+        self.sessions.keeper = LeaseKeeper(self.store, self._lease, ttl)
         for service in SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.attached.set()

@@ -26,16 +26,16 @@ class Session:
         "halts",
         "key",
         "last_beat",
-        "lease",
         "order_bytes",
         "outbox",
         "record",
         "revision",
+        "session_id",
     )
 
-    def __init__(self, key: InstanceKey, lease: int, record: types_pb2.AgentInstance) -> None:
+    def __init__(self, key: InstanceKey, session_id: str, record: types_pb2.AgentInstance) -> None:
         self.key = key
-        self.lease = lease
+        self.session_id = session_id  # the presence key's value while this stream owns it
         self.record = record
         self.checkpoint_key = path(CHECKPOINTS, key.tenant, key.agent, key.run_id)
         self.last_beat = time.monotonic()
@@ -43,7 +43,7 @@ class Session:
         self.halts: tuple[types_pb2.Halt, ...] = ()  # the order last sent: these halts match
         self.revision = 0  # the etcd revision that order reflects
         self.order_bytes: bytes | None = None  # that order serialised; None when it changed
-        self.detached = False  # the coordinator let go of it; leave its lease alone
+        self.detached = False  # the coordinator let go of it; leave its presence alone
         self.ending = False  # its end is queued
 
 

@@ -1,8 +1,9 @@
-"""AgentService.Heartbeat: one stream, one lease and one session per agent instance."""
+"""AgentService.Heartbeat: one stream, one presence key and one session per agent instance."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -40,7 +41,7 @@ from tether_server._store import (
     EtcdUnavailable,
     Store,
     delete_op,
-    leased_by,
+    holds,
     path,
     put_op,
     range_op,
@@ -100,6 +101,7 @@ class Sessions:
         self._interval = heartbeat_interval
         self._max_checkpoint = max_checkpoint_bytes
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._serial = itertools.count(1)
         self._flushing: asyncio.Task[None] | None = None
 
     # -- the stream -------------------------------------------------------------------------
@@ -145,10 +147,10 @@ class Sessions:
         keeper = self.keeper
         if keeper is None:
             raise EtcdUnavailable(self.serving_error)
-        lease, ttl = await self._store.grant(self._ttl)
-        record = self._record(key, first.register, lease)
-        stored, halts, effects = await self._claim(key, record, lease)
-        session = Session(key, lease, record)
+        session_id = f"{keeper.lease:x}-{next(self._serial):x}"  # unique: leases are
+        record = self._record(key, first.register)
+        stored, halts, effects = await self._claim(key, record, session_id, keeper.lease)
+        session = Session(key, session_id, record)
         landed = self._gate.seed((key.tenant, key.agent, key.run_id), effects)
         session.halts = tuple(halts.matching(key, record.labels))
         session.revision = halts.revision
@@ -160,8 +162,7 @@ class Sessions:
             replaced.detached = True
             replaced.outbox.put_nowait(_End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
         self._metrics.sessions.add(1)
-        keeper.touch(lease)
-        grant = self._grant(session, ttl, stored)
+        grant = self._grant(session, stored)
         grant.session.landed_keys.extend(landed)
         try:
             await context.write(grant)
@@ -170,9 +171,7 @@ class Sessions:
             raise
         return session
 
-    def _record(
-        self, key: InstanceKey, reg: agent_pb2.Register, lease: int
-    ) -> types_pb2.AgentInstance:
+    def _record(self, key: InstanceKey, reg: agent_pb2.Register) -> types_pb2.AgentInstance:
         return types_pb2.AgentInstance(
             tenant=key.tenant,
             agent=key.agent,
@@ -187,7 +186,7 @@ class Sessions:
         )
 
     async def _claim(
-        self, key: InstanceKey, record: types_pb2.AgentInstance, lease: int
+        self, key: InstanceKey, record: types_pb2.AgentInstance, session_id: str, lease: int
     ) -> tuple[bytes | None, HaltTable, list[types_pb2.Effect]]:
         """Write presence and roster, read the run's checkpoint and the halts, atomically.
 
@@ -198,7 +197,7 @@ class Sessions:
         resp = await self._store.txn(
             (),
             [
-                put_op(path(LIVE, *key.parts), f"{lease:x}".encode(), lease),
+                put_op(path(LIVE, *key.parts), session_id.encode(), lease),
                 put_op(path(ROSTER, *key.parts), to_json(record)),
                 put_op(path(RUNS, key.run_id), f"{key.tenant}/{key.agent}".encode()),
                 range_op(checkpoint_key),
@@ -214,13 +213,11 @@ class Sessions:
             halts.load(resp.responses[4].response_range.kvs, resp.header.revision)
         return (bytes(kvs[0].value) if kvs else None), halts, effects
 
-    def _grant(
-        self, session: Session, ttl: float, stored: bytes | None
-    ) -> agent_pb2.HeartbeatResponse:
+    def _grant(self, session: Session, stored: bytes | None) -> agent_pb2.HeartbeatResponse:
         resp = order(session.halts, session.revision)
         grant = resp.session
-        grant.session_id = f"{session.lease:x}"
-        grant.ttl_ms = int(ttl * 1000)
+        grant.session_id = session.session_id
+        grant.ttl_ms = int(self._ttl * 1000)
         grant.heartbeat_interval_ms = int(self._interval * 1000)
         grant.coordinator = self._coordinator
         grant.max_checkpoint_bytes = self._max_checkpoint
@@ -263,8 +260,6 @@ class Sessions:
 
     def _beat(self, session: Session, beat: agent_pb2.Beat) -> None:
         session.last_beat = time.monotonic()
-        if self.keeper is not None:
-            self.keeper.touch(session.lease)
         if beat.HasField("checkpoint"):
             self._offer_checkpoint(session, beat.checkpoint)
         # An ack repeats the session's current order: what was last pushed is what holds.
@@ -319,8 +314,6 @@ class Sessions:
         if not self.registry.remove(session):
             return False
         self._metrics.sessions.add(-1)
-        if self.keeper is not None:
-            self.keeper.forget(session.lease)
         if not self.registry.serves_run(session.key.run_id):
             self._checkpoints.forget(session.checkpoint_key)
             self._gate.forget((session.key.tenant, session.key.agent, session.key.run_id))
@@ -339,7 +332,7 @@ class Sessions:
             log.warning("could not release %s: %s", "/".join(session.key.parts), err)
 
     async def _retire(self, session: Session) -> None:
-        """Store the final checkpoint and record, drop presence, and give the lease back.
+        """Store the final checkpoint and record, and drop presence.
 
         The record keeps its ACTIVE state when the instance vanished, so readers derive
         STALE from the missing presence key; EXITED and KILLED are written as they are.
@@ -350,10 +343,9 @@ class Sessions:
         session.record.last_heartbeat.FromNanoseconds(time.time_ns() - int(age * 1e9))
         live = path(LIVE, *session.key.parts)
         await self._store.txn(
-            [leased_by(live, session.lease)],  # a newer stream may own the instance by now
+            [holds(live, session.session_id.encode())],  # a newer stream may own it by now
             [put_op(path(ROSTER, *session.key.parts), to_json(session.record)), delete_op(live)],
         )
-        await self._store.revoke(session.lease)
 
     def _flush_soon(self) -> None:
         """After a kill, write checkpoints and ledger records at once, but as one batch.
@@ -414,20 +406,10 @@ class Sessions:
             session.outbox.put_nowait(end)
             self._release(session)
 
-    def expire(self, lease: int) -> None:
-        """etcd says a session's lease is gone: end that stream so the agent re-registers."""
-        for session in tuple(self.registry.by_key.values()):
-            if session.lease == lease:
-                self._metrics.stale_declared.add(1)
-                session.outbox.put_nowait(
-                    _End(grpc.StatusCode.UNAVAILABLE, "session lease expired; register again")
-                )
-
     async def watch_silence(self) -> None:
         """Declare an instance STALE once it has been silent for a whole TTL.
 
-        The lease would lapse on its own, but only up to a renewal round later; this is
-        the coordinator's own, sooner timer.
+        Ending the stream drops the instance's presence key: STALE is then a fact in etcd.
         """
         period = min(0.5, self._ttl / 8)
         while True:
@@ -441,7 +423,7 @@ class Sessions:
                     )
 
     async def drain(self) -> None:
-        """Shutdown: flush checkpoints and let streams go; leases lapse if nobody takes over."""
+        """Shutdown: flush checkpoints and let streams go; presence lapses with the lease."""
         for session in tuple(self.registry.by_key.values()):
             session.detached = True
             session.outbox.put_nowait(

@@ -4,8 +4,8 @@ Everything Tether knows lives under ``/tether/``. What WatchAgents needs sits un
 ``/tether/fleet/`` so that one watch sees it all::
 
     /tether/fleet/halts/<halt id>                    Halt (JSON), until resumed
-    /tether/fleet/live/<tenant>/<agent>/<run>/<inst> on the instance's lease: presence
-    /tether/fleet/roster/<tenant>/<agent>/<run>/<inst> AgentInstance (JSON), outlives the lease
+    /tether/fleet/live/<tenant>/<agent>/<run>/<inst> session id, on its coordinator's lease
+    /tether/fleet/roster/<tenant>/<agent>/<run>/<inst> AgentInstance (JSON), outlives presence
     /tether/checkpoints/<tenant>/<agent>/<run>       the run's last checkpoint (Struct JSON)
     /tether/runs/<run>                               "<tenant>/<agent>" of a run, for run kills
     /tether/audit/<time ns>-<random>                 AuditEntry (JSON), append-only
@@ -115,9 +115,9 @@ def unchanged_since(key: bytes, revision: int) -> Any:
     )
 
 
-def leased_by(key: bytes, lease: int) -> Any:
-    """A compare that holds when ``key`` is attached to ``lease``."""
-    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.LEASE, lease=lease)
+def holds(key: bytes, value: bytes) -> Any:
+    """A compare that holds when ``key`` has ``value``."""
+    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, value=value)
 
 
 class Store:

@@ -403,9 +403,9 @@ class SessionGrant(_message.Message):
     MAX_CHECKPOINT_BYTES_FIELD_NUMBER: _builtins.int
     LANDED_KEYS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """the etcd lease, in hex"""
+    """unique to this registration"""
     ttl_ms: _builtins.int
-    """lease TTL granted by etcd"""
+    """the lease TTL: silent this long means STALE"""
     heartbeat_interval_ms: _builtins.int
     has_checkpoint: _builtins.bool
     coordinator: _builtins.str
