@@ -418,13 +418,18 @@ class Core:
         self._wake_soon()
 
     def _checkpoint_for_ack(self) -> struct_pb2.Struct | None:
-        """The newest checkpoint, for a kill acknowledgement that will carry it.
+        """The newest checkpoint if this stream has not carried it yet, for a kill ack.
 
         The ack goes out before any beat, so no beat needs to repeat it: at a kill, every
-        agent then sends one message, not two, when the coordinator is busiest.
+        agent then sends one message, not two, when the coordinator is busiest. One the
+        stream already carried is not sent again: the coordinator holds it and stores it
+        at the kill.
         """
-        self._reported = self._latest
-        return self._latest
+        latest = self._latest
+        if latest is self._reported:
+            return None
+        self._reported = latest
+        return latest
 
     def _wake_soon(self) -> None:
         if self._loop is not None and self._wake is not None and not self._loop.is_closed():
