@@ -29,6 +29,7 @@ class Settings:
     poll_rounds: int = 5
     floor_samples: int = 400
     capacity_streams: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400, 800])
+    memory_streams: list[int] = field(default_factory=lambda: [0, 1000, 2000, 3000])
     capacity_mux_streams: int = 100
     capacity_window: float = 8.0
     steady_agents: list[int] = field(default_factory=lambda: [300, 1000])
@@ -50,6 +51,7 @@ class Settings:
             poll_rounds=2,
             floor_samples=100,
             capacity_streams=[25, 100],
+            memory_streams=[0, 500, 1000],
             capacity_mux_streams=50,
             capacity_window=3.0,
             steady_agents=[200],

@@ -138,7 +138,27 @@ def budgets(res: dict[str, Any]) -> list[Row]:
     rows.append(_failure_budget(ph.get("failure", {}), "stale", "stale_ms", 1000.0))
     rows.append(_failure_budget(ph.get("failure", {}), "fail_closed", "fail_closed_ms", 0.0))
     kill1 = ph.get("kill1", {})
-    if "rss_per_agent_bytes" in kill1 and kill1.get("sizes"):
+    mem = ph.get("memory", {})
+    if "tether_share_bytes" in mem:
+        kb = mem["tether"]["rss_per_stream_bytes"] / KB
+        floor_kb = mem["bare_grpc"]["rss_per_stream_bytes"] / KB
+        largest = max(p["streams"] for p in mem["tether"]["points"])
+        sdk = (
+            f"; {kill1['rss_per_agent_bytes'] / KB:.1f} KB with SDK agents in kill1"
+            if kill1.get("rss_per_agent_bytes")
+            else ""
+        )
+        rows.append(
+            [
+                "coordinator memory per connected agent",
+                "≤ 30 KB",
+                f"{kb:.1f} KB (RSS slope over 0-{largest:,} agents, one TCP connection each), "
+                f"of which a bare grpc.aio server holds {floor_kb:.1f} KB and Tether "
+                f"{kb - floor_kb:.1f} KB{sdk}",
+                _verdict(kb <= 30),
+            ]
+        )
+    elif "rss_per_agent_bytes" in kill1 and kill1.get("sizes"):
         kb = kill1["rss_per_agent_bytes"] / KB
         rows.append(
             [
@@ -440,6 +460,19 @@ def memory_table(res: dict[str, Any]) -> str:
     return _table(["setup", "agents", "coordinator RSS MiB", "TCP connections"], rows)
 
 
+def floor_memory_table(phase: dict[str, Any]) -> str:
+    rows = []
+    for key, label in (("tether", "tether serve"), ("bare_grpc", "bare grpc.aio server")):
+        points = phase[key]["points"]
+        for p in points:
+            rows.append([label, _fmt(p["streams"]), f"{p['rss_bytes'] / 2**20:.1f}"])
+        rows.append(
+            [label, "slope", f"{phase[key]['rss_per_stream_bytes'] / KB:.1f} KB per stream"]
+        )
+    rows.append(["Tether's own share", "", f"{phase['tether_share_bytes'] / KB:.1f} KB per stream"])
+    return _table(["server", "streams", "RSS MiB"], rows)
+
+
 def failure_tables(phase: dict[str, Any]) -> str:
     stale = [
         [
@@ -619,8 +652,17 @@ def render(results_path: Path, out_dir: Path) -> None:
             ]
     if "steady" in ph:
         parts += ["## etcd writes per heartbeat, steady state\n", steady_table(ph["steady"])]
-    if "kill1" in ph or "kill2" in ph:
-        parts += ["## Coordinator memory\n", memory_table(res)]
+    if "kill1" in ph or "kill2" in ph or "memory" in ph:
+        parts.append("## Coordinator memory\n")
+    if "kill1" in ph or "kill2" in ph or "kill1long" in ph:
+        parts.append(memory_table(res))
+    if "tether_share_bytes" in ph.get("memory", {}):
+        parts += [
+            "\nThe same idle streams (registered, then silent; one TCP connection each) against "
+            "a coordinator and against `bench/bare_server.py`, a grpc.aio server with the same "
+            "options and nothing behind it, in the same run:\n\n",
+            floor_memory_table(ph["memory"]),
+        ]
     if "failure" in ph:
         parts += ["## STALE and fail-closed against the lease TTL\n", failure_tables(ph["failure"])]
     parts.append(METHOD)

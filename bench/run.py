@@ -31,12 +31,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import capacity, failure, floor, kill, polling, report
+from bench import capacity, failure, floor, kill, memory, polling, report
 from bench.harness import Bench, Result, Settings, say
 from bench.infra import Procs, raise_nofile
 
 HERE = Path(__file__).resolve().parent
-PHASES = ("floor", "kill1", "kill2", "kill1long", "poll", "capacity", "steady", "failure")
+PHASES = (
+    "floor", "kill1", "kill2", "kill1long", "poll", "capacity", "steady", "memory", "failure"
+)  # fmt: skip
 
 
 def _ints(raw: str) -> list[int]:
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         ("poll", polling.polling_baseline),
         ("capacity", capacity.heartbeat_capacity),
         ("steady", capacity.steady_state),
+        ("memory", memory.memory_per_agent),
         ("failure", failure.failures),
     ]
     started = time.monotonic()

@@ -400,17 +400,25 @@ class RawFleet:
             ).SerializeToString()
             fut: asyncio.Future[None] = loop.create_future()
             ready.append(fut)
-            self._tasks.append(asyncio.create_task(self._beat(method, register, beats, fut)))
+            idle = bool(cmd.get("idle", False))
+            self._tasks.append(
+                asyncio.create_task(self._beat(method, register, beats, fut, idle=idle))
+            )
         await asyncio.wait(ready, timeout=float(cmd.get("timeout", 60)))
         return {"streams": len(self._tasks), "registered": self.registered}
 
-    async def _beat(self, method: Any, register: bytes, beats: list[bytes], ready: Any) -> None:
+    async def _beat(
+        self, method: Any, register: bytes, beats: list[bytes], ready: Any, *, idle: bool
+    ) -> None:
         try:
             call = method()
             await call.write(register)
             await call.read()
             self.registered += 1
             ready.set_result(None)
+            if idle:  # registered and silent: only memory is being measured
+                await call.read()
+                return
             for beat in itertools.cycle(beats):  # ends when cancelled or the stream breaks
                 await call.write(beat)
                 if await call.read() is grpc.aio.EOF:

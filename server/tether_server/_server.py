@@ -27,6 +27,13 @@ from tether_server._store import EtcdUnavailable, Store
 log = logging.getLogger("tether_server")
 
 
+SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.max_concurrent_streams", 100_000),
+]
+
+
 def _serialize(message: Any) -> bytes:
     # Pushed orders arrive already serialised, once for every stream they go to.
     return message if isinstance(message, bytes) else bytes(message.SerializeToString())
@@ -44,13 +51,7 @@ def _agent_handler(coordinator: Coordinator) -> grpc.GenericRpcHandler:
 def build_server(
     coordinator: Coordinator, health: HealthServicer, tokens: AdminTokens | None = None
 ) -> grpc.aio.Server:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-            ("grpc.max_concurrent_streams", 100_000),
-        ]
-    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((_agent_handler(coordinator),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         Admin(coordinator.store, coordinator.sessions, coordinator.gate, tokens), server
