@@ -59,6 +59,14 @@ def _kill_budget(ph: dict[str, Any], agents: int, target: float) -> Row:
     figure = (
         f"kill order to every agent's SDK raising `Killed`, p99, {agents:,} agents, 1 coordinator"
     )
+    where = ""
+    if entry is None and (entry := _size(ph.get("kill1long"), agents)) is not None:
+        kill1 = ph.get("kill1", {})
+        where = (
+            f" at lease TTL {ph['kill1long'].get('lease_ttl', 0):g} s (at "
+            f"{kill1.get('lease_ttl', 0):g} s this machine held at most "
+            f"{_largest(kill1):,} agents)"
+        )
     if entry is None:
         notes = []
         for key in ("kill1", "kill1long"):
@@ -79,7 +87,7 @@ def _kill_budget(ph: dict[str, Any], agents: int, target: float) -> Row:
     p99 = entry["from_issue_ms"].get("p99")
     p99_ret = entry["from_return_ms"].get("p99")
     complete = entry.get("missing", 0) == 0
-    measured = f"{_fmt(p99)} ms from Kill issued ({_fmt(p99_ret)} ms from Kill returned)"
+    measured = f"{_fmt(p99)} ms from Kill issued ({_fmt(p99_ret)} ms from Kill returned){where}"
     if not complete:
         measured += f"; {entry['missing']} kills never observed"
     ok = p99 is not None and p99 <= target and complete
