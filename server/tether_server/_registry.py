@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from google.protobuf import timestamp_pb2
 from tether._errors import InvalidArgument
 from tether._uri import check_name, parse_agent_uri
 from tether.v1 import agent_pb2, types_pb2
 
+from tether_server._outbox import Outbox
 from tether_server._selectors import InstanceKey, is_full_stop
 from tether_server._store import CHECKPOINTS, path
 
@@ -33,13 +32,15 @@ class Session:
         "session_id",
     )
 
-    def __init__(self, key: InstanceKey, session_id: str, record: types_pb2.AgentInstance) -> None:
+    def __init__(
+        self, key: InstanceKey, session_id: str, record: types_pb2.AgentInstance, outbox: Outbox
+    ) -> None:
         self.key = key
         self.session_id = session_id  # the presence key's value while this stream owns it
         self.record = record
         self.checkpoint_key = path(CHECKPOINTS, key.tenant, key.agent, key.run_id)
         self.last_beat = time.monotonic()
-        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.outbox = outbox
         self.halts: tuple[types_pb2.Halt, ...] = ()  # the order last sent: these halts match
         self.revision = 0  # the etcd revision that order reflects
         self.order_bytes: bytes | None = None  # that order serialised; None when it changed

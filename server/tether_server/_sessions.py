@@ -7,7 +7,6 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,6 +20,7 @@ from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._leases import LeaseKeeper
 from tether_server._ledger import decode, run_prefix
+from tether_server._outbox import DONE, End, Outbox, Push
 from tether_server._registry import (
     Registry,
     Session,
@@ -51,23 +51,6 @@ from tether_server._telemetry import Metrics
 
 log = logging.getLogger("tether_server")
 KILL_FLUSH_DELAY = 0.05  # seconds: long enough to gather a fleet's final checkpoints
-
-
-@dataclass(frozen=True, slots=True)
-class _Push:
-    """A pushed order, timed from the watch event that caused it."""
-
-    payload: bytes
-    since: float
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    code: grpc.StatusCode = grpc.StatusCode.OK
-    details: str = ""
-
-
-_DONE = _End()
 
 
 class Sessions:
@@ -113,24 +96,14 @@ class Sessions:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except EtcdUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        reader = asyncio.create_task(self._read(session, requests))
-        clean = False
+        end = None
         try:
-            while True:
-                item = await session.outbox.get()
-                if isinstance(item, _End):
-                    clean = item.code == grpc.StatusCode.OK
-                    if not clean:
-                        await context.abort(item.code, item.details)
-                    return
-                if isinstance(item, _Push):
-                    await context.write(item.payload)
-                    self._metrics.kill_push_latency.record((time.monotonic() - item.since) * 1e3)
-                else:
-                    await context.write(item)
+            end = await self._read(session, requests)
+            if end is not None:  # None: something else ended the stream
+                session.outbox.post(end)
+            await session.outbox.close()
         finally:
-            reader.cancel()
-            if not clean:
+            if end is not DONE:
                 self._spawn(self._drop(session))
 
     async def _open(self, requests: AsyncIterator[Any], context: Any) -> Session:
@@ -150,7 +123,7 @@ class Sessions:
         session_id = f"{keeper.lease:x}-{next(self._serial):x}"  # unique: leases are
         record = self._record(key, first.register)
         stored, halts, effects = await self._claim(key, record, session_id, keeper.lease)
-        session = Session(key, session_id, record)
+        session = Session(key, session_id, record, Outbox(context, self._pushed))
         landed = self._gate.seed((key.tenant, key.agent, key.run_id), effects)
         session.halts = tuple(halts.matching(key, record.labels))
         session.revision = halts.revision
@@ -160,12 +133,12 @@ class Sessions:
         replaced = self.registry.add(session)
         if replaced is not None:
             replaced.detached = True
-            replaced.outbox.put_nowait(_End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
+            replaced.outbox.post(End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
         self._metrics.sessions.add(1)
         grant = self._grant(session, stored)
         grant.session.landed_keys.extend(landed)
         try:
-            await context.write(grant)
+            await session.outbox.first(grant)
         except BaseException:  # the agent went away mid-registration: do not keep its session
             self._spawn(self._drop(session))
             raise
@@ -226,13 +199,15 @@ class Sessions:
             grant.has_checkpoint = True
         return resp
 
-    async def _read(self, session: Session, requests: AsyncIterator[Any]) -> None:
-        end = _End(grpc.StatusCode.CANCELLED, "the agent closed its side without goodbye")
+    async def _read(self, session: Session, requests: AsyncIterator[Any]) -> End | None:
+        end: End | None = End(
+            grpc.StatusCode.CANCELLED, "the agent closed its side without goodbye"
+        )
         try:
             async for req in requests:
                 kind = req.WhichOneof("body")
                 if kind == "beat":
-                    self._beat(session, req.beat)
+                    await session.outbox.send(self._beat(session, req.beat))
                 elif kind == "effects":
                     self._effects(session, req.effects)
                 elif kind == "permit":  # decided off the reader: it reads etcd
@@ -243,33 +218,37 @@ class Sessions:
                         self._offer_checkpoint(session, req.ack.checkpoint)
                 elif kind == "goodbye":
                     await self._goodbye(session, req.goodbye)
-                    end = _DONE
+                    end = DONE
                     break
                 else:
                     raise InvalidArgument(f"unexpected {kind or 'empty message'} after register")
         except InvalidArgument as err:
-            end = _End(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            end = End(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except EtcdUnavailable as err:
-            end = _End(grpc.StatusCode.UNAVAILABLE, str(err))
-        except (grpc.RpcError, grpc.aio.AbortError):
-            pass  # the agent went away, or this stream is already being ended
+            end = End(grpc.StatusCode.UNAVAILABLE, str(err))
+        except (grpc.RpcError, grpc.aio.AbortError) as err:
+            # The agent went away, or (aborted) this stream was ended from elsewhere.
+            end = None if isinstance(err, grpc.aio.AbortError) else end
         except Exception as err:  # a bug must end the stream, not leave it hanging
             log.exception("heartbeat stream of %s failed", "/".join(session.key.parts))
-            end = _End(grpc.StatusCode.INTERNAL, f"coordinator error: {type(err).__name__}")
-        session.outbox.put_nowait(end)
+            end = End(grpc.StatusCode.INTERNAL, f"coordinator error: {type(err).__name__}")
+        return end
 
-    def _beat(self, session: Session, beat: agent_pb2.Beat) -> None:
+    def _beat(self, session: Session, beat: agent_pb2.Beat) -> bytes:
+        """Take a beat in; return its ack, which repeats the order that holds."""
         session.last_beat = time.monotonic()
         if beat.HasField("checkpoint"):
             self._offer_checkpoint(session, beat.checkpoint)
-        # An ack repeats the session's current order: what was last pushed is what holds.
-        session.outbox.put_nowait(with_ack(current_order(session), beat.seq))
+        return with_ack(current_order(session), beat.seq)
+
+    def _pushed(self, seconds: float) -> None:
+        self._metrics.kill_push_latency.record(seconds * 1e3)
 
     async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
         decision = await self._gate.decide(session.key, session.record.labels, request)
         resp = order(session.halts, session.revision)
         resp.permit.CopyFrom(decision)
-        session.outbox.put_nowait(resp)
+        session.outbox.post(resp)
 
     def _effects(self, session: Session, batch: agent_pb2.EffectBatch) -> None:
         self._gate.record(session.key, batch)
@@ -391,7 +370,7 @@ class Sessions:
                 payload = order(halts, revision).SerializeToString()
                 payloads[ids] = payload
             session.order_bytes = payload
-            session.outbox.put_nowait(_Push(payload, since))
+            session.outbox.post(Push(payload, since))
             if was_running and stopped(halts):
                 self._metrics.kills_pushed.add(1)
                 self._flush_soon()
@@ -399,11 +378,11 @@ class Sessions:
     def fail_closed(self, reason: str) -> None:
         """etcd is gone: tell every agent to stop, then let go so it finds another coordinator."""
         payload = order((), self._halts.revision, fail_closed=reason).SerializeToString()
-        end = _End(grpc.StatusCode.UNAVAILABLE, f"coordinator lost etcd ({reason}); reconnect")
+        end = End(grpc.StatusCode.UNAVAILABLE, f"coordinator lost etcd ({reason}); reconnect")
         for session in tuple(self.registry.by_key.values()):
             session.detached = True
-            session.outbox.put_nowait(_Push(payload, time.monotonic()))
-            session.outbox.put_nowait(end)
+            session.outbox.post(Push(payload, time.monotonic()))
+            session.outbox.post(end)
             self._release(session)
 
     async def watch_silence(self) -> None:
@@ -418,16 +397,16 @@ class Sessions:
             for session in tuple(self.registry.by_key.values()):
                 if session.last_beat < horizon and not session.ending:
                     session.ending = True
-                    session.outbox.put_nowait(
-                        _End(grpc.StatusCode.UNAVAILABLE, f"no heartbeat for {self._ttl:g}s")
+                    session.outbox.post(
+                        End(grpc.StatusCode.UNAVAILABLE, f"no heartbeat for {self._ttl:g}s")
                     )
 
     async def drain(self) -> None:
         """Shutdown: flush checkpoints and let streams go; presence lapses with the lease."""
         for session in tuple(self.registry.by_key.values()):
             session.detached = True
-            session.outbox.put_nowait(
-                _End(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down; reconnect")
+            session.outbox.post(
+                End(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down; reconnect")
             )
         try:
             await self._checkpoints.flush()
