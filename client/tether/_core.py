@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -76,8 +77,9 @@ class Verdict:
     drain: bool = False  # every stopping halt lets queued work drain
 
 
-def _verdict(resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> Verdict:
-    halts = [Halt.from_pb(h) for h in resp.halts]
+def _verdict(
+    resp: agent_pb2.HeartbeatResponse, halts: Sequence[Halt], confirmed_at: float
+) -> Verdict:
     frozen = {
         h.selector.capability: CapabilityFrozen(
             h.selector.capability, h.reason, scope=h.selector.scope.value, actor=h.actor,
@@ -132,6 +134,7 @@ class Core:
         self._sender: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._ledger: deque[types_pb2.Effect] = deque()
         self._permit_requests: deque[agent_pb2.PermitRequest] = deque()
         self._permit_waiters: dict[int, asyncio.Future[agent_pb2.PermitDecision]] = {}
@@ -184,6 +187,7 @@ class Core:
         """Connect and register; returns once the first reply arrived."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._registered = loop.create_future()
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(), name=f"tether-{self.identity.instance_id}")
@@ -344,7 +348,7 @@ class Core:
             )
             return
         self.halts = tuple(Halt.from_pb(h) for h in resp.halts)
-        self.verdict = self._applied = _verdict(resp, confirmed_at)
+        self.verdict = self._applied = _verdict(resp, self.halts, confirmed_at)
         self._shape = shape
         self.stops.on_order(before, self.verdict, list(resp.halts))
 
@@ -432,6 +436,9 @@ class Core:
         return latest
 
     def _wake_soon(self) -> None:
+        if self._wake is not None and threading.get_ident() == self._loop_thread:
+            self._wake.set()  # on the loop already: no self-pipe write, no extra turn
+            return
         if self._loop is not None and self._wake is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed between the check and here
                 self._loop.call_soon_threadsafe(self._wake.set)

@@ -101,7 +101,7 @@ def matches(sel: types_pb2.Selector, key: InstanceKey, labels: Mapping[str, str]
         (not sel.tenant or sel.tenant == key.tenant)
         and (not sel.agent or sel.agent == key.agent)
         and (not sel.run_id or sel.run_id == key.run_id)
-        and all(labels.get(k) == v for k, v in sel.labels.items())
+        and (not sel.labels or all(labels.get(k) == v for k, v in sel.labels.items()))
     )
 
 
