@@ -606,6 +606,25 @@ METHOD = """\
 """
 
 
+def profiles(out_dir: Path, top: int = 12) -> list[str]:
+    """The head of each py-spy summary kept next to the results, to say where time goes."""
+    found = sorted(out_dir.glob("profile-*.txt"))
+    if not found:
+        return []
+    parts = [
+        "## Where the time goes\n",
+        "Kept from `python bench/run.py --only kill1 --sizes 1000 --rounds 8 --profile --out DIR` "
+        "(the coordinator sampled by py-spy during the kill rounds; the file is copied here "
+        "from DIR). `CHANGES.md` says what each change bought and what a load generator "
+        "spends its time on.\n",
+    ]
+    for path in found:
+        lines = path.read_text().splitlines()
+        head = lines[: 4 + top]
+        parts.append(f"`{path.name}`:\n\n```\n" + "\n".join(head) + "\n```\n")
+    return parts
+
+
 def render(results_path: Path, out_dir: Path) -> None:
     res = json.loads(results_path.read_text())
     ph = res.get("phases", {})
@@ -623,6 +642,7 @@ def render(results_path: Path, out_dir: Path) -> None:
         "## Budgets (DESIGN.md)\n",
         _table(["figure", "target", "measured", "verdict"], budgets(res)),
     ]
+    parts += profiles(out_dir)
     if res.get("errors"):
         parts.append(
             "**Phases that failed:** "
@@ -635,6 +655,11 @@ def render(results_path: Path, out_dir: Path) -> None:
         parts += [
             "## Kill propagation, two coordinators (agents split across both)\n",
             kill_table(ph["kill2"]),
+        ]
+    if "kill1long" in ph:
+        parts += [
+            "## Kill propagation, one coordinator, long lease TTL\n",
+            kill_table(ph["kill1long"]),
         ]
     parts += ["## Against the physical floor\n", floor_table(res)]
     if "poll" in ph:
