@@ -120,7 +120,8 @@ class Sessions:
         keeper = self.keeper
         if keeper is None:
             raise EtcdUnavailable(self.serving_error)
-        session_id = f"{keeper.lease:x}-{next(self._serial):x}"  # unique: leases are
+        # Unique: the lease ID names this attachment to etcd; the serial counts its streams.
+        session_id = f"{keeper.lease:x}-{next(self._serial):x}"
         record = self._record(key, first.register)
         stored, halts, effects = await self._claim(key, record, session_id, keeper.lease)
         session = Session(key, session_id, record, Outbox(context, self._pushed))
