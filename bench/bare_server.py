@@ -1,8 +1,8 @@
 """A bare grpc.aio server with Tether's Heartbeat method and nothing behind it.
 
 Run as ``python -m bench.bare_server HOST:PORT``. Every message gets an empty reply. Same
-server options as ``tether serve``. It is the memory floor: what gRPC itself holds for
-one connected stream, measured side by side with the coordinator.
+server options and handler wiring as ``tether serve``. It is the memory floor: what gRPC
+itself holds for one connected stream, measured side by side with the coordinator.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from tether.v1 import agent_pb2
-from tether_server._server import SERVER_OPTIONS
+from tether_server._server import SERVER_OPTIONS, agent_handler
 
 
 async def _heartbeat(requests: AsyncIterator[Any], context: Any) -> None:
@@ -24,14 +23,7 @@ async def _heartbeat(requests: AsyncIterator[Any], context: Any) -> None:
 
 async def main(listen: str) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    handler = grpc.stream_stream_rpc_method_handler(
-        _heartbeat,
-        request_deserializer=agent_pb2.HeartbeatRequest.FromString,
-        response_serializer=bytes,
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("tether.v1.AgentService", {"Heartbeat": handler}),)
-    )
+    server.add_generic_rpc_handlers((agent_handler(_heartbeat),))
     if server.add_insecure_port(listen) == 0:
         raise SystemExit(f"cannot listen on {listen}")
     await server.start()

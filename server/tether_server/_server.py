@@ -8,7 +8,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -40,9 +40,10 @@ def _serialize(message: Any) -> bytes:
     return message if isinstance(message, bytes) else bytes(message.SerializeToString())
 
 
-def _agent_handler(coordinator: Coordinator) -> grpc.GenericRpcHandler:
+def agent_handler(heartbeat: Callable[..., Awaitable[None]]) -> grpc.GenericRpcHandler:
+    """AgentService with ``heartbeat`` serving Heartbeat (bench/bare_server.py reuses it)."""
     handler = grpc.stream_stream_rpc_method_handler(
-        coordinator.sessions.heartbeat,
+        heartbeat,
         request_deserializer=agent_pb2.HeartbeatRequest.FromString,
         response_serializer=_serialize,
     )
@@ -53,7 +54,7 @@ def build_server(
     coordinator: Coordinator, health: HealthServicer, tokens: AdminTokens | None = None
 ) -> grpc.aio.Server:
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((_agent_handler(coordinator),))
+    server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         Admin(coordinator.store, coordinator.sessions, coordinator.gate, tokens), server
     )
