@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,53 +16,53 @@ from tether_server._embedded import free_port
 from tests.conftest import Coordinator, Etcd, eventually
 
 
-def test_sigkilled_agent_goes_stale(
-    coordinators: tuple[Coordinator, Coordinator], tenant: str
-) -> None:
-    a, b = coordinators
-    uri = f"agent://{tenant}/worker"
+@contextlib.contextmanager
+def agent_process(uri: str, run_id: str, target: str) -> Iterator[subprocess.Popen[bytes]]:
+    """tests/agent_process.py in its own process, registered (it printed READY); killed after."""
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "agent_process.py"), uri, "r-stale", a.addr],
+        [sys.executable, str(Path(__file__).parent / "agent_process.py"), uri, run_id, target],
         stdout=subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"READY"
-        with tether.AdminClient(b.addr) as admin:  # the other coordinator sees it too
-            eventually(lambda: admin.agents(tenant=tenant)[0].checkpoint)  # a beat carried one
-            events = admin.watch(tenant=tenant)
-            snapshot = next(events)  # the stream is open from here on
-            assert snapshot.snapshot and snapshot.instance.state is tether.State.ACTIVE
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            event = next(events)
-            assert event.instance.state is tether.State.STALE
-            assert event.previous is tether.State.ACTIVE
-            assert event.instance.instance_id == "proc-r-stale"
-            (found,) = admin.agents(tenant=tenant)
-            assert found.state is tether.State.STALE
-            assert found.checkpoint is not None and found.checkpoint["i"] >= 1
+        yield proc
     finally:
         proc.kill()
         proc.wait()
 
 
-def test_silent_agent_goes_stale_when_its_lease_lapses(coord: Coordinator, tenant: str) -> None:
-    """SIGSTOP keeps the TCP connection open: only the lease and the coordinator's timer notice."""
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "agent_process.py"),
-         f"agent://{tenant}/w", "r-silent", coord.addr],
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"READY"
-        with tether.AdminClient(coord.addr) as admin:
-            proc.send_signal(signal.SIGSTOP)
-            eventually(lambda: admin.agents(tenant=tenant)[0].state is tether.State.STALE)
-    finally:
-        proc.kill()
+def test_sigkilled_agent_goes_stale(
+    coordinators: tuple[Coordinator, Coordinator], tenant: str
+) -> None:
+    a, b = coordinators
+    with (
+        agent_process(f"agent://{tenant}/worker", "r-stale", a.addr) as proc,
+        tether.AdminClient(b.addr) as admin,  # the other coordinator sees it too
+    ):
+        eventually(lambda: admin.agents(tenant=tenant)[0].checkpoint)  # a beat carried one
+        events = admin.watch(tenant=tenant)
+        snapshot = next(events)  # the stream is open from here on
+        assert snapshot.snapshot and snapshot.instance.state is tether.State.ACTIVE
+        proc.send_signal(signal.SIGKILL)
         proc.wait()
+        event = next(events)
+        assert event.instance.state is tether.State.STALE
+        assert event.previous is tether.State.ACTIVE
+        assert event.instance.instance_id == "proc-r-stale"
+        (found,) = admin.agents(tenant=tenant)
+        assert found.state is tether.State.STALE
+        assert found.checkpoint is not None and found.checkpoint["i"] >= 1
+
+
+def test_silent_agent_goes_stale_after_the_ttl(coord: Coordinator, tenant: str) -> None:
+    """SIGSTOP keeps the TCP connection open: only the coordinator's silence timer notices."""
+    with (
+        agent_process(f"agent://{tenant}/w", "r-silent", coord.addr) as proc,
+        tether.AdminClient(coord.addr) as admin,
+    ):
+        proc.send_signal(signal.SIGSTOP)
+        eventually(lambda: admin.agents(tenant=tenant)[0].state is tether.State.STALE)
 
 
 def test_instances_go_stale_in_etcd_when_their_coordinator_dies(
@@ -68,22 +70,16 @@ def test_instances_go_stale_in_etcd_when_their_coordinator_dies(
 ) -> None:
     """Nobody is left to delete the presence key: the coordinator's lease lapsing does it."""
     doomed = Coordinator(etcd).start(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "agent_process.py"),
-         f"agent://{tenant}/w", "r-orphan", doomed.addr],
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"READY"
-        with tether.AdminClient(coord.addr) as admin:  # another coordinator's view of etcd
+        with (
+            agent_process(f"agent://{tenant}/w", "r-orphan", doomed.addr),
+            tether.AdminClient(coord.addr) as admin,  # another coordinator's view of etcd
+        ):
             (found,) = admin.agents(tenant=tenant)
             assert found.state is tether.State.ACTIVE
             doomed.stop(signal.SIGKILL)
             eventually(lambda: admin.agents(tenant=tenant)[0].state is tether.State.STALE)
     finally:
-        proc.kill()
-        proc.wait()
         doomed.stop()
 
 
