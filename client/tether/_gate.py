@@ -167,11 +167,11 @@ class Effect:
         self._begin()
         if not self.strict:
             self._local()
-            self._core.stops.track(self.record, asyncio.current_task())
-            return self
-        with self._refusing():
-            self._core.check(drain=self.drain)
-            self._decided(await self._core.permit(self.capability, self.key, drain=self.drain))
+        else:
+            with self._refusing():
+                self._core.check(drain=self.drain)
+                permit = await self._core.permit(self.capability, self.key, drain=self.drain)
+                self._decided(permit)
         self._core.stops.track(self.record, asyncio.current_task())
         return self
 
