@@ -481,31 +481,22 @@ def floor_memory_table(phase: dict[str, Any]) -> str:
     return _table(["server", "streams", "RSS MiB"], rows)
 
 
+def _failure_rows(entries: list[dict[str, Any]], times: str, never: str) -> list[Row]:
+    return [
+        [
+            f"{e['lease_ttl_s']:g} s",
+            e["signal"],
+            _fmt(e["agents"]),
+            *(_fmt(e[times].get(q), 0) for q in ("p50", "p99", "max")),
+            _fmt(e[never]),
+        ]
+        for e in entries
+    ]
+
+
 def failure_tables(phase: dict[str, Any]) -> str:
-    stale = [
-        [
-            f"{e['lease_ttl_s']:g} s",
-            e["signal"],
-            _fmt(e["agents"]),
-            _fmt(e["stale_ms"].get("p50"), 0),
-            _fmt(e["stale_ms"].get("p99"), 0),
-            _fmt(e["stale_ms"].get("max"), 0),
-            _fmt(e["never_stale"]),
-        ]
-        for e in phase.get("stale", [])
-    ]
-    closed = [
-        [
-            f"{e['lease_ttl_s']:g} s",
-            e["signal"],
-            _fmt(e["agents"]),
-            _fmt(e["fail_closed_ms"].get("p50"), 0),
-            _fmt(e["fail_closed_ms"].get("p99"), 0),
-            _fmt(e["fail_closed_ms"].get("max"), 0),
-            _fmt(e["never_failed_closed"]),
-        ]
-        for e in phase.get("fail_closed", [])
-    ]
+    stale = _failure_rows(phase.get("stale", []), "stale_ms", "never_stale")
+    closed = _failure_rows(phase.get("fail_closed", []), "fail_closed_ms", "never_failed_closed")
     head = ["lease TTL", "signal", "agents", "p50 ms", "p99 ms", "max ms", "never"]
     return (
         "Agents' process signalled; time until the operator's watch (on another coordinator) "
