@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import grpc
 import pytest
@@ -264,27 +265,19 @@ def test_permits_verify_and_are_rejected_when_killed_expired_or_forged(
         forged = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
         with pytest.raises(tether.InvalidPermit, match="forged"):
             verifier.verify(f"{forged}.{signature}")
-        impostor = PermitSigner.from_raw(b"\x01" * 32)
-        fake, _ = impostor.sign(
-            tenant=tenant,
-            agent="payer",
-            run_id="r",
-            instance_id="x",
-            capability="charge_card",
-            key="",
-            revision=1,
-        )
+        other: dict[str, Any] = {  # a permit like the real one
+            "tenant": tenant,
+            "agent": "payer",
+            "run_id": "r",
+            "instance_id": "x",
+            "capability": "charge_card",
+            "key": "",
+            "revision": 1,
+        }
+        fake, _ = PermitSigner.from_raw(b"\x01" * 32).sign(**other)  # an impostor's key
         with pytest.raises(tether.InvalidPermit, match="forged"):
             verifier.verify(fake)
-        expired, _ = PermitSigner.from_raw(_permit_key(etcd), ttl=-1).sign(
-            tenant=tenant,
-            agent="payer",
-            run_id="r",
-            instance_id="x",
-            capability="charge_card",
-            key="",
-            revision=1,
-        )
+        expired, _ = PermitSigner.from_raw(_permit_key(etcd), ttl=-1).sign(**other)
         with pytest.raises(tether.InvalidPermit, match="expired"):
             verifier.verify(expired)
 
