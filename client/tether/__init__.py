@@ -40,7 +40,7 @@ from tether._types import (
     Selector,
     State,
 )
-from tether._uri import AgentRef, parse_agent_uri
+from tether._uri import AgentRef, check_name, parse_agent_uri
 
 __all__ = [
     "PERMIT_METADATA",
@@ -73,6 +73,7 @@ __all__ = [
     "TetherError",
     "TetherLost",
     "Unavailable",
+    "check_name",
     "parse_agent_uri",
     "selector",
 ]

@@ -14,8 +14,7 @@ from tether.v1 import admin_pb2, agent_pb2, types_pb2
 
 from tether_server._audit import AuditLog, new_entry
 from tether_server._halts import HaltTable
-from tether_server._selectors import InstanceKey
-from tether_server._store import EtcdUnavailable, every
+from tether_server._store import EtcdUnavailable, InstanceKey, every
 
 _MAX_NAMES = 100
 

@@ -17,22 +17,23 @@ from tether_server._fleet import Fleet
 from tether_server._gate import Gate
 from tether_server._halts import halt_from_kv
 from tether_server._registry import now_timestamp
-from tether_server._selectors import InstanceKey, halt_id, scope_name, validate
+from tether_server._selectors import halt_id, scope_name, validate
 from tether_server._sessions import Sessions
 from tether_server._store import (
-    CHECKPOINTS,
     FLEET,
     HALTS,
-    ROSTER,
-    RUNS,
     EtcdUnavailable,
+    InstanceKey,
     Store,
     absent,
+    checkpoint_prefix,
     delete_op,
-    path,
+    halt_key,
     present,
     put_op,
     range_op,
+    roster_prefix,
+    run_owner_key,
     to_json,
     unchanged_since,
 )
@@ -146,7 +147,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         halt = _halt_from(request, sel, _actor(request, context))
         if not request.force:
             await self._check_known(sel)
-        key = HALTS + halt.id.encode()
+        key = halt_key(halt.id)
         action = admin_pb2.AUDIT_ACTION_FREEZE if sel.capability else admin_pb2.AUDIT_ACTION_KILL
         entry = new_entry(action, sel, halt.actor, halt.reason, halt.mode)
         entry.halt_id = halt.id
@@ -168,7 +169,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         """A hard kill of a softly halted selector escalates that halt now."""
         existing.mode = types_pb2.KILL_MODE_HARD
         existing.ClearField("grace")
-        key = HALTS + existing.id.encode()
+        key = halt_key(existing.id)
         reason = f"escalated to hard: {asked.reason}"
         entry = new_entry(admin_pb2.AUDIT_ACTION_ESCALATE, existing.selector, asked.actor, reason)
         entry.halt_id = existing.id
@@ -183,14 +184,14 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def _check_known(self, sel: types_pb2.Selector) -> None:
         """Refuse to halt a name nothing ever registered under: a typo is not a stop."""
         if sel.scope == types_pb2.SCOPE_RUN:
-            resp = await self._store.range(path(RUNS, sel.run_id), prefix=False)
+            resp = await self._store.range(run_owner_key(sel.run_id), prefix=False)
             owner = resp.kvs[0].value.decode() if resp.kvs else ""
             tenant, _, agent = owner.partition("/")
             known = bool(owner) and sel.tenant in ("", tenant) and sel.agent in ("", agent)
             what = f"run {sel.run_id!r}"
         elif sel.scope in (types_pb2.SCOPE_TENANT, types_pb2.SCOPE_AGENT):
             parts = [sel.tenant] + ([sel.agent] if sel.agent else [])
-            known = await self._store.exists(path(ROSTER, *parts, ""))
+            known = await self._store.exists(roster_prefix(sel.tenant, sel.agent))
             what = f"{scope_name(sel.scope)} {'/'.join(parts)!r}"
         else:
             return
@@ -205,7 +206,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ResumeRequest, context: Any
     ) -> admin_pb2.ResumeResponse:
         sel = validate(request.selector)
-        key = HALTS + halt_id(sel).encode()
+        key = halt_key(halt_id(sel))
         actor = _actor(request, context)
         entry = new_entry(admin_pb2.AUDIT_ACTION_RESUME, sel, actor, request.reason)
         entry.halt_id = halt_id(sel)
@@ -220,7 +221,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     # -- reading the fleet ------------------------------------------------------------------
 
     async def _fleet(self, tenant: str = "") -> Fleet:
-        checkpoints = path(CHECKPOINTS, tenant, "") if tenant else CHECKPOINTS
+        checkpoints = checkpoint_prefix(tenant)
         resp = await self._store.txn(
             (), [range_op(FLEET, prefix=True), range_op(checkpoints, prefix=True)]
         )

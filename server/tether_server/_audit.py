@@ -20,16 +20,16 @@ from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._store import (
     AUDIT,
-    ROOT,
+    AUDIT_HEAD,
     EtcdUnavailable,
     Store,
+    audit_key,
     from_json,
     put_op,
     range_op,
     to_json,
 )
 
-HEAD = ROOT + b"audit-head"
 _RETRIES = 64
 
 
@@ -59,7 +59,9 @@ def new_entry(
 
 def _head_is(revision: int) -> Any:
     target = rpc.Compare.MOD
-    return rpc.Compare(key=HEAD, result=rpc.Compare.EQUAL, target=target, mod_revision=revision)
+    return rpc.Compare(
+        key=AUDIT_HEAD, result=rpc.Compare.EQUAL, target=target, mod_revision=revision
+    )
 
 
 class AuditLog:
@@ -81,13 +83,13 @@ class AuditLog:
         responses are those of ``success`` or ``failure``.
         """
         for _ in range(_RETRIES):
-            head = await self._store.range(HEAD, prefix=False)
+            head = await self._store.range(AUDIT_HEAD, prefix=False)
             prev = json.loads(head.kvs[0].value)["hash"] if head.kvs else ""
             revision = head.kvs[0].mod_revision if head.kvs else 0
             resp = await self._store.txn(
                 [_head_is(revision), *compare],
                 [*success, *self._chain(entry, prev, changed=True)],
-                [range_op(HEAD)],
+                [range_op(AUDIT_HEAD)],
             )
             if resp.succeeded:
                 return True, resp
@@ -108,7 +110,7 @@ class AuditLog:
         record.prev_hash = prev
         record.hash = entry_hash(record)
         head = json.dumps({"id": record.id, "hash": record.hash}).encode()
-        return [put_op(AUDIT + record.id.encode(), to_json(record)), put_op(HEAD, head)]
+        return [put_op(audit_key(record.id), to_json(record)), put_op(AUDIT_HEAD, head)]
 
     async def entries(self) -> list[admin_pb2.AuditEntry]:
         """Every entry, in the order it was committed (etcd revision order)."""
@@ -122,7 +124,7 @@ class AuditLog:
 
     async def verify(self) -> admin_pb2.VerifyAuditResponse:
         entries = await self.entries()
-        head = await self._store.range(HEAD, prefix=False)
+        head = await self._store.range(AUDIT_HEAD, prefix=False)
         out = admin_pb2.VerifyAuditResponse(intact=True, entries=len(entries))
         prev = ""
         for entry in entries:

@@ -19,7 +19,7 @@ from tether_server._halts import HaltTable
 from tether_server._leases import EtcdLost, LeaseKeeper
 from tether_server._ledger import LedgerWriter
 from tether_server._sessions import Sessions
-from tether_server._store import COORDINATORS, HALTS, EtcdUnavailable, Store, path, put_op
+from tether_server._store import HALTS, EtcdUnavailable, Store, coordinator_key, put_op
 from tether_server._telemetry import Metrics
 from tether_server._watch import WatchBroken, watch_prefix
 
@@ -84,7 +84,7 @@ class Coordinator:
             (),
             [
                 put_op(
-                    path(COORDINATORS, self.config.coordinator_id),
+                    coordinator_key(self.config.coordinator_id),
                     self.config.listen.encode(),
                     self._lease,
                 )

@@ -9,15 +9,19 @@ from google.protobuf import json_format
 from tether.v1 import types_pb2
 
 from tether_server._halts import HaltTable
-from tether_server._selectors import EMPTY, InstanceKey, is_full_stop
-from tether_server._store import CHECKPOINTS, HALTS, LIVE, ROSTER, from_json
+from tether_server._selectors import EMPTY, is_full_stop
+from tether_server._store import (
+    HALTS,
+    LIVE,
+    ROSTER,
+    InstanceKey,
+    RunKey,
+    from_json,
+    instance_of,
+    run_of_checkpoint,
+)
 
 _ENDED = (types_pb2.INSTANCE_STATE_EXITED, types_pb2.INSTANCE_STATE_KILLED)
-
-
-def _key(raw: bytes, prefix: bytes) -> InstanceKey | None:
-    parts = raw[len(prefix) :].decode().split("/")
-    return InstanceKey(*parts) if len(parts) == 4 else None
 
 
 class Fleet:
@@ -27,7 +31,7 @@ class Fleet:
         self.roster: dict[InstanceKey, types_pb2.AgentInstance] = {}
         self.live: set[InstanceKey] = set()
         self.halts = HaltTable()
-        self.checkpoints: dict[tuple[str, str, str], bytes] = {}
+        self.checkpoints: dict[RunKey, bytes] = {}
         self.revision = 0
 
     def load(self, kvs: Iterable[Any], revision: int) -> None:
@@ -41,14 +45,13 @@ class Fleet:
         self.revision = revision
 
     def _put(self, kv: Any) -> None:
-        if kv.key.startswith(ROSTER) and (key := _key(kv.key, ROSTER)):
-            self.roster[key] = from_json(kv.value, types_pb2.AgentInstance())
-        elif kv.key.startswith(LIVE) and (key := _key(kv.key, LIVE)):
-            self.live.add(key)
-        elif kv.key.startswith(CHECKPOINTS):
-            parts = kv.key[len(CHECKPOINTS) :].decode().split("/")
-            if len(parts) == 3:
-                self.checkpoints[(parts[0], parts[1], parts[2])] = bytes(kv.value)
+        if (key := instance_of(kv.key)) is not None:
+            if kv.key.startswith(ROSTER):
+                self.roster[key] = from_json(kv.value, types_pb2.AgentInstance())
+            else:
+                self.live.add(key)
+        elif (run := run_of_checkpoint(kv.key)) is not None:
+            self.checkpoints[run] = bytes(kv.value)
 
     def apply(self, event: Any) -> set[InstanceKey] | None:
         """Apply one watch event; return the instances it may change, None for all of them."""
@@ -58,14 +61,15 @@ class Fleet:
             return None
         if event.type == event.PUT:
             self._put(kv)
-        elif kv.key.startswith(LIVE) and (key := _key(kv.key, LIVE)):
-            self.live.discard(key)
-        elif kv.key.startswith(ROSTER) and (key := _key(kv.key, ROSTER)):
-            self.roster.pop(key, None)
-        for prefix in (LIVE, ROSTER):
-            if kv.key.startswith(prefix) and (key := _key(kv.key, prefix)):
-                return {key}
-        return set()
+        key = instance_of(kv.key)
+        if key is None:
+            return set()
+        if event.type != event.PUT:
+            if kv.key.startswith(LIVE):
+                self.live.discard(key)
+            else:
+                self.roster.pop(key, None)
+        return {key}
 
     def state(self, key: InstanceKey) -> int:
         record = self.roster.get(key)
@@ -87,7 +91,7 @@ class Fleet:
             out.tenant, out.agent, out.run_id, out.instance_id = key.parts
         out.state = self.state(key)  # type: ignore[assignment]
         out.halts.extend(self.halts.matching(key, out.labels))
-        stored = self.checkpoints.get((key.tenant, key.agent, key.run_id))
+        stored = self.checkpoints.get(key.run)
         if with_checkpoint and stored is not None:
             json_format.Parse(stored, out.checkpoint)
         return out

@@ -12,11 +12,20 @@ from tether._permits import PermitSigner
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._halts import HaltTable
-from tether_server._ledger import LedgerWriter, RunKey, landed
-from tether_server._selectors import InstanceKey, is_full_stop
-from tether_server._store import HALTS, ROOT, EtcdUnavailable, Store, absent, put_op, range_op
+from tether_server._ledger import LedgerWriter, landed
+from tether_server._selectors import is_full_stop
+from tether_server._store import (
+    HALTS,
+    PERMIT_KEY,
+    EtcdUnavailable,
+    InstanceKey,
+    RunKey,
+    Store,
+    absent,
+    put_op,
+    range_op,
+)
 
-KEY = ROOT + b"keys/permit-ed25519"
 log = logging.getLogger("tether_server")
 
 
@@ -25,7 +34,9 @@ async def load_signer(store: Store, pem_file: Path | None) -> PermitSigner:
     if pem_file is not None:
         return PermitSigner.from_pem(await asyncio.to_thread(pem_file.read_bytes))
     fresh = os.urandom(32)  # an Ed25519 private key is 32 random bytes
-    resp = await store.txn([absent(KEY)], [put_op(KEY, fresh.hex().encode())], [range_op(KEY)])
+    resp = await store.txn(
+        [absent(PERMIT_KEY)], [put_op(PERMIT_KEY, fresh.hex().encode())], [range_op(PERMIT_KEY)]
+    )
     raw = (
         fresh
         if resp.succeeded
@@ -95,7 +106,7 @@ class Gate:
         self._landed.pop(run, None)
 
     def record(self, key: InstanceKey, batch: agent_pb2.EffectBatch) -> None:
-        run = (key.tenant, key.agent, key.run_id)
+        run = key.run
         for effect in batch.effects:
             effect.tenant, effect.agent, effect.run_id, effect.instance_id = key.parts
             if effect.status == types_pb2.EFFECT_STATUS_LANDED and effect.key:
@@ -119,7 +130,7 @@ class Gate:
             if frozen or (is_full_stop(halt) and not draining):
                 decision.refused_by.CopyFrom(halt)
                 return decision
-        if req.key and req.key in self._landed.get((key.tenant, key.agent, key.run_id), ()):
+        if req.key and req.key in self._landed.get(key.run, ()):
             decision.duplicate = True
             return decision
         if self.signer is None:

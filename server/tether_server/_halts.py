@@ -7,13 +7,13 @@ from typing import Any
 
 from tether.v1 import types_pb2
 
-from tether_server._selectors import EMPTY, InstanceKey, matches
-from tether_server._store import HALTS, from_json
+from tether_server._selectors import EMPTY, matches
+from tether_server._store import InstanceKey, from_json, halt_id_of
 
 
 def halt_from_kv(kv: Any) -> types_pb2.Halt:
     halt = from_json(kv.value, types_pb2.Halt())
-    halt.id = kv.key[len(HALTS) :].decode()
+    halt.id = halt_id_of(kv.key)
     halt.revision = kv.create_revision
     return halt
 
@@ -35,7 +35,7 @@ class HaltTable:
             halt = halt_from_kv(event.kv)
             self.halts[halt.id] = halt
             return halt
-        removed = self.halts.pop(event.kv.key[len(HALTS) :].decode(), None)
+        removed = self.halts.pop(halt_id_of(event.kv.key), None)
         return removed if removed is not None else halt_from_kv(event.prev_kv)
 
     def matching(self, key: InstanceKey, labels: Mapping[str, str] = EMPTY) -> list[types_pb2.Halt]:

@@ -28,10 +28,11 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
+from tether_server._errors import Unavailable
 from tether_server._store import Store
 
 
-class EtcdLost(Exception):
+class EtcdLost(Unavailable):
     """The keep-alive stream broke or went unanswered, or the lease expired."""
 
 

@@ -18,24 +18,18 @@ from typing import Any
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._store import (
-    ROOT,
     EtcdUnavailable,
+    RunKey,
     Store,
     every,
     from_json,
-    path,
+    ledger_chunk_key,
+    ledger_prefix,
     put_op,
     to_json,
 )
 
-LEDGER = ROOT + b"ledger/"
 _MAX_CHUNK = 128 * 1024  # bytes per value: several fit one transaction under etcd's limit
-
-RunKey = tuple[str, str, str]
-
-
-def run_prefix(run: RunKey) -> bytes:
-    return path(LEDGER, *run, "")
 
 
 def fold(records: Iterable[types_pb2.Effect]) -> list[types_pb2.Effect]:
@@ -106,14 +100,12 @@ class LedgerWriter:
     def _op(self, run: RunKey, chunk: agent_pb2.EffectBatch) -> Any:
         self._seq += 1
         name = f"{time.time_ns():020d}-{self._coordinator}-{self._seq}"
-        return put_op(run_prefix(run) + name.encode(), to_json(chunk))
+        return put_op(ledger_chunk_key(run, name), to_json(chunk))
 
     async def run(self) -> None:
         await every(self._interval, self.flush, "ledger flush")
 
     async def read(self, tenant: str, agent: str = "", run_id: str = "") -> list[types_pb2.Effect]:
         """Every record under the tenant, agent or run, folded."""
-        parts = [p for p in (tenant, agent, run_id) if p]
-        prefix = path(LEDGER, *parts) + b"/"
-        resp = await self._store.range(prefix)
+        resp = await self._store.range(ledger_prefix(tenant, agent, run_id))
         return fold(decode(resp.kvs))

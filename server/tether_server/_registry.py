@@ -11,8 +11,8 @@ from tether._uri import check_name, parse_agent_uri
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._outbox import Outbox
-from tether_server._selectors import InstanceKey, is_full_stop
-from tether_server._store import CHECKPOINTS, path
+from tether_server._selectors import is_full_stop
+from tether_server._store import InstanceKey, checkpoint_key
 
 
 class Session:
@@ -38,7 +38,7 @@ class Session:
         self.key = key
         self.session_id = session_id  # the presence key's value while this stream owns it
         self.record = record
-        self.checkpoint_key = path(CHECKPOINTS, key.tenant, key.agent, key.run_id)
+        self.checkpoint_key = checkpoint_key(key.run)
         self.last_beat = time.monotonic()
         self.outbox = outbox
         self.halts: tuple[types_pb2.Halt, ...] = ()  # the order last sent: these halts match

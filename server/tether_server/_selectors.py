@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
 
 from tether._errors import InvalidArgument
 from tether._uri import check_name
 from tether.v1 import types_pb2
+
+from tether_server._store import InstanceKey
 
 _SCOPE_NAMES: dict[int, str] = {
     types_pb2.SCOPE_GLOBAL: "global",
@@ -22,19 +23,6 @@ _FIELDS = {
     types_pb2.SCOPE_AGENT: {"tenant": "R", "agent": "R"},
     types_pb2.SCOPE_RUN: {"tenant": "A", "agent": "A", "run_id": "R"},
 }
-
-
-class InstanceKey(NamedTuple):
-    """Who an instance is; also the tail of its etcd keys."""
-
-    tenant: str
-    agent: str
-    run_id: str
-    instance_id: str
-
-    @property
-    def parts(self) -> tuple[str, str, str, str]:
-        return (self.tenant, self.agent, self.run_id, self.instance_id)
 
 
 def validate(sel: types_pb2.Selector) -> types_pb2.Selector:

@@ -19,7 +19,7 @@ from tether_server._checkpoints import CheckpointWriter
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._leases import LeaseKeeper
-from tether_server._ledger import decode, run_prefix
+from tether_server._ledger import decode
 from tether_server._outbox import DONE, End, Outbox, Push
 from tether_server._registry import (
     Registry,
@@ -31,20 +31,21 @@ from tether_server._registry import (
     stopped,
     with_ack,
 )
-from tether_server._selectors import InstanceKey, matches
+from tether_server._selectors import matches
 from tether_server._store import (
-    CHECKPOINTS,
     HALTS,
-    LIVE,
-    ROSTER,
-    RUNS,
     EtcdUnavailable,
+    InstanceKey,
     Store,
+    checkpoint_key,
     delete_op,
     holds,
-    path,
+    ledger_prefix,
+    live_key,
     put_op,
     range_op,
+    roster_key,
+    run_owner_key,
     to_json,
 )
 from tether_server._telemetry import Metrics
@@ -125,7 +126,7 @@ class Sessions:
         record = self._record(key, first.register)
         stored, halts, effects = await self._claim(key, record, session_id, keeper.lease)
         session = Session(key, session_id, record, Outbox(context, self._pushed))
-        landed = self._gate.seed((key.tenant, key.agent, key.run_id), effects)
+        landed = self._gate.seed(key.run, effects)
         session.halts = tuple(halts.matching(key, record.labels))
         session.revision = halts.revision
         self._checkpoints.seed(session.checkpoint_key, stored)
@@ -167,16 +168,15 @@ class Sessions:
         The halts come from the same transaction, not only from the watch, so that a halt
         committed before registration is in the first reply even if the watch lags.
         """
-        checkpoint_key = path(CHECKPOINTS, key.tenant, key.agent, key.run_id)
         resp = await self._store.txn(
             (),
             [
-                put_op(path(LIVE, *key.parts), session_id.encode(), lease),
-                put_op(path(ROSTER, *key.parts), to_json(record)),
-                put_op(path(RUNS, key.run_id), f"{key.tenant}/{key.agent}".encode()),
-                range_op(checkpoint_key),
+                put_op(live_key(key), session_id.encode(), lease),
+                put_op(roster_key(key), to_json(record)),
+                put_op(run_owner_key(key.run_id), f"{key.tenant}/{key.agent}".encode()),
+                range_op(checkpoint_key(key.run)),
                 range_op(HALTS, prefix=True),
-                range_op(run_prefix((key.tenant, key.agent, key.run_id)), prefix=True),
+                range_op(ledger_prefix(*key.run), prefix=True),
             ],
         )
         effects = decode(resp.responses[5].response_range.kvs)
@@ -296,7 +296,7 @@ class Sessions:
         self._metrics.sessions.add(-1)
         if not self.registry.serves_run(session.key.run_id):
             self._checkpoints.forget(session.checkpoint_key)
-            self._gate.forget((session.key.tenant, session.key.agent, session.key.run_id))
+            self._gate.forget(session.key.run)
         return True
 
     async def _drop(self, session: Session) -> None:
@@ -318,13 +318,13 @@ class Sessions:
         STALE from the missing presence key; EXITED and KILLED are written as they are.
         """
         await self._checkpoints.flush([session.checkpoint_key])
-        await self._gate.ledger.flush([(session.key.tenant, session.key.agent, session.key.run_id)])
+        await self._gate.ledger.flush([session.key.run])
         age = max(time.monotonic() - session.last_beat, 0.0)
         session.record.last_heartbeat.FromNanoseconds(time.time_ns() - int(age * 1e9))
-        live = path(LIVE, *session.key.parts)
+        live = live_key(session.key)
         await self._store.txn(
             [holds(live, session.session_id.encode())],  # a newer stream may own it by now
-            [put_op(path(ROSTER, *session.key.parts), to_json(session.record)), delete_op(live)],
+            [put_op(roster_key(session.key), to_json(session.record)), delete_op(live)],
         )
 
     def _flush_soon(self) -> None:

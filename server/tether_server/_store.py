@@ -8,8 +8,13 @@ Everything Tether knows lives under ``/tether/``. What WatchAgents needs sits un
     /tether/fleet/roster/<tenant>/<agent>/<run>/<inst> AgentInstance (JSON), outlives presence
     /tether/checkpoints/<tenant>/<agent>/<run>       the run's last checkpoint (Struct JSON)
     /tether/runs/<run>                               "<tenant>/<agent>" of a run, for run kills
+    /tether/ledger/<tenant>/<agent>/<run>/<chunk>    EffectBatch (JSON), append-only
     /tether/audit/<time ns>-<random>                 AuditEntry (JSON), append-only
+    /tether/audit-head                               the hash of the newest audit entry
+    /tether/keys/permit-ed25519                      the shared permit key, unless --permit-key
     /tether/coordinators/<id>                        on the coordinator's own lease
+
+Keys are built and parsed only here, by the typed functions below.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from aetcd import rpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+
+from tether_server._errors import Unavailable
 
 ROOT = b"/tether/"
 FLEET = ROOT + b"fleet/"
@@ -31,7 +38,10 @@ LIVE = FLEET + b"live/"
 ROSTER = FLEET + b"roster/"
 CHECKPOINTS = ROOT + b"checkpoints/"
 RUNS = ROOT + b"runs/"
+LEDGER = ROOT + b"ledger/"
 AUDIT = ROOT + b"audit/"
+AUDIT_HEAD = ROOT + b"audit-head"
+PERMIT_KEY = ROOT + b"keys/permit-ed25519"
 COORDINATORS = ROOT + b"coordinators/"
 
 # etcd's defaults: --max-txn-ops 128 and --max-request-bytes 1.5 MiB. Batched writes are
@@ -50,8 +60,112 @@ M = TypeVar("M", bound=Message)
 log = logging.getLogger("tether_server")
 
 
-class EtcdUnavailable(Exception):
+class EtcdUnavailable(Unavailable):
     """etcd did not answer; the message says which endpoint and why."""
+
+
+class RunKey(NamedTuple):
+    """One run: what a checkpoint and a ledger belong to."""
+
+    tenant: str
+    agent: str
+    run_id: str
+
+
+class InstanceKey(NamedTuple):
+    """Who an instance is; also the tail of its presence and roster keys."""
+
+    tenant: str
+    agent: str
+    run_id: str
+    instance_id: str
+
+    @property
+    def run(self) -> RunKey:
+        return RunKey(self.tenant, self.agent, self.run_id)
+
+    @property
+    def parts(self) -> tuple[str, str, str, str]:
+        return (self.tenant, self.agent, self.run_id, self.instance_id)
+
+
+# -- keys: built and parsed here only -----------------------------------------------------
+
+
+def _join(prefix: bytes, *parts: str) -> bytes:
+    return prefix + "/".join(parts).encode()
+
+
+def live_key(key: InstanceKey) -> bytes:
+    """The instance's presence: exists while a coordinator serves its stream."""
+    return _join(LIVE, *key.parts)
+
+
+def roster_key(key: InstanceKey) -> bytes:
+    """The instance's record, which outlives its presence."""
+    return _join(ROSTER, *key.parts)
+
+
+def roster_prefix(tenant: str, agent: str = "") -> bytes:
+    """Every roster key of a tenant, or of one agent of it."""
+    return _join(ROSTER, *(p for p in (tenant, agent) if p), "")
+
+
+def instance_of(raw: bytes) -> InstanceKey | None:
+    """The instance a presence or roster key names; None for any other key."""
+    for prefix in (LIVE, ROSTER):
+        if raw.startswith(prefix):
+            parts = raw[len(prefix) :].decode().split("/")
+            return InstanceKey(*parts) if len(parts) == 4 else None
+    return None
+
+
+def checkpoint_key(run: RunKey) -> bytes:
+    return _join(CHECKPOINTS, *run)
+
+
+def checkpoint_prefix(tenant: str = "") -> bytes:
+    """Every checkpoint, or every checkpoint of one tenant."""
+    return _join(CHECKPOINTS, tenant, "") if tenant else CHECKPOINTS
+
+
+def run_of_checkpoint(raw: bytes) -> RunKey | None:
+    """The run a checkpoint key belongs to; None for any other key."""
+    if not raw.startswith(CHECKPOINTS):
+        return None
+    parts = raw[len(CHECKPOINTS) :].decode().split("/")
+    return RunKey(*parts) if len(parts) == 3 else None
+
+
+def run_owner_key(run_id: str) -> bytes:
+    """``<tenant>/<agent>`` of a run, so that a run kill can be checked by run id alone."""
+    return _join(RUNS, run_id)
+
+
+def halt_key(halt_id: str) -> bytes:
+    return HALTS + halt_id.encode()
+
+
+def halt_id_of(raw: bytes) -> str:
+    """The halt id a halt key names."""
+    return raw[len(HALTS) :].decode()
+
+
+def ledger_prefix(tenant: str, agent: str = "", run_id: str = "") -> bytes:
+    """Every ledger chunk of a tenant, an agent of it, or one run of that agent."""
+    return _join(LEDGER, *(p for p in (tenant, agent, run_id) if p), "")
+
+
+def ledger_chunk_key(run: RunKey, name: str) -> bytes:
+    return ledger_prefix(*run) + name.encode()
+
+
+def audit_key(entry_id: str) -> bytes:
+    return AUDIT + entry_id.encode()
+
+
+def coordinator_key(coordinator_id: str) -> bytes:
+    return _join(COORDINATORS, coordinator_id)
 
 
 async def every(interval: float, step: Callable[[], Awaitable[None]], what: str) -> None:
@@ -67,10 +181,6 @@ async def every(interval: float, step: Callable[[], Awaitable[None]], what: str)
 def prefix_end(prefix: bytes) -> bytes:
     """The range_end that makes [prefix, end) cover every key starting with prefix."""
     return prefix[:-1] + bytes([prefix[-1] + 1])
-
-
-def path(prefix: bytes, *parts: str) -> bytes:
-    return prefix + "/".join(parts).encode()
 
 
 def to_json(msg: Message) -> bytes:

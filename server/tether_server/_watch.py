@@ -9,10 +9,11 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
+from tether_server._errors import Unavailable
 from tether_server._store import Store, prefix_end
 
 
-class WatchBroken(Exception):
+class WatchBroken(Unavailable):
     """The watch ended: etcd is unreachable, or it cancelled or compacted the watch."""
 
 
