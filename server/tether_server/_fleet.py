@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from tether.v1 import types_pb2
 
 from tether_server._halts import HaltTable
-from tether_server._selectors import EMPTY, is_full_stop
+from tether_server._selectors import EMPTY, is_stop
 from tether_server._store import (
     HALTS,
     LIVE,
@@ -75,7 +75,7 @@ class Fleet:
         record = self.roster.get(key)
         if key in self.live:
             halts = self.halts.matching(key, record.labels if record is not None else EMPTY)
-            halted = any(map(is_full_stop, halts))
+            halted = any(map(is_stop, halts))
             return types_pb2.INSTANCE_STATE_KILLED if halted else types_pb2.INSTANCE_STATE_ACTIVE
         if record is not None and record.state in _ENDED:
             return record.state

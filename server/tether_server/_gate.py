@@ -13,7 +13,7 @@ from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._halts import HaltTable
 from tether_server._ledger import LedgerWriter, landed
-from tether_server._selectors import is_full_stop
+from tether_server._selectors import is_stop
 from tether_server._store import (
     HALTS,
     PERMIT_KEY,
@@ -127,7 +127,7 @@ class Gate:
         for halt in halts.matching(key, labels):
             frozen = halt.selector.capability == req.capability
             draining = req.drain and halt.queue == types_pb2.QUEUE_POLICY_DRAIN
-            if frozen or (is_full_stop(halt) and not draining):
+            if frozen or (is_stop(halt) and not draining):
                 decision.refused_by.CopyFrom(halt)
                 return decision
         if req.key and req.key in self._landed.get(key.run, ()):

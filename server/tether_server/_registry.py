@@ -11,7 +11,7 @@ from tether._uri import check_name, parse_agent_uri
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._outbox import Outbox
-from tether_server._selectors import is_full_stop
+from tether_server._selectors import is_stop
 from tether_server._store import InstanceKey, checkpoint_key
 
 
@@ -99,7 +99,7 @@ def order(
     halts: Iterable[types_pb2.Halt], revision: int, *, ack_seq: int = 0, fail_closed: str = ""
 ) -> agent_pb2.HeartbeatResponse:
     halts = list(halts)
-    stop = stopped(halts) or bool(fail_closed)
+    stop = any_stop(halts) or bool(fail_closed)
     return agent_pb2.HeartbeatResponse(
         order=agent_pb2.ORDER_STOP if stop else agent_pb2.ORDER_RUN,
         halts=halts,
@@ -133,9 +133,9 @@ def with_ack(payload: bytes, seq: int) -> bytes:
     return payload + bytes(out)
 
 
-def stopped(halts: Iterable[types_pb2.Halt]) -> bool:
+def any_stop(halts: Iterable[types_pb2.Halt]) -> bool:
     """True when a halt stops the whole instance, not just one capability."""
-    return any(map(is_full_stop, halts))
+    return any(map(is_stop, halts))
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:

@@ -93,7 +93,7 @@ def matches(sel: types_pb2.Selector, key: InstanceKey, labels: Mapping[str, str]
     )
 
 
-def is_full_stop(halt: types_pb2.Halt) -> bool:
+def is_stop(halt: types_pb2.Halt) -> bool:
     """A halt stops the whole instance unless it only freezes one capability."""
     return not halt.selector.capability
 

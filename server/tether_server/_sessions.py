@@ -24,11 +24,11 @@ from tether_server._outbox import DONE, End, Outbox, Push
 from tether_server._registry import (
     Registry,
     Session,
+    any_stop,
     current_order,
     identity_from,
     now_timestamp,
     order,
-    stopped,
     with_ack,
 )
 from tether_server._selectors import matches
@@ -253,7 +253,7 @@ class Sessions:
 
     def _effects(self, session: Session, batch: agent_pb2.EffectBatch) -> None:
         self._gate.record(session.key, batch)
-        if stopped(session.halts):  # what left before the kill, and what it refused: now
+        if any_stop(session.halts):  # what left before the kill, and what it refused: now
             self._flush_soon()
 
     def _offer_checkpoint(self, session: Session, checkpoint: Any) -> None:
@@ -271,7 +271,7 @@ class Sessions:
                 f"checkpoint is not valid JSON ({err}); it was not stored"
             ) from None
         self._checkpoints.offer(session.checkpoint_key, value)
-        if stopped(session.halts):  # killed: this is the checkpoint a resume starts from
+        if any_stop(session.halts):  # killed: this is the checkpoint a resume starts from
             self._flush_soon()
 
     async def _goodbye(self, session: Session, goodbye: agent_pb2.Goodbye) -> None:
@@ -279,7 +279,7 @@ class Sessions:
             self._offer_checkpoint(session, goodbye.checkpoint)
         ended = (
             types_pb2.INSTANCE_STATE_KILLED
-            if stopped(session.halts)
+            if any_stop(session.halts)
             else types_pb2.INSTANCE_STATE_EXITED
         )
         session.record.state = ended
@@ -365,14 +365,14 @@ class Sessions:
             session.order_bytes = None
             if ids == tuple((h.id, h.mode) for h in session.halts):
                 continue
-            was_running, session.halts = not stopped(session.halts), halts
+            was_running, session.halts = not any_stop(session.halts), halts
             payload = payloads.get(ids)
             if payload is None:
                 payload = order(halts, revision).SerializeToString()
                 payloads[ids] = payload
             session.order_bytes = payload
             session.outbox.post(Push(payload, since))
-            if was_running and stopped(halts):
+            if was_running and any_stop(halts):
                 self._metrics.kills_pushed.add(1)
                 self._flush_soon()
 
