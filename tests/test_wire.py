@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from tether.v1 import agent_pb2, types_pb2
-from tether_server._registry import order, with_ack
+from tether_server._orders import order_message, with_ack
 
 
 @pytest.mark.parametrize("seq", [0, 1, 127, 128, 300, 2**35 + 5, 2**64 - 1])
@@ -12,9 +12,9 @@ def test_a_pre_serialised_ack_parses_as_the_order_confirming_that_beat(seq: int)
     halt = types_pb2.Halt(id="h-1", reason="runaway", mode=types_pb2.KILL_MODE_HARD)
     halt.selector.scope = types_pb2.SCOPE_RUN
     halt.selector.run_id = "run-9"
-    payload = order([halt], 41).SerializeToString()
+    payload = order_message([halt], 41).SerializeToString()
 
     reply = agent_pb2.HeartbeatResponse.FromString(with_ack(payload, seq))
 
     assert reply.ack_seq == seq
-    assert reply == order([halt], 41, ack_seq=seq)
+    assert reply == order_message([halt], 41, ack_seq=seq)

@@ -16,7 +16,7 @@ from tether_server._auth import AdminTokens, PermissionDenied, Unauthenticated
 from tether_server._fleet import Fleet
 from tether_server._gate import Gate
 from tether_server._halts import halt_from_kv
-from tether_server._registry import now_timestamp
+from tether_server._presence import now_timestamp
 from tether_server._selectors import halt_id, scope_name, validate
 from tether_server._sessions import Sessions
 from tether_server._store import (

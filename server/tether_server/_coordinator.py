@@ -56,6 +56,7 @@ class Coordinator:
         self.attached = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease = 0
+        self._keeper: LeaseKeeper | None = None
 
     async def run(self) -> None:
         """Attach to etcd and stay attached; on any loss, fail closed and try again."""
@@ -90,10 +91,11 @@ class Coordinator:
                 )
             ],
         )
-        self.gate.signer = await load_signer(self.store, self.config.permit_key)
+        self.gate.attach(await load_signer(self.store, self.config.permit_key))
         resp = await self.store.range(HALTS)
         self.halts.load(resp.kvs, resp.header.revision)
-        self.sessions.keeper = LeaseKeeper(self.store, self._lease, ttl)
+        self._keeper = LeaseKeeper(self.store, self._lease, ttl)
+        self.sessions.attach(self._keeper)
         for service in SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.attached.set()
@@ -104,7 +106,7 @@ class Coordinator:
         )
 
     async def _hold(self) -> None:
-        keeper = self.sessions.keeper
+        keeper = self._keeper
         assert keeper is not None
         tasks = [
             asyncio.create_task(keeper.run(), name="lease-keeper"),
@@ -128,16 +130,13 @@ class Coordinator:
         async for resp in watch_prefix(self.store, HALTS, self.halts.revision + 1):
             since = time.monotonic()
             for event in resp.events:
-                halt = self.halts.apply(event)
-                self.halts.revision = event.kv.mod_revision
-                self.sessions.on_halt(halt, since)
+                self.sessions.on_halt(self.halts.apply(event), since)
 
     def _lose(self, reason: str) -> None:
         log.error("coordinator lost etcd, failing closed: %s", reason)
         self.attached.clear()
-        self.sessions.keeper = None
-        self.sessions.serving_error = f"coordinator lost etcd ({reason}); try another coordinator"
-        self.sessions.fail_closed(reason)
+        self._keeper = None
+        self.sessions.lose(reason)
         for service in SERVICES:
             self._spawn_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 

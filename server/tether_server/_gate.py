@@ -92,9 +92,18 @@ class Gate:
 
     def __init__(self, ledger: LedgerWriter, store: Store) -> None:
         self.ledger = ledger
-        self.signer: PermitSigner | None = None
+        self._signer: PermitSigner | None = None
         self._fresh = FreshHalts(store)
         self._landed: dict[RunKey, set[str]] = {}
+
+    @property
+    def signer(self) -> PermitSigner | None:
+        """The key that signs permits; None until the coordinator first reaches etcd."""
+        return self._signer
+
+    def attach(self, signer: PermitSigner) -> None:
+        """Sign permits with ``signer`` from now on."""
+        self._signer = signer
 
     def seed(self, run: RunKey, records: Iterable[types_pb2.Effect]) -> list[str]:
         """Load a run's landed keys at registration; returns them for the session grant."""
@@ -133,10 +142,10 @@ class Gate:
         if req.key and req.key in self._landed.get(key.run, ()):
             decision.duplicate = True
             return decision
-        if self.signer is None:
+        if self._signer is None:
             decision.refused_by.reason = "the coordinator has no permit key yet"
             return decision
-        decision.permit, _ = self.signer.sign(
+        decision.permit, _ = self._signer.sign(
             tenant=key.tenant, agent=key.agent, run_id=key.run_id, instance_id=key.instance_id,
             capability=req.capability, key=req.key, revision=halts.revision,
         )  # fmt: skip

@@ -30,7 +30,8 @@ class HaltTable:
         self.revision = revision
 
     def apply(self, event: Any) -> types_pb2.Halt:
-        """Apply one watch event; return the halt it put or deleted."""
+        """Apply one watch event and advance to its revision; return the halt it put or deleted."""
+        self.revision = event.kv.mod_revision
         if event.type == event.PUT:
             halt = halt_from_kv(event.kv)
             self.halts[halt.id] = halt

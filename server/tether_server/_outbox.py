@@ -18,13 +18,7 @@ from typing import Any
 
 import grpc
 
-
-@dataclass(frozen=True, slots=True)
-class Push:
-    """A pushed order, timed from the watch event that caused it."""
-
-    payload: bytes
-    since: float
+from tether_server._orders import Push
 
 
 @dataclass(frozen=True, slots=True)

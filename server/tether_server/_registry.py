@@ -1,17 +1,13 @@
-"""Open sessions, indexed for fan-out, and the small pure pieces of the Heartbeat protocol."""
+"""Open sessions, indexed so that a halt finds its instances without a full scan."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
 
-from google.protobuf import timestamp_pb2
-from tether._errors import InvalidArgument
-from tether._uri import check_name, parse_agent_uri
-from tether.v1 import agent_pb2, types_pb2
+from tether.v1 import types_pb2
 
 from tether_server._outbox import Outbox
-from tether_server._selectors import is_stop
 from tether_server._store import InstanceKey, checkpoint_key
 
 
@@ -20,11 +16,11 @@ class Session:
 
     __slots__ = (
         "checkpoint_key",
-        "detached",
-        "ending",
+        "end_queued",
         "halts",
         "key",
         "last_beat",
+        "leave_presence",
         "order_bytes",
         "outbox",
         "record",
@@ -44,8 +40,10 @@ class Session:
         self.halts: tuple[types_pb2.Halt, ...] = ()  # the order last sent: these halts match
         self.revision = 0  # the etcd revision that order reflects
         self.order_bytes: bytes | None = None  # that order serialised; None when it changed
-        self.detached = False  # the coordinator let go of it; leave its presence alone
-        self.ending = False  # its end is queued
+        # The coordinator let go of it (replaced, etcd lost, shutdown): when its stream
+        # ends, its presence key is left alone; a newer stream or the lease's lapse owns it.
+        self.leave_presence = False
+        self.end_queued = False  # silence ended it; its End is queued behind what is in flight
 
 
 class Registry:
@@ -76,6 +74,13 @@ class Registry:
         _discard(self._by_run, session.key.run_id, session)
         return True
 
+    def get(self, key: InstanceKey) -> Session | None:
+        return self.by_key.get(key)
+
+    def snapshot(self) -> tuple[Session, ...]:
+        """Every open session, as a tuple that survives the registry changing under it."""
+        return tuple(self.by_key.values())
+
     def serves_run(self, run_id: str) -> bool:
         return run_id in self._by_run
 
@@ -93,71 +98,3 @@ def _discard(index: dict[str, set[Session]], name: str, session: Session) -> Non
         members.discard(session)
         if not members:
             del index[name]
-
-
-def order(
-    halts: Iterable[types_pb2.Halt], revision: int, *, ack_seq: int = 0, fail_closed: str = ""
-) -> agent_pb2.HeartbeatResponse:
-    halts = list(halts)
-    stop = any_stop(halts) or bool(fail_closed)
-    return agent_pb2.HeartbeatResponse(
-        order=agent_pb2.ORDER_STOP if stop else agent_pb2.ORDER_RUN,
-        halts=halts,
-        ack_seq=ack_seq,
-        revision=revision,
-        fail_closed_reason=fail_closed,
-    )
-
-
-def current_order(session: Session) -> bytes:
-    """The session's order, serialised once and reused by every heartbeat ack."""
-    if session.order_bytes is None:
-        session.order_bytes = order(session.halts, session.revision).SerializeToString()
-    return session.order_bytes
-
-
-_ACK_SEQ_TAG = b"\x18"  # HeartbeatResponse.ack_seq: field 3, varint
-
-
-def with_ack(payload: bytes, seq: int) -> bytes:
-    """``payload`` (a serialised order) confirming Beat ``seq``: the field appended as bytes.
-
-    Protobuf parses concatenated fields as one message, so an ack costs no message build.
-    """
-    out = bytearray(_ACK_SEQ_TAG)
-    seq &= (1 << 64) - 1
-    while seq > 0x7F:
-        out.append((seq & 0x7F) | 0x80)
-        seq >>= 7
-    out.append(seq)
-    return payload + bytes(out)
-
-
-def any_stop(halts: Iterable[types_pb2.Halt]) -> bool:
-    """True when a halt stops the whole instance, not just one capability."""
-    return any(map(is_stop, halts))
-
-
-def now_timestamp() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
-
-
-def identity_from(reg: agent_pb2.Register) -> InstanceKey:
-    """Validate a registration; raises InvalidArgument with what to fix."""
-    if reg.agent_uri:
-        if reg.tenant or reg.agent:
-            raise InvalidArgument("register.agent_uri replaces tenant and agent; send one form")
-        tenant, agent = parse_agent_uri(reg.agent_uri)
-    else:
-        if not reg.tenant or not reg.agent:
-            raise InvalidArgument("register needs tenant and agent, or agent_uri")
-        tenant, agent = check_name("tenant", reg.tenant), check_name("agent", reg.agent)
-    if not reg.run_id or not reg.instance_id:
-        raise InvalidArgument("register needs run_id and instance_id")
-    for cap in reg.capabilities:
-        check_name("capability", cap)
-    return InstanceKey(
-        tenant, agent, check_name("run_id", reg.run_id), check_name("instance_id", reg.instance_id)
-    )

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +22,7 @@ from tether_server._auth import AdminTokens
 from tether_server._config import ServerConfig
 from tether_server._coordinator import Coordinator
 from tether_server._embedded import EmbeddedEtcd
+from tether_server._orders import serialize
 from tether_server._store import EtcdUnavailable, Store
 
 log = logging.getLogger("tether_server")
@@ -35,17 +35,12 @@ SERVER_OPTIONS = [
 ]
 
 
-def _serialize(message: Any) -> bytes:
-    # Pushed orders arrive already serialised, once for every stream they go to.
-    return message if isinstance(message, bytes) else bytes(message.SerializeToString())
-
-
 def agent_handler(heartbeat: Callable[..., Awaitable[None]]) -> grpc.GenericRpcHandler:
     """AgentService with ``heartbeat`` serving Heartbeat (bench/bare_server.py reuses it)."""
     handler = grpc.stream_stream_rpc_method_handler(
         heartbeat,
         request_deserializer=agent_pb2.HeartbeatRequest.FromString,
-        response_serializer=_serialize,
+        response_serializer=serialize,
     )
     return grpc.method_handlers_generic_handler("tether.v1.AgentService", {"Heartbeat": handler})
 

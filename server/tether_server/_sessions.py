@@ -1,4 +1,9 @@
-"""AgentService.Heartbeat: one stream, one presence key and one session per agent instance."""
+"""AgentService.Heartbeat: one stream, one presence key and one session per agent instance.
+
+This module reads the stream: registration, beats, effects, permit requests, acks and
+goodbye. Who is present lives in ``_presence``; what is pushed unasked (halts, fail-closed,
+silence, shutdown) in ``_fanout``; the orders themselves in ``_orders``.
+"""
 
 from __future__ import annotations
 
@@ -11,47 +16,23 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from tether._errors import InvalidArgument
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._acks import AckBook
-from tether_server._checkpoints import CheckpointWriter
+from tether_server._checkpoints import CheckpointWriter, KillFlush
+from tether_server._errors import ANSWERABLE, InvalidArgument, status_of
+from tether_server._fanout import Fanout
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._leases import LeaseKeeper
-from tether_server._ledger import decode
-from tether_server._outbox import DONE, End, Outbox, Push
-from tether_server._registry import (
-    Registry,
-    Session,
-    any_stop,
-    current_order,
-    identity_from,
-    now_timestamp,
-    order,
-    with_ack,
-)
-from tether_server._selectors import matches
-from tether_server._store import (
-    HALTS,
-    EtcdUnavailable,
-    InstanceKey,
-    Store,
-    checkpoint_key,
-    delete_op,
-    holds,
-    ledger_prefix,
-    live_key,
-    put_op,
-    range_op,
-    roster_key,
-    run_owner_key,
-    to_json,
-)
+from tether_server._orders import any_stop, current_order, order_message, with_ack
+from tether_server._outbox import DONE, End, Outbox
+from tether_server._presence import Presence, identity_from
+from tether_server._registry import Session
+from tether_server._store import EtcdUnavailable, InstanceKey, Store
 from tether_server._telemetry import Metrics
 
 log = logging.getLogger("tether_server")
-KILL_FLUSH_DELAY = 0.05  # seconds: long enough to gather a fleet's final checkpoints
 
 
 class Sessions:
@@ -71,12 +52,29 @@ class Sessions:
         heartbeat_interval: float,
         max_checkpoint_bytes: int,
     ) -> None:
-        self.registry = Registry()
-        self.keeper: LeaseKeeper | None = None
-        self.serving_error = "coordinator is starting and has not reached etcd yet"
-        self._store = store
-        self._halts = halts
+        flush = KillFlush(checkpoints, gate.ledger)
+        self._presence = Presence(
+            store=store,
+            halts=halts,
+            checkpoints=checkpoints,
+            flush=flush,
+            gate=gate,
+            metrics=metrics,
+            coordinator_id=coordinator_id,
+        )
+        self._fanout = Fanout(
+            presence=self._presence,
+            halts=halts,
+            checkpoints=checkpoints,
+            flush=flush,
+            metrics=metrics,
+            lease_ttl=lease_ttl,
+        )
+        self.registry = self._presence.registry
+        self._keeper: LeaseKeeper | None = None
+        self._serving_error = "coordinator is starting and has not reached etcd yet"
         self._checkpoints = checkpoints
+        self._flush = flush
         self._gate = gate
         self._acks = acks
         self._metrics = metrics
@@ -86,17 +84,46 @@ class Sessions:
         self._max_checkpoint = max_checkpoint_bytes
         self._cleanups: set[asyncio.Task[None]] = set()
         self._serial = itertools.count(1)
-        self._flushing: asyncio.Task[None] | None = None
+
+    # -- the coordinator's side -------------------------------------------------------------
+
+    def attach(self, keeper: LeaseKeeper) -> None:
+        """Serve registrations on ``keeper``'s lease: the coordinator holds etcd again."""
+        self._keeper = keeper
+
+    def lose(self, reason: str) -> None:
+        """etcd is lost: refuse registrations, stop every agent and let its stream go."""
+        self._keeper = None
+        self._serving_error = f"coordinator lost etcd ({reason}); try another coordinator"
+        self._fanout.fail_closed(reason)
+
+    def on_halt(self, halt: types_pb2.Halt, since: float) -> None:
+        """A halt was put or deleted: push the new order to every instance it touches."""
+        self._fanout.on_halt(halt, since)
+
+    async def watch_silence(self) -> None:
+        """Declare an instance STALE once it has been silent for a whole TTL."""
+        await self._fanout.watch_silence()
+
+    async def drain(self) -> None:
+        """Shutdown: flush checkpoints and let streams go; presence lapses with the lease."""
+        await self._fanout.drain()
+        if self._cleanups:
+            await asyncio.wait(self._cleanups, timeout=2)
+
+    def last_beat(self, key: InstanceKey) -> float | None:
+        """The ``time.monotonic()`` of the instance's last beat, if this coordinator serves it."""
+        session = self.registry.get(key)
+        return None if session is None else session.last_beat
 
     # -- the stream -------------------------------------------------------------------------
 
     async def heartbeat(self, requests: AsyncIterator[Any], context: Any) -> None:
+        """Serve one Heartbeat stream: register, then beats and the rest until it ends."""
         try:
             session = await self._open(requests, context)
-        except InvalidArgument as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except EtcdUnavailable as err:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except ANSWERABLE as err:
+            await context.abort(status_of(err), str(err))
         end = None
         try:
             end = await self._read(session, requests)
@@ -105,7 +132,7 @@ class Sessions:
             await session.outbox.close()
         finally:
             if end is not DONE:
-                self._spawn(self._drop(session))
+                self._spawn(self._presence.declare_stale(session))
 
     async def _open(self, requests: AsyncIterator[Any], context: Any) -> Session:
         try:
@@ -118,77 +145,32 @@ class Sessions:
                 f"got {first.WhichOneof('body') or 'an empty message'}"
             )
         key = identity_from(first.register)
-        keeper = self.keeper
+        keeper = self._keeper
         if keeper is None:
-            raise EtcdUnavailable(self.serving_error)
+            raise EtcdUnavailable(self._serving_error)
         # Unique: the lease ID names this attachment to etcd; the serial counts its streams.
         session_id = f"{keeper.lease:x}-{next(self._serial):x}"
-        record = self._record(key, first.register)
-        stored, halts, effects = await self._claim(key, record, session_id, keeper.lease)
+        record = self._presence.record(key, first.register)
+        stored, halts, effects = await self._presence.claim(key, record, session_id, keeper.lease)
         session = Session(key, session_id, record, Outbox(context, self._pushed))
         landed = self._gate.seed(key.run, effects)
         session.halts = tuple(halts.matching(key, record.labels))
         session.revision = halts.revision
         self._checkpoints.seed(session.checkpoint_key, stored)
-        if self.keeper is not keeper:  # etcd was lost while this registration was in flight
-            raise EtcdUnavailable(self.serving_error)
-        replaced = self.registry.add(session)
-        if replaced is not None:
-            replaced.detached = True
-            replaced.outbox.post(End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
-        self._metrics.sessions.add(1)
+        if self._keeper is not keeper:  # etcd was lost while this registration was in flight
+            raise EtcdUnavailable(self._serving_error)
+        self._presence.admit(session)
         grant = self._grant(session, stored)
         grant.session.landed_keys.extend(landed)
         try:
             await session.outbox.first(grant)
         except BaseException:  # the agent went away mid-registration: do not keep its session
-            self._spawn(self._drop(session))
+            self._spawn(self._presence.declare_stale(session))
             raise
         return session
 
-    def _record(self, key: InstanceKey, reg: agent_pb2.Register) -> types_pb2.AgentInstance:
-        return types_pb2.AgentInstance(
-            tenant=key.tenant,
-            agent=key.agent,
-            run_id=key.run_id,
-            instance_id=key.instance_id,
-            state=types_pb2.INSTANCE_STATE_ACTIVE,
-            capabilities=reg.capabilities,
-            labels=reg.labels,
-            coordinator=self._coordinator,
-            registered_at=now_timestamp(),
-            last_heartbeat=now_timestamp(),
-        )
-
-    async def _claim(
-        self, key: InstanceKey, record: types_pb2.AgentInstance, session_id: str, lease: int
-    ) -> tuple[bytes | None, HaltTable, list[types_pb2.Effect]]:
-        """Write presence and roster, read the run's checkpoint and the halts, atomically.
-
-        The halts come from the same transaction, not only from the watch, so that a halt
-        committed before registration is in the first reply even if the watch lags.
-        """
-        resp = await self._store.txn(
-            (),
-            [
-                put_op(live_key(key), session_id.encode(), lease),
-                put_op(roster_key(key), to_json(record)),
-                put_op(run_owner_key(key.run_id), f"{key.tenant}/{key.agent}".encode()),
-                range_op(checkpoint_key(key.run)),
-                range_op(HALTS, prefix=True),
-                range_op(ledger_prefix(*key.run), prefix=True),
-            ],
-        )
-        effects = decode(resp.responses[5].response_range.kvs)
-        kvs = resp.responses[3].response_range.kvs
-        halts = self._halts
-        if resp.header.revision > halts.revision:
-            halts = HaltTable()
-            halts.load(resp.responses[4].response_range.kvs, resp.header.revision)
-        return (bytes(kvs[0].value) if kvs else None), halts, effects
-
     def _grant(self, session: Session, stored: bytes | None) -> agent_pb2.HeartbeatResponse:
-        resp = order(session.halts, session.revision)
+        resp = order_message(session.halts, session.revision)
         grant = resp.session
         grant.session_id = session.session_id
         grant.ttl_ms = int(self._ttl * 1000)
@@ -223,10 +205,8 @@ class Sessions:
                     break
                 else:
                     raise InvalidArgument(f"unexpected {kind or 'empty message'} after register")
-        except InvalidArgument as err:
-            end = End(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except EtcdUnavailable as err:
-            end = End(grpc.StatusCode.UNAVAILABLE, str(err))
+        except ANSWERABLE as err:
+            end = End(status_of(err), str(err))
         except (grpc.RpcError, grpc.aio.AbortError) as err:
             # The agent went away, or (aborted) this stream was ended from elsewhere.
             end = None if isinstance(err, grpc.aio.AbortError) else end
@@ -247,14 +227,14 @@ class Sessions:
 
     async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
         decision = await self._gate.decide(session.key, session.record.labels, request)
-        resp = order(session.halts, session.revision)
+        resp = order_message(session.halts, session.revision)
         resp.permit.CopyFrom(decision)
         session.outbox.post(resp)
 
     def _effects(self, session: Session, batch: agent_pb2.EffectBatch) -> None:
         self._gate.record(session.key, batch)
         if any_stop(session.halts):  # what left before the kill, and what it refused: now
-            self._flush_soon()
+            self._flush.soon()
 
     def _offer_checkpoint(self, session: Session, checkpoint: Any) -> None:
         size = checkpoint.ByteSize()  # the SDK measures the same way
@@ -272,7 +252,7 @@ class Sessions:
             ) from None
         self._checkpoints.offer(session.checkpoint_key, value)
         if any_stop(session.halts):  # killed: this is the checkpoint a resume starts from
-            self._flush_soon()
+            self._flush.soon()
 
     async def _goodbye(self, session: Session, goodbye: agent_pb2.Goodbye) -> None:
         if goodbye.HasField("checkpoint"):
@@ -284,134 +264,10 @@ class Sessions:
         )
         session.record.state = ended
         session.record.ended_at.GetCurrentTime()
-        self._release(session)
-        await self._retire(session)
-
-    # -- ending -----------------------------------------------------------------------------
-
-    def _release(self, session: Session) -> bool:
-        """Forget a session locally; False when it was already gone or replaced."""
-        if not self.registry.remove(session):
-            return False
-        self._metrics.sessions.add(-1)
-        if not self.registry.serves_run(session.key.run_id):
-            self._checkpoints.forget(session.checkpoint_key)
-            self._gate.forget(session.key.run)
-        return True
-
-    async def _drop(self, session: Session) -> None:
-        """The stream ended without goodbye: the instance is STALE now, not after the TTL."""
-        released = self._release(session)
-        try:
-            if released and not session.detached:
-                await self._retire(session)
-                self._metrics.stale_declared.add(1)
-            else:
-                await self._checkpoints.flush([session.checkpoint_key])
-        except EtcdUnavailable as err:
-            log.warning("could not release %s: %s", "/".join(session.key.parts), err)
-
-    async def _retire(self, session: Session) -> None:
-        """Store the final checkpoint and record, and drop presence.
-
-        The record keeps its ACTIVE state when the instance vanished, so readers derive
-        STALE from the missing presence key; EXITED and KILLED are written as they are.
-        """
-        await self._checkpoints.flush([session.checkpoint_key])
-        await self._gate.ledger.flush([session.key.run])
-        age = max(time.monotonic() - session.last_beat, 0.0)
-        session.record.last_heartbeat.FromNanoseconds(time.time_ns() - int(age * 1e9))
-        live = live_key(session.key)
-        await self._store.txn(
-            [holds(live, session.session_id.encode())],  # a newer stream may own it by now
-            [put_op(roster_key(session.key), to_json(session.record)), delete_op(live)],
-        )
-
-    def _flush_soon(self) -> None:
-        """After a kill, write checkpoints and ledger records at once, but as one batch.
-
-        A kill reaches thousands of sessions in a few milliseconds; one flush per session
-        would queue thousands of transactions. One flush a moment later carries them all.
-        """
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(self._flush_all())
-
-    async def _flush_all(self) -> None:
-        await asyncio.sleep(KILL_FLUSH_DELAY)
-        try:
-            await self._checkpoints.flush()
-            await self._gate.ledger.flush()
-        except EtcdUnavailable as err:
-            log.warning("kill-time checkpoint flush deferred: %s", err)
+        self._presence.forget_locally(session)
+        await self._presence.write_final(session)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
-
-    # -- pushes -----------------------------------------------------------------------------
-
-    def on_halt(self, halt: types_pb2.Halt, since: float) -> None:
-        """A halt was put or deleted: push the new order to every instance it touches."""
-        revision = self._halts.revision
-        payloads: dict[tuple[Any, ...], bytes] = {}  # serialise each distinct order once
-        for session in self.registry.candidates(halt.selector):
-            labels = session.record.labels
-            if not matches(halt.selector, session.key, labels) or session.revision > revision:
-                continue  # registration read a newer view than this event; it stands
-            halts = tuple(self._halts.matching(session.key, labels))
-            ids = tuple((h.id, h.mode) for h in halts)  # a soft halt made hard is news too
-            session.revision = revision
-            session.order_bytes = None
-            if ids == tuple((h.id, h.mode) for h in session.halts):
-                continue
-            was_running, session.halts = not any_stop(session.halts), halts
-            payload = payloads.get(ids)
-            if payload is None:
-                payload = order(halts, revision).SerializeToString()
-                payloads[ids] = payload
-            session.order_bytes = payload
-            session.outbox.post(Push(payload, since))
-            if was_running and any_stop(halts):
-                self._metrics.kills_pushed.add(1)
-                self._flush_soon()
-
-    def fail_closed(self, reason: str) -> None:
-        """etcd is gone: tell every agent to stop, then let go so it finds another coordinator."""
-        payload = order((), self._halts.revision, fail_closed=reason).SerializeToString()
-        end = End(grpc.StatusCode.UNAVAILABLE, f"coordinator lost etcd ({reason}); reconnect")
-        for session in tuple(self.registry.by_key.values()):
-            session.detached = True
-            session.outbox.post(Push(payload, time.monotonic()))
-            session.outbox.post(end)
-            self._release(session)
-
-    async def watch_silence(self) -> None:
-        """Declare an instance STALE once it has been silent for a whole TTL.
-
-        Ending the stream drops the instance's presence key: STALE is then a fact in etcd.
-        """
-        period = min(0.5, self._ttl / 8)
-        while True:
-            await asyncio.sleep(period)
-            horizon = time.monotonic() - self._ttl
-            for session in tuple(self.registry.by_key.values()):
-                if session.last_beat < horizon and not session.ending:
-                    session.ending = True
-                    session.outbox.post(
-                        End(grpc.StatusCode.UNAVAILABLE, f"no heartbeat for {self._ttl:g}s")
-                    )
-
-    async def drain(self) -> None:
-        """Shutdown: flush checkpoints and let streams go; presence lapses with the lease."""
-        for session in tuple(self.registry.by_key.values()):
-            session.detached = True
-            session.outbox.post(
-                End(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down; reconnect")
-            )
-        try:
-            await self._checkpoints.flush()
-        except EtcdUnavailable as err:
-            log.warning("final checkpoint flush failed: %s", err)
-        if self._cleanups:
-            await asyncio.wait(self._cleanups, timeout=2)

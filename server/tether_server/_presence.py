@@ -1,0 +1,188 @@
+"""Who is connected: validated identities, the local registry, and presence in etcd.
+
+An instance is present while its presence key lives, on this coordinator's lease. Its
+roster record outlives it: that record, written at registration and again at the end,
+says how it ended. Three ways out, three names:
+
+- :meth:`Presence.forget_locally`: this coordinator stops serving the session; etcd untouched.
+- :meth:`Presence.write_final`: store the final checkpoint and record, delete the presence key.
+- :meth:`Presence.declare_stale`: the stream ended without goodbye, so the instance is
+  STALE now, not after the TTL (unless the coordinator let go of it on purpose).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import tether
+from google.protobuf import timestamp_pb2
+from tether.v1 import agent_pb2, types_pb2
+
+from tether_server._checkpoints import CheckpointWriter, KillFlush
+from tether_server._errors import InvalidArgument
+from tether_server._gate import Gate
+from tether_server._halts import HaltTable
+from tether_server._ledger import decode
+from tether_server._outbox import End
+from tether_server._registry import Registry, Session
+from tether_server._store import (
+    HALTS,
+    EtcdUnavailable,
+    InstanceKey,
+    Store,
+    checkpoint_key,
+    delete_op,
+    holds,
+    ledger_prefix,
+    live_key,
+    put_op,
+    range_op,
+    roster_key,
+    run_owner_key,
+    to_json,
+)
+from tether_server._telemetry import Metrics
+
+log = logging.getLogger("tether_server")
+
+
+def now_timestamp() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def identity_from(reg: agent_pb2.Register) -> InstanceKey:
+    """Validate a registration; raises InvalidArgument with what to fix."""
+    if reg.agent_uri:
+        if reg.tenant or reg.agent:
+            raise InvalidArgument("register.agent_uri replaces tenant and agent; send one form")
+        tenant, agent = tether.parse_agent_uri(reg.agent_uri)
+    else:
+        if not reg.tenant or not reg.agent:
+            raise InvalidArgument("register needs tenant and agent, or agent_uri")
+        tenant = tether.check_name("tenant", reg.tenant)
+        agent = tether.check_name("agent", reg.agent)
+    if not reg.run_id or not reg.instance_id:
+        raise InvalidArgument("register needs run_id and instance_id")
+    for cap in reg.capabilities:
+        tether.check_name("capability", cap)
+    return InstanceKey(
+        tenant,
+        agent,
+        tether.check_name("run_id", reg.run_id),
+        tether.check_name("instance_id", reg.instance_id),
+    )
+
+
+class Presence:
+    """Admits and lets go of sessions, here and in etcd."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        halts: HaltTable,
+        checkpoints: CheckpointWriter,
+        flush: KillFlush,
+        gate: Gate,
+        metrics: Metrics,
+        coordinator_id: str,
+    ) -> None:
+        self.registry = Registry()
+        self._store = store
+        self._halts = halts
+        self._checkpoints = checkpoints
+        self._flush = flush
+        self._gate = gate
+        self._metrics = metrics
+        self._coordinator = coordinator_id
+
+    def record(self, key: InstanceKey, reg: agent_pb2.Register) -> types_pb2.AgentInstance:
+        """The roster record of an instance registering now."""
+        return types_pb2.AgentInstance(
+            tenant=key.tenant,
+            agent=key.agent,
+            run_id=key.run_id,
+            instance_id=key.instance_id,
+            state=types_pb2.INSTANCE_STATE_ACTIVE,
+            capabilities=reg.capabilities,
+            labels=reg.labels,
+            coordinator=self._coordinator,
+            registered_at=now_timestamp(),
+            last_heartbeat=now_timestamp(),
+        )
+
+    async def claim(
+        self, key: InstanceKey, record: types_pb2.AgentInstance, session_id: str, lease: int
+    ) -> tuple[bytes | None, HaltTable, list[types_pb2.Effect]]:
+        """Write presence and roster, read the run's checkpoint and the halts, atomically.
+
+        The halts come from the same transaction, not only from the watch, so that a halt
+        committed before registration is in the first reply even if the watch lags.
+        """
+        resp = await self._store.txn(
+            (),
+            [
+                put_op(live_key(key), session_id.encode(), lease),
+                put_op(roster_key(key), to_json(record)),
+                put_op(run_owner_key(key.run_id), f"{key.tenant}/{key.agent}".encode()),
+                range_op(checkpoint_key(key.run)),
+                range_op(HALTS, prefix=True),
+                range_op(ledger_prefix(*key.run), prefix=True),
+            ],
+        )
+        effects = decode(resp.responses[5].response_range.kvs)
+        kvs = resp.responses[3].response_range.kvs
+        halts = self._halts
+        if resp.header.revision > halts.revision:
+            halts = HaltTable()
+            halts.load(resp.responses[4].response_range.kvs, resp.header.revision)
+        return (bytes(kvs[0].value) if kvs else None), halts, effects
+
+    def admit(self, session: Session) -> None:
+        """Serve ``session`` here; a stream it replaces is let go, its presence left alone."""
+        replaced = self.registry.add(session)
+        if replaced is not None:
+            replaced.leave_presence = True
+            replaced.outbox.post(End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
+        self._metrics.sessions.add(1)
+
+    def forget_locally(self, session: Session) -> bool:
+        """Stop serving ``session`` here; False when it was already gone or replaced."""
+        if not self.registry.remove(session):
+            return False
+        self._metrics.sessions.add(-1)
+        if not self.registry.serves_run(session.key.run_id):
+            self._checkpoints.forget(session.checkpoint_key)
+            self._gate.forget(session.key.run)
+        return True
+
+    async def declare_stale(self, session: Session) -> None:
+        """The stream ended without goodbye: the instance is STALE now, not after the TTL."""
+        forgotten = self.forget_locally(session)
+        try:
+            if forgotten and not session.leave_presence:
+                await self.write_final(session)
+                self._metrics.stale_declared.add(1)
+            else:
+                await self._checkpoints.flush([session.checkpoint_key])
+        except EtcdUnavailable as err:
+            log.warning("could not release %s: %s", "/".join(session.key.parts), err)
+
+    async def write_final(self, session: Session) -> None:
+        """Store the final checkpoint and record, and drop presence.
+
+        The record keeps its ACTIVE state when the instance vanished, so readers derive
+        STALE from the missing presence key; EXITED and KILLED are written as they are.
+        """
+        await self._flush.run_now(session.checkpoint_key, session.key.run)
+        age = max(time.monotonic() - session.last_beat, 0.0)
+        session.record.last_heartbeat.FromNanoseconds(time.time_ns() - int(age * 1e9))
+        live = live_key(session.key)
+        await self._store.txn(
+            [holds(live, session.session_id.encode())],  # a newer stream may own it by now
+            [put_op(roster_key(session.key), to_json(session.record)), delete_op(live)],
+        )
