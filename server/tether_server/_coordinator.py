@@ -42,16 +42,13 @@ class Coordinator:
         self.gate = Gate(ledger, store)
         self.acks = AckBook(AuditLog(store), self.halts)
         self.sessions = Sessions(
+            config,
             store=store,
             halts=self.halts,
             checkpoints=self.checkpoints,
             gate=self.gate,
             acks=self.acks,
             metrics=Metrics(),
-            coordinator_id=config.coordinator_id,
-            lease_ttl=config.lease_ttl,
-            heartbeat_interval=config.heartbeat_interval,
-            max_checkpoint_bytes=config.max_checkpoint_bytes,
         )
         self.attached = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()

@@ -20,6 +20,7 @@ from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._acks import AckBook
 from tether_server._checkpoints import CheckpointWriter, KillFlush
+from tether_server._config import ServerConfig
 from tether_server._errors import ANSWERABLE, InvalidArgument, status_of
 from tether_server._fanout import Fanout
 from tether_server._gate import Gate
@@ -40,6 +41,7 @@ class Sessions:
 
     def __init__(
         self,
+        config: ServerConfig,
         *,
         store: Store,
         halts: HaltTable,
@@ -47,41 +49,34 @@ class Sessions:
         gate: Gate,
         acks: AckBook,
         metrics: Metrics,
-        coordinator_id: str,
-        lease_ttl: float,
-        heartbeat_interval: float,
-        max_checkpoint_bytes: int,
     ) -> None:
-        flush = KillFlush(checkpoints, gate.ledger)
+        self._flush = KillFlush(checkpoints, gate.ledger)
         self._presence = Presence(
             store=store,
             halts=halts,
             checkpoints=checkpoints,
-            flush=flush,
+            flush=self._flush,
             gate=gate,
             metrics=metrics,
-            coordinator_id=coordinator_id,
+            coordinator_id=config.coordinator_id,
         )
         self._fanout = Fanout(
             presence=self._presence,
             halts=halts,
             checkpoints=checkpoints,
-            flush=flush,
+            flush=self._flush,
             metrics=metrics,
-            lease_ttl=lease_ttl,
+            lease_ttl=config.lease_ttl,
         )
         self.registry = self._presence.registry
         self._keeper: LeaseKeeper | None = None
         self._serving_error = "coordinator is starting and has not reached etcd yet"
+        self._config = config
+        self._max_checkpoint = config.max_checkpoint_bytes
         self._checkpoints = checkpoints
-        self._flush = flush
         self._gate = gate
         self._acks = acks
         self._metrics = metrics
-        self._coordinator = coordinator_id
-        self._ttl = lease_ttl
-        self._interval = heartbeat_interval
-        self._max_checkpoint = max_checkpoint_bytes
         self._cleanups: set[asyncio.Task[None]] = set()
         self._serial = itertools.count(1)
 
@@ -173,9 +168,9 @@ class Sessions:
         resp = order_message(session.halts, session.revision)
         grant = resp.session
         grant.session_id = session.session_id
-        grant.ttl_ms = int(self._ttl * 1000)
-        grant.heartbeat_interval_ms = int(self._interval * 1000)
-        grant.coordinator = self._coordinator
+        grant.ttl_ms = int(self._config.lease_ttl * 1000)
+        grant.heartbeat_interval_ms = int(self._config.heartbeat_interval * 1000)
+        grant.coordinator = self._config.coordinator_id
         grant.max_checkpoint_bytes = self._max_checkpoint
         if stored is not None:
             json_format.Parse(stored, grant.checkpoint)
