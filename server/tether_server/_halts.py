@@ -31,13 +31,14 @@ class HaltTable:
 
     def apply(self, event: Any) -> types_pb2.Halt:
         """Apply one watch event and advance to its revision; return the halt it put or deleted."""
-        self.revision = event.kv.mod_revision
         if event.type == event.PUT:
             halt = halt_from_kv(event.kv)
             self.halts[halt.id] = halt
-            return halt
-        removed = self.halts.pop(halt_id_of(event.kv.key), None)
-        return removed if removed is not None else halt_from_kv(event.prev_kv)
+        else:
+            removed = self.halts.pop(halt_id_of(event.kv.key), None)
+            halt = removed if removed is not None else halt_from_kv(event.prev_kv)
+        self.revision = event.kv.mod_revision
+        return halt
 
     def matching(self, key: InstanceKey, labels: Mapping[str, str] = EMPTY) -> list[types_pb2.Halt]:
         """The halts that apply to ``key``: whole-instance stops first, broadest scope first."""
