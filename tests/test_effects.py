@@ -17,7 +17,7 @@ import tether
 from aetcd import rpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from tether._permits import PermitSigner
+from tether_server._signer import PermitSigner
 
 from tests.conftest import Coordinator, Etcd, eventually
 from tests.test_cli import tether_cli

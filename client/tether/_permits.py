@@ -4,6 +4,7 @@ A strict effect leaves the agent with a permit. A tool server that embeds the ve
 refuses effects whose permit is forged, expired, for another capability, or from a run that
 has been halted since: the gateway enforcement that stops a buggy agent which ignores its
 kill order. A permit is ``base64url(claims JSON) "." base64url(Ed25519 signature)``.
+Only coordinators sign (``tether_server``); this module checks.
 
 Key handling: the coordinators share one Ed25519 key. Give it to them with
 ``--permit-key FILE`` (PEM, PKCS8); without it, the first coordinator generates one and
@@ -15,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -41,10 +41,6 @@ def _crypto() -> Any:
     return ed25519
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -63,52 +59,6 @@ class PermitClaims:
     issued_ms: int
     expires_ms: int
     key_id: str
-
-
-def _raw_public(public: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    raw: bytes = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return raw
-
-
-def key_id(public: Any) -> str:
-    return hashlib.sha256(_raw_public(public)).hexdigest()[:16]
-
-
-class PermitSigner:
-    """Signs permits with a coordinator's Ed25519 private key."""
-
-    def __init__(self, private_key: Any, ttl: float = 5.0) -> None:
-        self._key = private_key
-        self.ttl = ttl
-        self.key_id = key_id(private_key.public_key())
-
-    @classmethod
-    def from_raw(cls, raw: bytes, ttl: float = 5.0) -> PermitSigner:
-        return cls(_crypto().Ed25519PrivateKey.from_private_bytes(raw), ttl)
-
-    @classmethod
-    def from_pem(cls, pem: bytes, ttl: float = 5.0) -> PermitSigner:
-        from cryptography.hazmat.primitives import serialization
-
-        return cls(serialization.load_pem_private_key(pem, password=None), ttl)
-
-    def public_pem(self) -> str:
-        from cryptography.hazmat.primitives import serialization
-
-        pem: bytes = self._key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return pem.decode()
-
-    def sign(self, **claims: Any) -> tuple[str, PermitClaims]:
-        now = int(time.time() * 1000)
-        full = PermitClaims(
-            issued_ms=now, expires_ms=now + int(self.ttl * 1000), key_id=self.key_id, **claims
-        )
-        payload = json.dumps(asdict(full), sort_keys=True, separators=(",", ":")).encode()
-        return f"{_b64(payload)}.{_b64(self._key.sign(payload))}", full
 
 
 Halted = Callable[[PermitClaims], str | None]

@@ -57,6 +57,51 @@ def new_entry(
     return entry
 
 
+def chained(entry: admin_pb2.AuditEntry, prev: str, *, changed: bool) -> admin_pb2.AuditEntry:
+    """A copy of ``entry`` as it goes onto the chain after the entry whose hash is ``prev``."""
+    record = admin_pb2.AuditEntry()
+    record.CopyFrom(entry)
+    record.changed = changed
+    record.prev_hash = prev
+    record.hash = entry_hash(record)
+    return record
+
+
+def verify_chain(
+    entries: Sequence[admin_pb2.AuditEntry], head_hash: str
+) -> admin_pb2.VerifyAuditResponse:
+    """Whether ``entries``, in commit order, form an unbroken chain ending at ``head_hash``.
+
+    Returns:
+        ``intact`` and the entry count; if broken, ``first_bad_id`` (the first entry that
+        does not fit, empty when the end was cut off) and ``problem``, saying what was done.
+    """
+    out = admin_pb2.VerifyAuditResponse(intact=True, entries=len(entries))
+    prev = ""
+    for entry in entries:
+        problem = ""
+        if entry.prev_hash != prev:
+            problem = (
+                "its prev_hash does not match the entry before it: an entry was removed or inserted"
+            )
+        elif entry_hash(entry) != entry.hash:
+            problem = "its content does not match its hash: the entry was edited"
+        if problem:
+            out.intact, out.first_bad_id, out.problem = False, entry.id, problem
+            return out
+        prev = entry.hash
+    if head_hash != prev:
+        out.intact = False
+        out.problem = "the chain head does not match the last entry: entries were cut off the end"
+    out.head_hash = prev
+    return out
+
+
+def _head_hash(kvs: Sequence[Any]) -> str:
+    """The hash the head key names; '' before the first entry."""
+    return str(json.loads(kvs[0].value)["hash"]) if kvs else ""
+
+
 def _head_is(revision: int) -> Any:
     target = rpc.Compare.MOD
     return rpc.Compare(
@@ -84,7 +129,7 @@ class AuditLog:
         """
         for _ in range(_RETRIES):
             head = await self._store.range(AUDIT_HEAD, prefix=False)
-            prev = json.loads(head.kvs[0].value)["hash"] if head.kvs else ""
+            prev = _head_hash(head.kvs)
             revision = head.kvs[0].mod_revision if head.kvs else 0
             resp = await self._store.txn(
                 [_head_is(revision), *compare],
@@ -104,11 +149,7 @@ class AuditLog:
         raise EtcdUnavailable(f"could not append to the audit after {_RETRIES} tries (contention)")
 
     def _chain(self, entry: admin_pb2.AuditEntry, prev: str, *, changed: bool) -> list[Any]:
-        record = admin_pb2.AuditEntry()
-        record.CopyFrom(entry)
-        record.changed = changed
-        record.prev_hash = prev
-        record.hash = entry_hash(record)
+        record = chained(entry, prev, changed=changed)
         head = json.dumps({"id": record.id, "hash": record.hash}).encode()
         return [put_op(audit_key(record.id), to_json(record)), put_op(AUDIT_HEAD, head)]
 
@@ -122,29 +163,24 @@ class AuditLog:
             out.append(entry)
         return out
 
+    async def recent(
+        self, tenant: str = "", since_ns: int = 0, limit: int = 100
+    ) -> list[admin_pb2.AuditEntry]:
+        """The last ``limit`` entries at or after ``since_ns`` that address ``tenant``.
+
+        An entry addresses a tenant when its selector names it or names no tenant at all;
+        ``tenant`` '' takes every entry.
+        """
+        entries = [
+            e
+            for e in await self.entries()
+            if e.at.ToNanoseconds() >= since_ns
+            and (not tenant or e.selector.tenant in ("", tenant))
+        ]
+        return entries[-limit:]
+
     async def verify(self) -> admin_pb2.VerifyAuditResponse:
+        """Check the stored chain against itself and against the head: see ``verify_chain``."""
         entries = await self.entries()
         head = await self._store.range(AUDIT_HEAD, prefix=False)
-        out = admin_pb2.VerifyAuditResponse(intact=True, entries=len(entries))
-        prev = ""
-        for entry in entries:
-            problem = ""
-            if entry.prev_hash != prev:
-                problem = (
-                    "its prev_hash does not match the entry before it: "
-                    "an entry was removed or inserted"
-                )
-            elif entry_hash(entry) != entry.hash:
-                problem = "its content does not match its hash: the entry was edited"
-            if problem:
-                out.intact, out.first_bad_id, out.problem = False, entry.id, problem
-                return out
-            prev = entry.hash
-        expected = json.loads(head.kvs[0].value)["hash"] if head.kvs else ""
-        if expected != prev:
-            out.intact = False
-            out.problem = (
-                "the chain head does not match the last entry: entries were cut off the end"
-            )
-        out.head_hash = prev
-        return out
+        return verify_chain(entries, _head_hash(head.kvs))

@@ -14,19 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tether._errors import TetherError
-
 from tether_server._config import ConfigError
+from tether_server._errors import PermissionDenied, Unauthenticated
 
 ALL = "*"
-
-
-class Unauthenticated(TetherError):
-    """No token, or one the coordinator does not know."""
-
-
-class PermissionDenied(TetherError):
-    """The token may not address that tenant."""
 
 
 class AdminTokens:

@@ -1,25 +1,38 @@
-"""The fleet as operators see it: instance states derived from roster, presence and halts."""
+"""The fleet as operators see it: instance states derived from roster, presence and halts.
+
+``Fleet`` is the pure part: given keys and watch events it says each instance's state.
+``FleetReader`` reads it from etcd for ListAgents, GetAgent and WatchAgents, so that every
+coordinator answers the same, and overlays the exact last heartbeat of the instances this
+coordinator serves.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from google.protobuf import json_format
-from tether.v1 import types_pb2
+from tether.v1 import admin_pb2, types_pb2
 
+from tether_server._errors import FailedPrecondition, NotFound
 from tether_server._halts import HaltTable
 from tether_server._selectors import EMPTY, is_stop
 from tether_server._store import (
+    FLEET,
     HALTS,
     LIVE,
     ROSTER,
     InstanceKey,
     RunKey,
+    Store,
+    checkpoint_prefix,
     from_json,
     instance_of,
+    range_op,
     run_of_checkpoint,
 )
+from tether_server._watch import watch_prefix
 
 _ENDED = (types_pb2.INSTANCE_STATE_EXITED, types_pb2.INSTANCE_STATE_KILLED)
 
@@ -98,3 +111,123 @@ class Fleet:
 
     def ordered(self) -> Iterator[InstanceKey]:
         yield from sorted(set(self.roster) | self.live)
+
+
+LastBeat = Callable[[InstanceKey], float | None]
+"""``time.monotonic()`` of an instance's last beat on this coordinator; None if not served here."""
+
+
+class _Filter(Protocol):
+    """What the fleet requests narrow by: '' for a field matches everything."""
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def agent(self) -> str: ...
+    @property
+    def run_id(self) -> str: ...
+
+
+def _wanted(request: _Filter, key: InstanceKey) -> bool:
+    return (
+        (not request.tenant or request.tenant == key.tenant)
+        and (not request.agent or request.agent == key.agent)
+        and (not request.run_id or request.run_id == key.run_id)
+    )
+
+
+class FleetReader:
+    """Reads the fleet from etcd; instances served here get their exact last heartbeat."""
+
+    def __init__(self, store: Store, last_beat: LastBeat) -> None:
+        self._store = store
+        self._last_beat = last_beat
+
+    async def snapshot(self, tenant: str = "") -> Fleet:
+        """Roster, presence, halts and (the tenant's) checkpoints at one revision."""
+        checkpoints = checkpoint_prefix(tenant)
+        resp = await self._store.txn(
+            (), [range_op(FLEET, prefix=True), range_op(checkpoints, prefix=True)]
+        )
+        fleet = Fleet()
+        kvs = [*resp.responses[0].response_range.kvs, *resp.responses[1].response_range.kvs]
+        fleet.load(kvs, resp.header.revision)
+        return fleet
+
+    def _overlay(
+        self, key: InstanceKey, instance: types_pb2.AgentInstance
+    ) -> types_pb2.AgentInstance:
+        beat = self._last_beat(key)
+        if beat is not None:
+            age = time.monotonic() - beat
+            instance.last_heartbeat.FromNanoseconds(time.time_ns() - int(max(age, 0) * 1e9))
+        return instance
+
+    async def agents(self, request: admin_pb2.ListAgentsRequest) -> admin_pb2.ListAgentsResponse:
+        """Every instance the request's tenant, agent, run and state select."""
+        fleet = await self.snapshot(request.tenant)
+        out = admin_pb2.ListAgentsResponse(revision=fleet.revision)
+        for key in fleet.ordered():
+            if _wanted(request, key) and (not request.state or request.state == fleet.state(key)):
+                out.agents.append(self._overlay(key, fleet.instance(key)))
+        return out
+
+    async def agent(self, request: admin_pb2.GetAgentRequest) -> types_pb2.AgentInstance:
+        """The one instance of a run (or the named instance of it).
+
+        Raises:
+            NotFound: no such instance.
+            FailedPrecondition: the run has several instances and none was named.
+        """
+        fleet = await self.snapshot(request.tenant)
+        found = [k for k in fleet.ordered() if _wanted(request, k)]
+        if request.instance_id:
+            found = [k for k in found if k.instance_id == request.instance_id]
+        run = f"agent://{request.tenant}/{request.agent} run {request.run_id}"
+        if not found:
+            raise NotFound(
+                f"no instance of {run}"
+                + (f" with id {request.instance_id}" if request.instance_id else "")
+            )
+        if len(found) > 1:
+            ids = ", ".join(k.instance_id for k in found)
+            raise FailedPrecondition(f"{run} has {len(found)} instances ({ids}); name instance_id")
+        return self._overlay(found[0], fleet.instance(found[0]))
+
+    async def watch(
+        self, request: admin_pb2.WatchAgentsRequest
+    ) -> AsyncIterator[admin_pb2.AgentEvent]:
+        """A snapshot (unless skipped), then one event per change of a selected state.
+
+        Raises:
+            WatchBroken: the etcd watch ended; the caller resubscribes.
+        """
+        fleet = await self.snapshot(request.tenant)
+        seen: dict[InstanceKey, int] = {}
+        for key in fleet.ordered():
+            if _wanted(request, key):
+                seen[key] = fleet.state(key)
+                if not request.skip_snapshot:
+                    yield self._event(fleet, key, 0, snapshot=True)
+        async for resp in watch_prefix(self._store, FLEET, fleet.revision + 1):
+            touched: set[InstanceKey] = set()
+            for event in resp.events:
+                keys = fleet.apply(event)
+                touched |= set(fleet.ordered()) if keys is None else keys
+            fleet.revision = resp.header.revision
+            for key in sorted(k for k in touched if _wanted(request, k)):
+                state, before = fleet.state(key), seen.get(key, 0)
+                if state != before:
+                    seen[key] = state
+                    yield self._event(fleet, key, before)
+
+    def _event(
+        self, fleet: Fleet, key: InstanceKey, before: int, *, snapshot: bool = False
+    ) -> admin_pb2.AgentEvent:
+        instance = self._overlay(key, fleet.instance(key, with_checkpoint=False))
+        return admin_pb2.AgentEvent(
+            agent=instance,
+            previous=types_pb2.InstanceState.ValueType(before),
+            snapshot=snapshot,
+            revision=fleet.revision,
+        )

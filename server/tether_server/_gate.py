@@ -8,12 +8,12 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from tether._permits import PermitSigner
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._halts import HaltTable
 from tether_server._ledger import LedgerWriter, landed
 from tether_server._selectors import is_stop
+from tether_server._signer import PermitSigner
 from tether_server._store import (
     HALTS,
     PERMIT_KEY,

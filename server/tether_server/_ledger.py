@@ -60,7 +60,7 @@ def landed(records: Iterable[types_pb2.Effect]) -> set[str]:
 
 
 class LedgerWriter:
-    """Buffers records per run and writes them in batches."""
+    """Buffers records per run and writes them in batches; ``LedgerReader`` reads them back."""
 
     def __init__(self, store: Store, coordinator_id: str, interval: float) -> None:
         self._store = store
@@ -105,7 +105,26 @@ class LedgerWriter:
     async def run(self) -> None:
         await every(self._interval, self.flush, "ledger flush")
 
-    async def read(self, tenant: str, agent: str = "", run_id: str = "") -> list[types_pb2.Effect]:
-        """Every record under the tenant, agent or run, folded."""
+
+class LedgerReader:
+    """Reads the ledger from etcd, so that every coordinator answers the same."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def read(
+        self, tenant: str, agent: str = "", run_id: str = "", *, since_ns: int = 0, status: int = 0
+    ) -> list[types_pb2.Effect]:
+        """Every effect under the tenant, agent or run, folded to one row each.
+
+        Args:
+            tenant: Whose ledger; agent and run_id narrow it.
+            since_ns: Only effects intended at or after this time (ns since the epoch).
+            status: Only effects with this final status; 0 for every status.
+        """
         resp = await self._store.range(ledger_prefix(tenant, agent, run_id))
-        return fold(decode(resp.kvs))
+        return [
+            e
+            for e in fold(decode(resp.kvs))
+            if e.intended_at.ToNanoseconds() >= since_ns and (not status or e.status == status)
+        ]

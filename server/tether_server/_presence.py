@@ -40,6 +40,7 @@ from tether_server._store import (
     put_op,
     range_op,
     roster_key,
+    run_owner,
     run_owner_key,
     to_json,
 )
@@ -128,7 +129,7 @@ class Presence:
             [
                 put_op(live_key(key), session_id.encode(), lease),
                 put_op(roster_key(key), to_json(record)),
-                put_op(run_owner_key(key.run_id), f"{key.tenant}/{key.agent}".encode()),
+                put_op(run_owner_key(key.run_id), run_owner(key.run)),
                 range_op(checkpoint_key(key.run)),
                 range_op(HALTS, prefix=True),
                 range_op(ledger_prefix(*key.run), prefix=True),

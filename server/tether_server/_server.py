@@ -51,7 +51,13 @@ def build_server(
     server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        Admin(coordinator.store, coordinator.sessions, coordinator.gate, tokens), server
+        Admin.create(
+            coordinator.store,
+            last_beat=coordinator.sessions.last_beat,
+            permit_key=lambda: coordinator.gate.signer,
+            tokens=tokens,
+        ),
+        server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (

@@ -142,6 +142,17 @@ def run_owner_key(run_id: str) -> bytes:
     return _join(RUNS, run_id)
 
 
+def run_owner(run: RunKey) -> bytes:
+    """The value under ``run_owner_key``: who the run belongs to."""
+    return f"{run.tenant}/{run.agent}".encode()
+
+
+def owner_of(value: bytes) -> tuple[str, str]:
+    """The ``(tenant, agent)`` a ``run_owner`` value names."""
+    tenant, _, agent = value.decode().partition("/")
+    return tenant, agent
+
+
 def halt_key(halt_id: str) -> bytes:
     return HALTS + halt_id.encode()
 

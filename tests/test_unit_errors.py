@@ -1,0 +1,52 @@
+"""The coordinator's one status table: every error it answers with maps, subclasses included."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import tether
+from tether_server._errors import (
+    ANSWERABLE,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    status_of,
+)
+from tether_server._store import EtcdUnavailable
+from tether_server._watch import WatchBroken
+
+Code = grpc.StatusCode
+
+
+class _NarrowerArgument(InvalidArgument):
+    """A subclass nobody put in the table: it must map like its parent, not raise KeyError."""
+
+
+@pytest.mark.parametrize(
+    ("err", "code"),
+    [
+        (InvalidArgument("x"), Code.INVALID_ARGUMENT),
+        (_NarrowerArgument("x"), Code.INVALID_ARGUMENT),
+        (tether.InvalidArgument("x"), Code.INVALID_ARGUMENT),
+        (FailedPrecondition("x"), Code.FAILED_PRECONDITION),
+        (NotFound("x"), Code.NOT_FOUND),
+        (Unauthenticated("x"), Code.UNAUTHENTICATED),
+        (PermissionDenied("x"), Code.PERMISSION_DENIED),
+        (EtcdUnavailable("x"), Code.UNAVAILABLE),
+        (WatchBroken("x"), Code.UNAVAILABLE),
+    ],
+)
+def test_answerable_errors_map_to_their_status(err: Exception, code: grpc.StatusCode) -> None:
+    assert isinstance(err, ANSWERABLE)
+    assert status_of(err) == code
+
+
+def test_the_servers_permission_denied_is_not_the_sdks() -> None:
+    assert not issubclass(PermissionDenied, tether.PermissionDenied)
+
+
+def test_anything_else_is_a_bug_and_goes_out_as_internal() -> None:
+    assert not isinstance(KeyError("x"), ANSWERABLE)
+    assert status_of(KeyError("x")) == Code.INTERNAL
