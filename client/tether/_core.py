@@ -15,17 +15,15 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, cast
 
 import grpc
 from google.protobuf import struct_pb2
 
+from tether._config import AgentConfig
 from tether._errors import (
-    CapabilityFrozen,
     InvalidArgument,
-    Killed,
     TetherLost,
     Unavailable,
     from_rpc_error,
@@ -33,6 +31,7 @@ from tether._errors import (
 )
 from tether._stop import Stopper
 from tether._types import Halt, struct_to_dict
+from tether._verdict import Identity, Verdict, verdict_of
 from tether.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("tether")
@@ -41,65 +40,6 @@ _INITIAL_BACKOFF = 0.05
 _MAX_BACKOFF = 2.0
 _GOODBYE_TIMEOUT = 5.0
 DEFAULT_MAX_CHECKPOINT_BYTES = 512 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who this instance is, as sent in the first message of every stream."""
-
-    tenant: str
-    agent: str
-    run_id: str
-    instance_id: str
-    capabilities: tuple[str, ...]
-    labels: Mapping[str, str]
-
-    def register(self) -> agent_pb2.HeartbeatRequest:
-        reg = agent_pb2.Register(
-            tenant=self.tenant,
-            agent=self.agent,
-            run_id=self.run_id,
-            instance_id=self.instance_id,
-            capabilities=self.capabilities,
-            labels=dict(self.labels),
-        )
-        return agent_pb2.HeartbeatRequest(register=reg)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the coordinator last said. ``killed`` is None when it said RUN."""
-
-    killed: Killed | None
-    confirmed_at: float  # time.monotonic() of the confirmation
-    revision: int = 0
-    frozen: Mapping[str, CapabilityFrozen] = field(default_factory=dict)
-    drain: bool = False  # every stopping halt lets queued work drain
-
-
-def _verdict(
-    resp: agent_pb2.HeartbeatResponse, halts: Sequence[Halt], confirmed_at: float
-) -> Verdict:
-    frozen = {
-        h.selector.capability: CapabilityFrozen(
-            h.selector.capability, h.reason, scope=h.selector.scope.value, actor=h.actor,
-            halt_id=h.id,
-        )
-        for h in reversed(halts)  # the broadest freeze of a capability wins
-        if h.selector.capability
-    }  # fmt: skip
-    killed: Killed | None = None
-    policies = [h.queue for h in resp.halts if not h.selector.capability]
-    drain = bool(policies) and all(q == types_pb2.QUEUE_POLICY_DRAIN for q in policies)
-    if resp.order != agent_pb2.ORDER_RUN:
-        stops = [h for h in halts if not h.selector.capability]
-        if resp.fail_closed_reason or not stops:
-            killed = TetherLost(resp.fail_closed_reason or "coordinator ordered a stop")
-        else:
-            h = stops[0]
-            killed = Killed(h.reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id)
-    drain = drain and not resp.fail_closed_reason
-    return Verdict(killed, confirmed_at, resp.revision, frozen, drain)
 
 
 def to_struct(checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -111,10 +51,12 @@ def to_struct(checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
 class Core:
     """Holds one tether to a coordinator, reconnecting with backoff when it breaks."""
 
-    def __init__(self, identity: Identity, targets: Sequence[str], connect_timeout: float) -> None:
+    def __init__(self, identity: Identity, config: AgentConfig) -> None:
         self.identity = identity
-        self._targets = list(targets)
-        self._connect_timeout = connect_timeout
+        self.config = config
+        self._targets = config.targets
+        self._connect_timeout = config.connect_timeout
+        self._on_reply = config.on_reply
         self.verdict: Verdict | None = None
         self._applied: Verdict | None = None  # the verdict the last reply made, unless replaced
         self._shape: tuple[int, int, str, int] | None = None  # what that reply said, in brief
@@ -150,8 +92,8 @@ class Core:
         verdict = self.verdict
         if verdict is None:
             raise TetherLost("not registered with a coordinator yet")
-        if verdict.killed is not None and not (drain and verdict.drain):
-            raise verdict.killed
+        if verdict.stop is not None and not (drain and verdict.drain):
+            raise verdict.stop
         if time.monotonic() - verdict.confirmed_at > self.ttl:
             raise TetherLost(f"no confirmed heartbeat reply within the lease TTL ({self.ttl:g}s)")
         if capability is not None and (frozen := verdict.frozen.get(capability)) is not None:
@@ -239,7 +181,7 @@ class Core:
         while True:
             await asyncio.sleep(max(self.ttl / 4, 0.05))
             before = self.verdict
-            if before is None or before.killed is not None:
+            if before is None or before.stop is not None:
                 continue
             if time.monotonic() - before.confirmed_at > self.ttl:
                 lost = TetherLost(
@@ -284,7 +226,8 @@ class Core:
         log.error("tether: giving up: %s", error)
 
     async def _session(self, target: str) -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
+        options = self.config.channel_options or None
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
             call = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat()
             self._call = call
             try:
@@ -319,8 +262,11 @@ class Core:
         else:
             self._reported = None  # the new coordinator gets the newest checkpoint at once
             self._apply(first, time.monotonic())
+        if self._on_reply is not None:
+            self._on_reply(cast(Verdict, self.verdict), True)
 
     async def _read_replies(self, call: Any) -> None:
+        on_reply = self._on_reply
         while True:
             resp = await call.read()
             if resp is grpc.aio.EOF:
@@ -330,6 +276,8 @@ class Core:
                 raise await _eof_error(call)
             sent = self._sent_at.pop(resp.ack_seq, None) if resp.ack_seq else None
             self._apply(resp, sent if sent is not None else time.monotonic())
+            if on_reply is not None:
+                on_reply(cast(Verdict, self.verdict), False)
             if resp.HasField("permit"):
                 waiter = self._permit_waiters.get(resp.permit.request_id)
                 if waiter is not None and not waiter.done():
@@ -344,11 +292,11 @@ class Core:
             # The same order again (most replies are acks): only the confirmation is new.
             # A coordinator's order at one etcd revision is always the same order.
             self.verdict = self._applied = Verdict(
-                before.killed, confirmed_at, before.revision, before.frozen, before.drain
+                before.stop, confirmed_at, before.revision, before.frozen, before.drain
             )
             return
         self.halts = tuple(Halt.from_pb(h) for h in resp.halts)
-        self.verdict = self._applied = _verdict(resp, self.halts, confirmed_at)
+        self.verdict = self._applied = verdict_of(resp, self.halts, confirmed_at)
         self._shape = shape
         self.stops.on_order(before, self.verdict, list(resp.halts))
 
@@ -378,8 +326,8 @@ class Core:
                 await call.done_writing()
                 return
             now = time.monotonic()
-            killed = self.verdict is not None and self.verdict.killed is not None
-            if now >= next_beat or (killed and self._latest is not self._reported):
+            stopped = self.verdict is not None and self.verdict.stop is not None
+            if now >= next_beat or (stopped and self._latest is not self._reported):
                 await call.write(agent_pb2.HeartbeatRequest(beat=self._beat(now)))
                 next_beat = now + self._interval
             # A timer handle, not wait_for: no task is created for every beat.

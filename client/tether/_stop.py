@@ -27,7 +27,7 @@ class Stopper:
         self._lock = threading.Lock()  # in-flight work is tracked from user threads too
         self.inflight: dict[str, tuple[types_pb2.Effect, asyncio.Task[Any] | None]] = {}
         self.timers: set[Any] = set()  # anything with .cancel()
-        self.stopped = threading.Event()
+        self.stop_in_force = threading.Event()  # set while a stop is in force
         self.acks: deque[agent_pb2.KillAck] = deque()
         self.discarded = 0
         self._soft: tuple[str, asyncio.TimerHandle] | None = None
@@ -50,18 +50,18 @@ class Stopper:
 
     def on_order(self, before: Any, after: Any, halts: list[types_pb2.Halt]) -> None:
         self._loop = asyncio.get_running_loop()
-        if after.killed is None:
-            self.stopped.clear()
+        if after.stop is None:
+            self.stop_in_force.clear()
             self._forget_soft()
             return
-        self.stopped.set()
-        first = before is None or before.killed is None
+        self.stop_in_force.set()
+        first = before is None or before.stop is None
         if first:
             for timer in list(self.timers):
                 timer.cancel()
             self.timers.clear()
         stops = [h for h in halts if not h.selector.capability]
-        if not stops or isinstance(after.killed, TetherLost):
+        if not stops or isinstance(after.stop, TetherLost):
             if first:
                 self._cancel_inflight()  # fail closed: nothing to wait for, nobody to tell
             return

@@ -144,6 +144,6 @@ def retry(
         except retry_on:
             if attempt == attempts:
                 raise
-        if agent._core.stops.stopped.wait(delay * backoff ** (attempt - 1)):
+        if agent._core.stops.stop_in_force.wait(delay * backoff ** (attempt - 1)):
             agent.check()
     raise AssertionError("unreachable")  # pragma: no cover
