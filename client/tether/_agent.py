@@ -200,7 +200,8 @@ class Agent(_Front):
     ) -> WorkQueue:
         """A work queue whose items each run as one gated ``capability`` effect."""
         check_name("capability", capability)
-        return WorkQueue(self, capability, handler, strict=strict)
+        mode = self._strict if strict is None else strict
+        return WorkQueue(self._core, self._strict_loop, capability, handler, strict=mode)
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
         """Run ``fn(*args)`` after ``delay`` seconds unless a kill comes first."""
@@ -209,7 +210,7 @@ class Agent(_Front):
 
     def retry(self, fn: Callable[..., T], *args: Any, **options: Any) -> T:
         """``fn(*args)`` with retries that a kill cancels; see ``tether._work.retry``."""
-        return retry(self, fn, *args, **options)
+        return retry(self._core, fn, *args, **options)
 
     def start(self) -> None:
         """Register with a coordinator; blocks until the first reply."""
