@@ -65,8 +65,24 @@ def _identity(
 class _Front:
     """What both front doors share: everything that only reads or replaces state."""
 
-    _core: Core
-    _strict: bool
+    def __init__(
+        self,
+        uri: str,
+        *,
+        run_id: str | None = None,
+        target: str | None = None,
+        instance_id: str | None = None,
+        capabilities: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        connect_timeout: float | None = None,
+        strict_effects: bool | None = None,
+        config: AgentConfig | None = None,
+    ) -> None:
+        """See ``Agent`` for the arguments."""
+        identity = _identity(uri, run_id, instance_id, capabilities, labels)
+        settings = _settings(config, target, connect_timeout, strict_effects)
+        self._core = Core(identity, settings)
+        self._strict = settings.strict_effects
 
     def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop a sync caller may block on for a strict permit; None for asyncio code."""
@@ -172,25 +188,8 @@ class Agent(_Front):
             ``AgentConfig.from_env(os.environ)``.
     """
 
-    def __init__(
-        self,
-        uri: str,
-        *,
-        run_id: str | None = None,
-        target: str | None = None,
-        instance_id: str | None = None,
-        capabilities: Iterable[str] = (),
-        labels: Mapping[str, str] | None = None,
-        connect_timeout: float | None = None,
-        strict_effects: bool | None = None,
-        config: AgentConfig | None = None,
-    ) -> None:
-        identity = _identity(uri, run_id, instance_id, capabilities, labels)
-        settings = _settings(config, target, connect_timeout, strict_effects)
-        self._core = Core(identity, settings)
-        self._strict = settings.strict_effects
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+    _loop: asyncio.AbstractEventLoop | None = None  # the private loop, once started
+    _thread: threading.Thread | None = None  # the daemon thread that runs it
 
     def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
@@ -254,24 +253,6 @@ class Agent(_Front):
 
 class AsyncAgent(_Front):
     """The same as ``Agent``, for asyncio code: the stream runs on the caller's loop."""
-
-    def __init__(
-        self,
-        uri: str,
-        *,
-        run_id: str | None = None,
-        target: str | None = None,
-        instance_id: str | None = None,
-        capabilities: Iterable[str] = (),
-        labels: Mapping[str, str] | None = None,
-        connect_timeout: float | None = None,
-        strict_effects: bool | None = None,
-        config: AgentConfig | None = None,
-    ) -> None:
-        identity = _identity(uri, run_id, instance_id, capabilities, labels)
-        settings = _settings(config, target, connect_timeout, strict_effects)
-        self._core = Core(identity, settings)
-        self._strict = settings.strict_effects
 
     async def start(self) -> None:
         """Register with a coordinator; returns after the first reply."""

@@ -247,21 +247,22 @@ class Core:
         self.max_checkpoint_bytes = grant.max_checkpoint_bytes or DEFAULT_MAX_CHECKPOINT_BYTES
         self._shape = None  # a grant is always applied in full
         self.out.reported = None  # the new coordinator gets the newest checkpoint at once
-        if self._registered is not None and not self._registered.done():
+        registering = self._registered is not None and not self._registered.done()
+        if registering:
             # The stored checkpoint is handed over once, at the first registration; later
             # reconnects keep the run's own newer progress.
             if grant.has_checkpoint:
                 self.checkpoint = struct_to_dict(grant.checkpoint)
             self.landed.update(grant.landed_keys)
-            self._apply(first, time.monotonic())
-            self._registered.set_result(None)
-        else:
-            self._apply(first, time.monotonic())
+        self._apply(first, time.monotonic())
         if self.config.on_reply is not None:
             self.config.on_reply(cast(Verdict, self.verdict), True)
+        if registering:
+            cast(asyncio.Future[None], self._registered).set_result(None)
 
     async def _read_replies(self, call: Any) -> None:
         out, on_reply = self.out, self.config.on_reply
+        beats_sent = out.beats_sent  # a reply confirms the verdict as of its beat's sending
         while True:
             resp = await call.read()
             if resp is grpc.aio.EOF:
@@ -269,7 +270,7 @@ class Core:
                     self.goodbye_confirmed = await call.code() == grpc.StatusCode.OK
                     return
                 raise await _eof_error(call)
-            sent = out.sent_at(resp.ack_seq)
+            sent = beats_sent.pop(resp.ack_seq, None) if resp.ack_seq else None
             self._apply(resp, sent if sent is not None else time.monotonic())
             if on_reply is not None:
                 on_reply(cast(Verdict, self.verdict), False)

@@ -29,9 +29,9 @@ class Outbound:
         "_loop_thread",
         "_permit_seq",
         "_permit_waiters",
-        "_sent_at",
         "_seq",
         "acks",
+        "beats_sent",
         "latest",
         "ledger",
         "permits",
@@ -51,7 +51,7 @@ class Outbound:
         self._permit_waiters: dict[int, asyncio.Future[agent_pb2.PermitDecision]] = {}
         self._permit_seq = 0
         self._seq = 0
-        self._sent_at: dict[int, float] = {}
+        self.beats_sent: dict[int, float] = {}  # seq -> when sent, of beats awaiting a reply
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake-ups go to ``loop``, the running loop of the stream's writer."""
@@ -159,12 +159,10 @@ class Outbound:
         if latest is not None and latest is not self.reported:
             beat.checkpoint.CopyFrom(latest)
             self.reported = latest
-        self._sent_at[self._seq] = now
-        if len(self._sent_at) > _BEATS_KEPT:
+        sent = self.beats_sent
+        sent[self._seq] = now
+        if len(sent) > _BEATS_KEPT:  # replies that never came: forget them, in place
             horizon = now - max(ttl, 1.0)
-            self._sent_at = {s: t for s, t in self._sent_at.items() if t >= horizon}
+            for seq in [s for s, t in sent.items() if t < horizon]:
+                del sent[seq]
         return beat
-
-    def sent_at(self, seq: int) -> float | None:
-        """When beat ``seq`` was sent, once: its reply confirms the verdict as of then."""
-        return self._sent_at.pop(seq, None) if seq else None
