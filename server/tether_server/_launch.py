@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 import grpc
 from aetcd import rpc
@@ -253,7 +253,7 @@ class EtcdProcess(_Child):
             initial_cluster=self.initial_cluster, extra=self.extra,
         )  # fmt: skip
 
-    def start(self, timeout: float = 20.0) -> EtcdProcess:
+    def start(self, timeout: float = 20.0) -> Self:
         """Start etcd and wait until it answers a status request.
 
         Raises:
@@ -320,7 +320,7 @@ class CoordinatorProcess(_Child):
 
     def start(
         self, *extra: str, env: Mapping[str, str] | None = None, timeout: float = 30.0
-    ) -> CoordinatorProcess:
+    ) -> Self:
         """Start ``tether serve`` and wait until its health check says SERVING.
 
         Args:
