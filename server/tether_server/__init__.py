@@ -2,6 +2,8 @@
 
 from tether_server._config import ConfigError, ServerConfig
 from tether_server._config import load as load_config
+from tether_server._drill import run_drills
+from tether_server._drill_report import render as render_drill
 from tether_server._launch import (
     CoordinatorProcess,
     EtcdProcess,
@@ -25,5 +27,7 @@ __all__ = [
     "etcd_binary",
     "free_port",
     "load_config",
+    "render_drill",
+    "run_drills",
     "serve",
 ]
