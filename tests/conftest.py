@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import pytest
 from aetcd import rpc
-from tether_server import CoordinatorProcess, EtcdProcess, ProcessExited
+from tether_server import CoordinatorProcess, EtcdProcess, LaunchError, ProcessExited, wait_until
 
 LEASE_TTL = 2  # etcd's floor: keeps STALE and fail-closed tests short
 T = TypeVar("T")
@@ -24,20 +23,12 @@ T = TypeVar("T")
 
 def eventually(probe: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:
     """Poll ``probe`` until it returns something truthy; a bounded wait, not a timing claim."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            result = probe()
-            if result:
-                return result
-            last = result
-        except ProcessExited:
-            raise
-        except Exception as err:
-            last = err
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s; last result: {last!r}")
+    try:
+        return wait_until(probe, timeout, "condition", interval)
+    except ProcessExited:
+        raise
+    except LaunchError as err:
+        raise AssertionError(str(err)) from None
 
 
 class Etcd(EtcdProcess):

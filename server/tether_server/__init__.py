@@ -12,6 +12,7 @@ from tether_server._launch import (
     etcd_argv,
     etcd_binary,
     free_port,
+    wait_until,
 )
 from tether_server._server import build_server, serve
 
@@ -30,4 +31,5 @@ __all__ = [
     "render_drill",
     "run_drills",
     "serve",
+    "wait_until",
 ]

@@ -19,13 +19,14 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, Self, TypeVar
 
 import grpc
 from aetcd import rpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
 
 
 class LaunchError(RuntimeError):
@@ -101,8 +102,11 @@ def etcd_argv(
     ]
 
 
-def wait_until(probe: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``probe`` until it returns something truthy; ``ProcessExited`` ends it at once.
+def wait_until(probe: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``probe`` until it returns something truthy, and return that.
+
+    An exception from ``probe`` counts as "not yet", except ``ProcessExited``: waiting
+    longer will not help, so it ends the wait at once.
 
     Raises:
         LaunchError: ``probe`` did not succeed within ``timeout`` seconds.
@@ -111,14 +115,15 @@ def wait_until(probe: Callable[[], object], timeout: float, what: str) -> None:
     last: object = None
     while time.monotonic() < deadline:
         try:
-            last = probe()
-            if last:
-                return
+            result = probe()
+            if result:
+                return result
+            last = result
         except ProcessExited:
             raise
         except Exception as err:
             last = err
-        time.sleep(0.05)
+        time.sleep(interval)
     raise LaunchError(f"{what}: not within {timeout:g}s (last: {last!r})")
 
 

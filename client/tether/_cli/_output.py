@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from tether._types import AgentEvent, AgentInstance, AuditEntry, EffectRecord, Halt
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+R = TypeVar("R")
 
 
 def fail(code: int, err: object) -> int:
@@ -38,6 +40,16 @@ def plain(value: Any) -> Any:
 
 def print_json(value: Any) -> None:
     print(json.dumps(plain(value), indent=2, sort_keys=True))
+
+
+def print_listing(
+    output: str, found: Sequence[R], headers: list[str], row: Callable[[R], list[str]]
+) -> None:
+    """``found`` as JSON, or as a table of one ``row`` each."""
+    if output == "json":
+        print_json(found)
+    else:
+        print_table(headers, [row(r) for r in found])
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:

@@ -23,7 +23,7 @@ from tether._cli._output import (
     halt_row,
     print_event,
     print_json,
-    print_table,
+    print_listing,
 )
 from tether._errors import InvalidArgument
 from tether._types import EffectStatus, State
@@ -100,19 +100,13 @@ def resume(client: AdminClient, args: argparse.Namespace) -> int:
 
 def agents(client: AdminClient, args: argparse.Namespace) -> int:
     found = client.agents(**_agent_filter(args), state=State(args.state) if args.state else None)
-    if args.output == "json":
-        print_json(found)
-    else:
-        print_table(AGENT_HEADERS, [agent_row(a) for a in found])
+    print_listing(args.output, found, AGENT_HEADERS, agent_row)
     return EXIT_OK
 
 
 def halts(client: AdminClient, args: argparse.Namespace) -> int:
     found = client.halts(tenant=args.tenant)
-    if args.output == "json":
-        print_json(found)
-    else:
-        print_table(HALT_HEADERS, [halt_row(h) for h in found])
+    print_listing(args.output, found, HALT_HEADERS, halt_row)
     return EXIT_OK
 
 
@@ -120,10 +114,7 @@ def audit(client: AdminClient, args: argparse.Namespace) -> int:
     if args.verify:
         return _verify_audit(client, args)
     entries = client.audit(tenant=args.tenant, since=_since(args.since), limit=args.limit)
-    if args.output == "json":
-        print_json(entries)
-    else:
-        print_table(AUDIT_HEADERS, [audit_row(e) for e in entries])
+    print_listing(args.output, entries, AUDIT_HEADERS, audit_row)
     return EXIT_OK
 
 
@@ -156,10 +147,7 @@ def effects(client: AdminClient, args: argparse.Namespace) -> int:
         where["tenant"], agent=where["agent"], run_id=where["run_id"], since=_since(args.since),
         status=EffectStatus(args.status) if args.status else None,
     )  # fmt: skip
-    if args.output == "json":
-        print_json(rows)
-    else:
-        print_table(EFFECT_HEADERS, [effect_row(e) for e in rows])
+    print_listing(args.output, rows, EFFECT_HEADERS, effect_row)
     return EXIT_OK
 
 
