@@ -15,23 +15,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tether_server import free_port
+
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
 URI = "agent://acme/email-campaign"
 SHARDS, TOTAL = 3, 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def say(text: str) -> None:
