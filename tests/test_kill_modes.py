@@ -1,5 +1,6 @@
 """What a kill stops: work in flight (soft and hard), queued work (drain or discard),
-timers and retries. Real coordinator, real etcd; timings are recorded, not asserted tight."""
+timers and retries. Real coordinator, real etcd. The asserts are on events (what ran, what
+was cancelled, what the audit says); timings are only recorded, as bench/ is where they count."""
 
 from __future__ import annotations
 
@@ -209,7 +210,8 @@ def test_a_cancelled_timer_never_fires_and_a_retry_stops_at_the_kill(
         assert not retrier.is_alive()
         assert isinstance(outcome[0], tether.Killed)
         assert len(attempts) == tried  # no retry after the stop
-        assert not fired.wait(1.0)  # it was due 1 s after it was set: the kill came first
+        # The timer falls due during this wait; cancelled by the kill, it stays silent.
+        assert not fired.wait(1.0)
         assert not timer.fired
         with pytest.raises(tether.Killed):
             agent.call_later(0.1, fired.set)  # nothing new is scheduled while halted
