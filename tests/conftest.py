@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import grpc
 import pytest
+import tether
 from aetcd import rpc
 from tether_server import CoordinatorProcess, EtcdProcess, LaunchError, ProcessExited, wait_until
 
@@ -110,3 +111,24 @@ def tenant(request: pytest.FixtureRequest) -> str:
     """A tenant name of this test's own, so tests never see each other's agents."""
     name: str = request.node.name
     return "t-" + name.replace("_", "-").replace("[", "-").strip("]")[:40]
+
+
+@pytest.fixture
+def admin(coord: Coordinator) -> Iterator[tether.AdminClient]:
+    """An admin client of the first coordinator; the audit names it ``pytest``."""
+    with tether.AdminClient(coord.addr, actor="pytest") as client:
+        yield client
+
+
+def settled_effects(
+    admin: tether.AdminClient, tenant: str, n: int = 1
+) -> list[tether.EffectRecord]:
+    """The tenant's ledger once it holds at least ``n`` rows and none is merely intended."""
+
+    def settled() -> list[tether.EffectRecord]:
+        rows = admin.effects(tenant)
+        if len(rows) < n or any(r.status is tether.EffectStatus.INTENDED for r in rows):
+            raise AssertionError([(r.key, r.capability, r.status.value) for r in rows])
+        return rows
+
+    return eventually(settled)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import pytest
 import tether
 
 from tests.conftest import Coordinator, eventually
-
-
-@pytest.fixture
-def admin(coord: Coordinator) -> Iterator[tether.AdminClient]:
-    with tether.AdminClient(coord.addr, actor="pytest") as client:
-        yield client
 
 
 def test_register_heartbeat_and_checkpoint_round_trip(

@@ -7,7 +7,7 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -19,27 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from tether_server._signer import PermitSigner
 
-from tests.conftest import Coordinator, Etcd, eventually
+from tests.conftest import Coordinator, Etcd, eventually, settled_effects
 from tests.test_cli import tether_cli
-
-
-@pytest.fixture
-def admin(coord: Coordinator) -> Iterator[tether.AdminClient]:
-    with tether.AdminClient(coord.addr, actor="pytest") as client:
-        yield client
-
-
-def _ledger(admin: tether.AdminClient, tenant: str, n: int) -> list[tether.EffectRecord]:
-    """The ledger once it holds ``n`` rows that are no longer merely intended."""
-
-    def done() -> list[tether.EffectRecord]:
-        rows = admin.effects(tenant)
-        final = [r for r in rows if r.status is not tether.EffectStatus.INTENDED]
-        if len(final) < n:  # say what is there, for the failure message
-            raise AssertionError([(r.key, r.capability, r.status.value) for r in rows])
-        return rows
-
-    return eventually(done)
 
 
 def test_local_gate_records_landed_failed_and_refused(
@@ -64,7 +45,7 @@ def test_local_gate_records_landed_failed_and_refused(
 
         with pytest.raises(tether.CapabilityFrozen):
             send(4)
-    rows = _ledger(admin, tenant, 5)
+    rows = settled_effects(admin, tenant, 5)
     assert [(r.key, r.capability, r.status.value) for r in rows] == [
         ("m-1", "send_email", "landed"),
         ("m-2", "send_email", "failed"),
@@ -105,7 +86,7 @@ def test_duplicate_keys_after_resume_do_not_run_again(
                 pytest.fail("a landed key must not run again")
         with again.effect("send_email", key="batch-3", strict=True) as fx:
             assert fx.permit
-    rows = _ledger(admin, tenant, 6)
+    rows = settled_effects(admin, tenant, 6)
     assert [r.status.value for r in rows if r.key == "batch-1"] == [
         "landed",
         "duplicate",
@@ -121,7 +102,7 @@ def test_strict_mode_lets_no_effect_land_after_the_kill_commit(
 
     Each strict permit carries the etcd revision of the halt read it was granted at. Between
     a kill's commit revision and its resume's, no permit may have been granted; and no effect
-    that reached the gate after Kill returned (wall clock) may have landed before the resume.
+    that went into the gate after Kill returned may have landed before the resume.
     """
     uri = f"agent://{tenant}/hammer"
     sel = tether.selector(agent=uri)
@@ -134,13 +115,9 @@ def test_strict_mode_lets_no_effect_land_after_the_kill_commit(
             )
             for i in range(4)
         ]
-        windows = [_hammer_round(admin, tenant, sel, agents, n) for n in range(5)]
+        after_kill = [key for n in range(5) for key in _hammer_round(admin, tenant, sel, agents, n)]
 
-    def settled() -> list[tether.EffectRecord]:
-        rows = admin.effects(tenant)
-        return rows if all(r.status is not tether.EffectStatus.INTENDED for r in rows) else []
-
-    rows = eventually(settled)
+    rows = settled_effects(admin, tenant)
     landed = [r for r in rows if r.status is tether.EffectStatus.LANDED]
     refused = [r for r in rows if r.status is tether.EffectStatus.REFUSED]
     assert landed
@@ -153,28 +130,32 @@ def test_strict_mode_lets_no_effect_land_after_the_kill_commit(
     for kill_rev, resume_rev in zip(kills, resumes, strict=True):
         inside = [r for r in landed if kill_rev <= r.permit_revision < resume_rev]
         assert inside == [], f"{len(inside)} strict effects landed while halted at {kill_rev}"
-    for killed_at, resumed_at in windows:
-        late = [
-            r for r in landed
-            if r.intended_at is not None and killed_at < r.intended_at.timestamp() < resumed_at
-        ]  # fmt: skip
-        assert late == [], f"{len(late)} strict effects passed the gate after Kill returned"
+    assert after_kill  # the fleet did hammer the closed gate
+    late = [r.key for r in landed if r.key in set(after_kill)]
+    assert late == [], f"{len(late)} strict effects passed the gate after Kill returned"
 
 
 def _hammer_round(
     admin: tether.AdminClient, tenant: str, sel: tether.Selector, agents: list[tether.Agent], n: int
-) -> tuple[float, float]:
-    """One kill under load; returns (Kill returned, resume sent) in wall-clock seconds."""
-    stop = threading.Event()
+) -> list[str]:
+    """One kill under load; returns the keys that went into the gate after Kill returned."""
+    stop, killed = threading.Event(), threading.Event()
+    after_kill: list[str] = []
+    refused_after_kill: set[str] = set()  # run ids
 
     def hammer(agent: tether.Agent) -> None:
         i = 0
         while not stop.is_set():
             i += 1
+            key, late = f"{n}-{agent.run_id}-{i}", killed.is_set()
+            if late:
+                after_kill.append(key)
             try:
-                with agent.effect("charge_card", key=f"{n}-{agent.run_id}-{i}"):
+                with agent.effect("charge_card", key=key):
                     pass
             except tether.Killed:
+                if late:
+                    refused_after_kill.add(agent.run_id)
                 stop.wait(0.001)
 
     threads = [threading.Thread(target=hammer, args=(a,)) for a in agents]
@@ -183,18 +164,15 @@ def _hammer_round(
     before = len(admin.effects(tenant))
     eventually(lambda: len(admin.effects(tenant)) > before + 20, timeout=30)
     admin.kill(sel, f"round {n}")
-    killed_at = time.time()
-    for a in agents:
-        eventually(lambda a=a: a.killed)  # type: ignore[misc]
-    time.sleep(0.05)  # the fleet keeps hammering a closed gate
+    killed.set()
+    eventually(lambda: len(refused_after_kill) == len(agents))  # each hit the closed gate
     stop.set()
     for t in threads:
         t.join(10)
-    resumed_at = time.time()
     admin.resume(sel, f"round {n} over")
     for a in agents:
         eventually(lambda a=a: not a.killed)  # type: ignore[misc]
-    return killed_at, resumed_at
+    return after_kill
 
 
 def test_local_mode_effects_after_the_flip_are_measured(
@@ -205,13 +183,15 @@ def test_local_mode_effects_after_the_flip_are_measured(
 ) -> None:
     uri = f"agent://{tenant}/local"
     with tether.Agent(uri, run_id="r", target=coord.addr) as agent:
-        stop = threading.Event()
-        flipped: list[float] = []
+        stop, killed = threading.Event(), threading.Event()
+        after_kill: set[str] = set()  # keys that went into the gate after Kill returned
 
         def hammer() -> None:
             i = 0
             while not stop.is_set():
                 i += 1
+                if killed.is_set():
+                    after_kill.add(f"k{i}")
                 try:
                     with agent.effect("post", key=f"k{i}"):
                         time.sleep(0.001)  # the effect itself takes a moment
@@ -222,17 +202,11 @@ def test_local_mode_effects_after_the_flip_are_measured(
         thread.start()
         eventually(lambda: len(admin.effects(tenant)) > 50)
         admin.kill(tether.selector(agent=uri), "flip")
-        flipped.append(time.time())
+        killed.set()
         thread.join(10)
         stop.set()
-    rows = _ledger(admin, tenant, 1)
-    late = [
-        r
-        for r in rows
-        if r.status is tether.EffectStatus.LANDED
-        and r.intended_at
-        and r.intended_at.timestamp() > flipped[0]
-    ]
+    rows = settled_effects(admin, tenant)
+    late = [r for r in rows if r.status is tether.EffectStatus.LANDED and r.key in after_kill]
     record_property("local_effects_after_kill_returned", len(late))
     print(f"local mode: {len(late)} effects passed the gate after Kill returned")
     assert rows[-1].status is tether.EffectStatus.REFUSED  # and then the gate shut

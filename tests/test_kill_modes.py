@@ -1,23 +1,19 @@
 """What a kill stops: work in flight (soft and hard), queued work (drain or discard),
-timers and retries. Real coordinator, real etcd; timings are recorded, not asserted tight."""
+timers and retries. Real coordinator, real etcd. The asserts are on events (what ran, what
+was cancelled, what the audit says); timings are only recorded, as bench/ is where they count."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import tether
 
-from tests.conftest import Coordinator, eventually
-
-
-@pytest.fixture
-def admin(coord: Coordinator) -> Iterator[tether.AdminClient]:
-    with tether.AdminClient(coord.addr, actor="pytest") as client:
-        yield client
+from tests.conftest import Coordinator, eventually, settled_effects
 
 
 def _audit(admin: tether.AdminClient, tenant: str, action: str) -> tether.AuditEntry:
@@ -28,29 +24,39 @@ def _audit(admin: tether.AdminClient, tenant: str, action: str) -> tether.AuditE
 
 
 def _statuses(admin: tether.AdminClient, tenant: str, n: int) -> dict[str, str]:
-    def rows() -> dict[str, str]:
-        got = {r.key: r.status.value for r in admin.effects(tenant)}
-        if len(got) < n or "intended" in got.values():
-            raise AssertionError(got)
-        return got
-
-    return eventually(rows)
+    return {r.key: r.status.value for r in settled_effects(admin, tenant, n)}
 
 
-def _long_effect(
-    coord: Coordinator, uri: str, kill: Callable[[], object]
-) -> tuple[float, str, float]:
+@dataclass
+class LongEffect:
+    """What became of a 10 s gated effect that was in flight when the kill came."""
+
+    outcome: str  # "finished", or "cancelled" by the kill
+    ran_on: bool  # the effect took another step after the agent had the kill
+    seconds: float  # from the kill to the effect's end: recorded, never asserted
+
+
+def _long_effect(coord: Coordinator, uri: str, kill: Callable[[], object]) -> LongEffect:
     """An asyncio agent is inside a 10 s gated effect when ``kill`` runs.
 
-    Returns when the in-flight effect ended after the kill, how, and the check latency."""
+    Once the effect sees its agent killed it takes one more turn of the loop, notes that it
+    ran on, then goes on with its 10 s. The stream runs on this loop and applies an order
+    (verdict, then cancellation) in one callback, so a kill that cancels at once, or a grace
+    that ends at the next turn, leaves the effect no step after the verdict.
+    """
 
-    async def scenario() -> tuple[float, str, float]:
+    async def scenario() -> LongEffect:
         async with tether.AsyncAgent(uri, run_id="r", target=coord.addr) as agent:
             entered = asyncio.Event()
+            ran_on: list[bool] = []
 
             async def work() -> str:
                 async with agent.effect("long_call", key="k-long"):
                     entered.set()
+                    while not agent.killed:  # noqa: ASYNC110 - polling the SDK's local verdict
+                        await asyncio.sleep(0.005)
+                    await asyncio.sleep(0)  # one more turn of the loop, then note it ran on
+                    ran_on.append(True)
                     await asyncio.sleep(10)
                 return "finished"
 
@@ -58,14 +64,11 @@ def _long_effect(
             await entered.wait()
             start = time.monotonic()
             await asyncio.to_thread(kill)
-            while not agent.killed:  # noqa: ASYNC110 - polling the SDK's local verdict
-                await asyncio.sleep(0.005)
-            stopped_new = time.monotonic() - start
             try:
                 outcome = await task
             except asyncio.CancelledError:
                 outcome = "cancelled"
-            return time.monotonic() - start, outcome, stopped_new
+            return LongEffect(outcome, bool(ran_on), time.monotonic() - start)
 
     return asyncio.run(scenario())
 
@@ -74,13 +77,13 @@ def test_hard_kill_cancels_work_in_flight_at_once(
     coord: Coordinator, admin: tether.AdminClient, tenant: str
 ) -> None:
     uri = f"agent://{tenant}/a"
-    elapsed, outcome, _ = _long_effect(
+    effect = _long_effect(
         coord, uri, lambda: admin.kill(tether.selector(agent=uri), "hard stop", force=True)
     )
-    assert outcome == "cancelled"
-    assert elapsed < 5  # not the 10 s the effect wanted
+    assert effect.outcome == "cancelled"  # not the 10 s the effect wanted
+    assert not effect.ran_on  # cancelled with the verdict, not after some grace
     assert _statuses(admin, tenant, 1) == {"k-long": "cancelled"}
-    ack = _audit(admin, tenant, "ack")
+    ack = _audit(admin, tenant, "ack")  # acknowledged as stopped, not escalated
     assert ack.reason == "1 instance(s) stopped; 1 effect(s) were in flight"
 
 
@@ -91,25 +94,27 @@ def test_soft_kill_escalates_to_hard_when_the_grace_runs_out(
     record_property: Callable[[str, object], None],
 ) -> None:
     uri = f"agent://{tenant}/a"
-    grace = 1.0
-    elapsed, outcome, stopped_new = _long_effect(
+    effect = _long_effect(
         coord,
         uri,
         lambda: admin.kill(
-            tether.selector(agent=uri), "soft stop", soft=True, grace=grace, force=True
+            tether.selector(agent=uri), "soft stop", soft=True, grace=1.0, force=True
         ),
     )
-    record_property("soft_to_hard_seconds", round(elapsed, 3))
+    record_property("soft_to_hard_seconds", round(effect.seconds, 3))
     print(
-        f"soft kill: new effects stopped after {stopped_new * 1e3:.1f} ms, in-flight cancelled after {elapsed:.2f} s (grace {grace} s)"
+        f"soft kill: in-flight effect cancelled {effect.seconds:.2f} s after the kill (grace 1 s)"
     )
-    assert outcome == "cancelled"
-    assert elapsed >= grace * 0.9  # it was allowed to run on during the grace
-    assert elapsed < 10  # and did not get its full 10 s
+    assert effect.ran_on  # it was allowed to run on during the grace
+    assert effect.outcome == "cancelled"  # and did not get its full 10 s
     assert _statuses(admin, tenant, 1) == {"k-long": "cancelled"}
     escalation = _audit(admin, tenant, "escalate")
-    assert escalation.reason.startswith("grace of 1s timed out: 1 instance(s) escalated")
+    assert escalation.reason == (
+        "grace of 1s timed out: 1 instance(s) escalated to a hard kill "
+        "and cancelled 1 effect(s) in flight"
+    )
     assert escalation.actor == "tether"
+    assert [e.action for e in admin.audit(tenant=tenant)] == ["kill", "escalate"]  # no plain ack
 
 
 def test_soft_kill_lets_short_work_finish_and_refuses_new_work(
@@ -181,14 +186,14 @@ def test_a_cancelled_timer_never_fires_and_a_retry_stops_at_the_kill(
 ) -> None:
     uri = f"agent://{tenant}/t"
     fired = threading.Event()
-    attempts: list[float] = []
+    attempts: list[int] = []
     with tether.Agent(uri, run_id="r", target=coord.addr) as agent:
         early = agent.call_later(0.05, lambda: None)
         timer = agent.call_later(1.0, fired.set)
         eventually(lambda: early.fired)
 
         def flaky() -> None:
-            attempts.append(time.monotonic())
+            attempts.append(len(attempts) + 1)
             raise ConnectionError("downstream flaky")
 
         outcome: list[BaseException] = []
@@ -200,12 +205,13 @@ def test_a_cancelled_timer_never_fires_and_a_retry_stops_at_the_kill(
         retrier.start()
         eventually(lambda: len(attempts) >= 2)
         admin.kill(tether.selector(agent=uri), "stop everything", force=True)
-        killed_at = time.monotonic()
+        tried = len(attempts)
         retrier.join(5)
+        assert not retrier.is_alive()
         assert isinstance(outcome[0], tether.Killed)
-        assert all(t < killed_at for t in attempts)  # no retry after the stop
-        time.sleep(1.2)
-        assert not fired.is_set()
+        assert len(attempts) == tried  # no retry after the stop
+        # The timer falls due during this wait; cancelled by the kill, it stays silent.
+        assert not fired.wait(1.0)
         assert not timer.fired
         with pytest.raises(tether.Killed):
             agent.call_later(0.1, fired.set)  # nothing new is scheduled while halted

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
 import tether
 
 from tests.conftest import Coordinator, eventually
-
-
-@pytest.fixture
-def admin(coord: Coordinator) -> Iterator[tether.AdminClient]:
-    with tether.AdminClient(coord.addr, actor="pytest") as client:
-        yield client
 
 
 def test_capability_freeze_blocks_only_that_capability(

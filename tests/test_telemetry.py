@@ -37,10 +37,17 @@ def test_console_exporters_show_admin_spans_and_kill_metrics(
         coordinator.stop()
 
 
-def test_nothing_is_exported_by_default(coord: Coordinator) -> None:
-    with tether.AdminClient(coord.addr) as admin:
-        admin.halts()
-    assert coord.log is not None
-    text = coord.log.read_text()
+def test_nothing_is_exported_by_default(etcd: Etcd, tmp_path: Path, tenant: str) -> None:
+    coordinator = Coordinator(etcd).start(tmp_path)
+    try:
+        with (
+            tether.Agent(f"agent://{tenant}/a", target=coordinator.addr),  # counts a session
+            tether.AdminClient(coordinator.addr) as admin,  # and makes a span
+        ):
+            admin.halts()
+    finally:
+        coordinator.stop()  # a clean exit flushes whatever exporter had been set up
+    assert coordinator.log is not None
+    text = coordinator.log.read_text()
     for exported in ('"trace_id"', '"resource_metrics"', "tether.v1.AdminService"):
         assert exported not in text  # no span and no metric batch was written anywhere
