@@ -29,7 +29,9 @@ from typing import Any
 import grpc
 import psutil
 
+from bench.fleet import Arrivals
 from bench.infra import raise_nofile
+from bench.record import dump
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 _aio_channel = grpc.aio.insecure_channel
@@ -90,7 +92,7 @@ class Transitions:
         elif state == LOST:
             self.lost += 1
 
-    async def wait(self, state: str, timeout: float) -> dict[str, Any]:
+    async def wait(self, state: str, timeout: float) -> Arrivals:
         """Wait until every agent is ``state`` ("killed" or "running"), at most ``timeout``."""
         want_killed = state == "killed"
         deadline = time.monotonic() + timeout
@@ -110,14 +112,7 @@ class Transitions:
         grants = [
             (self.granted[i][0], names[self.granted[i][1]]) for i in missing if i in self.granted
         ]
-        return {
-            "times": times,
-            "missing": len(missing),
-            "agents": n,
-            "lost": self.lost,
-            "missing_by_state": by_state,
-            "missing_last_grants": grants[:5000],
-        }
+        return Arrivals(times, len(missing), by_state, grants[:5000])
 
 
 # -- sdk agents -------------------------------------------------------------------------------
@@ -474,8 +469,9 @@ async def serve(kind: str) -> None:
         return {"armed": len(fleet.marks.state), "halted": fleet.marks.n_halted}
 
     async def wait(cmd: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await fleet.marks.wait(cmd["state"], float(cmd["timeout"]))
-        return result
+        arrivals = await fleet.marks.wait(cmd["state"], float(cmd["timeout"]))
+        reply: dict[str, Any] = dump(arrivals)
+        return reply
 
     handlers.update(stats=stats, arm=arm, wait=wait)
     print(json.dumps({"ready": kind}), flush=True)
