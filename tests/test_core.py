@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
 import pytest
@@ -74,21 +74,38 @@ def test_kill_reaches_every_instance_on_both_coordinators(
         assert [states[x.instance_id] for x in agents] == [tether.State.KILLED] * 3
 
 
+def _appending_to(seen: list[tether.Verdict]) -> Callable[[tether.Verdict, bool], None]:
+    """An ``on_reply`` observer that keeps every verdict a reply put in force."""
+
+    def observe(verdict: tether.Verdict, grant: bool) -> None:
+        seen.append(verdict)
+
+    return observe
+
+
 def test_tenant_kill_does_not_touch_another_tenant(
     coordinators: tuple[Coordinator, Coordinator], admin: tether.AdminClient, tenant: str
 ) -> None:
     a, b = coordinators
+    replies: list[list[tether.Verdict]] = [[], []]  # each reply the other tenant's agents got
     with ExitStack() as stack:
         mine = stack.enter_context(tether.Agent(f"agent://{tenant}/x", target=a.addr))
         theirs = [
-            stack.enter_context(tether.Agent(f"agent://{tenant}-other/x", target=c.addr))
-            for c in (a, b)
+            stack.enter_context(
+                tether.Agent(
+                    f"agent://{tenant}-other/x",
+                    target=c.addr,
+                    config=tether.AgentConfig(on_reply=_appending_to(seen)),
+                )
+            )
+            for c, seen in zip((a, b), replies, strict=True)
         ]
         admin.kill(tether.selector(tenant=tenant), "tenant incident")
         eventually(lambda: mine.killed)
         # The other tenant's agents got every heartbeat ack since, and are still told RUN.
-        seq = [t._core.verdict for t in theirs]
-        eventually(lambda: all(t._core.verdict is not s for t, s in zip(theirs, seq, strict=True)))
+        counts = [len(seen) for seen in replies]
+        eventually(lambda: all(len(s) > n for s, n in zip(replies, counts, strict=True)))
+        assert all(seen[-1].stop is None for seen in replies)
         for agent in theirs:
             agent.check()
 

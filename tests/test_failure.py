@@ -88,9 +88,16 @@ def test_agent_fails_closed_when_its_coordinator_dies_and_recovers_through_anoth
 ) -> None:
     first = Coordinator(etcd).start(tmp_path)
     second = Coordinator(etcd)  # its port is known to the agent, but nothing listens yet
+    grants: list[tether.Verdict] = []  # the verdict each session grant put in force
+
+    def on_reply(verdict: tether.Verdict, grant: bool) -> None:
+        if grant:
+            grants.append(verdict)
+
+    config = tether.AgentConfig(on_reply=on_reply)
     try:
         with tether.Agent(
-            f"agent://{tenant}/w", run_id="r", target=f"{first.addr},{second.addr}"
+            f"agent://{tenant}/w", run_id="r", target=f"{first.addr},{second.addr}", config=config
         ) as agent:
             agent.check()
             first.stop(signal.SIGKILL)
@@ -101,7 +108,8 @@ def test_agent_fails_closed_when_its_coordinator_dies_and_recovers_through_anoth
             second.start(tmp_path)
             eventually(lambda: not agent.killed)  # reconnected and told RUN
             agent.check()
-            assert agent._core.verdict is not None
+            eventually(lambda: len(grants) >= 2)  # registered with the first, then the second
+            assert grants[-1].stop is None
     finally:
         first.stop()
         second.stop()

@@ -9,6 +9,7 @@ Inside an agent::
 
 from tether._admin import AdminClient, selector
 from tether._agent import Agent, AsyncAgent
+from tether._config import AgentConfig
 from tether._errors import (
     CapabilityFrozen,
     FailedPrecondition,
@@ -41,11 +42,13 @@ from tether._types import (
     State,
 )
 from tether._uri import AgentRef, check_name, parse_agent_uri
+from tether._verdict import Verdict
 
 __all__ = [
     "PERMIT_METADATA",
     "AdminClient",
     "Agent",
+    "AgentConfig",
     "AgentEvent",
     "AgentInstance",
     "AgentRef",
@@ -73,6 +76,7 @@ __all__ = [
     "TetherError",
     "TetherLost",
     "Unavailable",
+    "Verdict",
     "check_name",
     "parse_agent_uri",
     "selector",

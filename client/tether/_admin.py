@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tether._agent import resolve_targets
+from tether._config import resolve_targets
 from tether._errors import InvalidArgument, from_rpc_error
 from tether._types import (
     EFFECT_STATUS_TO_PB,

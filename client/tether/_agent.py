@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import threading
@@ -11,24 +12,35 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from tether._core import Core, Identity
-from tether._errors import InvalidArgument
+from tether._config import AgentConfig, resolve_targets
+from tether._core import Core
 from tether._gate import Effect
 from tether._types import Halt
 from tether._uri import check_name, parse_agent_uri
+from tether._verdict import Identity
 from tether._work import Timer, WorkQueue, retry
 
-DEFAULT_ADDR = "127.0.0.1:7700"
 T = TypeVar("T")
 
 
-def resolve_targets(target: str | None, environ: Mapping[str, str]) -> list[str]:
-    """``target``, else ``TETHER_ADDR``, else the default; a comma-separated list fails over."""
-    raw = target or environ.get("TETHER_ADDR") or DEFAULT_ADDR
-    targets = [t.strip() for t in raw.split(",") if t.strip()]
-    if not targets:
-        raise InvalidArgument(f"no coordinator address in {raw!r}: expected HOST:PORT[,HOST:PORT]")
-    return targets
+def _settings(
+    config: AgentConfig | None,
+    target: str | None,
+    connect_timeout: float | None,
+    strict_effects: bool | None,
+    environ: Mapping[str, str] = os.environ,
+) -> AgentConfig:
+    """The front doors' keyword arguments win over ``config``, or over ``environ`` without one."""
+    overrides: dict[str, Any] = {}
+    if target:
+        overrides["targets"] = tuple(resolve_targets(target, environ))
+    if connect_timeout is not None:
+        overrides["connect_timeout"] = connect_timeout
+    if strict_effects is not None:
+        overrides["strict_effects"] = strict_effects
+    if config is None:
+        return AgentConfig.from_env(environ, **overrides)
+    return dataclasses.replace(config, **overrides)
 
 
 def _identity(
@@ -53,8 +65,24 @@ def _identity(
 class _Front:
     """What both front doors share: everything that only reads or replaces state."""
 
-    _core: Core
-    _strict: bool
+    def __init__(
+        self,
+        uri: str,
+        *,
+        run_id: str | None = None,
+        target: str | None = None,
+        instance_id: str | None = None,
+        capabilities: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        connect_timeout: float | None = None,
+        strict_effects: bool | None = None,
+        config: AgentConfig | None = None,
+    ) -> None:
+        """See ``Agent`` for the arguments."""
+        identity = _identity(uri, run_id, instance_id, capabilities, labels)
+        settings = _settings(config, target, connect_timeout, strict_effects)
+        self._core = Core(identity, settings)
+        self._strict = settings.strict_effects
 
     def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop a sync caller may block on for a strict permit; None for asyncio code."""
@@ -72,6 +100,11 @@ class _Front:
     @property
     def instance_id(self) -> str:
         return self._core.identity.instance_id
+
+    @property
+    def ttl(self) -> float:
+        """The lease TTL in seconds the coordinator granted; 0.0 before registration."""
+        return self._core.ttl
 
     @property
     def halts(self) -> tuple[Halt, ...]:
@@ -148,27 +181,15 @@ class Agent(_Front):
         capabilities: The tools or effects this instance may use.
         labels: Free-form labels, such as ``{"version": "2.3.1"}``.
         connect_timeout: How long ``__enter__`` waits to register before raising
-            ``tether.Unavailable``.
+            ``tether.Unavailable``. Defaults to 10 seconds.
         strict_effects: Gate effects in strict mode by default (see ``effect``).
+        config: Settings beyond these, such as gRPC channel options or a reply observer;
+            the arguments above, when given, win over it. Without it, settings come from
+            ``AgentConfig.from_env(os.environ)``.
     """
 
-    def __init__(
-        self,
-        uri: str,
-        *,
-        run_id: str | None = None,
-        target: str | None = None,
-        instance_id: str | None = None,
-        capabilities: Iterable[str] = (),
-        labels: Mapping[str, str] | None = None,
-        connect_timeout: float = 10.0,
-        strict_effects: bool = False,
-    ) -> None:
-        identity = _identity(uri, run_id, instance_id, capabilities, labels)
-        self._core = Core(identity, resolve_targets(target, os.environ), connect_timeout)
-        self._strict = strict_effects
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+    _loop: asyncio.AbstractEventLoop | None = None  # the private loop, once started
+    _thread: threading.Thread | None = None  # the daemon thread that runs it
 
     def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
@@ -178,7 +199,8 @@ class Agent(_Front):
     ) -> WorkQueue:
         """A work queue whose items each run as one gated ``capability`` effect."""
         check_name("capability", capability)
-        return WorkQueue(self, capability, handler, strict=strict)
+        mode = self._strict if strict is None else strict
+        return WorkQueue(self._core, self._strict_loop, capability, handler, strict=mode)
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
         """Run ``fn(*args)`` after ``delay`` seconds unless a kill comes first."""
@@ -187,7 +209,7 @@ class Agent(_Front):
 
     def retry(self, fn: Callable[..., T], *args: Any, **options: Any) -> T:
         """``fn(*args)`` with retries that a kill cancels; see ``tether._work.retry``."""
-        return retry(self, fn, *args, **options)
+        return retry(self._core, fn, *args, **options)
 
     def start(self) -> None:
         """Register with a coordinator; blocks until the first reply."""
@@ -231,22 +253,6 @@ class Agent(_Front):
 
 class AsyncAgent(_Front):
     """The same as ``Agent``, for asyncio code: the stream runs on the caller's loop."""
-
-    def __init__(
-        self,
-        uri: str,
-        *,
-        run_id: str | None = None,
-        target: str | None = None,
-        instance_id: str | None = None,
-        capabilities: Iterable[str] = (),
-        labels: Mapping[str, str] | None = None,
-        connect_timeout: float = 10.0,
-        strict_effects: bool = False,
-    ) -> None:
-        identity = _identity(uri, run_id, instance_id, capabilities, labels)
-        self._core = Core(identity, resolve_targets(target, os.environ), connect_timeout)
-        self._strict = strict_effects
 
     async def start(self) -> None:
         """Register with a coordinator; returns after the first reply."""

@@ -8,31 +8,22 @@ value swapped in whole, and the newest checkpoint simply replaces the last.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
-import threading
 import time
-from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Mapping
 from typing import Any, cast
 
 import grpc
 from google.protobuf import struct_pb2
 
-from tether._errors import (
-    CapabilityFrozen,
-    InvalidArgument,
-    Killed,
-    TetherLost,
-    Unavailable,
-    from_rpc_error,
-    is_permanent,
-)
+from tether._config import AgentConfig
+from tether._errors import InvalidArgument, TetherLost, Unavailable, from_rpc_error, is_permanent
+from tether._outbound import Outbound
 from tether._stop import Stopper
 from tether._types import Halt, struct_to_dict
+from tether._verdict import Identity, Verdict, verdict_of
 from tether.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("tether")
@@ -43,65 +34,6 @@ _GOODBYE_TIMEOUT = 5.0
 DEFAULT_MAX_CHECKPOINT_BYTES = 512 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who this instance is, as sent in the first message of every stream."""
-
-    tenant: str
-    agent: str
-    run_id: str
-    instance_id: str
-    capabilities: tuple[str, ...]
-    labels: Mapping[str, str]
-
-    def register(self) -> agent_pb2.HeartbeatRequest:
-        reg = agent_pb2.Register(
-            tenant=self.tenant,
-            agent=self.agent,
-            run_id=self.run_id,
-            instance_id=self.instance_id,
-            capabilities=self.capabilities,
-            labels=dict(self.labels),
-        )
-        return agent_pb2.HeartbeatRequest(register=reg)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the coordinator last said. ``killed`` is None when it said RUN."""
-
-    killed: Killed | None
-    confirmed_at: float  # time.monotonic() of the confirmation
-    revision: int = 0
-    frozen: Mapping[str, CapabilityFrozen] = field(default_factory=dict)
-    drain: bool = False  # every stopping halt lets queued work drain
-
-
-def _verdict(
-    resp: agent_pb2.HeartbeatResponse, halts: Sequence[Halt], confirmed_at: float
-) -> Verdict:
-    frozen = {
-        h.selector.capability: CapabilityFrozen(
-            h.selector.capability, h.reason, scope=h.selector.scope.value, actor=h.actor,
-            halt_id=h.id,
-        )
-        for h in reversed(halts)  # the broadest freeze of a capability wins
-        if h.selector.capability
-    }  # fmt: skip
-    killed: Killed | None = None
-    policies = [h.queue for h in resp.halts if not h.selector.capability]
-    drain = bool(policies) and all(q == types_pb2.QUEUE_POLICY_DRAIN for q in policies)
-    if resp.order != agent_pb2.ORDER_RUN:
-        stops = [h for h in halts if not h.selector.capability]
-        if resp.fail_closed_reason or not stops:
-            killed = TetherLost(resp.fail_closed_reason or "coordinator ordered a stop")
-        else:
-            h = stops[0]
-            killed = Killed(h.reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id)
-    drain = drain and not resp.fail_closed_reason
-    return Verdict(killed, confirmed_at, resp.revision, frozen, drain)
-
-
 def to_struct(checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
     msg = struct_pb2.Struct()
     msg.update(checkpoint)
@@ -109,40 +41,33 @@ def to_struct(checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
 
 
 class Core:
-    """Holds one tether to a coordinator, reconnecting with backoff when it breaks."""
+    """Holds one tether to a coordinator, reconnecting with backoff when it breaks.
 
-    def __init__(self, identity: Identity, targets: Sequence[str], connect_timeout: float) -> None:
+    What it writes waits in ``out`` (an ``Outbound``); what a stop does is ``stops``'
+    business (a ``Stopper``). The core reads replies and keeps the verdict.
+    """
+
+    def __init__(self, identity: Identity, config: AgentConfig) -> None:
         self.identity = identity
-        self._targets = list(targets)
-        self._connect_timeout = connect_timeout
+        self.config = config
+        self.out = Outbound()
+        self.stops = Stopper(self.out.ack)
         self.verdict: Verdict | None = None
         self._applied: Verdict | None = None  # the verdict the last reply made, unless replaced
         self._shape: tuple[int, int, str, int] | None = None  # what that reply said, in brief
         self.ttl = 0.0
+        self._interval = 1.0
         self.halts: tuple[Halt, ...] = ()
         self.checkpoint: dict[str, Any] | None = None
         self.max_checkpoint_bytes = DEFAULT_MAX_CHECKPOINT_BYTES
-        self._latest: struct_pb2.Struct | None = None
-        self._reported: struct_pb2.Struct | None = None
-        self._wake: asyncio.Event | None = None
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
-        self._registered: asyncio.Future[None] | None = None
-        self._call: Any = None
-        self._seq = 0
-        self._interval = 1.0
-        self._sender: asyncio.Task[None] | None = None
-        self._watchdog: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
-        self._ledger: deque[types_pb2.Effect] = deque()
-        self._permit_requests: deque[agent_pb2.PermitRequest] = deque()
-        self._permit_waiters: dict[int, asyncio.Future[agent_pb2.PermitDecision]] = {}
-        self._permit_seq = 0
         self.landed: set[str] = set()  # idempotency keys that landed in this run
-        self.stops = Stopper(self._wake_soon, self._checkpoint_for_ack)
+        self._closing = False
         self.goodbye_confirmed = False
-        self._sent_at: dict[int, float] = {}
+        self._registered: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._call: Any = None
 
     # -- front-door operations: never block, safe from any thread ---------------------------
 
@@ -150,8 +75,8 @@ class Core:
         verdict = self.verdict
         if verdict is None:
             raise TetherLost("not registered with a coordinator yet")
-        if verdict.killed is not None and not (drain and verdict.drain):
-            raise verdict.killed
+        if verdict.stop is not None and not (drain and verdict.drain):
+            raise verdict.stop
         if time.monotonic() - verdict.confirmed_at > self.ttl:
             raise TetherLost(f"no confirmed heartbeat reply within the lease TTL ({self.ttl:g}s)")
         if capability is not None and (frozen := verdict.frozen.get(capability)) is not None:
@@ -162,7 +87,7 @@ class Core:
         return self.verdict is not None and self.verdict.drain
 
     def report(self, checkpoint: Mapping[str, Any]) -> None:
-        self._latest = self._checked(checkpoint)
+        self.out.latest = self._checked(checkpoint)
 
     def _checked(self, checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
         """Convert now, so that a bad checkpoint fails at the caller, not on the stream."""
@@ -181,24 +106,37 @@ class Core:
             )
         return msg
 
+    # -- the effect gate's needs ------------------------------------------------------------
+
+    def record(self, effect: types_pb2.Effect) -> None:
+        """Queue a ledger record for the stream. Safe from any thread; never blocks."""
+        if effect.status == types_pb2.EFFECT_STATUS_LANDED and effect.key:
+            self.landed.add(effect.key)
+        self.out.record(effect)
+
+    def permit(
+        self, capability: str, key: str, *, drain: bool = False
+    ) -> Coroutine[Any, Any, agent_pb2.PermitDecision]:
+        """Ask the coordinator, over the stream, whether this effect may leave now."""
+        return self.out.permit(capability, key, drain, self.ttl)
+
     # -- lifecycle, on the engine's loop ------------------------------------------------------
 
     async def start(self) -> None:
         """Connect and register; returns once the first reply arrived."""
         loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
+        self.out.bind(loop)
         self._registered = loop.create_future()
-        self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(), name=f"tether-{self.identity.instance_id}")
         self._watchdog = loop.create_task(self._watch_ttl(), name="tether-watchdog")
+        timeout = self.config.connect_timeout
         try:
-            await asyncio.wait_for(asyncio.shield(self._registered), self._connect_timeout)
+            await asyncio.wait_for(asyncio.shield(self._registered), timeout)
         except TimeoutError:
             await self.abort()
             raise Unavailable(
-                f"could not register with a coordinator at {', '.join(self._targets)} "
-                f"within {self._connect_timeout:g}s"
+                f"could not register with a coordinator at {', '.join(self.config.targets)} "
+                f"within {timeout:g}s"
             ) from None
         except BaseException:
             await self.abort()
@@ -208,11 +146,10 @@ class Core:
         """Say goodbye with the final checkpoint, wait for it to be stored, and stop."""
         self._closing = True
         if final is not None:
-            self._latest = self._checked(final)
+            self.out.latest = self._checked(final)
         sender = self._sender
         if self._call is not None and sender is not None and not sender.done():
-            assert self._wake is not None
-            self._wake.set()  # the sender writes the goodbye: a stream takes one writer
+            self.out.wake.set()  # the sender writes the goodbye: a stream takes one writer
             try:
                 await asyncio.wait_for(asyncio.shield(self._task_done()), _GOODBYE_TIMEOUT)
             except TimeoutError:
@@ -239,7 +176,7 @@ class Core:
         while True:
             await asyncio.sleep(max(self.ttl / 4, 0.05))
             before = self.verdict
-            if before is None or before.killed is not None:
+            if before is None or before.stop is not None:
                 continue
             if time.monotonic() - before.confirmed_at > self.ttl:
                 lost = TetherLost(
@@ -257,8 +194,9 @@ class Core:
     async def _run(self) -> None:
         backoff = _INITIAL_BACKOFF
         attempt = 0
+        targets = self.config.targets
         while not self._closing:
-            target = self._targets[attempt % len(self._targets)]
+            target = targets[attempt % len(targets)]
             attempt += 1
             try:
                 await self._session(target)
@@ -284,7 +222,8 @@ class Core:
         log.error("tether: giving up: %s", error)
 
     async def _session(self, target: str) -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
+        options = self.config.channel_options or None
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
             call = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat()
             self._call = call
             try:
@@ -307,20 +246,23 @@ class Core:
         self._interval = max(grant.heartbeat_interval_ms / 1000.0, 0.01)
         self.max_checkpoint_bytes = grant.max_checkpoint_bytes or DEFAULT_MAX_CHECKPOINT_BYTES
         self._shape = None  # a grant is always applied in full
-        if self._registered is not None and not self._registered.done():
+        self.out.reported = None  # the new coordinator gets the newest checkpoint at once
+        registering = self._registered is not None and not self._registered.done()
+        if registering:
             # The stored checkpoint is handed over once, at the first registration; later
             # reconnects keep the run's own newer progress.
             if grant.has_checkpoint:
                 self.checkpoint = struct_to_dict(grant.checkpoint)
             self.landed.update(grant.landed_keys)
-            self._reported = None
-            self._apply(first, time.monotonic())
-            self._registered.set_result(None)
-        else:
-            self._reported = None  # the new coordinator gets the newest checkpoint at once
-            self._apply(first, time.monotonic())
+        self._apply(first, time.monotonic())
+        if self.config.on_reply is not None:
+            self.config.on_reply(cast(Verdict, self.verdict), True)
+        if registering:
+            cast(asyncio.Future[None], self._registered).set_result(None)
 
     async def _read_replies(self, call: Any) -> None:
+        out, on_reply = self.out, self.config.on_reply
+        beats_sent = out.beats_sent  # a reply confirms the verdict as of its beat's sending
         while True:
             resp = await call.read()
             if resp is grpc.aio.EOF:
@@ -328,14 +270,14 @@ class Core:
                     self.goodbye_confirmed = await call.code() == grpc.StatusCode.OK
                     return
                 raise await _eof_error(call)
-            sent = self._sent_at.pop(resp.ack_seq, None) if resp.ack_seq else None
+            sent = beats_sent.pop(resp.ack_seq, None) if resp.ack_seq else None
             self._apply(resp, sent if sent is not None else time.monotonic())
+            if on_reply is not None:
+                on_reply(cast(Verdict, self.verdict), False)
             if resp.HasField("permit"):
-                waiter = self._permit_waiters.get(resp.permit.request_id)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(resp.permit)
-            if resp.order == agent_pb2.ORDER_STOP and self._wake is not None:
-                self._wake.set()  # send the newest checkpoint now: it is the one to resume from
+                out.decided(resp.permit)
+            if resp.order == agent_pb2.ORDER_STOP:
+                out.wake.set()  # send the newest checkpoint now: it is the one to resume from
 
     def _apply(self, resp: agent_pb2.HeartbeatResponse, confirmed_at: float) -> None:
         before = self.verdict
@@ -344,43 +286,30 @@ class Core:
             # The same order again (most replies are acks): only the confirmation is new.
             # A coordinator's order at one etcd revision is always the same order.
             self.verdict = self._applied = Verdict(
-                before.killed, confirmed_at, before.revision, before.frozen, before.drain
+                before.stop, confirmed_at, before.revision, before.frozen, before.drain
             )
             return
         self.halts = tuple(Halt.from_pb(h) for h in resp.halts)
-        self.verdict = self._applied = _verdict(resp, self.halts, confirmed_at)
+        self.verdict = self._applied = verdict_of(resp, self.halts, confirmed_at)
         self._shape = shape
         self.stops.on_order(before, self.verdict, list(resp.halts))
 
     async def _send(self, call: Any) -> None:
-        """The stream's one writer: permit requests and ledger records, then beats."""
-        wake = self._wake
-        assert wake is not None
+        """The stream's one writer: what waits in ``out``, then beats."""
+        out = self.out
+        wake = out.wake
         loop = asyncio.get_running_loop()
         next_beat = 0.0
         while True:
             wake.clear()
-            while self.stops.acks:
-                ack = self.stops.acks.popleft()
-                await call.write(agent_pb2.HeartbeatRequest(ack=ack))
-            while self._permit_requests:
-                request = self._permit_requests.popleft()
-                await call.write(agent_pb2.HeartbeatRequest(permit=request))
-            await self._send_effects(call)
+            await out.write_queued(call)
             if self._closing:
-                # Records made before close() may have landed in the deque while the write
-                # above was in flight: closing is set after them, so this drain gets them.
-                await self._send_effects(call)
-                goodbye = agent_pb2.Goodbye()
-                if self._latest is not None:
-                    goodbye.checkpoint.CopyFrom(self._latest)
-                await call.write(agent_pb2.HeartbeatRequest(goodbye=goodbye))
-                await call.done_writing()
+                await out.write_goodbye(call)
                 return
             now = time.monotonic()
-            killed = self.verdict is not None and self.verdict.killed is not None
-            if now >= next_beat or (killed and self._latest is not self._reported):
-                await call.write(agent_pb2.HeartbeatRequest(beat=self._beat(now)))
+            stopped = self.verdict is not None and self.verdict.stop is not None
+            if now >= next_beat or (stopped and out.latest is not out.reported):
+                await call.write(agent_pb2.HeartbeatRequest(beat=out.beat(now, self.ttl)))
                 next_beat = now + self._interval
             # A timer handle, not wait_for: no task is created for every beat.
             alarm = loop.call_at(loop.time() + max(next_beat - time.monotonic(), 0), wake.set)
@@ -388,86 +317,6 @@ class Core:
                 await wake.wait()
             finally:
                 alarm.cancel()
-
-    def _beat(self, now: float) -> agent_pb2.Beat:
-        self._seq += 1
-        beat = agent_pb2.Beat(seq=self._seq)
-        latest = self._latest
-        if latest is not None and latest is not self._reported:
-            beat.checkpoint.CopyFrom(latest)
-            self._reported = latest
-        self._sent_at[self._seq] = now
-        self._forget_old_beats(now)
-        return beat
-
-    async def _send_effects(self, call: Any) -> None:
-        batch = agent_pb2.EffectBatch()
-        while self._ledger:
-            batch.effects.append(self._ledger.popleft())
-        if not batch.effects:
-            return
-        try:
-            await call.write(agent_pb2.HeartbeatRequest(effects=batch))
-        except BaseException:
-            self._ledger.extendleft(reversed(batch.effects))  # the next stream sends them
-            raise
-
-    # -- the effect gate's needs ------------------------------------------------------------
-
-    def record(self, effect: types_pb2.Effect) -> None:
-        """Queue a ledger record for the stream. Safe from any thread; never blocks."""
-        self._ledger.append(effect)
-        if effect.status == types_pb2.EFFECT_STATUS_LANDED and effect.key:
-            self.landed.add(effect.key)
-        self._wake_soon()
-
-    def _checkpoint_for_ack(self) -> struct_pb2.Struct | None:
-        """The newest checkpoint if this stream has not carried it yet, for a kill ack.
-
-        The ack goes out before any beat, so no beat needs to repeat it: at a kill, every
-        agent then sends one message, not two, when the coordinator is busiest. One the
-        stream already carried is not sent again: the coordinator holds it and stores it
-        at the kill.
-        """
-        latest = self._latest
-        if latest is self._reported:
-            return None
-        self._reported = latest
-        return latest
-
-    def _wake_soon(self) -> None:
-        if self._wake is not None and threading.get_ident() == self._loop_thread:
-            self._wake.set()  # on the loop already: no self-pipe write, no extra turn
-            return
-        if self._loop is not None and self._wake is not None and not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed between the check and here
-                self._loop.call_soon_threadsafe(self._wake.set)
-
-    async def permit(
-        self, capability: str, key: str, *, drain: bool = False
-    ) -> agent_pb2.PermitDecision:
-        """Ask the coordinator, over the stream, whether this effect may leave now."""
-        self._permit_seq += 1
-        request = agent_pb2.PermitRequest(
-            request_id=self._permit_seq, capability=capability, key=key, drain=drain
-        )
-        waiter: asyncio.Future[agent_pb2.PermitDecision] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._permit_waiters[request.request_id] = waiter
-        self._permit_requests.append(request)
-        self._wake_soon()
-        try:
-            return await asyncio.wait_for(waiter, max(self.ttl, 1.0))
-        except TimeoutError:
-            raise TetherLost(f"no permit decision within the lease TTL ({self.ttl:g}s)") from None
-        finally:
-            self._permit_waiters.pop(request.request_id, None)
-
-    def _forget_old_beats(self, now: float) -> None:
-        if len(self._sent_at) > 64:
-            horizon = now - max(self.ttl, 1.0)
-            self._sent_at = {s: t for s, t in self._sent_at.items() if t >= horizon}
 
 
 async def _eof_error(call: Any) -> grpc.RpcError:

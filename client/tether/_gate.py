@@ -127,7 +127,7 @@ class Effect:
         self._core.stops.untrack(self.record.effect_id)
         if exc is None:
             self._finish(types_pb2.EFFECT_STATUS_LANDED)
-        elif isinstance(exc, asyncio.CancelledError) and self._core.stops.stopped.is_set():
+        elif isinstance(exc, asyncio.CancelledError) and self._core.stops.stop_in_force.is_set():
             self.record.error = "cancelled by a kill"
             self._finish(types_pb2.EFFECT_STATUS_CANCELLED)
         else:

@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from tether._errors import TetherLost
+from tether._verdict import Verdict
 from tether.v1 import agent_pb2, types_pb2
 
 
 class Stopper:
     """Per-instance stop machinery; its hooks run on the tether's event loop."""
 
-    def __init__(self, wake: Callable[[], None], checkpoint: Callable[[], Any]) -> None:
-        self._wake = wake
-        self._checkpoint = checkpoint
+    def __init__(self, send_ack: Callable[[agent_pb2.KillAck], None]) -> None:
+        self._send_ack = send_ack  # queues the ack for the stream, with the newest checkpoint
         self._lock = threading.Lock()  # in-flight work is tracked from user threads too
         self.inflight: dict[str, tuple[types_pb2.Effect, asyncio.Task[Any] | None]] = {}
         self.timers: set[Any] = set()  # anything with .cancel()
-        self.stopped = threading.Event()
-        self.acks: deque[agent_pb2.KillAck] = deque()
+        self.stop_in_force = threading.Event()  # set while a stop is in force
         self.discarded = 0
         self._soft: tuple[str, asyncio.TimerHandle] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -48,20 +46,21 @@ class Stopper:
 
     # -- called by the core when the order changes ----------------------------------------
 
-    def on_order(self, before: Any, after: Any, halts: list[types_pb2.Halt]) -> None:
+    def on_order(self, before: Verdict | None, after: Verdict, halts: list[types_pb2.Halt]) -> None:
+        """Act on a new verdict: what a stop cancels, waits out, and acknowledges."""
         self._loop = asyncio.get_running_loop()
-        if after.killed is None:
-            self.stopped.clear()
+        if after.stop is None:
+            self.stop_in_force.clear()
             self._forget_soft()
             return
-        self.stopped.set()
-        first = before is None or before.killed is None
+        self.stop_in_force.set()
+        first = before is None or before.stop is None
         if first:
             for timer in list(self.timers):
                 timer.cancel()
             self.timers.clear()
         stops = [h for h in halts if not h.selector.capability]
-        if not stops or isinstance(after.killed, TetherLost):
+        if not stops or isinstance(after.stop, TetherLost):
             if first:
                 self._cancel_inflight()  # fail closed: nothing to wait for, nobody to tell
             return
@@ -118,7 +117,4 @@ class Stopper:
         ack = agent_pb2.KillAck(
             halt_id=halt_id, escalated=escalated, in_flight=in_flight, discarded=self.discarded
         )
-        if (checkpoint := self._checkpoint()) is not None:
-            ack.checkpoint.CopyFrom(checkpoint)
-        self.acks.append(ack)
-        self._wake()
+        self._send_ack(ack)

@@ -13,11 +13,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tether._errors import Killed
-from tether._gate import DuplicateEffect
+from tether._gate import DuplicateEffect, Effect
 from tether.v1 import types_pb2
 
 if TYPE_CHECKING:
-    from tether._agent import Agent
+    import asyncio
+
+    from tether._core import Core
 
 T = TypeVar("T")
 
@@ -31,9 +33,16 @@ class WorkQueue:
     """
 
     def __init__(
-        self, agent: Agent, capability: str, handler: Callable[[Any], Any], *, strict: bool | None
+        self,
+        core: Core,
+        strict_loop: Callable[[], asyncio.AbstractEventLoop | None],
+        capability: str,
+        handler: Callable[[Any], Any],
+        *,
+        strict: bool,
     ) -> None:
-        self._agent = agent
+        self._core = core
+        self._strict_loop = strict_loop  # the loop a strict permit blocks on
         self.capability = capability
         self._handler = handler
         self._strict = strict
@@ -46,7 +55,7 @@ class WorkQueue:
 
     def put(self, payload: Any, *, key: str = "") -> None:
         """Queue one item; raises ``tether.Killed`` while halted."""
-        self._agent.check(self.capability)
+        self._core.check(self.capability)
         self._items.append((payload, key))
 
     def run(self) -> int:
@@ -56,14 +65,12 @@ class WorkQueue:
         while self._items:
             payload, key = self._items[0]
             try:
-                with self._agent.effect(
-                    self.capability, key=key or None, strict=self._strict, drain=draining
-                ):
+                with self._effect(key, draining):
                     self._handler(payload)
             except DuplicateEffect:
                 pass
             except Killed as stop:
-                if not draining and self._agent._core.verdict_drains():
+                if not draining and self._core.verdict_drains():
                     draining = True
                     continue
                 self._discard(stop)
@@ -72,8 +79,18 @@ class WorkQueue:
             self.done += 1
         return self.done
 
+    def _effect(self, key: str, draining: bool) -> Effect:
+        return Effect(
+            self._core,
+            self._strict_loop,
+            self.capability,
+            key or None,
+            self._strict,
+            drain=draining,
+        )
+
     def _discard(self, stop: Killed) -> None:
-        core = self._agent._core
+        core = self._core
         while self._items:
             _, key = self._items.popleft()
             record = types_pb2.Effect(
@@ -127,7 +144,7 @@ class Timer:
 
 
 def retry(
-    agent: Agent,
+    core: Core,
     fn: Callable[..., T],
     *args: Any,
     attempts: int = 3,
@@ -138,12 +155,12 @@ def retry(
     """Call ``fn`` until it succeeds, checking the tether before every attempt and waking
     at once if a kill arrives during a wait: no retry fires after the stop."""
     for attempt in range(1, attempts + 1):
-        agent.check()
+        core.check()
         try:
             return fn(*args)
         except retry_on:
             if attempt == attempts:
                 raise
-        if agent._core.stops.stopped.wait(delay * backoff ** (attempt - 1)):
-            agent.check()
+        if core.stops.stop_in_force.wait(delay * backoff ** (attempt - 1)):
+            core.check()
     raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,65 @@
+"""Agent configuration: one frozen dataclass and the one loader that reads the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tether._errors import InvalidArgument
+from tether._verdict import Verdict
+
+DEFAULT_ADDR = "127.0.0.1:7700"
+
+
+def resolve_targets(target: str | None, environ: Mapping[str, str]) -> list[str]:
+    """``target``, else ``TETHER_ADDR``, else the default; a comma-separated list fails over."""
+    raw = target or environ.get("TETHER_ADDR") or DEFAULT_ADDR
+    targets = [t.strip() for t in raw.split(",") if t.strip()]
+    if not targets:
+        raise InvalidArgument(f"no coordinator address in {raw!r}: expected HOST:PORT[,HOST:PORT]")
+    return targets
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """How one agent instance reaches its coordinators and what it tells its owner.
+
+    Build one with ``AgentConfig.from_env(os.environ, ...)`` to honour ``TETHER_ADDR``;
+    the constructor reads no environment.
+    """
+
+    targets: tuple[str, ...] = (DEFAULT_ADDR,)
+    """Coordinators as ``HOST:PORT``, tried in turn when a stream breaks."""
+    connect_timeout: float = 10.0
+    """Seconds ``start()`` waits to register before raising ``tether.Unavailable``."""
+    strict_effects: bool = False
+    """Gate effects in strict mode by default (see ``Agent.effect``)."""
+    channel_options: tuple[tuple[str, Any], ...] = ()
+    """Extra gRPC channel arguments for the agent's channel, such as
+    ``(("grpc.use_local_subchannel_pool", 1),)`` to give it a TCP connection of its own."""
+    on_reply: Callable[[Verdict, bool], None] | None = None
+    """Called on the agent's event loop after each coordinator reply is applied, with the
+    verdict now in force and True when that reply was a session grant (a registration or
+    re-registration). It must return quickly and not raise: it runs inside the stream's
+    reader. None: nothing is called."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str) or not self.targets:
+            raise InvalidArgument(
+                f"targets must be a non-empty tuple of HOST:PORT, got {self.targets!r}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> AgentConfig:
+        """The one loader: ``overrides`` win over ``TETHER_*`` variables, which win over
+        the defaults.
+
+        Args:
+            environ: The environment to read, usually ``os.environ``. ``TETHER_ADDR`` gives
+                ``targets`` (a comma-separated ``HOST:PORT`` list).
+            **overrides: Values for any of the fields, by name.
+        """
+        if "targets" not in overrides:
+            overrides["targets"] = tuple(resolve_targets(None, environ))
+        return cls(**overrides)

@@ -1,0 +1,81 @@
+"""Who an instance is, and what the coordinator last told it: the verdict in force."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tether._errors import CapabilityFrozen, Killed, TetherLost
+from tether._types import Halt
+from tether.v1 import agent_pb2, types_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who this instance is, as sent in the first message of every stream."""
+
+    tenant: str
+    agent: str
+    run_id: str
+    instance_id: str
+    capabilities: tuple[str, ...]
+    labels: Mapping[str, str]
+
+    def register(self) -> agent_pb2.HeartbeatRequest:
+        """The stream's first message: register this instance."""
+        reg = agent_pb2.Register(
+            tenant=self.tenant,
+            agent=self.agent,
+            run_id=self.run_id,
+            instance_id=self.instance_id,
+            capabilities=self.capabilities,
+            labels=dict(self.labels),
+        )
+        return agent_pb2.HeartbeatRequest(register=reg)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the coordinator last said; a new value replaces it whole with every reply.
+
+    Attributes:
+        stop: The ``tether.Killed`` (or ``tether.TetherLost``) that stops this instance,
+            or None when the coordinator said RUN.
+        confirmed_at: ``time.monotonic()`` of the confirmation: when the beat that this
+            reply answered was sent.
+        revision: The coordinator's etcd revision of the halt state.
+        frozen: Each frozen capability with its ``tether.CapabilityFrozen``.
+        drain: True when every stopping halt lets queued work drain.
+    """
+
+    stop: Killed | None
+    confirmed_at: float
+    revision: int = 0
+    frozen: Mapping[str, CapabilityFrozen] = field(default_factory=dict)
+    drain: bool = False
+
+
+def verdict_of(
+    resp: agent_pb2.HeartbeatResponse, halts: Sequence[Halt], confirmed_at: float
+) -> Verdict:
+    """The verdict a reply makes, given the reply's halts already converted."""
+    frozen = {
+        h.selector.capability: CapabilityFrozen(
+            h.selector.capability, h.reason, scope=h.selector.scope.value, actor=h.actor,
+            halt_id=h.id,
+        )
+        for h in reversed(halts)  # the broadest freeze of a capability wins
+        if h.selector.capability
+    }  # fmt: skip
+    stop: Killed | None = None
+    policies = [h.queue for h in resp.halts if not h.selector.capability]
+    drain = bool(policies) and all(q == types_pb2.QUEUE_POLICY_DRAIN for q in policies)
+    if resp.order != agent_pb2.ORDER_RUN:
+        stops = [h for h in halts if not h.selector.capability]
+        if resp.fail_closed_reason or not stops:
+            stop = TetherLost(resp.fail_closed_reason or "coordinator ordered a stop")
+        else:
+            h = stops[0]
+            stop = Killed(h.reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id)
+    drain = drain and not resp.fail_closed_reason
+    return Verdict(stop, confirmed_at, resp.revision, frozen, drain)
