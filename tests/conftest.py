@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 from aetcd import rpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tether_server._embedded import etcd_binary, free_port
+from tether_server import CoordinatorProcess, EtcdProcess, ProcessExited
 
 LEASE_TTL = 2  # etcd's floor: keeps STALE and fail-closed tests short
 T = TypeVar("T")
@@ -44,51 +40,11 @@ def eventually(probe: Callable[[], T], timeout: float = 15.0, interval: float = 
     raise AssertionError(f"condition not met within {timeout}s; last result: {last!r}")
 
 
-class ProcessExited(RuntimeError):
-    """A server under test died; waiting longer will not help."""
+class Etcd(EtcdProcess):
+    """The tests' etcd: the launcher's, plus a wipe between tests."""
 
-
-@dataclass
-class Etcd:
-    data_dir: Path
-    port: int = field(default_factory=free_port)
-    peer: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> Etcd:
-        client, peer = f"http://{self.endpoint}", f"http://127.0.0.1:{self.peer}"
-        self.proc = subprocess.Popen(
-            [
-                etcd_binary(),
-                "--name=test",
-                f"--data-dir={self.data_dir}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=test={peer}",
-                "--log-level=error",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        eventually(self._ready)
-        return self
-
-    def _ready(self) -> bool:
-        with grpc.insecure_channel(self.endpoint) as channel:
-            rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=1)
-        return True
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=10)
-        self.proc = None
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir, "test")
 
     def wipe(self) -> None:
         """Delete every fact under /tether/ except the coordinators' shared permit key."""
@@ -98,50 +54,32 @@ class Etcd:
                 kv.DeleteRange(rpc.DeleteRangeRequest(key=start, range_end=end))
 
 
-@dataclass
 class Coordinator:
-    etcd: Etcd
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
+    """A ``tether serve`` with the tests' lease TTL, logging at INFO into the test's tmp dir."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.process = CoordinatorProcess(
+            etcd.url, lease_ttl=LEASE_TTL, env={**os.environ, "TETHER_LOG_LEVEL": "INFO"}
+        )
 
     @property
     def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.process.addr
+
+    @property
+    def log(self) -> Path | None:
+        return self.process.log
 
     def start(self, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Coordinator:
-        self.log = tmp / f"coordinator-{self.port}.log"
-        env = {**os.environ, "TETHER_LOG_LEVEL": "INFO", **(env or {})}
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "tether._cli", "serve",
-                    "--listen", self.addr,
-                    "--etcd", f"http://{self.etcd.endpoint}",
-                    "--lease-ttl", str(LEASE_TTL),
-                    *extra,
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )  # fmt: skip
-        eventually(self.serving)
+        self.process.log = tmp / f"coordinator-{self.process.port}.log"
+        self.process.start(*extra, env=env, timeout=15)
         return self
 
     def serving(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise ProcessExited(f"coordinator exited: {self.log.read_text() if self.log else ''}")
-        with grpc.insecure_channel(self.addr) as channel:
-            resp = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="tether.v1.AgentService"), timeout=1
-            )
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+        return self.process.serving()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=15)
-        self.proc = None
+        self.process.stop(sig)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import tether
-from tether_server._embedded import free_port
+from tether_server import free_port
 
 from tests.conftest import Coordinator, Etcd, eventually
 

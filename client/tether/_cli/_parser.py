@@ -1,0 +1,167 @@
+"""The ``tether`` argument parser, built from one small piece per verb."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from tether._cli._output import EXIT_USAGE
+from tether._types import EffectStatus, State
+
+# The drill's scopes, narrowest first; the drill itself lives in tether_server.
+DRILL_SCOPES = ("capability", "run", "agent", "tenant", "global")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"tether: {message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--addr", help="coordinator HOST:PORT (default: $TETHER_ADDR or 127.0.0.1:7700)"
+    )
+    common.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    common.add_argument("--token", help="admin bearer token (default: $TETHER_TOKEN)")
+    return common
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {raw!r}")
+    return value
+
+
+def _scope_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument(
+        "--global", dest="all", action="store_true", help="every agent of every tenant"
+    )
+    group.add_argument("--tenant", help="every agent of one tenant")
+    group.add_argument("--agent", metavar="URI", help="every instance of agent://TENANT/AGENT")
+    group.add_argument("--run", metavar="RUN_ID", help="every instance serving one run")
+    parser.add_argument("--in-tenant", metavar="T", help="with --run: only that tenant's run")
+    parser.add_argument("--capability", help="freeze only this capability within the scope")
+    parser.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE",
+        help="only instances with this label (repeatable), e.g. feature=beta",
+    )  # fmt: skip
+
+
+def _filter_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", default="")
+    parser.add_argument("--agent", default="", metavar="URI_OR_NAME", help="agent://T/A or a name")
+    parser.add_argument("--run", default="", metavar="RUN_ID")
+
+
+def _serve_args(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7700)")
+    serve.add_argument("--etcd", help="etcd endpoints, http://HOST:PORT[,...]; default: embedded")
+    serve.add_argument("--data-dir", help="embedded etcd data directory (default .tether)")
+    serve.add_argument("--lease-ttl", type=float, help="instance lease TTL in seconds (default 10)")
+    serve.add_argument("--max-checkpoint-bytes", type=int, help="checkpoint size limit (512 KiB)")
+    serve.add_argument("--permit-key", help="PEM Ed25519 key for effect permits (default: in etcd)")
+    serve.add_argument("--admin-tokens", help="file of 'TOKEN TENANT[,...]' lines; default: open")
+
+
+def _kill_args(kill: argparse.ArgumentParser) -> None:
+    _scope_args(kill)
+    kill.add_argument("--reason", required=True, help="why; it goes into the audit")
+    kill.add_argument("--force", action="store_true", help="halt a name that never registered")
+    kill.add_argument(
+        "--mode",
+        choices=("hard", "soft"),
+        default="hard",
+        help="hard cancels work in flight; soft lets it finish within --grace",
+    )
+    kill.add_argument("--grace", type=float, help="seconds a soft kill waits (default 30)")
+    kill.add_argument(
+        "--queue",
+        choices=("discard", "drain"),
+        default="discard",
+        help="what happens to work queued through the SDK",
+    )
+
+
+def _resume_args(resume: argparse.ArgumentParser) -> None:
+    _scope_args(resume)
+    resume.add_argument("--reason", default="", help="why; it goes into the audit")
+
+
+def _agents_args(agents: argparse.ArgumentParser) -> None:
+    _filter_args(agents)
+    agents.add_argument("--state", choices=[s.value for s in State], type=str.upper)
+
+
+def _halts_args(halts: argparse.ArgumentParser) -> None:
+    halts.add_argument("--tenant", default="")
+
+
+def _audit_args(audit: argparse.ArgumentParser) -> None:
+    audit.add_argument("--tenant", default="")
+    audit.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
+    audit.add_argument("--limit", type=_positive, default=100)
+    audit.add_argument(
+        "--verify", action="store_true", help="check the hash chain; exit 1 if broken"
+    )
+
+
+def _effects_args(effects: argparse.ArgumentParser) -> None:
+    _filter_args(effects)
+    effects.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
+    effects.add_argument("--status", choices=[s.value for s in EffectStatus], type=str.lower)
+
+
+def _no_args(_: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _drill_args(drill: argparse.ArgumentParser) -> None:
+    drill.add_argument("--scope", choices=[*DRILL_SCOPES, "all"], default="all")
+    drill.add_argument("--settle", type=float, default=60.0, help="seconds to watch after the flip")
+    drill.add_argument("--items", type=int, default=200, help="queue length of each worker")
+    drill.add_argument("--tick", type=float, default=0.01, help="seconds of work per item")
+    drill.add_argument("--allow-global", action="store_true", help="global scope with --addr")
+
+
+def _watch_args(watch: argparse.ArgumentParser) -> None:
+    _filter_args(watch)
+    watch.add_argument("--no-snapshot", action="store_true", help="only changes from now on")
+    watch.add_argument("--count", type=int, default=0, help="stop after this many events")
+
+
+_Args = Callable[[argparse.ArgumentParser], None]
+
+# (verb, help, takes --addr/-o/--token, its own arguments), in the order --help lists them.
+_VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
+    ("serve", "run a coordinator", False, _serve_args),
+    ("kill", "halt a scope now", True, _kill_args),
+    ("resume", "lift a halt", True, _resume_args),
+    ("agents", "list agent instances", True, _agents_args),
+    ("halts", "list the halts in force", True, _halts_args),
+    ("audit", "every kill and resume", True, _audit_args),
+    ("effects", "the side-effect ledger", True, _effects_args),
+    ("permit-key", "the public key that verifies permits", True, _no_args),
+    ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
+    ("watch", "stream state changes", True, _watch_args),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tether`` parser: one subcommand per verb; ``args.verb`` names the one given."""
+    common = _common()
+    parser = _Parser(prog="tether", description="Kill switch for fleets of AI agents.")
+    verbs: Any = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    for name, help_text, takes_common, arguments in _VERBS:
+        arguments(verbs.add_parser(name, parents=[common] if takes_common else [], help=help_text))
+    return parser

@@ -1,0 +1,106 @@
+"""The drill's workers, and the fleet they run on: coordinators given by address, or an etcd
+and two coordinators of the drill's own."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tether import Agent, Killed, TetherError
+
+from tether_server._launch import CoordinatorProcess, EtcdProcess, LaunchError
+
+CAPABILITY = "send"
+
+
+@dataclass
+class Worker:
+    """One simulated agent instance working through its queue."""
+
+    tenant: str
+    agent: str
+    run_id: str
+    target: str
+    items: int
+    tick: float
+    journal: list[tuple[int, float]] = field(default_factory=list)  # (item, monotonic time)
+    stopped_at: float | None = None
+    stopped_by: str = ""
+    error: str = ""
+    quit: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._work, name=self.run_id, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        uri = f"agent://{self.tenant}/{self.agent}"
+        try:
+            with Agent(uri, run_id=self.run_id, target=self.target, capabilities=[CAPABILITY]) as a:
+                start = int((a.checkpoint or {}).get("next", 0))
+                for item in range(start, self.items):
+                    if self.quit.is_set():
+                        return
+                    try:
+                        a.check(CAPABILITY)
+                    except Killed as stop:
+                        self.stopped_at, self.stopped_by = time.monotonic(), str(stop)
+                        return
+                    self.journal.append((item, time.monotonic()))
+                    a.report({"next": item + 1})
+                    time.sleep(self.tick)
+        except TetherError as err:
+            self.error = str(err)
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def done(self) -> int:
+        return len(self.journal)
+
+
+@dataclass
+class Fleet:
+    """What the drill runs against: coordinator addresses, and what to stop when done."""
+
+    targets: list[str]
+    processes: list[CoordinatorProcess] = field(default_factory=list)
+    cleanup: list[Callable[[], object]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Stop the fleet's own coordinators, then run the cleanups in order."""
+        for process in self.processes:
+            process.stop()
+        for fn in self.cleanup:
+            fn()
+
+
+def own_fleet(lease_ttl: float) -> Fleet:
+    """An etcd and two coordinators of the drill's own, on free loopback ports.
+
+    Raises:
+        TetherError: etcd is not installed, or a process did not come up.
+    """
+    work = tempfile.TemporaryDirectory(prefix="tether-drill-")
+    etcd = EtcdProcess(Path(work.name) / "etcd", "drill")
+    fleet = Fleet([], [], [etcd.stop, work.cleanup])  # etcd stops after the coordinators
+    try:
+        etcd.start()
+        for _ in range(2):
+            coordinator = CoordinatorProcess(etcd.url, lease_ttl=lease_ttl)
+            fleet.processes.append(coordinator)
+            fleet.targets.append(coordinator.start().addr)
+    except LaunchError as err:
+        fleet.close()
+        raise TetherError(str(err)) from None
+    except BaseException:
+        fleet.close()
+        raise
+    return fleet
