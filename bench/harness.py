@@ -48,9 +48,10 @@ class Bench:
 
 def log_lines(coord: Coordinator, needle: str) -> int:
     """How many lines of the coordinator's log contain ``needle``."""
-    if not coord.log.exists():
+    log = coord.log_path
+    if not log.exists():
         return 0
-    return sum(1 for line in coord.log.read_text(errors="replace").splitlines() if needle in line)
+    return sum(1 for line in log.read_text(errors="replace").splitlines() if needle in line)
 
 
 def say(msg: str) -> None:

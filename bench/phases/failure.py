@@ -20,7 +20,6 @@ import tether
 
 from bench.fleet import Fleet
 from bench.harness import Bench, say
-from bench.infra import Coordinator
 from bench.md import Row, fmt, table, verdict
 from bench.phase import Flag, Phase, Results, floats
 from bench.record import load
@@ -146,13 +145,12 @@ def _fail_closed(bench: Bench, cfg: Settings, ttl: float, sig: int) -> FailClose
             worker = fleet.workers[0]
             worker.send("failclosed", timeout=ttl + 15, interval=0.005)
             time.sleep(0.3)
-            assert coord.proc is not None
             signalled = time.monotonic()
-            coord.proc.send_signal(sig)
+            coord.send(sig)
             reply = load(Closed, worker.receive(ttl + 45))
         finally:
             fleet.kill()
-            _unfreeze(coord)
+            coord.unpause()
     lat = [(t - signalled) * 1e3 for t in reply.times]
     return FailClosed(
         agents=n,
@@ -164,11 +162,6 @@ def _fail_closed(bench: Bench, cfg: Settings, ttl: float, sig: int) -> FailClose
         killed_before_signal=reply.killed_before,
         early=sum(1 for x in lat if x < 0),
     )
-
-
-def _unfreeze(coord: Coordinator) -> None:
-    if coord.proc is not None and coord.proc.poll() is None:
-        coord.proc.send_signal(signal.SIGCONT)
 
 
 def failures(bench: Bench, cfg: Settings) -> Result:

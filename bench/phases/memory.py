@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import psutil
-from tether_server._embedded import free_port
+from tether_server import free_port
 
 from bench.fleet import Fleet, split
 from bench.harness import Bench, say
