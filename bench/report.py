@@ -74,7 +74,8 @@ METHOD = """\
   own TCP connection (gRPC's process-wide subchannel pool is switched off for them, as if each
   were its own process). Each agent "acts" every 500 ms, each action gated by `check()`.
 - **Kill latency.** The kill is a tenant-scope `AdminClient.kill`. Each agent's moment of
-  holding a `Killed` verdict is taken inside the SDK (`Core._apply`) with `time.monotonic()`,
+  holding a `Killed` verdict is taken inside the SDK (its `on_reply` hook, called as each
+  reply is applied) with `time.monotonic()`,
   which all processes on the machine share. "From issue" starts when the Kill RPC is sent;
   "from return" when it returns. Kill returns only after the coordinator that served it has
   pushed the order to its own streams (the same event loop does both), so "from return" is
