@@ -333,7 +333,9 @@ def _variant(
 def _kill(label: str, coordinators: int, sizes: list[int], ttl: float) -> tuple[Settings, Settings]:
     """Full and quick settings: the quick run stops at 1,000 agents, 3 rounds, 90 s."""
     full = Settings(label, coordinators, sizes, ttl)
-    quick = Settings(label, coordinators, [s for s in sizes if s <= 1000], ttl, 3, phase_budget=90)
+    quick = Settings(
+        label, coordinators, [s for s in sizes if s <= 1000], ttl, 3, phase_budget=90.0
+    )
     return full, quick
 
 
