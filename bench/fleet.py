@@ -11,14 +11,42 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.infra import BenchError, Procs, stop
+from bench.record import load
 
 Reply = dict[str, Any]
 _FLEETS = itertools.count(1)
+
+
+@dataclass
+class Grow:
+    """How growing a fleet went: reached of target, and the failed and still pending."""
+
+    target: int = 0
+    failed: int = 0
+    pending: int = 0
+    ttl: float | None = None  # the lease TTL the coordinator granted
+    reached: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Arrivals:
+    """When agents reached a state since ``arm``, and about those that did not.
+
+    ``by_state`` counts the missing by the state they were in; ``last_grants`` holds, for
+    missing agents that (re)registered, when that was and the state it gave them.
+    """
+
+    times: list[float] = field(default_factory=list)
+    missing: int = 0
+    by_state: dict[str, int] = field(default_factory=dict)
+    last_grants: list[tuple[float, str]] = field(default_factory=list)
 
 
 class Worker:
@@ -110,12 +138,10 @@ class Fleet:
         deadline = time.monotonic() + within
         return [w.receive(max(deadline - time.monotonic(), 0.1)) for w in self.workers]
 
-    def each(
-        self, cmd: str, args_for: Callable[[int], dict[str, Any]], within: float = 60
-    ) -> list[Reply]:
-        """Send ``cmd`` with per-worker arguments, then gather the replies."""
-        for i, worker in enumerate(self.workers):
-            worker.send(cmd, **args_for(i))
+    def each(self, cmd: str, args: Sequence[dict[str, Any]], within: float = 60) -> list[Reply]:
+        """Send ``cmd`` with each worker's own arguments, then gather the replies."""
+        for worker, own in zip(self.workers, args, strict=True):
+            worker.send(cmd, **own)
         deadline = time.monotonic() + within
         return [w.receive(max(deadline - time.monotonic(), 0.1)) for w in self.workers]
 
@@ -126,14 +152,14 @@ class Fleet:
         deadline: float,
         chunk: int = 1000,
         concurrency: int = 32,
-    ) -> dict[str, Any]:
+    ) -> Grow:
         """Add SDK agents in chunks until the fleet has ``to``, or ``deadline`` seconds pass.
 
         Returns how many were added, how long it took, and how many failed or are still
         pending (a fleet that does not converge is reported, not waited for forever).
         """
         started = time.monotonic()
-        out: dict[str, Any] = {"target": to, "failed": 0, "pending": 0, "ttl": None}
+        out = Grow(target=to)
         while self.size < to:
             add = min(chunk, to - self.size)
             # A healthy coordinator registers a few hundred agents a second; a chunk that
@@ -142,49 +168,51 @@ class Fleet:
             if left <= 0:
                 break
             shares = split(add, len(self.workers))
-            replies = self.each(
-                "add",
-                lambda i, shares=shares, left=left: {
-                    "n": shares[i],
-                    "targets": list(targets),
-                    "prefix": f"w{i}-",
-                    "concurrency": concurrency,
-                    "deadline": left,
-                },
-                within=left + 60,
-            )
+            args = [
+                {"n": n, "targets": list(targets), "prefix": f"w{i}-",
+                 "concurrency": concurrency, "deadline": left}
+                for i, n in enumerate(shares)
+            ]  # fmt: skip
+            replies = self.each("add", args, within=left + 60)
             self.size += add
-            out["failed"] = sum(int(r["failed"]) for r in replies)
-            out["pending"] = sum(int(r["pending"]) for r in replies)
-            out["ttl"] = replies[0].get("ttl")
-            if out["pending"]:
+            out.failed = sum(int(r["failed"]) for r in replies)
+            out.pending = sum(int(r["pending"]) for r in replies)
+            out.ttl = replies[0].get("ttl")
+            if out.pending:
                 break
-        out["reached"] = self.size - out["failed"] - out["pending"]
-        out["seconds"] = round(time.monotonic() - started, 2)
+        out.reached = self.size - out.failed - out.pending
+        out.seconds = round(time.monotonic() - started, 2)
         return out
 
     def times(self, state: str, timeout: float) -> tuple[list[float], int]:
         """Every agent's timestamp of reaching ``state`` since ``arm``, and how many did not."""
-        stamps, missing, _ = self.times_detail(state, timeout)
-        return stamps, missing
+        got = self.arrivals(state, timeout)
+        return got.times, got.missing
 
-    def times_detail(self, state: str, timeout: float) -> tuple[list[float], int, dict[str, Any]]:
+    def arrivals(self, state: str, timeout: float) -> Arrivals:
         """``times`` plus, for the agents that did not get there, their state and last grant."""
         replies = self.all("wait", within=timeout + 30, state=state, timeout=timeout)
-        stamps = [t for r in replies for t in r["times"]]
-        by_state: dict[str, int] = {}
-        for r in replies:
-            for k, v in r.get("missing_by_state", {}).items():
-                by_state[k] = by_state.get(k, 0) + int(v)
-        grants = [tuple(g) for r in replies for g in r.get("missing_last_grants", [])]
-        detail = {"by_state": by_state, "last_grants": grants}
-        return stamps, sum(int(r["missing"]) for r in replies), detail
+        out = Arrivals()
+        for reply in replies:
+            part = load(Arrivals, reply)
+            out.times += part.times
+            out.missing += part.missing
+            out.last_grants += part.last_grants
+            for k, v in part.by_state.items():
+                out.by_state[k] = out.by_state.get(k, 0) + v
+        return out
 
     def stats(self) -> list[Reply]:
         return self.all("stats", within=30)
 
     def total(self, field: str) -> float:
+        """``field`` of the workers' stats, summed over the workers."""
         return sum(float(r[field]) for r in self.stats())
+
+    def totals(self, *fields: str) -> list[float]:
+        """Several fields of one round of stats, each summed over the workers."""
+        stats = self.stats()
+        return [sum(float(r[f]) for r in stats) for f in fields]
 
     def kill(self) -> None:
         for worker in self.workers:

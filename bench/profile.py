@@ -28,10 +28,10 @@ def _py_spy() -> str | None:
 
 
 @contextlib.contextmanager
-def profiling(bench: Bench, coord: Coordinator, label: str, size: int) -> Iterator[None]:
-    cfg = bench.settings
+def profiling(bench: Bench, coord: Coordinator, label: str, *, on: bool) -> Iterator[None]:
+    """Sample ``coord`` while the block runs, if ``on`` and py-spy is at hand."""
     tool = _py_spy()
-    if not cfg.profile or size not in cfg.profile_sizes or tool is None or bench.out is None:
+    if not on or tool is None or bench.out is None:
         yield
         return
     raw = bench.scratch / f"profile-{label}.raw"

@@ -23,67 +23,41 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import capacity, failure, floor, kill, memory, polling, report
-from bench.harness import Bench, Result, Settings, say
+from bench import report
+from bench.harness import Bench, say
 from bench.infra import Procs, raise_nofile
+from bench.phase import Flag, Phase
+from bench.phases import BY_NAME, PHASES
+from bench.record import dump
 
 HERE = Path(__file__).resolve().parent
-PHASES = (
-    "floor", "kill1", "kill2", "kill1long", "poll", "capacity", "steady", "memory", "failure"
-)  # fmt: skip
 
 
-def _ints(raw: str) -> list[int]:
-    return [int(x) for x in raw.split(",") if x.strip()]
-
-
-def _floats(raw: str) -> list[float]:
-    return [float(x) for x in raw.split(",") if x.strip()]
+def _flags() -> list[Flag]:
+    """Every phase's flags, each once (phases share ``--workers``, ``--rounds``, ...)."""
+    seen: dict[str, Flag] = {}
+    for phase in PHASES:
+        for flag in phase.flags:
+            if seen.setdefault(flag.name, flag) != flag:
+                raise ValueError(f"two phases define {flag.name} differently")
+    return list(seen.values())
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and short windows")
-    p.add_argument("--sizes", type=_ints, help="fleet sizes for kill propagation, one coordinator")
-    p.add_argument("--sizes-2c", type=_ints, help="fleet sizes for two coordinators")
-    p.add_argument("--poll-sizes", type=_ints, help="fleet sizes for the polling baseline")
-    p.add_argument("--rounds", type=int, help="kill/resume rounds per size")
-    p.add_argument("--workers", type=int, help="load-generator processes")
-    p.add_argument("--kill-ttl", type=float, help="lease TTL of the kill-phase coordinators")
-    p.add_argument("--failure-ttls", type=_floats, help="lease TTLs for STALE and fail-closed")
-    p.add_argument("--capacity-streams", type=_ints, help="raw stream counts for capacity")
-    p.add_argument("--profile", action="store_true", help="py-spy the coordinator (needs py-spy)")
+    for flag in _flags():
+        flag.add_to(p)
     p.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, etcd data)")
-    p.add_argument("--only", help=f"comma-separated phases: {','.join(PHASES)}")
+    p.add_argument("--only", help=f"comma-separated phases: {','.join(BY_NAME)}")
     p.add_argument("--out", type=Path, default=HERE, help="where results and report go")
     return p.parse_args(argv)
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    cfg = Settings.quick() if args.quick else Settings()
-    for flag, name in (
-        ("sizes", "sizes"),
-        ("sizes_2c", "two_coordinator_sizes"),
-        ("poll_sizes", "poll_sizes"),
-        ("rounds", "rounds"),
-        ("workers", "workers"),
-        ("kill_ttl", "kill_ttl"),
-        ("failure_ttls", "failure_ttls"),
-        ("profile", "profile"),
-        ("capacity_streams", "capacity_streams"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(cfg, name, value)
-    return cfg
 
 
 def machine() -> dict[str, Any]:
@@ -142,89 +116,61 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
-    cfg = settings_from(args)
-    only = set(args.only.split(",")) if args.only else set(PHASES)
-    unknown = only - set(PHASES)
-    if unknown:
-        print(f"unknown phase(s): {', '.join(sorted(unknown))}; use {','.join(PHASES)}")
-        return 2
-    raise_nofile()
-    args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "command": "python bench/run.py "
-        + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+def _record(
+    args: argparse.Namespace, argv: list[str], plan: list[tuple[Phase[Any, Any], Any]]
+) -> dict[str, Any]:
+    """The head of results.json: what ran, where, on what, with which settings."""
+    return {
+        "command": "python bench/run.py " + " ".join(shlex.quote(a) for a in argv),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "source": source(),
-        "settings": vars(cfg),
+        "settings": {phase.name: dump(cfg) for phase, cfg in plan},
         "quick": args.quick,
         "phases": {},
         "errors": {},
     }
-    plan: list[tuple[str, Callable[[Bench], Result]]] = [
-        ("floor", floor.etcd_floor),
-        (
-            "kill1",
-            partial(
-                kill.kill_propagation,
-                coordinators=1,
-                sizes=cfg.sizes,
-                ttl=cfg.kill_ttl,
-                label="kill-1c",
-            ),
-        ),
-        (
-            "kill2",
-            partial(
-                kill.kill_propagation,
-                coordinators=2,
-                sizes=cfg.two_coordinator_sizes,
-                ttl=cfg.kill_ttl,
-                label="kill-2c",
-            ),
-        ),
-        (
-            "kill1long",
-            partial(
-                kill.kill_propagation,
-                coordinators=1,
-                sizes=cfg.long_ttl_sizes,
-                ttl=cfg.long_ttl,
-                label="kill-1c-long",
-            ),
-        ),
-        ("poll", polling.polling_baseline),
-        ("capacity", capacity.heartbeat_capacity),
-        ("steady", capacity.steady_state),
-        ("memory", memory.memory_per_agent),
-        ("failure", failure.failures),
-    ]
+
+
+def _run_phase(phase: Phase[Any, Any], cfg: Any, bench: Bench, results: dict[str, Any]) -> None:
+    """Run one phase into ``results``; an error is recorded and the suite goes on."""
+    say(f"== phase {phase.name}")
+    t0 = time.monotonic()
+    record: dict[str, Any] = {}
+    try:
+        record = dump(phase.run(bench, cfg))
+    except KeyboardInterrupt:
+        results["errors"][phase.name] = "interrupted"
+        raise
+    except Exception as err:
+        traceback.print_exc()
+        results["errors"][phase.name] = f"{type(err).__name__}: {err}"
+    finally:
+        bench.procs.close()  # whatever a phase left running
+        record["seconds"] = round(time.monotonic() - t0, 1)
+        results["phases"][phase.name] = record
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    only = args.only.split(",") if args.only else list(BY_NAME)
+    if unknown := set(only) - set(BY_NAME):
+        print(f"unknown phase(s): {', '.join(sorted(unknown))}; use {','.join(BY_NAME)}")
+        return 2
+    plan = [(p, p.settings(args, quick=args.quick)) for p in PHASES if p.name in only]
+    raise_nofile()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = _record(args, argv, plan)
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     results["scratch"] = str(scratch) if args.keep else None
     with contextlib.ExitStack() as stack:
         if not args.keep:
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
-        procs = stack.enter_context(Procs())
-        bench = Bench(cfg, scratch, procs, args.out)
-        for name, phase in plan:
-            if name not in only:
-                continue
-            say(f"== phase {name}")
-            t0 = time.monotonic()
-            try:
-                results["phases"][name] = phase(bench)
-            except KeyboardInterrupt:
-                results["errors"][name] = "interrupted"
-                raise
-            except Exception as err:
-                traceback.print_exc()
-                results["errors"][name] = f"{type(err).__name__}: {err}"
-            finally:
-                procs.close()  # whatever a phase left running
-            results["phases"].setdefault(name, {})["seconds"] = round(time.monotonic() - t0, 1)
+        bench = Bench(scratch, stack.enter_context(Procs()), args.out)
+        for phase, cfg in plan:
+            _run_phase(phase, cfg, bench, results)
             _write(args.out, results)
     results["seconds"] = round(time.monotonic() - started, 1)
     _write(args.out, results)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+
+from bench.record import OMIT
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -17,22 +19,33 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def summary(samples: Sequence[float], digits: int = 2) -> dict[str, Any]:
-    """n, min, p50, p90, p99, max and mean of ``samples`` (empty: n=0 and no figures)."""
+@dataclass
+class Summary:
+    """n, min, p50, p90, p99, max and mean of some samples; with none, only ``n`` (0)."""
+
+    n: int = 0
+    min: float | None = field(default=None, metadata=OMIT)
+    p50: float | None = field(default=None, metadata=OMIT)
+    p90: float | None = field(default=None, metadata=OMIT)
+    p99: float | None = field(default=None, metadata=OMIT)
+    max: float | None = field(default=None, metadata=OMIT)
+    mean: float | None = field(default=None, metadata=OMIT)
+
+
+def summary(samples: Sequence[float], digits: int = 2) -> Summary:
+    """The ``Summary`` of ``samples``, each figure rounded to ``digits``."""
     if not samples:
-        return {"n": 0}
+        return Summary()
     ordered = sorted(samples)
-    out: dict[str, Any] = {"n": len(ordered)}
-    for name, value in (
-        ("min", ordered[0]),
-        ("p50", percentile(ordered, 50)),
-        ("p90", percentile(ordered, 90)),
-        ("p99", percentile(ordered, 99)),
-        ("max", ordered[-1]),
-        ("mean", sum(ordered) / len(ordered)),
-    ):
-        out[name] = round(value, digits)
-    return out
+    return Summary(
+        n=len(ordered),
+        min=round(ordered[0], digits),
+        p50=round(percentile(ordered, 50), digits),
+        p90=round(percentile(ordered, 90), digits),
+        p99=round(percentile(ordered, 99), digits),
+        max=round(ordered[-1], digits),
+        mean=round(sum(ordered) / len(ordered), digits),
+    )
 
 
 def slope(points: Sequence[tuple[float, float]]) -> tuple[float, float]:

@@ -1,0 +1,39 @@
+"""Markdown pieces the phases' tables and budget rows are made of."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+KB = 1024.0
+MIB = 2**20
+
+Row = list[str]
+
+
+def fmt(value: float | str | None, digits: int = 1) -> str:
+    """A figure for a table cell: thousands separated, "-" for nothing (None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def pct(value: float) -> str:
+    """A CPU share as recorded: ``83.5%``."""
+    return f"{value:g}%"
+
+
+def table(head: Row, rows: Iterable[Row]) -> str:
+    """A Markdown table, ending in a newline."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(ok: bool | None) -> str:
+    """A budget's verdict cell; None is for a figure this run did not measure."""
+    return {True: "**MET**", False: "**MISSED**", None: "NOT MEASURED"}[ok]
