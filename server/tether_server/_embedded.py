@@ -12,11 +12,7 @@ from pathlib import Path
 import grpc
 from aetcd import rpc
 
-from tether_server._launch import LOOPBACK, LaunchError, etcd_argv, etcd_binary, free_port
-
-# etcd_binary and free_port lived here; bench/infra.py imports them from here until it
-# moves to the launcher.
-__all__ = ["EmbeddedEtcd", "EmbeddedEtcdError", "etcd_binary", "free_port"]
+from tether_server._launch import LOOPBACK, LaunchError, etcd_argv, free_port
 
 log = logging.getLogger("tether_server")
 
