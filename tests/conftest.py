@@ -132,3 +132,62 @@ def settled_effects(
         return rows
 
     return eventually(settled)
+
+
+class Pki:
+    """A development CA and certificates made on demand, as ``tether certs`` makes them.
+
+    ``leaf(name, uri=...)`` writes ``NAME.crt`` and ``NAME.key`` once and returns their
+    paths; ``coordinator()`` is valid for 127.0.0.1 and localhost. ``foreign`` is a second,
+    untrusted CA.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        from tether._certs import new_ca
+
+        self.dir = directory
+        self._ca = new_ca()
+        self.ca, _ = self._ca.write(directory, "ca")
+        self._foreign = new_ca("some other CA")
+        self._made: dict[str, tuple[Path, Path]] = {}
+
+    def leaf(
+        self, name: str, *, uri: str = "", foreign: bool = False, expired: bool = False
+    ) -> tuple[Path, Path]:
+        """(cert, key) paths of a leaf certificate with URI SAN ``uri``."""
+        import datetime
+
+        from tether._certs import issue
+
+        if name not in self._made:
+            past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3)
+            pem = issue(
+                self._foreign if foreign else self._ca,
+                uri=uri,
+                dns=["localhost"],
+                ips=["127.0.0.1"],
+                days=1 if expired else 30,
+                not_before=past if expired else None,
+            )
+            self._made[name] = pem.write(self.dir, name)
+        return self._made[name]
+
+    def coordinator(self) -> tuple[Path, Path]:
+        return self.leaf("coordinator", uri="spiffe://tether/coordinator/test")
+
+    def agent(self, tenant: str, agent: str = "") -> tuple[Path, Path]:
+        from tether._certs import spiffe_id
+
+        name = f"agent-{tenant}-{agent or 'any'}"
+        return self.leaf(name, uri=spiffe_id(tenant=tenant, agent=agent))
+
+    def operator(self, name: str) -> tuple[Path, Path]:
+        from tether._certs import spiffe_id
+
+        return self.leaf(f"operator-{name}", uri=spiffe_id(operator=name))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """One development PKI for the session's TLS tests."""
+    return Pki(tmp_path_factory.mktemp("pki"))

@@ -27,55 +27,65 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tether.v1 import types_pb2 as tether_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/admin.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tether/v1/types.proto\"\x15\n\x13GetPermitKeyRequest\"3\n\tPermitKey\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x97\x01\n\x12ListEffectsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.tether.v1.EffectStatus\"9\n\x13ListEffectsResponse\x12\"\n\x07\x65\x66\x66\x65\x63ts\x18\x01 \x03(\x0b\x32\x11.tether.v1.Effect\"\xd6\x01\n\x0bKillRequest\x12%\n\x08selector\x18\x01 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12!\n\x04mode\x18\x04 \x01(\x0e\x32\x13.tether.v1.KillMode\x12(\n\x05grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05queue\x18\x07 \x01(\x0e\x32\x16.tether.v1.QueuePolicy\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\"E\n\x0cKillResponse\x12\x1d\n\x04halt\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x16\n\x0e\x61lready_halted\x18\x02 \x01(\x08\"U\n\rResumeRequest\x12%\n\x08selector\x18\x01 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"X\n\x0eResumeResponse\x12\x12\n\nwas_halted\x18\x01 \x01(\x08\x12 \n\x07resumed\x18\x02 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x10\n\x08revision\x18\x03 \x01(\x03\"k\n\x11ListAgentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.tether.v1.InstanceState\"P\n\x12ListAgentsResponse\x12(\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x18.tether.v1.AgentInstance\x12\x10\n\x08revision\x18\x02 \x01(\x03\"U\n\x0fGetAgentRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\"\n\x10ListHaltsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"E\n\x11ListHaltsResponse\x12\x1e\n\x05halts\x18\x01 \x03(\x0b\x32\x0f.tether.v1.Halt\x12\x10\n\x08revision\x18\x02 \x01(\x03\"Z\n\x12WatchAgentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x15\n\rskip_snapshot\x18\x04 \x01(\x08\"\x85\x01\n\nAgentEvent\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.tether.v1.AgentInstance\x12*\n\x08previous\x18\x02 \x01(\x0e\x32\x18.tether.v1.InstanceState\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x10\n\x08revision\x18\x04 \x01(\x03\"\xb9\x02\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x16.tether.v1.AuditAction\x12%\n\x08selector\x18\x03 \x01(\x0b\x32\x13.tether.v1.Selector\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x08 \x01(\x08\x12!\n\x04mode\x18\t \x01(\x0e\x32\x13.tether.v1.KillMode\x12\x11\n\tprev_hash\x18\n \x01(\t\x12\x0c\n\x04hash\x18\x0b \x01(\t\x12\x0f\n\x07halt_id\x18\x0c \x01(\t\x12\x11\n\tinstances\x18\r \x03(\t\"\\\n\x10ListAuditRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\r\";\n\x11ListAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.tether.v1.AuditEntry\"\x14\n\x12VerifyAuditRequest\"p\n\x13VerifyAuditResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\r\x12\x14\n\x0c\x66irst_bad_id\x18\x03 \x01(\t\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t*\xa5\x01\n\x0b\x41uditAction\x12\x1c\n\x18\x41UDIT_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41UDIT_ACTION_KILL\x10\x01\x12\x17\n\x13\x41UDIT_ACTION_RESUME\x10\x02\x12\x17\n\x13\x41UDIT_ACTION_FREEZE\x10\x03\x12\x14\n\x10\x41UDIT_ACTION_ACK\x10\x04\x12\x19\n\x15\x41UDIT_ACTION_ESCALATE\x10\x05\x32\xcc\x05\n\x0c\x41\x64minService\x12\x37\n\x04Kill\x12\x16.tether.v1.KillRequest\x1a\x17.tether.v1.KillResponse\x12=\n\x06Resume\x12\x18.tether.v1.ResumeRequest\x1a\x19.tether.v1.ResumeResponse\x12I\n\nListAgents\x12\x1c.tether.v1.ListAgentsRequest\x1a\x1d.tether.v1.ListAgentsResponse\x12@\n\x08GetAgent\x12\x1a.tether.v1.GetAgentRequest\x1a\x18.tether.v1.AgentInstance\x12\x46\n\tListHalts\x12\x1b.tether.v1.ListHaltsRequest\x1a\x1c.tether.v1.ListHaltsResponse\x12\x45\n\x0bWatchAgents\x12\x1d.tether.v1.WatchAgentsRequest\x1a\x15.tether.v1.AgentEvent0\x01\x12\x46\n\tListAudit\x12\x1b.tether.v1.ListAuditRequest\x1a\x1c.tether.v1.ListAuditResponse\x12L\n\x0bVerifyAudit\x12\x1d.tether.v1.VerifyAuditRequest\x1a\x1e.tether.v1.VerifyAuditResponse\x12L\n\x0bListEffects\x12\x1d.tether.v1.ListEffectsRequest\x1a\x1e.tether.v1.ListEffectsResponse\x12\x44\n\x0cGetPermitKey\x12\x1e.tether.v1.GetPermitKeyRequest\x1a\x14.tether.v1.PermitKeyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/admin.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tether/v1/types.proto\"\x0f\n\rWhoAmIRequest\"\x8f\x01\n\tPrincipal\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.tether.v1.PrincipalKind\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x10\n\x08operator\x18\x05 \x01(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x0f\n\x07tenants\x18\x07 \x03(\t\"_\n\x16IssueAgentTokenRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\\\n\nAgentToken\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x03 \x01(\t\"\x15\n\x13GetPermitKeyRequest\"3\n\tPermitKey\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x97\x01\n\x12ListEffectsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.tether.v1.EffectStatus\"9\n\x13ListEffectsResponse\x12\"\n\x07\x65\x66\x66\x65\x63ts\x18\x01 \x03(\x0b\x32\x11.tether.v1.Effect\"\xd6\x01\n\x0bKillRequest\x12%\n\x08selector\x18\x01 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12!\n\x04mode\x18\x04 \x01(\x0e\x32\x13.tether.v1.KillMode\x12(\n\x05grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05queue\x18\x07 \x01(\x0e\x32\x16.tether.v1.QueuePolicy\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\"E\n\x0cKillResponse\x12\x1d\n\x04halt\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x16\n\x0e\x61lready_halted\x18\x02 \x01(\x08\"U\n\rResumeRequest\x12%\n\x08selector\x18\x01 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"X\n\x0eResumeResponse\x12\x12\n\nwas_halted\x18\x01 \x01(\x08\x12 \n\x07resumed\x18\x02 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x10\n\x08revision\x18\x03 \x01(\x03\"k\n\x11ListAgentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.tether.v1.InstanceState\"P\n\x12ListAgentsResponse\x12(\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x18.tether.v1.AgentInstance\x12\x10\n\x08revision\x18\x02 \x01(\x03\"U\n\x0fGetAgentRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\"\n\x10ListHaltsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"E\n\x11ListHaltsResponse\x12\x1e\n\x05halts\x18\x01 \x03(\x0b\x32\x0f.tether.v1.Halt\x12\x10\n\x08revision\x18\x02 \x01(\x03\"Z\n\x12WatchAgentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x15\n\rskip_snapshot\x18\x04 \x01(\x08\"\x85\x01\n\nAgentEvent\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.tether.v1.AgentInstance\x12*\n\x08previous\x18\x02 \x01(\x0e\x32\x18.tether.v1.InstanceState\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x10\n\x08revision\x18\x04 \x01(\x03\"\xcd\x02\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x16.tether.v1.AuditAction\x12%\n\x08selector\x18\x03 \x01(\x0b\x32\x13.tether.v1.Selector\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x08 \x01(\x08\x12!\n\x04mode\x18\t \x01(\x0e\x32\x13.tether.v1.KillMode\x12\x11\n\tprev_hash\x18\n \x01(\t\x12\x0c\n\x04hash\x18\x0b \x01(\t\x12\x0f\n\x07halt_id\x18\x0c \x01(\t\x12\x11\n\tinstances\x18\r \x03(\t\x12\x12\n\nactor_note\x18\x0e \x01(\t\"\\\n\x10ListAuditRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\r\";\n\x11ListAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.tether.v1.AuditEntry\"\x14\n\x12VerifyAuditRequest\"p\n\x13VerifyAuditResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\r\x12\x14\n\x0c\x66irst_bad_id\x18\x03 \x01(\t\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t*\x9f\x01\n\rPrincipalKind\x12\x1e\n\x1aPRINCIPAL_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18PRINCIPAL_KIND_ANONYMOUS\x10\x01\x12\x18\n\x14PRINCIPAL_KIND_AGENT\x10\x02\x12\x19\n\x15PRINCIPAL_KIND_TENANT\x10\x03\x12\x1b\n\x17PRINCIPAL_KIND_OPERATOR\x10\x04*\xa5\x01\n\x0b\x41uditAction\x12\x1c\n\x18\x41UDIT_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41UDIT_ACTION_KILL\x10\x01\x12\x17\n\x13\x41UDIT_ACTION_RESUME\x10\x02\x12\x17\n\x13\x41UDIT_ACTION_FREEZE\x10\x03\x12\x14\n\x10\x41UDIT_ACTION_ACK\x10\x04\x12\x19\n\x15\x41UDIT_ACTION_ESCALATE\x10\x05\x32\xd3\x06\n\x0c\x41\x64minService\x12\x37\n\x04Kill\x12\x16.tether.v1.KillRequest\x1a\x17.tether.v1.KillResponse\x12=\n\x06Resume\x12\x18.tether.v1.ResumeRequest\x1a\x19.tether.v1.ResumeResponse\x12I\n\nListAgents\x12\x1c.tether.v1.ListAgentsRequest\x1a\x1d.tether.v1.ListAgentsResponse\x12@\n\x08GetAgent\x12\x1a.tether.v1.GetAgentRequest\x1a\x18.tether.v1.AgentInstance\x12\x46\n\tListHalts\x12\x1b.tether.v1.ListHaltsRequest\x1a\x1c.tether.v1.ListHaltsResponse\x12\x45\n\x0bWatchAgents\x12\x1d.tether.v1.WatchAgentsRequest\x1a\x15.tether.v1.AgentEvent0\x01\x12\x46\n\tListAudit\x12\x1b.tether.v1.ListAuditRequest\x1a\x1c.tether.v1.ListAuditResponse\x12L\n\x0bVerifyAudit\x12\x1d.tether.v1.VerifyAuditRequest\x1a\x1e.tether.v1.VerifyAuditResponse\x12L\n\x0bListEffects\x12\x1d.tether.v1.ListEffectsRequest\x1a\x1e.tether.v1.ListEffectsResponse\x12\x44\n\x0cGetPermitKey\x12\x1e.tether.v1.GetPermitKeyRequest\x1a\x14.tether.v1.PermitKey\x12\x38\n\x06WhoAmI\x12\x18.tether.v1.WhoAmIRequest\x1a\x14.tether.v1.Principal\x12K\n\x0fIssueAgentToken\x12!.tether.v1.IssueAgentTokenRequest\x1a\x15.tether.v1.AgentTokenb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tether.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDITACTION']._serialized_start=2099
-  _globals['_AUDITACTION']._serialized_end=2264
-  _globals['_GETPERMITKEYREQUEST']._serialized_start=124
-  _globals['_GETPERMITKEYREQUEST']._serialized_end=145
-  _globals['_PERMITKEY']._serialized_start=147
-  _globals['_PERMITKEY']._serialized_end=198
-  _globals['_LISTEFFECTSREQUEST']._serialized_start=201
-  _globals['_LISTEFFECTSREQUEST']._serialized_end=352
-  _globals['_LISTEFFECTSRESPONSE']._serialized_start=354
-  _globals['_LISTEFFECTSRESPONSE']._serialized_end=411
-  _globals['_KILLREQUEST']._serialized_start=414
-  _globals['_KILLREQUEST']._serialized_end=628
-  _globals['_KILLRESPONSE']._serialized_start=630
-  _globals['_KILLRESPONSE']._serialized_end=699
-  _globals['_RESUMEREQUEST']._serialized_start=701
-  _globals['_RESUMEREQUEST']._serialized_end=786
-  _globals['_RESUMERESPONSE']._serialized_start=788
-  _globals['_RESUMERESPONSE']._serialized_end=876
-  _globals['_LISTAGENTSREQUEST']._serialized_start=878
-  _globals['_LISTAGENTSREQUEST']._serialized_end=985
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=987
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1067
-  _globals['_GETAGENTREQUEST']._serialized_start=1069
-  _globals['_GETAGENTREQUEST']._serialized_end=1154
-  _globals['_LISTHALTSREQUEST']._serialized_start=1156
-  _globals['_LISTHALTSREQUEST']._serialized_end=1190
-  _globals['_LISTHALTSRESPONSE']._serialized_start=1192
-  _globals['_LISTHALTSRESPONSE']._serialized_end=1261
-  _globals['_WATCHAGENTSREQUEST']._serialized_start=1263
-  _globals['_WATCHAGENTSREQUEST']._serialized_end=1353
-  _globals['_AGENTEVENT']._serialized_start=1356
-  _globals['_AGENTEVENT']._serialized_end=1489
-  _globals['_AUDITENTRY']._serialized_start=1492
-  _globals['_AUDITENTRY']._serialized_end=1805
-  _globals['_LISTAUDITREQUEST']._serialized_start=1807
-  _globals['_LISTAUDITREQUEST']._serialized_end=1899
-  _globals['_LISTAUDITRESPONSE']._serialized_start=1901
-  _globals['_LISTAUDITRESPONSE']._serialized_end=1960
-  _globals['_VERIFYAUDITREQUEST']._serialized_start=1962
-  _globals['_VERIFYAUDITREQUEST']._serialized_end=1982
-  _globals['_VERIFYAUDITRESPONSE']._serialized_start=1984
-  _globals['_VERIFYAUDITRESPONSE']._serialized_end=2096
-  _globals['_ADMINSERVICE']._serialized_start=2267
-  _globals['_ADMINSERVICE']._serialized_end=2983
+  _globals['_PRINCIPALKIND']._serialized_start=2473
+  _globals['_PRINCIPALKIND']._serialized_end=2632
+  _globals['_AUDITACTION']._serialized_start=2635
+  _globals['_AUDITACTION']._serialized_end=2800
+  _globals['_WHOAMIREQUEST']._serialized_start=124
+  _globals['_WHOAMIREQUEST']._serialized_end=139
+  _globals['_PRINCIPAL']._serialized_start=142
+  _globals['_PRINCIPAL']._serialized_end=285
+  _globals['_ISSUEAGENTTOKENREQUEST']._serialized_start=287
+  _globals['_ISSUEAGENTTOKENREQUEST']._serialized_end=382
+  _globals['_AGENTTOKEN']._serialized_start=384
+  _globals['_AGENTTOKEN']._serialized_end=476
+  _globals['_GETPERMITKEYREQUEST']._serialized_start=478
+  _globals['_GETPERMITKEYREQUEST']._serialized_end=499
+  _globals['_PERMITKEY']._serialized_start=501
+  _globals['_PERMITKEY']._serialized_end=552
+  _globals['_LISTEFFECTSREQUEST']._serialized_start=555
+  _globals['_LISTEFFECTSREQUEST']._serialized_end=706
+  _globals['_LISTEFFECTSRESPONSE']._serialized_start=708
+  _globals['_LISTEFFECTSRESPONSE']._serialized_end=765
+  _globals['_KILLREQUEST']._serialized_start=768
+  _globals['_KILLREQUEST']._serialized_end=982
+  _globals['_KILLRESPONSE']._serialized_start=984
+  _globals['_KILLRESPONSE']._serialized_end=1053
+  _globals['_RESUMEREQUEST']._serialized_start=1055
+  _globals['_RESUMEREQUEST']._serialized_end=1140
+  _globals['_RESUMERESPONSE']._serialized_start=1142
+  _globals['_RESUMERESPONSE']._serialized_end=1230
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1232
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1339
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1341
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1421
+  _globals['_GETAGENTREQUEST']._serialized_start=1423
+  _globals['_GETAGENTREQUEST']._serialized_end=1508
+  _globals['_LISTHALTSREQUEST']._serialized_start=1510
+  _globals['_LISTHALTSREQUEST']._serialized_end=1544
+  _globals['_LISTHALTSRESPONSE']._serialized_start=1546
+  _globals['_LISTHALTSRESPONSE']._serialized_end=1615
+  _globals['_WATCHAGENTSREQUEST']._serialized_start=1617
+  _globals['_WATCHAGENTSREQUEST']._serialized_end=1707
+  _globals['_AGENTEVENT']._serialized_start=1710
+  _globals['_AGENTEVENT']._serialized_end=1843
+  _globals['_AUDITENTRY']._serialized_start=1846
+  _globals['_AUDITENTRY']._serialized_end=2179
+  _globals['_LISTAUDITREQUEST']._serialized_start=2181
+  _globals['_LISTAUDITREQUEST']._serialized_end=2273
+  _globals['_LISTAUDITRESPONSE']._serialized_start=2275
+  _globals['_LISTAUDITRESPONSE']._serialized_end=2334
+  _globals['_VERIFYAUDITREQUEST']._serialized_start=2336
+  _globals['_VERIFYAUDITREQUEST']._serialized_end=2356
+  _globals['_VERIFYAUDITRESPONSE']._serialized_start=2358
+  _globals['_VERIFYAUDITRESPONSE']._serialized_end=2470
+  _globals['_ADMINSERVICE']._serialized_start=2803
+  _globals['_ADMINSERVICE']._serialized_end=3654
 # @@protoc_insertion_point(module_scope)

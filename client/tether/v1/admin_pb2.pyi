@@ -22,6 +22,35 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _PrincipalKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrincipalKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PrincipalKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRINCIPAL_KIND_UNSPECIFIED: _PrincipalKind.ValueType  # 0
+    PRINCIPAL_KIND_ANONYMOUS: _PrincipalKind.ValueType  # 1
+    """insecure coordinator: anonymous@PEER"""
+    PRINCIPAL_KIND_AGENT: _PrincipalKind.ValueType  # 2
+    """spiffe://TD/tenant/T/agent/A, or an agent token for T/A"""
+    PRINCIPAL_KIND_TENANT: _PrincipalKind.ValueType  # 3
+    """spiffe://TD/tenant/T, or an agent token for all of T"""
+    PRINCIPAL_KIND_OPERATOR: _PrincipalKind.ValueType  # 4
+    """spiffe://TD/operator/NAME, or a bearer token of NAME"""
+
+class PrincipalKind(_PrincipalKind, metaclass=_PrincipalKindEnumTypeWrapper): ...
+
+PRINCIPAL_KIND_UNSPECIFIED: PrincipalKind.ValueType  # 0
+PRINCIPAL_KIND_ANONYMOUS: PrincipalKind.ValueType  # 1
+"""insecure coordinator: anonymous@PEER"""
+PRINCIPAL_KIND_AGENT: PrincipalKind.ValueType  # 2
+"""spiffe://TD/tenant/T/agent/A, or an agent token for T/A"""
+PRINCIPAL_KIND_TENANT: PrincipalKind.ValueType  # 3
+"""spiffe://TD/tenant/T, or an agent token for all of T"""
+PRINCIPAL_KIND_OPERATOR: PrincipalKind.ValueType  # 4
+"""spiffe://TD/operator/NAME, or a bearer token of NAME"""
+Global___PrincipalKind: _TypeAlias = PrincipalKind  # noqa: Y015
+
 class _AuditAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -50,6 +79,123 @@ AUDIT_ACTION_ACK: AuditAction.ValueType  # 4
 AUDIT_ACTION_ESCALATE: AuditAction.ValueType  # 5
 """a soft kill's grace timed out; in-flight work was cancelled"""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class Principal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """the SPIFFE ID, operator:NAME, or anonymous@PEER"""
+    kind: Global___PrincipalKind.ValueType
+    tenant: _builtins.str
+    """agents and tenant hosts"""
+    agent: _builtins.str
+    """agents"""
+    operator: _builtins.str
+    """operators"""
+    role: _builtins.str
+    """operators: viewer, operator or admin"""
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """operators: the tenants the role covers; "*" for all"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: Global___PrincipalKind.ValueType = ...,
+        tenant: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        operator: _builtins.str = ...,
+        role: _builtins.str = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "id", b"id", "kind", b"kind", "operator", b"operator", "role", b"role", "tenant", b"tenant", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Principal: _TypeAlias = Principal  # noqa: Y015
+
+@_typing.final
+class IssueAgentTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """required"""
+    agent: _builtins.str
+    """empty: any agent of the tenant"""
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """default 24h, at most 30 days"""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueAgentTokenRequest: _TypeAlias = IssueAgentTokenRequest  # noqa: Y015
+
+@_typing.final
+class AgentToken(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    subject: _builtins.str
+    """the SPIFFE ID the token stands for"""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "subject", b"subject", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentToken: _TypeAlias = AgentToken  # noqa: Y015
 
 @_typing.final
 class GetPermitKeyRequest(_message.Message):
@@ -157,7 +303,9 @@ class KillRequest(_message.Message):
     reason: _builtins.str
     """required"""
     actor: _builtins.str
-    """who orders it; defaults to the caller's peer address"""
+    """A note on who orders it, kept beside the authenticated principal; it never
+    replaces the principal in the halt or the audit.
+    """
     mode: _types_pb2.KillMode.ValueType
     queue: _types_pb2.QueuePolicy.ValueType
     force: _builtins.bool
@@ -466,6 +614,7 @@ class AuditEntry(_message.Message):
     HASH_FIELD_NUMBER: _builtins.int
     HALT_ID_FIELD_NUMBER: _builtins.int
     INSTANCES_FIELD_NUMBER: _builtins.int
+    ACTOR_NOTE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     action: Global___AuditAction.ValueType
     actor: _builtins.str
@@ -480,6 +629,8 @@ class AuditEntry(_message.Message):
     """
     hash: _builtins.str
     halt_id: _builtins.str
+    actor_note: _builtins.str
+    """what the caller said of itself; actor is the principal"""
     @_builtins.property
     def selector(self) -> _types_pb2.Selector: ...
     @_builtins.property
@@ -504,10 +655,11 @@ class AuditEntry(_message.Message):
         hash: _builtins.str = ...,
         halt_id: _builtins.str = ...,
         instances: _abc.Iterable[_builtins.str] | None = ...,
+        actor_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "changed", b"changed", "halt_id", b"halt_id", "hash", b"hash", "id", b"id", "instances", b"instances", "mode", b"mode", "prev_hash", b"prev_hash", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "actor_note", b"actor_note", "at", b"at", "changed", b"changed", "halt_id", b"halt_id", "hash", b"hash", "id", b"id", "instances", b"instances", "mode", b"mode", "prev_hash", b"prev_hash", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,6 +86,16 @@ class AdminServiceStub:
                 request_serializer=tether_dot_v1_dot_admin__pb2.GetPermitKeyRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_admin__pb2.PermitKey.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/tether.v1.AdminService/WhoAmI',
+                request_serializer=tether_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.Principal.FromString,
+                _registered_method=True)
+        self.IssueAgentToken = channel.unary_unary(
+                '/tether.v1.AdminService/IssueAgentToken',
+                request_serializer=tether_dot_v1_dot_admin__pb2.IssueAgentTokenRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.AgentToken.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -155,6 +165,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Who the coordinator takes the caller to be, and what its role allows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueAgentToken(self, request, context):
+        """A signed token an agent presents (authorization: Bearer) where a client
+        certificate is awkward; bound to a tenant and optionally one agent. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +232,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetPermitKey,
                     request_deserializer=tether_dot_v1_dot_admin__pb2.GetPermitKeyRequest.FromString,
                     response_serializer=tether_dot_v1_dot_admin__pb2.PermitKey.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.WhoAmIRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.Principal.SerializeToString,
+            ),
+            'IssueAgentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueAgentToken,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.IssueAgentTokenRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.AgentToken.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +515,60 @@ class AdminService:
             '/tether.v1.AdminService/GetPermitKey',
             tether_dot_v1_dot_admin__pb2.GetPermitKeyRequest.SerializeToString,
             tether_dot_v1_dot_admin__pb2.PermitKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/WhoAmI',
+            tether_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.Principal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueAgentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/IssueAgentToken',
+            tether_dot_v1_dot_admin__pb2.IssueAgentTokenRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.AgentToken.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,12 @@ class AdminServiceStub:
     """The side-effect ledger: what landed before a kill, and what was refused after it."""
     GetPermitKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPermitKeyRequest, _admin_pb2.PermitKey]
     """The public key that verifies effect permits, for downstream tools."""
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_admin_pb2.WhoAmIRequest, _admin_pb2.Principal]
+    """Who the coordinator takes the caller to be, and what its role allows."""
+    IssueAgentToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.IssueAgentTokenRequest, _admin_pb2.AgentToken]
+    """A signed token an agent presents (authorization: Bearer) where a client
+    certificate is awkward; bound to a tenant and optionally one agent. Admins only.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -66,6 +72,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """The side-effect ledger: what landed before a kill, and what was refused after it."""
     GetPermitKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPermitKeyRequest, _admin_pb2.PermitKey]  # type: ignore[assignment]
     """The public key that verifies effect permits, for downstream tools."""
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_admin_pb2.WhoAmIRequest, _admin_pb2.Principal]  # type: ignore[assignment]
+    """Who the coordinator takes the caller to be, and what its role allows."""
+    IssueAgentToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.IssueAgentTokenRequest, _admin_pb2.AgentToken]  # type: ignore[assignment]
+    """A signed token an agent presents (authorization: Bearer) where a client
+    certificate is awkward; bound to a tenant and optionally one agent. Admins only.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is the operator's side: kill, resume, and see the fleet."""
@@ -142,5 +154,23 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.PermitKey, _abc.Awaitable[_admin_pb2.PermitKey]]:
         """The public key that verifies effect permits, for downstream tools."""
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _admin_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Principal, _abc.Awaitable[_admin_pb2.Principal]]:
+        """Who the coordinator takes the caller to be, and what its role allows."""
+
+    @_abc_1.abstractmethod
+    def IssueAgentToken(
+        self,
+        request: _admin_pb2.IssueAgentTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AgentToken, _abc.Awaitable[_admin_pb2.AgentToken]]:
+        """A signed token an agent presents (authorization: Bearer) where a client
+        certificate is awkward; bound to a tenant and optionally one agent. Admins only.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

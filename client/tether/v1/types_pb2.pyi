@@ -250,15 +250,20 @@ class Halt(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     GRACE_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
+    ACTOR_NOTE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """stable key of the selector"""
     reason: _builtins.str
     actor: _builtins.str
-    """who ordered it"""
+    """Who ordered it: the authenticated principal (a SPIFFE ID, an operator of
+    --rbac, or anonymous@PEER on an insecure coordinator).
+    """
     revision: _builtins.int
     """etcd revision that created it"""
     mode: Global___KillMode.ValueType
     queue: Global___QueuePolicy.ValueType
+    actor_note: _builtins.str
+    """what the caller said of itself (KillRequest.actor)"""
     @_builtins.property
     def selector(self) -> Global___Selector: ...
     @_builtins.property
@@ -279,10 +284,11 @@ class Halt(_message.Message):
         mode: Global___KillMode.ValueType = ...,
         grace: _duration_pb2.Duration | None = ...,
         queue: Global___QueuePolicy.ValueType = ...,
+        actor_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "grace", b"grace", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "created_at", b"created_at", "grace", b"grace", "id", b"id", "mode", b"mode", "queue", b"queue", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "actor_note", b"actor_note", "created_at", b"created_at", "grace", b"grace", "id", b"id", "mode", b"mode", "queue", b"queue", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
