@@ -38,7 +38,27 @@ class ServerConfig:
     checkpoint_flush_interval: float = 1.0
     """Seconds between coalesced checkpoint writes. Kills and exits flush at once."""
     admin_tokens: Path | None = None
-    """File of admin bearer tokens and the tenants each may address; None: open admin API."""
+    """File of admin bearer tokens, each mapped to an operator of ``rbac``."""
+    rbac: Path | None = None
+    """YAML file of operators, each with a role (viewer, operator, admin) and tenants."""
+    trust_domain: str = "tether"
+    """The SPIFFE trust domain of the URI SANs this coordinator accepts."""
+    tls_cert: Path | None = None
+    """PEM certificate the coordinator serves; with ``tls_key``, TLS is on."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle; when set, every call must present a client certificate it signed."""
+    health_listen: str = ""
+    """Loopback HOST:PORT serving only grpc.health.v1 in plaintext, for probes; '' for none."""
+    insecure: bool = False
+    """Allow a non-loopback ``listen`` without TLS and client certificates."""
+    etcd_cacert: Path | None = None
+    """CA bundle that verifies etcd's server certificate (as etcdctl's --cacert)."""
+    etcd_cert: Path | None = None
+    """Client certificate presented to etcd (as etcdctl's --cert)."""
+    etcd_key: Path | None = None
+    """Private key of ``etcd_cert`` (as etcdctl's --key)."""
     permit_key: Path | None = None
     """PEM file with the Ed25519 key that signs effect permits; None: shared via etcd."""
     startup_timeout: float = 15.0
