@@ -16,12 +16,11 @@ import logging
 import time
 
 import grpc
-import tether
 from google.protobuf import timestamp_pb2
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._checkpoints import CheckpointWriter, KillFlush
-from tether_server._errors import InvalidArgument
+from tether_server._errors import InvalidArgument, check_name, parse_agent_uri
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._ledger import decode
@@ -60,21 +59,21 @@ def identity_from(reg: agent_pb2.Register) -> InstanceKey:
     if reg.agent_uri:
         if reg.tenant or reg.agent:
             raise InvalidArgument("register.agent_uri replaces tenant and agent; send one form")
-        tenant, agent = tether.parse_agent_uri(reg.agent_uri)
+        tenant, agent = parse_agent_uri(reg.agent_uri)
     else:
         if not reg.tenant or not reg.agent:
             raise InvalidArgument("register needs tenant and agent, or agent_uri")
-        tenant = tether.check_name("tenant", reg.tenant)
-        agent = tether.check_name("agent", reg.agent)
+        tenant = check_name("tenant", reg.tenant)
+        agent = check_name("agent", reg.agent)
     if not reg.run_id or not reg.instance_id:
         raise InvalidArgument("register needs run_id and instance_id")
     for cap in reg.capabilities:
-        tether.check_name("capability", cap)
+        check_name("capability", cap)
     return InstanceKey(
         tenant,
         agent,
-        tether.check_name("run_id", reg.run_id),
-        tether.check_name("instance_id", reg.instance_id),
+        check_name("run_id", reg.run_id),
+        check_name("instance_id", reg.instance_id),
     )
 
 
