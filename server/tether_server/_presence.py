@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -91,7 +92,7 @@ class Presence:
         metrics: Metrics,
         coordinator_id: str,
     ) -> None:
-        self.registry = Registry()
+        self._registry = Registry()
         self._store = store
         self._halts = halts
         self._checkpoints = checkpoints
@@ -99,6 +100,18 @@ class Presence:
         self._gate = gate
         self._metrics = metrics
         self._coordinator = coordinator_id
+
+    def get(self, key: InstanceKey) -> Session | None:
+        """The session served here for ``key``, if any."""
+        return self._registry.get(key)
+
+    def snapshot(self) -> tuple[Session, ...]:
+        """Every session served here, as a tuple that survives admissions and departures."""
+        return self._registry.snapshot()
+
+    def candidates(self, sel: types_pb2.Selector) -> Iterable[Session]:
+        """The sessions served here that ``sel`` may match: a superset, from the indexes."""
+        return self._registry.candidates(sel)
 
     def record(self, key: InstanceKey, reg: agent_pb2.Register) -> types_pb2.AgentInstance:
         """The roster record of an instance registering now."""
@@ -144,7 +157,7 @@ class Presence:
 
     def admit(self, session: Session) -> None:
         """Serve ``session`` here; a stream it replaces is let go, its presence left alone."""
-        replaced = self.registry.add(session)
+        replaced = self._registry.add(session)
         if replaced is not None:
             replaced.leave_presence = True
             replaced.outbox.post(End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
@@ -152,10 +165,10 @@ class Presence:
 
     def forget_locally(self, session: Session) -> bool:
         """Stop serving ``session`` here; False when it was already gone or replaced."""
-        if not self.registry.remove(session):
+        if not self._registry.remove(session):
             return False
         self._metrics.sessions.add(-1)
-        if not self.registry.serves_run(session.key.run_id):
+        if not self._registry.serves_run(session.key.run_id):
             self._checkpoints.forget(session.checkpoint_key)
             self._gate.forget(session.key.run)
         return True

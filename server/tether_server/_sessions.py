@@ -68,7 +68,6 @@ class Sessions:
             metrics=metrics,
             lease_ttl=config.lease_ttl,
         )
-        self.registry = self._presence.registry
         self._keeper: LeaseKeeper | None = None
         self._serving_error = "coordinator is starting and has not reached etcd yet"
         self._config = config
@@ -108,7 +107,7 @@ class Sessions:
 
     def last_beat(self, key: InstanceKey) -> float | None:
         """The ``time.monotonic()`` of the instance's last beat, if this coordinator serves it."""
-        session = self.registry.get(key)
+        session = self._presence.get(key)
         return None if session is None else session.last_beat
 
     # -- the stream -------------------------------------------------------------------------
