@@ -38,14 +38,15 @@ class Coordinator:
         self.health = health
         self.halts = HaltTable()
         self.checkpoints = CheckpointWriter(store, config.checkpoint_flush_interval)
-        ledger = LedgerWriter(store, config.coordinator_id, config.checkpoint_flush_interval)
-        self.gate = Gate(ledger, store)
+        self._ledger = LedgerWriter(store, config.coordinator_id, config.checkpoint_flush_interval)
+        self.gate = Gate(self._ledger, store)
         self.acks = AckBook(AuditLog(store), self.halts)
         self.sessions = Sessions(
             config,
             store=store,
             halts=self.halts,
             checkpoints=self.checkpoints,
+            ledger=self._ledger,
             gate=self.gate,
             acks=self.acks,
             metrics=Metrics(),
@@ -109,7 +110,7 @@ class Coordinator:
             asyncio.create_task(keeper.run(), name="lease-keeper"),
             asyncio.create_task(self._watch_halts(), name="halt-watch"),
             asyncio.create_task(self.checkpoints.run(), name="checkpoints"),
-            asyncio.create_task(self.gate.ledger.run(), name="ledger"),
+            asyncio.create_task(self._ledger.run(), name="ledger"),
             asyncio.create_task(self.acks.run(), name="acks"),
             asyncio.create_task(self.sessions.watch_silence(), name="silence"),
         ]
@@ -146,7 +147,7 @@ class Coordinator:
         """Shutdown: let sessions go, flush checkpoints, drop the coordinator's own lease."""
         await self.sessions.drain()
         try:
-            await self.gate.ledger.flush()
+            await self._ledger.flush()
             await self.acks.flush()
         except EtcdUnavailable as err:
             log.warning("final ledger and acknowledgement flush failed: %s", err)

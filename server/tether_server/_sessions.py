@@ -26,6 +26,7 @@ from tether_server._fanout import Fanout
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._leases import LeaseKeeper
+from tether_server._ledger import LedgerWriter
 from tether_server._orders import any_stop, current_order, order_message, with_ack
 from tether_server._outbox import DONE, End, Outbox
 from tether_server._presence import Presence, identity_from
@@ -46,11 +47,12 @@ class Sessions:
         store: Store,
         halts: HaltTable,
         checkpoints: CheckpointWriter,
+        ledger: LedgerWriter,
         gate: Gate,
         acks: AckBook,
         metrics: Metrics,
     ) -> None:
-        self._flush = KillFlush(checkpoints, gate.ledger)
+        self._flush = KillFlush(checkpoints, ledger)
         self._presence = Presence(
             store=store,
             halts=halts,
