@@ -3,8 +3,9 @@ and the bench.
 
 The etcd command line is built in one place, ``etcd_argv``; the embedded etcd of
 ``tether serve`` uses it too. ``EtcdProcess`` and ``CoordinatorProcess`` own one child each:
-start and wait until it answers, stop it politely, kill it, or pause it (SIGSTOP) to play
-a hung process. A stopped process can be started again on the same ports and data.
+start and wait until it answers, stop it politely, kill it, or send it SIGSTOP to play a
+hung process (``unpause`` lets it run on). A stopped process can be started again on the
+same ports and data.
 """
 
 from __future__ import annotations
@@ -175,10 +176,6 @@ class _Child:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
-
-    def pause(self) -> None:
-        """SIGSTOP: the child hangs with its sockets open and silent."""
-        self.send(signal.SIGSTOP)
 
     def unpause(self) -> None:
         """SIGCONT: a paused child runs on."""
