@@ -54,9 +54,6 @@ class Registry:
         self._by_tenant: dict[str, set[Session]] = {}
         self._by_run: dict[str, set[Session]] = {}
 
-    def __len__(self) -> int:
-        return len(self._by_key)
-
     def add(self, session: Session) -> Session | None:
         old = self._by_key.get(session.key)
         if old is not None:
