@@ -313,7 +313,7 @@ class CoordinatorProcess(_Child):
     def argv(self, *extra: str) -> list[str]:
         """The ``tether serve`` command line, with ``extra`` flags appended."""
         return [
-            sys.executable, "-m", "tether._cli", "serve",
+            sys.executable, "-m", "tether", "serve",
             "--listen", self.addr,
             "--etcd", self.etcd_url,
             "--lease-ttl", f"{self.lease_ttl:g}",
