@@ -69,7 +69,7 @@ class Worker:
 
 
 @dataclass
-class Fleet:
+class DrillFleet:
     """What the drill runs against: coordinator addresses, and what to stop when done."""
 
     targets: list[str]
@@ -84,7 +84,7 @@ class Fleet:
             fn()
 
 
-def own_fleet(lease_ttl: float) -> Fleet:
+def own_fleet(lease_ttl: float) -> DrillFleet:
     """An etcd and two coordinators of the drill's own, on free loopback ports.
 
     Raises:
@@ -98,7 +98,7 @@ def own_fleet(lease_ttl: float) -> Fleet:
         ) from None
     work = tempfile.TemporaryDirectory(prefix="tether-drill-")
     etcd = EtcdProcess(Path(work.name) / "etcd", "drill")
-    fleet = Fleet([], [], [etcd.stop, work.cleanup])  # etcd stops after the coordinators
+    fleet = DrillFleet([], [], [etcd.stop, work.cleanup])  # etcd stops after the coordinators
     try:
         etcd.start()
         for _ in range(2):
