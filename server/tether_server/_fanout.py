@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from tether.v1 import types_pb2
 
-from tether_server._checkpoints import CheckpointWriter, KillFlush
+from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._halts import HaltTable
 from tether_server._orders import Push, any_stop, order_message
 from tether_server._outbox import End
@@ -37,7 +37,7 @@ class Fanout:
         presence: Presence,
         halts: HaltTable,
         checkpoints: CheckpointWriter,
-        flush: KillFlush,
+        flush: RunFlush,
         metrics: Metrics,
         lease_ttl: float,
     ) -> None:

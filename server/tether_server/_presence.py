@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from tether.v1 import agent_pb2, types_pb2
 
-from tether_server._checkpoints import CheckpointWriter, KillFlush
+from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._errors import InvalidArgument, check_name, parse_agent_uri
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
@@ -87,7 +87,7 @@ class Presence:
         store: Store,
         halts: HaltTable,
         checkpoints: CheckpointWriter,
-        flush: KillFlush,
+        flush: RunFlush,
         gate: Gate,
         metrics: Metrics,
         coordinator_id: str,

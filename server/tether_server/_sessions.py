@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._acks import AckBook
-from tether_server._checkpoints import CheckpointWriter, KillFlush
+from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._config import ServerConfig
 from tether_server._errors import ANSWERABLE, InvalidArgument, status_of
 from tether_server._fanout import Fanout
@@ -52,7 +52,7 @@ class Sessions:
         acks: AckBook,
         metrics: Metrics,
     ) -> None:
-        self._flush = KillFlush(checkpoints, ledger)
+        self._flush = RunFlush(checkpoints, ledger)
         self._presence = Presence(
             store=store,
             halts=halts,
