@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+from tether._cli._parser import DRILL_SCOPES
+from tether_server._drill import SCOPES
+
 
 def test_drill_passes_at_every_scope() -> None:
     result = subprocess.run(
@@ -72,3 +75,12 @@ def test_the_drill_imports_without_the_server_extra_and_its_own_fleet_says_what_
     assert result.stderr.startswith(
         "tether: the drill's own fleet needs: pip install 'tether[server]' ("
     ), result.stderr
+
+
+def test_the_cli_offers_the_scopes_the_drill_runs_without_importing_the_server() -> None:
+    assert DRILL_SCOPES == SCOPES
+    probe = (
+        "import sys, tether._cli; print(any(m.startswith('tether_server') for m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
