@@ -17,6 +17,7 @@ import pytest
 import tether
 from aetcd import rpc
 from tether_server import CoordinatorProcess, EtcdProcess, LaunchError, ProcessExited, wait_until
+from tether_server._store import KEYS, ROOT, prefix_end
 
 LEASE_TTL = 2  # etcd's floor: keeps STALE and fail-closed tests short
 T = TypeVar("T")
@@ -42,7 +43,7 @@ class Etcd(EtcdProcess):
         """Delete every fact under /tether/ except the coordinators' shared permit key."""
         with grpc.insecure_channel(self.endpoint) as channel:
             kv = rpc.KVStub(channel)
-            for start, end in ((b"/tether/", b"/tether/keys/"), (b"/tether/keys0", b"/tether0")):
+            for start, end in ((ROOT, KEYS), (prefix_end(KEYS), prefix_end(ROOT))):
                 kv.DeleteRange(rpc.DeleteRangeRequest(key=start, range_end=end))
 
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import tether
 from aetcd import rpc
+from tether_server._store import AUDIT, prefix_end
 
 from tests.conftest import Coordinator, Etcd
 from tests.test_cli import tether_cli
@@ -16,7 +17,7 @@ from tests.test_cli import tether_cli
 def _audit_kvs(etcd: Etcd) -> list[tuple[bytes, bytes]]:
     with grpc.insecure_channel(etcd.endpoint) as channel:
         resp = rpc.KVStub(channel).Range(
-            rpc.RangeRequest(key=b"/tether/audit/", range_end=b"/tether/audit0"), timeout=5
+            rpc.RangeRequest(key=AUDIT, range_end=prefix_end(AUDIT)), timeout=5
         )
         return [(kv.key, kv.value) for kv in sorted(resp.kvs, key=lambda kv: kv.create_revision)]
 

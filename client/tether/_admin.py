@@ -31,6 +31,8 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 T = TypeVar("T")
 
+AUDIT_LIMIT = 100  # audit entries asked for when the caller names no limit (the CLI too)
+
 
 def default_actor() -> str:
     """``user@host``: who the audit says ordered a kill when no actor is given."""
@@ -174,7 +176,7 @@ class AdminClient:
         return [Halt.from_pb(h) for h in self._call(self._stub.ListHalts, req).halts]
 
     def audit(
-        self, *, tenant: str = "", since: datetime | None = None, limit: int = 100
+        self, *, tenant: str = "", since: datetime | None = None, limit: int = AUDIT_LIMIT
     ) -> list[AuditEntry]:
         req = admin_pb2.ListAuditRequest(tenant=tenant, limit=limit)
         if since is not None:

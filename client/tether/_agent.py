@@ -30,7 +30,14 @@ def _settings(
     strict_effects: bool | None,
     environ: Mapping[str, str] = os.environ,
 ) -> AgentConfig:
-    """The front doors' keyword arguments win over ``config``, or over ``environ`` without one."""
+    """The front doors' keyword arguments win over ``config``, or over ``environ`` without one.
+
+    ``Agent`` and ``AsyncAgent`` are the front doors: the one place the process environment
+    comes in, so that an agent deployed with ``TETHER_ADDR`` set finds its coordinators with
+    no code change, as the documented ``target`` default promises. Below them nothing reads
+    ``os.environ``: it is handed, as an argument, to the one loader ``AgentConfig.from_env``
+    (and to ``resolve_targets``), as the server's front door hands it to its config loader.
+    """
     overrides: dict[str, Any] = {}
     if target:
         overrides["targets"] = tuple(resolve_targets(target, environ))

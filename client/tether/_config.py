@@ -30,7 +30,11 @@ class AgentConfig:
     """
 
     targets: tuple[str, ...] = (DEFAULT_ADDR,)
-    """Coordinators as ``HOST:PORT``, tried in turn when a stream breaks."""
+    """Coordinators as ``HOST:PORT``, tried in turn when a stream breaks.
+
+    A config built directly keeps this default and does not read ``TETHER_ADDR``; only
+    ``AgentConfig.from_env`` does. ``Agent(..., config=...)`` therefore ignores
+    ``TETHER_ADDR`` unless ``target`` is given or the config came from ``from_env``."""
     connect_timeout: float = 10.0
     """Seconds ``start()`` waits to register before raising ``tether.Unavailable``."""
     strict_effects: bool = False

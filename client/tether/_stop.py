@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tether._errors import TetherLost
-from tether._verdict import Verdict
+from tether._verdict import Verdict, stops
 from tether.v1 import agent_pb2, types_pb2
 
 
@@ -59,18 +59,18 @@ class Stopper:
             for timer in list(self.timers):
                 timer.cancel()
             self.timers.clear()
-        stops = [h for h in halts if not h.selector.capability]
-        if not stops or isinstance(after.stop, TetherLost):
+        stopping = stops(halts)
+        if not stopping or isinstance(after.stop, TetherLost):
             if first:
                 self._cancel_inflight()  # fail closed: nothing to wait for, nobody to tell
             return
-        hard = next((h for h in stops if h.mode != types_pb2.KILL_MODE_SOFT), None)
+        hard = next((h for h in stopping if h.mode != types_pb2.KILL_MODE_SOFT), None)
         if hard is not None:  # the hardest halt decides, even one that came later
             if first or self._forget_soft():
                 self._ack(hard.id, escalated=not first, in_flight=self._cancel_inflight())
             return
         if first:
-            self._start_soft(min(stops, key=lambda h: h.grace.ToTimedelta()))
+            self._start_soft(min(stopping, key=lambda h: h.grace.ToTimedelta()))
 
     def _start_soft(self, halt: types_pb2.Halt) -> None:
         assert self._loop is not None

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from tether._errors import CapabilityFrozen, Killed, TetherLost
 from tether._types import Halt
 from tether.v1 import agent_pb2, types_pb2
+
+
+class _Scope(Protocol):
+    @property
+    def capability(self) -> str: ...
+
+
+class _Halted(Protocol):
+    @property
+    def selector(self) -> _Scope: ...
+
+
+H = TypeVar("H", bound=_Halted)
+
+
+def stops(halts: Iterable[H]) -> list[H]:
+    """The halts that stop the whole instance: those that freeze no single capability.
+
+    Works on the wire's halts and on their ``tether.Halt`` conversions alike.
+    """
+    return [h for h in halts if not h.selector.capability]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +90,14 @@ def verdict_of(
         if h.selector.capability
     }  # fmt: skip
     stop: Killed | None = None
-    policies = [h.queue for h in resp.halts if not h.selector.capability]
+    policies = [h.queue for h in stops(resp.halts)]
     drain = bool(policies) and all(q == types_pb2.QUEUE_POLICY_DRAIN for q in policies)
     if resp.order != agent_pb2.ORDER_RUN:
-        stops = [h for h in halts if not h.selector.capability]
-        if resp.fail_closed_reason or not stops:
+        stopping = stops(halts)
+        if resp.fail_closed_reason or not stopping:
             stop = TetherLost(resp.fail_closed_reason or "coordinator ordered a stop")
         else:
-            h = stops[0]
+            h = stopping[0]
             stop = Killed(h.reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id)
     drain = drain and not resp.fail_closed_reason
     return Verdict(stop, confirmed_at, resp.revision, frozen, drain)

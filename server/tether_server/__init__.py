@@ -1,20 +1,50 @@
-"""The Tether coordinator: ``tether serve``."""
+"""The Tether coordinator: ``tether serve``.
 
-from tether_server._config import ConfigError, ServerConfig
-from tether_server._config import load as load_config
-from tether_server._drill import run_drills
-from tether_server._drill_report import render as render_drill
-from tether_server._launch import (
-    CoordinatorProcess,
-    EtcdProcess,
-    LaunchError,
-    ProcessExited,
-    etcd_argv,
-    etcd_binary,
-    free_port,
-    wait_until,
-)
-from tether_server._server import build_server, serve
+The names below are imported on first use, not with the package: the drill against
+coordinators given by address runs on an SDK-only install, while the coordinator itself and
+the drill's own fleet need the server extra (aetcd, grpc_health, opentelemetry).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tether_server._config import ConfigError, ServerConfig
+    from tether_server._config import load as load_config
+    from tether_server._drill import run_drills
+    from tether_server._drill_report import render as render_drill
+    from tether_server._launch import (
+        CoordinatorProcess,
+        EtcdProcess,
+        LaunchError,
+        ProcessExited,
+        etcd_argv,
+        etcd_binary,
+        free_port,
+        wait_until,
+    )
+    from tether_server._server import build_server, serve
+
+# public name -> (module, name there)
+_LAZY = {
+    "ConfigError": ("_config", "ConfigError"),
+    "ServerConfig": ("_config", "ServerConfig"),
+    "load_config": ("_config", "load"),
+    "run_drills": ("_drill", "run_drills"),
+    "render_drill": ("_drill_report", "render"),
+    "CoordinatorProcess": ("_launch", "CoordinatorProcess"),
+    "EtcdProcess": ("_launch", "EtcdProcess"),
+    "LaunchError": ("_launch", "LaunchError"),
+    "ProcessExited": ("_launch", "ProcessExited"),
+    "etcd_argv": ("_launch", "etcd_argv"),
+    "etcd_binary": ("_launch", "etcd_binary"),
+    "free_port": ("_launch", "free_port"),
+    "wait_until": ("_launch", "wait_until"),
+    "build_server": ("_server", "build_server"),
+    "serve": ("_server", "serve"),
+}
 
 __all__ = [
     "ConfigError",
@@ -33,3 +63,22 @@ __all__ = [
     "serve",
     "wait_until",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Import a public name's module on first use, then keep the name here.
+
+    Raises:
+        AttributeError: ``name`` is not a public name of the package.
+        ImportError: its module needs a dependency that is not installed.
+    """
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

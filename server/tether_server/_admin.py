@@ -31,7 +31,7 @@ R = TypeVar("R")
 PermitKey = Callable[[], PermitSigner | None]
 """The coordinator's permit signer, or None before it has loaded the key."""
 
-DEFAULT_AUDIT_LIMIT = 100
+DEFAULT_AUDIT_LIMIT = 100  # entries ListAudit returns when the request names no limit
 
 
 def _tenant_of(request: Any) -> str:

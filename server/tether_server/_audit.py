@@ -163,9 +163,7 @@ class AuditLog:
             out.append(entry)
         return out
 
-    async def recent(
-        self, tenant: str = "", since_ns: int = 0, limit: int = 100
-    ) -> list[admin_pb2.AuditEntry]:
+    async def recent(self, tenant: str, since_ns: int, limit: int) -> list[admin_pb2.AuditEntry]:
         """The last ``limit`` entries at or after ``since_ns`` that address ``tenant``.
 
         An entry addresses a tenant when its selector names it or names no tenant at all;

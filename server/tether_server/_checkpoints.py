@@ -4,7 +4,7 @@ Heartbeats never write etcd directly. A changed checkpoint marks its run dirty; 
 every ``interval`` writes every dirty run in as few transactions as etcd allows. Kills and
 clean exits flush at once, because that checkpoint is the one a resume uses: a session's
 end flushes its own run, and a kill flushes everything a moment later, as one batch
-(:class:`KillFlush`).
+(:class:`RunFlush`).
 """
 
 from __future__ import annotations
@@ -113,10 +113,13 @@ class CheckpointWriter:
         await every(self._interval, self.flush, "checkpoint flush")
 
 
-class KillFlush:
-    """Writes checkpoints, then ledger records, at once when a run is stopped or ends.
+class RunFlush:
+    """Writes checkpoints, then ledger records, at once instead of at the next interval.
 
-    Checkpoints go first: the ledger says what landed, and a resume reads both.
+    Two uses: every session's end, stopped or not (goodbye, a stream gone stale), writes
+    its own run now (:meth:`run_now`); a stop, pushed or noticed on a stream, writes
+    everything a moment later as one batch (:meth:`soon`). Checkpoints go first: the ledger
+    says what landed, and a resume reads both.
     """
 
     def __init__(self, checkpoints: CheckpointWriter, ledger: LedgerWriter) -> None:

@@ -38,14 +38,15 @@ class Coordinator:
         self.health = health
         self.halts = HaltTable()
         self.checkpoints = CheckpointWriter(store, config.checkpoint_flush_interval)
-        ledger = LedgerWriter(store, config.coordinator_id, config.checkpoint_flush_interval)
-        self.gate = Gate(ledger, store)
+        self._ledger = LedgerWriter(store, config.coordinator_id, config.checkpoint_flush_interval)
+        self.gate = Gate(self._ledger, store)
         self.acks = AckBook(AuditLog(store), self.halts)
         self.sessions = Sessions(
             config,
             store=store,
             halts=self.halts,
             checkpoints=self.checkpoints,
+            ledger=self._ledger,
             gate=self.gate,
             acks=self.acks,
             metrics=Metrics(),
@@ -53,16 +54,15 @@ class Coordinator:
         self.attached = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease = 0
-        self._keeper: LeaseKeeper | None = None
 
     async def run(self) -> None:
         """Attach to etcd and stay attached; on any loss, fail closed and try again."""
         backoff = 0.1
         while True:
             try:
-                await self._attach()
+                keeper = await self._attach()
                 backoff = 0.1
-                await self._hold()
+                await self._hold(keeper)
             except _LOSS as err:
                 self._lose(str(err))
             except Exception as err:
@@ -73,7 +73,9 @@ class Coordinator:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    async def _attach(self) -> None:
+    async def _attach(self) -> LeaseKeeper:
+        """Take a lease, load the halts, and serve sessions on it; returns its keeper, which
+        sessions hold until etcd is lost."""
         ttl = self.config.lease_ttl
         # Every presence key this coordinator writes hangs on this lease: it lapses within
         # the instance TTL of the coordinator's death, and the instances go STALE with it.
@@ -91,8 +93,8 @@ class Coordinator:
         self.gate.attach(await load_signer(self.store, self.config.permit_key))
         resp = await self.store.range(HALTS)
         self.halts.load(resp.kvs, resp.header.revision)
-        self._keeper = LeaseKeeper(self.store, self._lease, ttl)
-        self.sessions.attach(self._keeper)
+        keeper = LeaseKeeper(self.store, self._lease, ttl)
+        self.sessions.attach(keeper)
         for service in SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.attached.set()
@@ -101,15 +103,14 @@ class Coordinator:
             self.config.coordinator_id,
             self.halts.revision,
         )
+        return keeper
 
-    async def _hold(self) -> None:
-        keeper = self._keeper
-        assert keeper is not None
+    async def _hold(self, keeper: LeaseKeeper) -> None:
         tasks = [
             asyncio.create_task(keeper.run(), name="lease-keeper"),
             asyncio.create_task(self._watch_halts(), name="halt-watch"),
             asyncio.create_task(self.checkpoints.run(), name="checkpoints"),
-            asyncio.create_task(self.gate.ledger.run(), name="ledger"),
+            asyncio.create_task(self._ledger.run(), name="ledger"),
             asyncio.create_task(self.acks.run(), name="acks"),
             asyncio.create_task(self.sessions.watch_silence(), name="silence"),
         ]
@@ -132,7 +133,6 @@ class Coordinator:
     def _lose(self, reason: str) -> None:
         log.error("coordinator lost etcd, failing closed: %s", reason)
         self.attached.clear()
-        self._keeper = None
         self.sessions.lose(reason)
         for service in SERVICES:
             self._spawn_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -146,7 +146,7 @@ class Coordinator:
         """Shutdown: let sessions go, flush checkpoints, drop the coordinator's own lease."""
         await self.sessions.drain()
         try:
-            await self.gate.ledger.flush()
+            await self._ledger.flush()
             await self.acks.flush()
         except EtcdUnavailable as err:
             log.warning("final ledger and acknowledgement flush failed: %s", err)

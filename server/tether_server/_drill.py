@@ -19,7 +19,7 @@ from typing import Any
 
 from tether import AdminClient, Selector, selector
 
-from tether_server._drill_fleet import CAPABILITY, Fleet, Worker, own_fleet
+from tether_server._drill_fleet import CAPABILITY, DrillFleet, Worker, own_fleet
 from tether_server._drill_report import Flip, report
 
 SCOPES = ("capability", "run", "agent", "tenant", "global")
@@ -55,7 +55,9 @@ def targeted(sel: Selector, w: Worker) -> bool:
     return sel.names(w.tenant, w.agent, w.run_id)
 
 
-def drill(scope: str, fleet: Fleet, *, settle: float, items: int, tick: float) -> dict[str, Any]:
+def drill(
+    scope: str, fleet: DrillFleet, *, settle: float, items: int, tick: float
+) -> dict[str, Any]:
     """Run one drill at ``scope``; return the report."""
     sel, workers = plan(scope, uuid.uuid4().hex[:6], fleet.targets, items, tick)
     with AdminClient(fleet.targets[0], actor="tether-drill") as admin:
@@ -116,7 +118,7 @@ def run_drills(
         tether.TetherError: the fleet did not come up, or a call to it failed.
     """
     scopes = list(SCOPES) if scope == "all" else [scope]
-    fleet = Fleet([a for a in addr.split(",") if a]) if addr else own_fleet(2.0)
+    fleet = DrillFleet([a for a in addr.split(",") if a]) if addr else own_fleet(2.0)
     try:
         return [drill(s, fleet, settle=settle, items=items, tick=tick) for s in scopes]
     finally:

@@ -9,10 +9,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tether import Agent, Killed, TetherError
 
-from tether_server._launch import CoordinatorProcess, EtcdProcess, LaunchError
+if TYPE_CHECKING:  # the launcher needs the server extra; only the drill's own fleet uses it
+    from tether_server._launch import CoordinatorProcess
 
 CAPABILITY = "send"
 
@@ -67,7 +69,7 @@ class Worker:
 
 
 @dataclass
-class Fleet:
+class DrillFleet:
     """What the drill runs against: coordinator addresses, and what to stop when done."""
 
     targets: list[str]
@@ -82,15 +84,21 @@ class Fleet:
             fn()
 
 
-def own_fleet(lease_ttl: float) -> Fleet:
+def own_fleet(lease_ttl: float) -> DrillFleet:
     """An etcd and two coordinators of the drill's own, on free loopback ports.
 
     Raises:
-        TetherError: etcd is not installed, or a process did not come up.
+        TetherError: the server extra or etcd is not installed, or a process did not come up.
     """
+    try:
+        from tether_server._launch import CoordinatorProcess, EtcdProcess, LaunchError
+    except ImportError as err:
+        raise TetherError(
+            f"the drill's own fleet needs: pip install 'tether[server]' ({err})"
+        ) from None
     work = tempfile.TemporaryDirectory(prefix="tether-drill-")
     etcd = EtcdProcess(Path(work.name) / "etcd", "drill")
-    fleet = Fleet([], [], [etcd.stop, work.cleanup])  # etcd stops after the coordinators
+    fleet = DrillFleet([], [], [etcd.stop, work.cleanup])  # etcd stops after the coordinators
     try:
         etcd.start()
         for _ in range(2):

@@ -17,10 +17,6 @@ from tether_server._launch import LOOPBACK, LaunchError, etcd_argv, free_port
 log = logging.getLogger("tether_server")
 
 
-class EmbeddedEtcdError(LaunchError):
-    """The embedded etcd could not be found or did not start; the message says why."""
-
-
 def _port_or_free(port: int) -> int:
     with socket.socket() as sock:
         try:
@@ -48,6 +44,11 @@ class EmbeddedEtcd:
         return f"{LOOPBACK}:{self.client_port}"
 
     async def start(self, timeout: float = 20.0) -> None:
+        """Start etcd and wait until it answers.
+
+        Raises:
+            LaunchError: etcd is not installed, exited, or did not answer in time.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         client, peer = f"http://{self.endpoint}", f"http://{LOOPBACK}:{self.peer_port}"
         argv = etcd_argv("tether", self.data_dir / "etcd", client, peer, log_level="warn")
@@ -64,7 +65,7 @@ class EmbeddedEtcd:
             stub = rpc.MaintenanceStub(channel)
             while loop.time() < deadline:
                 if self._proc is not None and self._proc.poll() is not None:
-                    raise EmbeddedEtcdError(
+                    raise LaunchError(
                         f"embedded etcd exited with code {self._proc.returncode}; "
                         f"see {self.data_dir / 'etcd.log'}"
                     )
@@ -73,7 +74,7 @@ class EmbeddedEtcd:
                     return
                 await asyncio.sleep(0.1)
         self.stop()
-        raise EmbeddedEtcdError(f"embedded etcd not ready within {timeout:g}s")
+        raise LaunchError(f"embedded etcd not ready within {timeout:g}s")
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -2,8 +2,9 @@
 
 Handlers raise these; the transport edge (the admin servicer's wrapper, the Heartbeat
 reader) asks :func:`status_of` for the code. The table is walked along the class's MRO, so a
-subclass maps like its parent. Validation shared with the SDK (agent URIs and names) raises
-the public ``tether.InvalidArgument``, which the table maps as well.
+subclass maps like its parent. Validation shared with the SDK (agent URIs and names) goes
+through :func:`check_name` and :func:`parse_agent_uri`, which raise the server's own
+InvalidArgument with the SDK's message.
 """
 
 from __future__ import annotations
@@ -47,11 +48,10 @@ _STATUS: dict[type[BaseException], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
-    tether.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 # What a handler may raise and have turned into a status: ``except ANSWERABLE as err``.
-ANSWERABLE: tuple[type[BaseException], ...] = (ServerError, tether.InvalidArgument)
+ANSWERABLE: tuple[type[BaseException], ...] = (ServerError,)
 
 
 def status_of(err: BaseException) -> grpc.StatusCode:
@@ -64,3 +64,27 @@ def status_of(err: BaseException) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def check_name(what: str, value: str) -> str:
+    """``tether.check_name``, raised as the server's own error.
+
+    Raises:
+        InvalidArgument: ``value`` breaks the name rule; the SDK's message says how.
+    """
+    try:
+        return tether.check_name(what, value)
+    except tether.InvalidArgument as err:
+        raise InvalidArgument(str(err)) from None
+
+
+def parse_agent_uri(uri: str) -> tether.AgentRef:
+    """``tether.parse_agent_uri``, raised as the server's own error.
+
+    Raises:
+        InvalidArgument: ``uri`` is not ``agent://TENANT/AGENT``; the SDK's message says how.
+    """
+    try:
+        return tether.parse_agent_uri(uri)
+    except tether.InvalidArgument as err:
+        raise InvalidArgument(str(err)) from None

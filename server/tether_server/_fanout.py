@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from tether.v1 import types_pb2
 
-from tether_server._checkpoints import CheckpointWriter, KillFlush
+from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._halts import HaltTable
 from tether_server._orders import Push, any_stop, order_message
 from tether_server._outbox import End
@@ -29,7 +29,7 @@ log = logging.getLogger("tether_server")
 
 
 class Fanout:
-    """Pushes orders and ends onto the streams in the registry."""
+    """Pushes orders and ends onto the streams that presence serves."""
 
     def __init__(
         self,
@@ -37,12 +37,11 @@ class Fanout:
         presence: Presence,
         halts: HaltTable,
         checkpoints: CheckpointWriter,
-        flush: KillFlush,
+        flush: RunFlush,
         metrics: Metrics,
         lease_ttl: float,
     ) -> None:
         self._presence = presence
-        self._registry = presence.registry
         self._halts = halts
         self._checkpoints = checkpoints
         self._flush = flush
@@ -53,7 +52,7 @@ class Fanout:
         """A halt was put or deleted: push the new order to every instance it touches."""
         revision = self._halts.revision
         payloads: dict[tuple[Any, ...], bytes] = {}  # serialise each distinct order once
-        for session in self._registry.candidates(halt.selector):
+        for session in self._presence.candidates(halt.selector):
             labels = session.record.labels
             if not matches(halt.selector, session.key, labels) or session.revision > revision:
                 continue  # registration read a newer view than this event; it stands
@@ -78,7 +77,7 @@ class Fanout:
         """etcd is gone: tell every agent to stop, then let go so it finds another coordinator."""
         payload = order_message((), self._halts.revision, fail_closed=reason).SerializeToString()
         end = End(grpc.StatusCode.UNAVAILABLE, f"coordinator lost etcd ({reason}); reconnect")
-        for session in self._registry.snapshot():
+        for session in self._presence.snapshot():
             session.leave_presence = True
             session.outbox.post(Push(payload, time.monotonic()))
             session.outbox.post(end)
@@ -93,7 +92,7 @@ class Fanout:
         while True:
             await asyncio.sleep(period)
             horizon = time.monotonic() - self._ttl
-            for session in self._registry.snapshot():
+            for session in self._presence.snapshot():
                 if session.last_beat < horizon and not session.end_queued:
                     session.end_queued = True
                     session.outbox.post(
@@ -102,7 +101,7 @@ class Fanout:
 
     async def drain(self) -> None:
         """Shutdown: let streams go and flush checkpoints; presence lapses with the lease."""
-        for session in self._registry.snapshot():
+        for session in self._presence.snapshot():
             session.leave_presence = True
             session.outbox.post(
                 End(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down; reconnect")

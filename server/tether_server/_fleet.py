@@ -17,7 +17,8 @@ from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._errors import FailedPrecondition, NotFound
 from tether_server._halts import HaltTable
-from tether_server._selectors import EMPTY, is_stop
+from tether_server._orders import any_stop
+from tether_server._selectors import EMPTY
 from tether_server._store import (
     FLEET,
     HALTS,
@@ -88,7 +89,7 @@ class Fleet:
         record = self.roster.get(key)
         if key in self.live:
             halts = self.halts.matching(key, record.labels if record is not None else EMPTY)
-            halted = any(map(is_stop, halts))
+            halted = any_stop(halts)
             return types_pb2.INSTANCE_STATE_KILLED if halted else types_pb2.INSTANCE_STATE_ACTIVE
         if record is not None and record.state in _ENDED:
             return record.state

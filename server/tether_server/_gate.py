@@ -91,7 +91,7 @@ class Gate:
     """Takes effect records into the ledger and decides strict permits."""
 
     def __init__(self, ledger: LedgerWriter, store: Store) -> None:
-        self.ledger = ledger
+        self._ledger = ledger
         self._signer: PermitSigner | None = None
         self._fresh = FreshHalts(store)
         self._landed: dict[RunKey, set[str]] = {}
@@ -120,7 +120,7 @@ class Gate:
             effect.tenant, effect.agent, effect.run_id, effect.instance_id = key.parts
             if effect.status == types_pb2.EFFECT_STATUS_LANDED and effect.key:
                 self._landed.setdefault(run, set()).add(effect.key)
-        self.ledger.add(run, batch.effects)
+        self._ledger.add(run, batch.effects)
 
     async def decide(
         self, key: InstanceKey, labels: Mapping[str, str], req: agent_pb2.PermitRequest

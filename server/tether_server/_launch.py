@@ -3,8 +3,9 @@ and the bench.
 
 The etcd command line is built in one place, ``etcd_argv``; the embedded etcd of
 ``tether serve`` uses it too. ``EtcdProcess`` and ``CoordinatorProcess`` own one child each:
-start and wait until it answers, stop it politely, kill it, or pause it (SIGSTOP) to play
-a hung process. A stopped process can be started again on the same ports and data.
+start and wait until it answers, stop it politely, kill it, or send it SIGSTOP to play a
+hung process (``unpause`` lets it run on). A stopped process can be started again on the
+same ports and data.
 """
 
 from __future__ import annotations
@@ -176,10 +177,6 @@ class _Child:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
 
-    def pause(self) -> None:
-        """SIGSTOP: the child hangs with its sockets open and silent."""
-        self.send(signal.SIGSTOP)
-
     def unpause(self) -> None:
         """SIGCONT: a paused child runs on."""
         self.send(signal.SIGCONT)
@@ -316,7 +313,7 @@ class CoordinatorProcess(_Child):
     def argv(self, *extra: str) -> list[str]:
         """The ``tether serve`` command line, with ``extra`` flags appended."""
         return [
-            sys.executable, "-m", "tether._cli", "serve",
+            sys.executable, "-m", "tether", "serve",
             "--listen", self.addr,
             "--etcd", self.etcd_url,
             "--lease-ttl", f"{self.lease_ttl:g}",

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import grpc
-import tether
 from google.protobuf import timestamp_pb2
 from tether.v1 import agent_pb2, types_pb2
 
-from tether_server._checkpoints import CheckpointWriter, KillFlush
-from tether_server._errors import InvalidArgument
+from tether_server._checkpoints import CheckpointWriter, RunFlush
+from tether_server._errors import InvalidArgument, check_name, parse_agent_uri
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._ledger import decode
@@ -60,21 +60,21 @@ def identity_from(reg: agent_pb2.Register) -> InstanceKey:
     if reg.agent_uri:
         if reg.tenant or reg.agent:
             raise InvalidArgument("register.agent_uri replaces tenant and agent; send one form")
-        tenant, agent = tether.parse_agent_uri(reg.agent_uri)
+        tenant, agent = parse_agent_uri(reg.agent_uri)
     else:
         if not reg.tenant or not reg.agent:
             raise InvalidArgument("register needs tenant and agent, or agent_uri")
-        tenant = tether.check_name("tenant", reg.tenant)
-        agent = tether.check_name("agent", reg.agent)
+        tenant = check_name("tenant", reg.tenant)
+        agent = check_name("agent", reg.agent)
     if not reg.run_id or not reg.instance_id:
         raise InvalidArgument("register needs run_id and instance_id")
     for cap in reg.capabilities:
-        tether.check_name("capability", cap)
+        check_name("capability", cap)
     return InstanceKey(
         tenant,
         agent,
-        tether.check_name("run_id", reg.run_id),
-        tether.check_name("instance_id", reg.instance_id),
+        check_name("run_id", reg.run_id),
+        check_name("instance_id", reg.instance_id),
     )
 
 
@@ -87,12 +87,12 @@ class Presence:
         store: Store,
         halts: HaltTable,
         checkpoints: CheckpointWriter,
-        flush: KillFlush,
+        flush: RunFlush,
         gate: Gate,
         metrics: Metrics,
         coordinator_id: str,
     ) -> None:
-        self.registry = Registry()
+        self._registry = Registry()
         self._store = store
         self._halts = halts
         self._checkpoints = checkpoints
@@ -100,6 +100,18 @@ class Presence:
         self._gate = gate
         self._metrics = metrics
         self._coordinator = coordinator_id
+
+    def get(self, key: InstanceKey) -> Session | None:
+        """The session served here for ``key``, if any."""
+        return self._registry.get(key)
+
+    def snapshot(self) -> tuple[Session, ...]:
+        """Every session served here, as a tuple that survives admissions and departures."""
+        return self._registry.snapshot()
+
+    def candidates(self, sel: types_pb2.Selector) -> Iterable[Session]:
+        """The sessions served here that ``sel`` may match: a superset, from the indexes."""
+        return self._registry.candidates(sel)
 
     def record(self, key: InstanceKey, reg: agent_pb2.Register) -> types_pb2.AgentInstance:
         """The roster record of an instance registering now."""
@@ -145,7 +157,7 @@ class Presence:
 
     def admit(self, session: Session) -> None:
         """Serve ``session`` here; a stream it replaces is let go, its presence left alone."""
-        replaced = self.registry.add(session)
+        replaced = self._registry.add(session)
         if replaced is not None:
             replaced.leave_presence = True
             replaced.outbox.post(End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
@@ -153,10 +165,10 @@ class Presence:
 
     def forget_locally(self, session: Session) -> bool:
         """Stop serving ``session`` here; False when it was already gone or replaced."""
-        if not self.registry.remove(session):
+        if not self._registry.remove(session):
             return False
         self._metrics.sessions.add(-1)
-        if not self.registry.serves_run(session.key.run_id):
+        if not self._registry.serves_run(session.key.run_id):
             self._checkpoints.forget(session.checkpoint_key)
             self._gate.forget(session.key.run)
         return True

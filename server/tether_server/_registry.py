@@ -50,36 +50,33 @@ class Registry:
     """Open sessions, indexed so that a halt finds its instances without a full scan."""
 
     def __init__(self) -> None:
-        self.by_key: dict[InstanceKey, Session] = {}
+        self._by_key: dict[InstanceKey, Session] = {}
         self._by_tenant: dict[str, set[Session]] = {}
         self._by_run: dict[str, set[Session]] = {}
 
-    def __len__(self) -> int:
-        return len(self.by_key)
-
     def add(self, session: Session) -> Session | None:
-        old = self.by_key.get(session.key)
+        old = self._by_key.get(session.key)
         if old is not None:
             self.remove(old)
-        self.by_key[session.key] = session
+        self._by_key[session.key] = session
         self._by_tenant.setdefault(session.key.tenant, set()).add(session)
         self._by_run.setdefault(session.key.run_id, set()).add(session)
         return old
 
     def remove(self, session: Session) -> bool:
-        if self.by_key.get(session.key) is not session:
+        if self._by_key.get(session.key) is not session:
             return False
-        del self.by_key[session.key]
+        del self._by_key[session.key]
         _discard(self._by_tenant, session.key.tenant, session)
         _discard(self._by_run, session.key.run_id, session)
         return True
 
     def get(self, key: InstanceKey) -> Session | None:
-        return self.by_key.get(key)
+        return self._by_key.get(key)
 
     def snapshot(self) -> tuple[Session, ...]:
         """Every open session, as a tuple that survives the registry changing under it."""
-        return tuple(self.by_key.values())
+        return tuple(self._by_key.values())
 
     def serves_run(self, run_id: str) -> bool:
         return run_id in self._by_run
@@ -89,7 +86,7 @@ class Registry:
             return tuple(self._by_run.get(sel.run_id, ()))
         if sel.tenant:
             return tuple(self._by_tenant.get(sel.tenant, ()))
-        return tuple(self.by_key.values())
+        return tuple(self._by_key.values())
 
 
 def _discard(index: dict[str, set[Session]], name: str, session: Session) -> None:

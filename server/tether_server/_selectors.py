@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import tether
 from tether.v1 import types_pb2
 
-from tether_server._errors import InvalidArgument
+from tether_server._errors import InvalidArgument, check_name
 from tether_server._store import InstanceKey
 
 _SCOPE_NAMES: dict[int, str] = {
@@ -25,14 +24,6 @@ _FIELDS = {
 }
 
 
-def _check_name(what: str, value: str) -> None:
-    """The SDK's name rule, raised as the server's own error."""
-    try:
-        tether.check_name(what, value)
-    except tether.InvalidArgument as err:
-        raise InvalidArgument(str(err)) from None
-
-
 def validate(sel: types_pb2.Selector) -> types_pb2.Selector:
     """Return ``sel`` if it names one well-formed scope.
 
@@ -47,10 +38,10 @@ def validate(sel: types_pb2.Selector) -> types_pb2.Selector:
             else "selector.scope is required: one of global, tenant, agent, run"
         )
     if sel.capability:
-        _check_name("selector.capability", sel.capability)
+        check_name("selector.capability", sel.capability)
     for label, value in sel.labels.items():
-        _check_name("label key", label)
-        _check_name(f"label {label}", value)
+        check_name("label key", label)
+        check_name(f"label {label}", value)
     scope, rules = _SCOPE_NAMES[sel.scope], _FIELDS[sel.scope]
     for name in ("tenant", "agent", "run_id"):
         value = getattr(sel, name)
@@ -62,7 +53,7 @@ def validate(sel: types_pb2.Selector) -> types_pb2.Selector:
                 f"a {scope} halt takes no selector.{name}; drop it or narrow the scope"
             )
         if value:
-            _check_name(name, value)
+            check_name(name, value)
     if sel.agent and not sel.tenant:
         raise InvalidArgument("selector.agent needs selector.tenant as well")
     return sel

@@ -19,13 +19,14 @@ from google.protobuf import json_format
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._acks import AckBook
-from tether_server._checkpoints import CheckpointWriter, KillFlush
+from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._config import ServerConfig
 from tether_server._errors import ANSWERABLE, InvalidArgument, status_of
 from tether_server._fanout import Fanout
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._leases import LeaseKeeper
+from tether_server._ledger import LedgerWriter
 from tether_server._orders import any_stop, current_order, order_message, with_ack
 from tether_server._outbox import DONE, End, Outbox
 from tether_server._presence import Presence, identity_from
@@ -46,11 +47,12 @@ class Sessions:
         store: Store,
         halts: HaltTable,
         checkpoints: CheckpointWriter,
+        ledger: LedgerWriter,
         gate: Gate,
         acks: AckBook,
         metrics: Metrics,
     ) -> None:
-        self._flush = KillFlush(checkpoints, gate.ledger)
+        self._flush = RunFlush(checkpoints, ledger)
         self._presence = Presence(
             store=store,
             halts=halts,
@@ -68,7 +70,6 @@ class Sessions:
             metrics=metrics,
             lease_ttl=config.lease_ttl,
         )
-        self.registry = self._presence.registry
         self._keeper: LeaseKeeper | None = None
         self._serving_error = "coordinator is starting and has not reached etcd yet"
         self._config = config
@@ -108,7 +109,7 @@ class Sessions:
 
     def last_beat(self, key: InstanceKey) -> float | None:
         """The ``time.monotonic()`` of the instance's last beat, if this coordinator serves it."""
-        session = self.registry.get(key)
+        session = self._presence.get(key)
         return None if session is None else session.last_beat
 
     # -- the stream -------------------------------------------------------------------------

@@ -41,7 +41,8 @@ RUNS = ROOT + b"runs/"
 LEDGER = ROOT + b"ledger/"
 AUDIT = ROOT + b"audit/"
 AUDIT_HEAD = ROOT + b"audit-head"
-PERMIT_KEY = ROOT + b"keys/permit-ed25519"
+KEYS = ROOT + b"keys/"
+PERMIT_KEY = KEYS + b"permit-ed25519"
 COORDINATORS = ROOT + b"coordinators/"
 
 # etcd's defaults: --max-txn-ops 128 and --max-request-bytes 1.5 MiB. Batched writes are

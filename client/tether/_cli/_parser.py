@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from tether._admin import AUDIT_LIMIT
 from tether._cli._output import EXIT_USAGE
 from tether._types import EffectStatus, State
 
@@ -110,7 +111,7 @@ def _halts_args(halts: argparse.ArgumentParser) -> None:
 def _audit_args(audit: argparse.ArgumentParser) -> None:
     audit.add_argument("--tenant", default="")
     audit.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
-    audit.add_argument("--limit", type=_positive, default=100)
+    audit.add_argument("--limit", type=_positive, default=AUDIT_LIMIT)
     audit.add_argument(
         "--verify", action="store_true", help="check the hash chain; exit 1 if broken"
     )

@@ -12,10 +12,14 @@ from tether._cli._output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail, print_jso
 from tether._errors import InvalidArgument
 
 
-def _server_extra(verb: str) -> ModuleType | int:
-    """The ``tether_server`` package, or the usage exit code after saying how to install it."""
+def _server_extra(verb: str, *names: str) -> ModuleType | int:
+    """The ``tether_server`` package with ``names`` imported (the package imports them on first
+    use), or the usage exit code after saying how to install it."""
     try:
         import tether_server
+
+        for name in names:
+            getattr(tether_server, name)
     except ImportError as err:
         return fail(
             EXIT_USAGE,
@@ -27,7 +31,7 @@ def _server_extra(verb: str) -> ModuleType | int:
 def serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    tether_server = _server_extra("serve")
+    tether_server = _server_extra("serve", "load_config", "serve")
     if isinstance(tether_server, int):
         return tether_server
     logging.basicConfig(
@@ -52,7 +56,8 @@ def drill(args: argparse.Namespace) -> int:
             "a global drill against --addr stops every agent there; add --allow-global, "
             "or leave out --addr to drill a fleet of the drill's own"
         )
-    tether_server = _server_extra("drill")
+    # The drill's own code needs only the SDK; its own fleet says if the server extra is missing.
+    tether_server = _server_extra("drill", "run_drills", "render_drill")
     if isinstance(tether_server, int):
         return tether_server
     reports = tether_server.run_drills(

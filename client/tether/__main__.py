@@ -1,0 +1,5 @@
+"""``python -m tether``: the same as the ``tether`` console script."""
+
+from tether._cli import main
+
+raise SystemExit(main())
