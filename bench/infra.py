@@ -14,7 +14,6 @@ import os
 import resource
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,24 +31,6 @@ LOOPBACK = "127.0.0.1"
 
 class BenchError(RuntimeError):
     """A part under test did not come up or misbehaved; the message says which and why."""
-
-
-def wait_for(probe: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll ``probe`` until it returns something truthy, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            result = probe()
-            if result:
-                return result
-            last = result
-        except BenchError:
-            raise
-        except Exception as err:
-            last = err
-        time.sleep(interval)
-    raise BenchError(f"{what}: not within {timeout:g}s (last: {last!r})")
 
 
 def raise_nofile(limit: int = 1 << 20) -> None:

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, field
 
 import psutil
-from tether_server import free_port
+from tether_server import free_port, wait_until
 
 from bench.fleet import Fleet, split
 from bench.harness import Bench, say
-from bench.infra import LOOPBACK, stop, wait_for
+from bench.infra import LOOPBACK, stop
 from bench.md import KB, Row, table, verdict
 from bench.phase import WORKERS, Phase, Results
 from bench.phases import kill
@@ -91,7 +91,7 @@ def _bare(bench: Bench, cfg: Settings) -> Growth:
         text=True,
     )
     try:
-        wait_for(lambda: bare.stdout is not None and bare.stdout.readline(), 30, "bare server")
+        wait_until(lambda: bare.stdout is not None and bare.stdout.readline(), 30, "bare server")
         fleet = Fleet(bench.procs, "raw", cfg.workers, bench.logs)
         try:
             return _grow(fleet, addr, bare.pid, cfg.streams, "bare gRPC")
