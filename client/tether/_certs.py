@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tether._uri import check_name
 
@@ -120,9 +121,7 @@ def issue(
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("the CA key must be an EC key made by new_ca()")
     key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)] if uri else []
-    sans += [x509.DNSName(d) for d in dns]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    sans = _sans(uri, dns, ips)
     shown = (common_name or uri or "tether")[:64]  # X.509 caps it; only the SAN is trusted
     start = not_before or _now() - datetime.timedelta(minutes=5)
     builder = (
@@ -139,6 +138,15 @@ def issue(
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return Pem(_cert_pem(builder.sign(ca_key, hashes.SHA256())), _key_pem(key))
+
+
+def _sans(uri: str, dns: Sequence[str], ips: Sequence[str]) -> list[Any]:
+    from cryptography import x509
+
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)] if uri else []
+    sans += [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    return sans
 
 
 def _cert_pem(cert: object) -> bytes:
