@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -129,22 +130,31 @@ def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentia
     Raises:
         OSError: the address cannot be bound, with the reason (such as "address already in use").
     """
+    _check_free(listen)  # gRPC would also refuse, but with a log line and no reason
     try:
         if credentials is None:
             server.add_insecure_port(listen)
         else:
             server.add_secure_port(listen, credentials)
-    except RuntimeError:  # gRPC says only "Failed to bind": ask the OS why
-        raise OSError(f"cannot listen on {listen}: {_bind_error(listen)}") from None
+    except RuntimeError:
+        raise OSError(f"cannot listen on {listen}: gRPC could not bind it") from None
 
 
-def _bind_error(listen: str) -> str:
+def _check_free(listen: str) -> None:
+    """Bind each address ``listen`` resolves to as gRPC will (SO_REUSEADDR, no reuseport)."""
     host, _, port = listen.rpartition(":")
     try:
-        with socket.create_server((host.strip("[]"), int(port))):
-            return "gRPC could not bind it"
-    except OSError as err:
-        return (err.strerror or str(err)).lower()
+        found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise OSError(f"cannot listen on {listen}: {err.strerror}") from None
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise OSError(f"cannot listen on {listen}: address already in use") from None
 
 
 def health_server(health: HealthServicer, listen: str) -> grpc.aio.Server:
