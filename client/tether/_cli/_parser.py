@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from tether._cli._certs_verb import certs_args
 from tether._cli._output import EXIT_USAGE
 from tether._types import EffectStatus, State
 
@@ -154,6 +155,7 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("permit-key", "the public key that verifies permits", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
+    ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
 )
 
 
