@@ -13,12 +13,15 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tests.conftest import eventually
 
 OPENSSL = shutil.which("openssl")
 
@@ -265,4 +268,61 @@ def test_a_client_of_another_ca_is_refused(pki_dir: Path, tmp_path: Path) -> Non
         shutil.copy(other / "certs" / f"operator-mallory.{suffix}", pki_dir)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         asyncio.run(_handshake(pki_dir, "operator-mallory", "127.0.0.1"))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# -- etcd, with a CA of its own ------------------------------------------------------------
+
+
+def _etcd_range(pki_dir: Path, endpoint: str, client: str, ca: str = "etcd-ca") -> int:
+    """A Range over mutual TLS as ``client``; returns the store's revision."""
+    from aetcd import rpc
+
+    def read(name: str) -> bytes:
+        return (pki_dir / name).read_bytes()
+
+    creds = grpc.ssl_channel_credentials(
+        read(f"{ca}.crt"), read(f"{client}.key"), read(f"{client}.crt")
+    )
+    with grpc.secure_channel(endpoint, creds) as channel:
+        reply = rpc.KVStub(channel).Range(rpc.RangeRequest(key=b"/tether/"), timeout=5)
+    return int(reply.header.revision)
+
+
+@pytest.fixture
+def tls_etcd(pki_dir: Path, tmp_path: Path) -> Iterator[str]:
+    """A real etcd serving clients and peers over TLS with the certificates of ``tether certs etcd``."""
+    from tether_server import etcd_binary, free_port
+
+    ok(certs("etcd", cwd=pki_dir.parent))
+    client, peer = f"https://127.0.0.1:{free_port()}", f"https://127.0.0.1:{free_port()}"
+    server, key, ca = (
+        str(pki_dir / n) for n in ("etcd-server.crt", "etcd-server.key", "etcd-ca.crt")
+    )
+    argv = [
+        etcd_binary(), "--name=tls", f"--data-dir={tmp_path / 'etcd'}",
+        f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=tls={peer}",
+        f"--cert-file={server}", f"--key-file={key}", f"--trusted-ca-file={ca}",
+        "--client-cert-auth=true",
+        f"--peer-cert-file={server}", f"--peer-key-file={key}", f"--peer-trusted-ca-file={ca}",
+        "--peer-client-cert-auth=true",
+    ]  # fmt: skip
+    log = (tmp_path / "etcd.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield client.removeprefix("https://")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        log.close()
+
+
+def test_etcd_serves_its_own_ca_and_refuses_tethers(pki_dir: Path, tls_etcd: str) -> None:
+    eventually(lambda: _etcd_range(pki_dir, tls_etcd, "etcd-client") > 0)
+    # An operator of Tether's CA is refused by etcd: no agent or operator reaches the store.
+    ok(certs("operator", "alice", cwd=pki_dir.parent))
+    with pytest.raises(grpc.RpcError) as refused:
+        _etcd_range(pki_dir, tls_etcd, "operator-alice")
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
