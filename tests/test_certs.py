@@ -326,3 +326,41 @@ def test_etcd_serves_its_own_ca_and_refuses_tethers(pki_dir: Path, tls_etcd: str
     with pytest.raises(grpc.RpcError) as refused:
         _etcd_range(pki_dir, tls_etcd, "operator-alice")
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# -- the manifests that use these certificates ------------------------------------------------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_deploy_manifests_parse_and_run_tls_with_client_auth_and_rbac() -> None:
+    yaml = pytest.importorskip("yaml")
+    for path in DEPLOY.rglob("*.yaml"):
+        assert list(yaml.safe_load_all(path.read_text())), path
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        assert all(str(p).startswith("127.0.0.1:") for p in service.get("ports", [])), name
+        if name.startswith("coordinator"):
+            flags = " ".join(service["command"])
+            for flag in (
+                "--tls-cert=",
+                "--tls-key=",
+                "--tls-client-ca=",
+                "--rbac=",
+                "--etcd-cert=",
+            ):
+                assert flag in flags, (name, flag)
+    (deployment, *_) = yaml.safe_load_all((DEPLOY / "kubernetes" / "coordinator.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    flags = " ".join(container["args"])
+    for flag in (
+        "--tls-cert=",
+        "--tls-client-ca=",
+        "--rbac=",
+        "--etcd-cacert=",
+        "--health-listen=127.0.0.1:",
+    ):
+        assert flag in flags, flag
+    # An etcd outage makes readiness fail; liveness must not fail with it.
+    assert container["livenessProbe"]["exec"] != container["readinessProbe"]["exec"]
+    assert "SERVING" not in container["livenessProbe"]["exec"]["command"][-1]
