@@ -7,10 +7,12 @@ import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
+from tether._channel import ENV_TOKEN, bearer, client_tls, open_channel, tls_from_env
 from tether._config import resolve_targets
 from tether._errors import InvalidArgument, from_rpc_error
 from tether._types import (
@@ -82,6 +84,12 @@ class AdminClient:
         actor: Recorded in the audit as who acted; defaults to ``user@host``.
         token: Admin bearer token, for coordinators run with ``--admin-tokens``;
             defaults to ``TETHER_TOKEN``.
+        tls_ca: PEM CA bundle that verifies the coordinator; given, the client speaks
+            TLS. Defaults to ``TETHER_TLS_CA``; without one, plaintext.
+        tls_cert: PEM client certificate (its URI SAN names the operator), with
+            ``tls_key``. Defaults to ``TETHER_TLS_CERT``.
+        tls_key: Private key of ``tls_cert``. Defaults to ``TETHER_TLS_KEY``.
+        environ: Where the defaults above are read; usually ``os.environ``.
     """
 
     def __init__(
@@ -91,14 +99,19 @@ class AdminClient:
         timeout: float = 10.0,
         actor: str | None = None,
         token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         self.target = resolve_targets(target, environ)[0]
         self._timeout = timeout
         self._actor = actor or default_actor()
-        token = token or environ.get("TETHER_TOKEN")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = grpc.insecure_channel(self.target)
+        self._metadata = bearer(token or environ.get(ENV_TOKEN))
+        files = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+        if not any(files.values()):
+            files.update(tls_from_env(environ))
+        self._channel = open_channel(self.target, client_tls(**files))
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def close(self) -> None:

@@ -27,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.verb == "drill":
             return drill(args)
-        with AdminClient(args.addr, token=args.token) as client:
+        tls = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+        with AdminClient(args.addr, token=args.token, **tls) as client:
             return ADMIN_VERBS[args.verb](client, args)
     except (InvalidArgument, FailedPrecondition) as err:
         return fail(EXIT_USAGE, err)
