@@ -296,3 +296,53 @@ def test_the_coordinator_reaches_etcd_over_mutual_tls(
         assert "did not answer" in refused.stderr
     finally:
         etcd.stop()
+
+
+def test_halt_cache_reads_halts_over_mutual_tls(mtls: str, pki: Pki, tenant: str) -> None:
+    cert, key = pki.operator("carol")
+    cache = tether.HaltCache(mtls, max_age=0, tls_ca=pki.ca, tls_cert=cert, tls_key=key)
+    claims = tether.PermitClaims(tenant, "w", "r-1", "i-1", "send", "k", 0, 0, 0, "kid")
+    assert cache(claims) is None
+    with operator(mtls, pki) as admin:
+        admin.kill(tether.selector(tenant=tenant), "halt cache over TLS", force=True)
+    assert "halt cache over TLS" in (cache(claims) or "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert"),
+        (["--etcd", "http://a:1", "--etcd-cacert", "ca.pem"], "need https://"),
+        (["--etcd", "https://a:1,http://b:2"], "mix http:// and https://"),
+        (["--etcd", "https://a:1", "--etcd-key", "k.pem"], "--etcd-cert and --etcd-key"),
+        (["--health-listen", "10.0.0.1:7701"], "bind it to loopback"),
+    ],
+)
+def test_serve_flags_that_cannot_work_are_refused(argv: list[str], message: str) -> None:
+    from tether._cli import build_parser
+    from tether_server import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(build_parser().parse_args(["serve", *argv]), {})
+
+
+def test_serve_reads_its_tls_settings_from_the_environment() -> None:
+    from tether._cli import build_parser
+    from tether_server import load_config
+
+    env = {
+        "TETHER_LISTEN": "0.0.0.0:7700",
+        "TETHER_SERVE_TLS_CERT": "c.pem",
+        "TETHER_SERVE_TLS_KEY": "k.pem",
+        "TETHER_SERVE_TLS_CLIENT_CA": "ca.pem",
+        "TETHER_ETCD": "https://127.0.0.1:2379",
+        "TETHER_ETCD_CACERT": "etcd-ca.pem",
+    }
+    config = load_config(build_parser().parse_args(["serve"]), env)
+    assert (config.tls_cert, config.tls_client_ca) == (Path("c.pem"), Path("ca.pem"))
+    assert config.etcd_tls and config.etcd == ("127.0.0.1:2379",)
+    insecure = load_config(
+        build_parser().parse_args(["serve", "--listen", "0.0.0.0:1"]), {"TETHER_INSECURE": "1"}
+    )
+    assert insecure.insecure

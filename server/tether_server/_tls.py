@@ -65,7 +65,7 @@ class CertificateFiles:
             log.warning("TLS files not reloaded: %s", err)
             return None
         self._stamp = stamp
-        log.warning("TLS certificate files changed: reloaded")
+        log.warning("TLS certificate files changed: loading them for new connections")
         return config
 
 
