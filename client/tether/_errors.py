@@ -87,18 +87,24 @@ _BY_CODE: dict[grpc.StatusCode, type[TetherError]] = {
 }
 
 
+def _status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """Code and details of a blocking (``grpc.Call``) or asyncio (``AioRpcError``) error."""
+    if isinstance(err, grpc.Call | grpc.aio.AioRpcError):
+        return err.code(), err.details() or ""
+    return grpc.StatusCode.UNKNOWN, str(err)
+
+
 def from_rpc_error(err: grpc.RpcError) -> TetherError:
     """Translate a gRPC error at the transport boundary: ``raise from_rpc_error(e) from e``."""
-    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = err.details() if isinstance(err, grpc.Call) else str(err)
+    code, details = _status(err)
     cls = _BY_CODE.get(code, TetherError)
     return cls(details or code.name)
 
 
 def is_permanent(err: grpc.RpcError) -> bool:
-    """True for errors that retrying the same request cannot fix."""
-    code = err.code() if isinstance(err, grpc.Call) else None
-    return code in (
+    """True for errors that retrying the same request cannot fix: a malformed registration,
+    or one the coordinator refuses for who the caller is."""
+    return _status(err)[0] in (
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.PERMISSION_DENIED,
