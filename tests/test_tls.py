@@ -76,7 +76,11 @@ class Mtls:
 def mtls_server(etcd: Etcd, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mtls]:
     log = tmp_path_factory.mktemp("mtls") / "coordinator.log"
     health = f"127.0.0.1:{free_port()}"
-    proc = launch(etcd.url, pki, log, *serve_flags(pki), "--health-listen", health)
+    rbac = log.parent / "rbac.yaml"  # without --rbac, operator certificates only read
+    rbac.write_text('operators: {alice: {role: admin, tenants: ["*"]}, '
+                    'carol: {role: viewer, tenants: ["*"]}}')  # fmt: skip
+    flags = [*serve_flags(pki), "--health-listen", health, "--rbac", str(rbac)]
+    proc = launch(etcd.url, pki, log, *flags)
     yield Mtls(proc.addr, health)
     proc.stop()
 

@@ -20,10 +20,12 @@ from tether._types import (
     STATE_TO_PB,
     AgentEvent,
     AgentInstance,
+    AgentToken,
     AuditEntry,
     EffectRecord,
     EffectStatus,
     Halt,
+    Principal,
     Scope,
     Selector,
     State,
@@ -81,7 +83,8 @@ class AdminClient:
     Args:
         target: ``HOST:PORT``; defaults to ``TETHER_ADDR``, then ``127.0.0.1:7700``.
         timeout: Seconds per call.
-        actor: Recorded in the audit as who acted; defaults to ``user@host``.
+        actor: Recorded in the audit as a note beside who acted (the audit's actor is the
+            identity the coordinator authenticated); defaults to ``user@host``.
         token: Admin bearer token, for coordinators run with ``--admin-tokens``;
             defaults to ``TETHER_TOKEN``.
         tls_ca: PEM CA bundle that verifies the coordinator; given, the client speaks
@@ -223,6 +226,23 @@ class AdminClient:
         """Walk the audit hash chain: (intact, entries checked, first bad id, problem)."""
         resp = self._call(self._stub.VerifyAudit, admin_pb2.VerifyAuditRequest())
         return resp.intact, resp.entries, resp.first_bad_id, resp.problem
+
+    def whoami(self) -> Principal:
+        """Who the coordinator takes this client to be, and what its role allows."""
+        return Principal.from_pb(self._call(self._stub.WhoAmI, admin_pb2.WhoAmIRequest()))
+
+    def issue_agent_token(
+        self, tenant: str, *, agent: str = "", ttl: float | None = None
+    ) -> AgentToken:
+        """A signed token that registers as ``tenant`` (and ``agent``, if given); admins only.
+
+        Args:
+            ttl: Seconds the token lives; the coordinator's default is 24 hours, at most 30 days.
+        """
+        req = admin_pb2.IssueAgentTokenRequest(tenant=tenant, agent=agent)
+        if ttl is not None:
+            req.ttl.FromMilliseconds(int(ttl * 1000))
+        return AgentToken.from_pb(self._call(self._stub.IssueAgentToken, req))
 
     def watch(
         self, *, tenant: str = "", agent: str = "", run_id: str = "", snapshot: bool = True

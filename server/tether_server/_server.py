@@ -20,7 +20,7 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 
 from tether_server import _telemetry
 from tether_server._admin import Admin
-from tether_server._auth import AdminTokens
+from tether_server._auth import Guard
 from tether_server._config import ServerConfig
 from tether_server._coordinator import Coordinator
 from tether_server._embedded import EmbeddedEtcd
@@ -50,17 +50,21 @@ def agent_handler(heartbeat: Callable[..., Awaitable[None]]) -> grpc.GenericRpcH
     return grpc.method_handlers_generic_handler("tether.v1.AgentService", {"Heartbeat": handler})
 
 
-def build_server(
-    coordinator: Coordinator, health: HealthServicer, tokens: AdminTokens | None = None
-) -> grpc.aio.Server:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+def build_server(coordinator: Coordinator, health: HealthServicer) -> grpc.aio.Server:
+    """The coordinator's services, each call identified and authorized by its ``Guard``.
+
+    Raises:
+        ConfigError: ``--rbac`` or ``--admin-tokens`` is malformed.
+    """
+    guard = Guard.create(coordinator.config, lambda: coordinator.gate.signer)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard.interceptor()])
     server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         Admin.create(
             coordinator.store,
             last_beat=coordinator.sessions.last_beat,
             permit_key=lambda: coordinator.gate.signer,
-            tokens=tokens,
+            guard=guard,
         ),
         server,
     )
@@ -94,10 +98,9 @@ async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -
 
 
 async def _serve(config: ServerConfig, store: Store) -> None:
-    tokens = AdminTokens.load(config.admin_tokens) if config.admin_tokens else None
     health = HealthServicer()
     coordinator = Coordinator(config, store, health)
-    server = build_server(coordinator, health, tokens)
+    server = build_server(coordinator, health)
     credentials = server_credentials(config)
     bind(server, config.listen, credentials)
     probes = health_server(health, config.health_listen) if config.health_listen else None

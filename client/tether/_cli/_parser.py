@@ -83,7 +83,9 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--lease-ttl", type=float, help="instance lease TTL in seconds (default 10)")
     serve.add_argument("--max-checkpoint-bytes", type=int, help="checkpoint size limit (512 KiB)")
     serve.add_argument("--permit-key", help="PEM Ed25519 key for effect permits (default: in etcd)")
-    serve.add_argument("--admin-tokens", help="file of 'TOKEN TENANT[,...]' lines; default: open")
+    serve.add_argument(
+        "--admin-tokens", metavar="FILE", help="file of 'TOKEN OPERATOR' lines (needs --rbac)"
+    )
     serve.add_argument("--rbac", metavar="FILE", help="YAML of operators, their roles and tenants")
     serve.add_argument("--trust-domain", help="SPIFFE trust domain of callers (default tether)")
     _serve_tls_args(serve)
@@ -157,6 +159,13 @@ def _effects_args(effects: argparse.ArgumentParser) -> None:
     effects.add_argument("--status", choices=[s.value for s in EffectStatus], type=str.lower)
 
 
+def _token_args(token: argparse.ArgumentParser) -> None:
+    token.add_argument("action", choices=("issue",), help="issue: sign a new agent token")
+    token.add_argument("--tenant", required=True, help="the tenant the token registers as")
+    token.add_argument("--agent", default="", help="only this agent (default: any of the tenant)")
+    token.add_argument("--ttl", help="how long it lives, e.g. 1h, 24h, 7d (default 24h, max 30d)")
+
+
 def _no_args(_: argparse.ArgumentParser) -> None:
     pass
 
@@ -187,6 +196,8 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("audit", "every kill and resume", True, _audit_args),
     ("effects", "the side-effect ledger", True, _effects_args),
     ("permit-key", "the public key that verifies permits", True, _no_args),
+    ("token", "issue a signed agent token (admins)", True, _token_args),
+    ("whoami", "who the coordinator takes you to be, and your role", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
     ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
