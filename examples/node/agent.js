@@ -40,6 +40,8 @@ const { requestSerialize } = definition['tether.v1.AgentService'].Heartbeat;
 const PERMANENT = new Set([grpc.status.INVALID_ARGUMENT, grpc.status.FAILED_PRECONDITION]);
 const EMAILS_PER_BATCH = 100;
 
+process.stdout.on('error', () => {}); // a closed pipe (| head) must not crash the agent
+
 function say(event, fields = {}) {
   process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`);
 }
@@ -158,7 +160,9 @@ class TetherAgent {
 
   applyOrder(call, resp) {
     this.order = resp.order;
-    this.frozen = new Set(resp.halts.map((h) => h.selector.capability).filter(Boolean));
+    const frozen = new Set(resp.halts.map((h) => h.selector.capability).filter(Boolean));
+    if ([...frozen].join() !== [...this.frozen].join()) say('frozen', { capabilities: [...frozen] });
+    this.frozen = frozen;
     if (resp.order === 'ORDER_STOP') {
       const stopping = resp.halts.filter((h) => !h.selector.capability);
       if (resp.fail_closed_reason || stopping.length === 0) {
