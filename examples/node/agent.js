@@ -161,7 +161,9 @@ class TetherAgent {
   applyOrder(call, resp) {
     this.order = resp.order;
     const frozen = new Set(resp.halts.map((h) => h.selector.capability).filter(Boolean));
-    if ([...frozen].join() !== [...this.frozen].join()) say('frozen', { capabilities: [...frozen] });
+    if ([...frozen].join() !== [...this.frozen].join()) {
+      say('frozen', { capabilities: [...frozen] });
+    }
     this.frozen = frozen;
     if (resp.order === 'ORDER_STOP') {
       const stopping = resp.halts.filter((h) => !h.selector.capability);
@@ -193,8 +195,9 @@ class TetherAgent {
     if (this.ending || !this.mayWork()) return;
     const batch = this.progress.batch;
     const next = { batch: batch + 1, sent: (batch + 1) * EMAILS_PER_BATCH };
+    // The coordinator ends the stream on a checkpoint over the limit: refuse it here instead.
     const size = requestSerialize({ goodbye: { checkpoint: toStruct(next) } }).length;
-    if (size > this.maxCheckpointBytes) throw new Error(`checkpoint of ${size} bytes is too big`);
+    if (size > this.maxCheckpointBytes) return this.finish(`checkpoint of ${size} bytes`, 2);
     this.progress = next; // "sent" 100 emails
     say('batch', next);
     if (this.opts.batches && next.batch >= this.opts.batches) this.finish('done', 0);
@@ -210,7 +213,9 @@ class TetherAgent {
     }
     const now = performance.now();
     this.beatsSent.set(beat.seq, now);
-    for (const [seq, at] of this.beatsSent) if (now - at > 2 * this.ttlMs) this.beatsSent.delete(seq);
+    for (const [seq, at] of this.beatsSent) {
+      if (now - at > 2 * this.ttlMs) this.beatsSent.delete(seq); // replies that never came
+    }
     this.call.write({ beat });
   }
 
