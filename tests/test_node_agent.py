@@ -87,9 +87,12 @@ def test_node_agent_is_killed_inline_and_resumes_from_its_checkpoint(
     first = node_agent(coord.addr, tenant, "run-1", "node-1")
     try:
         assert first.next("registered")["resumed_from"] is None
-        checkpointed = eventually(lambda: admin.agent(tenant, "mailer", "run-1").checkpoint)
-        assert checkpointed is not None  # carried by a beat, stored by the coordinator
-        assert checkpointed["batch"] >= 1
+
+        def checkpointed() -> bool:  # carried by a beat, stored by the coordinator
+            stored = admin.agent(tenant, "mailer", "run-1").checkpoint
+            return stored is not None and stored["batch"] >= 2
+
+        eventually(checkpointed)
         assert admin.agent(tenant, "mailer", "run-1").state is tether.State.ACTIVE
 
         halt, _ = admin.kill(tether.selector(run_id="run-1"), "broken unsubscribe link")
