@@ -17,7 +17,13 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 from tether_server._audit import AuditLog
 from tether_server._auth import AdminTokens
-from tether_server._errors import ANSWERABLE, FailedPrecondition, InvalidArgument, status_of
+from tether_server._errors import (
+    ANSWERABLE,
+    FailedPrecondition,
+    InvalidArgument,
+    check_name,
+    status_of,
+)
 from tether_server._fleet import FleetReader, LastBeat
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._ledger import LedgerReader
@@ -41,6 +47,14 @@ def _tenant_of(request: Any) -> str:
     return str(getattr(request, "tenant", ""))
 
 
+def _check_names(request: Any) -> None:
+    """Names a request filters by are names: "a/b" must not read tenant a's agent b."""
+    for field in ("tenant", "agent", "run_id", "instance_id"):
+        value = getattr(request, field, "")
+        if value:
+            check_name(field, value)
+
+
 def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     """Trace the call and turn our errors into gRPC statuses with an actionable message."""
 
@@ -48,6 +62,7 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     async def wrapper(self: Admin, request: Any, context: Any) -> R:
         with tracer.start_as_current_span(f"tether.v1.AdminService/{method.__name__}"):
             try:
+                _check_names(request)
                 self.authorize(request, context)
                 return await method(self, request, context)
             except ANSWERABLE as err:
@@ -166,6 +181,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> AsyncIterator[admin_pb2.AgentEvent]:
         with tracer.start_as_current_span("tether.v1.AdminService/WatchAgents"):
             try:
+                _check_names(request)
                 self.authorize(request, context)
                 async for event in self._fleet.watch(request):
                     yield event

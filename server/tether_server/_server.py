@@ -24,6 +24,7 @@ from tether_server._coordinator import Coordinator
 from tether_server._embedded import EmbeddedEtcd
 from tether_server._orders import serialize
 from tether_server._store import EtcdUnavailable, Store
+from tether_server._wire import MalformedRequests
 
 log = logging.getLogger("tether_server")
 
@@ -48,7 +49,7 @@ def agent_handler(heartbeat: Callable[..., Awaitable[None]]) -> grpc.GenericRpcH
 def build_server(
     coordinator: Coordinator, health: HealthServicer, tokens: AdminTokens | None = None
 ) -> grpc.aio.Server:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MalformedRequests()])
     server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         Admin.create(

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._acks import AckBook
@@ -33,6 +34,7 @@ from tether_server._presence import Presence, identity_from
 from tether_server._registry import Session
 from tether_server._store import EtcdUnavailable, InstanceKey, Store
 from tether_server._telemetry import Metrics
+from tether_server._wire import malformed
 
 log = logging.getLogger("tether_server")
 
@@ -135,6 +137,8 @@ class Sessions:
             first = await anext(requests)
         except StopAsyncIteration:
             raise InvalidArgument("the stream closed before register was sent") from None
+        except DecodeError as err:
+            raise InvalidArgument(malformed(err)) from None
         if first.WhichOneof("body") != "register":
             raise InvalidArgument(
                 "the first message of a Heartbeat stream must be register, "
@@ -203,6 +207,8 @@ class Sessions:
                     raise InvalidArgument(f"unexpected {kind or 'empty message'} after register")
         except ANSWERABLE as err:
             end = End(status_of(err), str(err))
+        except DecodeError as err:  # parsed message by message, here, not at the edge
+            end = End(grpc.StatusCode.INVALID_ARGUMENT, malformed(err))
         except (grpc.RpcError, grpc.aio.AbortError) as err:
             # The agent went away, or (aborted) this stream was ended from elsewhere.
             end = None if isinstance(err, grpc.aio.AbortError) else end
