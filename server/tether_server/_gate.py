@@ -219,13 +219,14 @@ class Gate:
         self, key: InstanceKey, labels: Mapping[str, str], req: agent_pb2.PermitRequest
     ) -> agent_pb2.PermitDecision:
         """Refuse if a halt in etcd, read after the request arrived, stops it, or if the
-        request's key already landed or is in flight for this run.
-
-        Raises:
-            InvalidArgument: the request names no valid capability, or a key too long.
-        """
-        check_effect(req.capability, req.key)
+        request's key already landed or is in flight for this run, or if the request
+        names no valid capability or too long a key."""
         decision = agent_pb2.PermitDecision(request_id=req.request_id)
+        try:
+            check_effect(req.capability, req.key)
+        except InvalidArgument as err:  # refused, with why: the tether itself is fine
+            decision.refused_by.reason = str(err)
+            return decision
         try:
             halts = await self._fresh.read()
         except EtcdUnavailable as err:

@@ -37,6 +37,7 @@ from tether_server._telemetry import Metrics
 from tether_server._wire import malformed
 
 log = logging.getLogger("tether_server")
+MAX_REGISTERING = 64
 
 
 class Sessions:
@@ -82,6 +83,10 @@ class Sessions:
         self._metrics = metrics
         self._cleanups: set[asyncio.Task[None]] = set()
         self._serial = itertools.count(1)
+        # Registrations in etcd at once. Thousands of streams arriving together would
+        # otherwise queue thousands of transactions ahead of the lease keep-alive, and a
+        # fleet would fail closed for a registration storm.
+        self._registering = asyncio.Semaphore(MAX_REGISTERING)
 
     # -- the coordinator's side -------------------------------------------------------------
 
@@ -151,7 +156,9 @@ class Sessions:
         # Unique: the lease ID names this attachment to etcd; the serial counts its streams.
         session_id = f"{keeper.lease:x}-{next(self._serial):x}"
         record = self._presence.record(key, first.register)
-        stored, halts, effects = await self._presence.claim(key, record, session_id, keeper.lease)
+        lease = keeper.lease
+        async with self._registering:
+            stored, halts, effects = await self._presence.claim(key, record, session_id, lease)
         session = Session(key, session_id, record, Outbox(context, self._pushed))
         landed = self._gate.seed(key.run, effects)
         session.halts = tuple(halts.matching(key, record.labels))
