@@ -286,6 +286,7 @@ class CoordinatorProcess(_Child):
         log: where its output goes; default: nowhere.
         port: default: a free port.
         env: its environment; default: this process's.
+        prefix: a command that wraps ``tether serve``, such as ``("faketime", "-f", "+10m")``.
     """
 
     what = "coordinator"
@@ -299,11 +300,13 @@ class CoordinatorProcess(_Child):
         log: Path | None = None,
         port: int | None = None,
         env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         super().__init__(log)
         self.etcd_url, self.lease_ttl = etcd_url, lease_ttl
         self.port = port or free_port()
         self.env = dict(os.environ if env is None else env)
+        self.prefix = tuple(prefix)
 
     @property
     def addr(self) -> str:
@@ -313,6 +316,7 @@ class CoordinatorProcess(_Child):
     def argv(self, *extra: str) -> list[str]:
         """The ``tether serve`` command line, with ``extra`` flags appended."""
         return [
+            *self.prefix,
             sys.executable, "-m", "tether", "serve",
             "--listen", self.addr,
             "--etcd", self.etcd_url,
