@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
@@ -297,3 +298,100 @@ def test_permit_interceptor_guards_a_tool_server(
     assert ok == "ok"
     assert missing == "PERMISSION_DENIED: no permit: send one in the x-tether-permit metadata"
     assert killed.startswith("PERMISSION_DENIED: run rb is halted: buggy")
+
+
+# -- one effect per idempotency key, even concurrently ------------------------------------
+
+
+def _race(agent: tether.Agent, key: str, *, strict: bool, fail_first: bool = False) -> list[str]:
+    """Two threads enter ``agent.effect("cap", key=key)`` at once; returns what each saw."""
+    barrier, ran = threading.Barrier(2), threading.Event()
+
+    def enter(_: int) -> str:
+        barrier.wait()
+        try:
+            with agent.effect("cap", key=key, strict=strict):
+                first = not ran.is_set()
+                ran.set()
+                time.sleep(0.3)  # long enough for the other thread to arrive while in flight
+                if fail_first and first:
+                    raise RuntimeError("upstream down")
+        except tether.DuplicateEffect as dup:
+            return "in flight" if dup.in_flight else "duplicate"
+        except RuntimeError:
+            return "failed"
+        return "ran"
+
+    with ThreadPoolExecutor(2) as pool:
+        return sorted(pool.map(enter, range(2)))
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["local", "strict"])
+def test_two_threads_with_one_key_run_the_body_once(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, strict: bool
+) -> None:
+    with tether.Agent(f"agent://{tenant}/a", run_id="r", target=coord.addr) as agent:
+        assert _race(agent, "k", strict=strict) == ["duplicate", "ran"]  # the second waited
+        # The first failed: the waiter runs it after all.
+        assert _race(agent, "k2", strict=strict, fail_first=True) == ["failed", "ran"]
+    rows = sorted((r.key, r.status.value) for r in settled_effects(admin, tenant, 4))
+    assert rows == [("k", "duplicate"), ("k", "landed"), ("k2", "failed"), ("k2", "landed")]
+
+
+def test_two_tasks_with_one_key_run_the_body_once(coord: Coordinator, tenant: str) -> None:
+    async def scenario() -> tuple[int, list[BaseException | None]]:
+        runs = 0
+
+        async def send() -> None:
+            nonlocal runs
+            async with agent.effect("cap", key="k"):
+                runs += 1
+                await asyncio.sleep(0.2)
+
+        async with tether.AsyncAgent(f"agent://{tenant}/a", run_id="r", target=coord.addr) as agent:
+            outcomes = await asyncio.gather(send(), send(), send(), return_exceptions=True)
+            async with agent.effect("cap", key="k2"):  # the holder cannot wait for itself
+                with pytest.raises(tether.DuplicateEffect, match="in flight"):
+                    agent.effect("cap", key="k2").__enter__()
+        return runs, list(outcomes)
+
+    runs, outcomes = asyncio.run(scenario())
+    assert runs == 1
+    assert [type(o).__name__ for o in outcomes].count("DuplicateEffect") == 2
+
+
+def _once_settled(agent: tether.Agent, key: str) -> str:
+    """Enter a strict effect of ``key`` once no other holds it: "ran" or "duplicate"."""
+
+    def attempt() -> str:
+        try:
+            with agent.effect("charge", key=key):
+                return "ran"
+        except tether.DuplicateEffect as dup:
+            return "" if dup.in_flight else "duplicate"
+
+    return eventually(attempt)
+
+
+def test_strict_permits_one_key_once_across_instances_and_coordinators(
+    coordinators: tuple[Coordinator, Coordinator], admin: tether.AdminClient, tenant: str
+) -> None:
+    """Two instances of one run, on two coordinators: the key's claim in etcd decides."""
+    uri = f"agent://{tenant}/payer"
+    with ExitStack() as stack:
+        one, two = (
+            stack.enter_context(tether.Agent(uri, run_id="r", target=c.addr, strict_effects=True))
+            for c in coordinators
+        )
+        with one.effect("charge", key="invoice-1") as fx:
+            assert fx.permit
+            with pytest.raises(tether.DuplicateEffect, match="in flight"):
+                two.effect("charge", key="invoice-1").__enter__()  # no second permit for it
+        assert _once_settled(two, "invoice-1") == "duplicate"  # it landed: never again
+        with pytest.raises(RuntimeError), one.effect("charge", key="invoice-2"):
+            raise RuntimeError("card declined")
+        assert _once_settled(two, "invoice-2") == "ran"  # the failed one let go of its key
+    rows = settled_effects(admin, tenant, 5)
+    ran = [(r.key, r.instance_id == one.instance_id) for r in rows if r.status.value == "landed"]
+    assert ran == [("invoice-1", True), ("invoice-2", False)]
+    assert {r.status.value for r in rows if r.key == "invoice-1"} == {"landed", "duplicate"}

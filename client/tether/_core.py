@@ -17,10 +17,12 @@ from typing import Any, cast
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from tether._channel import bearer, open_aio_channel
 from tether._config import AgentConfig
 from tether._errors import InvalidArgument, TetherLost, Unavailable, from_rpc_error, is_permanent
+from tether._gate import InFlight
 from tether._outbound import Outbound
 from tether._stop import Stopper
 from tether._types import Halt, struct_to_dict
@@ -62,6 +64,7 @@ class Core:
         self.checkpoint: dict[str, Any] | None = None
         self.max_checkpoint_bytes = DEFAULT_MAX_CHECKPOINT_BYTES
         self.landed: set[str] = set()  # idempotency keys that landed in this run
+        self.in_flight = InFlight()  # keys the gate's passes hold now
         self._closing = False
         self.goodbye_confirmed = False
         self._registered: asyncio.Future[None] | None = None
@@ -95,9 +98,12 @@ class Core:
         try:
             json.dumps(checkpoint, allow_nan=False)  # JSON values only: no NaN, no infinity
             msg = to_struct(checkpoint)
-        except (TypeError, ValueError, AttributeError) as err:
+            # What protobuf cannot parse back (nested too deep), no coordinator could read.
+            struct_pb2.Struct.FromString(msg.SerializeToString())
+        except (TypeError, ValueError, AttributeError, RecursionError, DecodeError) as err:
             raise InvalidArgument(
-                f"checkpoint must be a JSON object of JSON values: {err}"
+                f"checkpoint must be a JSON object of JSON values, nested at most about "
+                f"32 deep: {err}"
             ) from None
         size = msg.ByteSize()  # the coordinator measures the same way
         if size > self.max_checkpoint_bytes:

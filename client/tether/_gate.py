@@ -8,6 +8,12 @@ mode asks the coordinator over the stream before the effect leaves and carries a
 permit that downstream tools can verify. Either way the ledger records the effect as
 intended, then landed or failed, or refused with the halt that refused it; an effect whose
 key already landed in this run raises ``DuplicateEffect`` instead of running again.
+
+One effect per key at a time: a pass whose key another pass of this instance holds waits
+for it to end, then raises ``DuplicateEffect`` if it landed, or runs if it did not. A pass
+that cannot wait (the same thread or task holds the key, or a sync ``with`` inside an
+event loop) raises ``DuplicateEffect`` with ``in_flight`` set. Across instances of a run,
+strict mode has the coordinator refuse a key in flight elsewhere the same way.
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from tether._errors import CapabilityFrozen, Killed, TetherError, TetherLost
+from tether._errors import CapabilityFrozen, InvalidArgument, Killed, TetherError, TetherLost
 from tether._types import Halt
 from tether.v1 import types_pb2
 
@@ -32,13 +40,68 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class DuplicateEffect(TetherError):
-    """The effect's idempotency key already landed in this run; it did not run again."""
+MAX_KEY_BYTES = 1024  # the coordinator's limit: a key becomes part of an etcd key
 
-    def __init__(self, capability: str, key: str) -> None:
-        super().__init__(f"{capability} {key!r} already landed in this run; not sent again")
+
+class DuplicateEffect(TetherError):
+    """The effect's idempotency key already landed in this run, or is in flight; it did not run.
+
+    Attributes:
+        in_flight: True when another pass holds the key now (it may still fail: retry
+            then), False when the key already landed.
+    """
+
+    def __init__(self, capability: str, key: str, *, in_flight: bool = False) -> None:
+        what = "is in flight in this run" if in_flight else "already landed in this run"
+        super().__init__(f"{capability} {key!r} {what}; not sent again")
         self.capability = capability
         self.key = key
+        self.in_flight = in_flight
+
+
+_LANDED, _MINE = "landed", "mine"
+
+
+class InFlight:
+    """The idempotency keys held by passes through one instance's gate. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[object, Future[None]]] = {}
+
+    def claim(self, key: str, owner: object, landed: Collection[str]) -> Future[None] | str | None:
+        """None: ``owner`` holds ``key`` now. Else "landed", "mine" (``owner`` holds it
+        already), or the end of the pass that holds it, to wait for."""
+        with self._lock:  # landed is read under the lock that release() takes after it grew
+            if key in landed:
+                return _LANDED
+            held = self._held.get(key)
+            if held is None:
+                self._held[key] = (owner, Future())
+                return None
+            return _MINE if held[0] == owner else held[1]
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            _, end = self._held.pop(key)
+        end.set_result(None)
+
+
+def _owner() -> object:
+    """Who holds a key: the asyncio task, else the thread."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return task if task is not None else threading.get_ident()
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _now(ts: Any) -> None:
@@ -62,8 +125,11 @@ class Effect:
         self.capability, self._key, self.strict = capability, key, strict
         self.drain = drain
         self.key = key if isinstance(key, str) else ""
+        if len(self.key.encode()) > MAX_KEY_BYTES:
+            raise InvalidArgument(f"effect key is longer than {MAX_KEY_BYTES} bytes; hash it")
         self.permit = ""
         self.record = types_pb2.Effect()
+        self._claimed = False
 
     # -- the pass -----------------------------------------------------------------------------
 
@@ -72,9 +138,33 @@ class Effect:
             effect_id=uuid.uuid4().hex, key=self.key, capability=self.capability, strict=self.strict
         )
         _now(record.intended_at)
-        if self.key and self.key in self._core.landed:
-            self._finish(types_pb2.EFFECT_STATUS_DUPLICATE)
-            raise DuplicateEffect(self.capability, self.key)
+
+    def _claim(self) -> Future[None] | None:
+        """Hold the key; returns the end of the pass that holds it, to wait for."""
+        if not self.key:
+            return None
+        held = self._core.in_flight.claim(self.key, _owner(), self._core.landed)
+        if held is None:
+            self._claimed = True
+        elif isinstance(held, str):
+            self._duplicate(in_flight=held == _MINE)
+        return None if held is None else held
+
+    def _duplicate(self, *, in_flight: bool) -> NoReturn:
+        if in_flight:
+            self.record.error = "its key is in flight in this run"
+        self._finish(types_pb2.EFFECT_STATUS_DUPLICATE)
+        raise DuplicateEffect(self.capability, self.key, in_flight=in_flight)
+
+    @contextlib.contextmanager
+    def _released_on_error(self) -> Iterator[None]:
+        """An error before the effect runs ends the pass: recorded, and the key let go."""
+        try:
+            yield
+        except BaseException:
+            if not self.record.status:
+                self._refuse("")  # it did not run: no decision, or none that let it
+            raise
 
     @contextlib.contextmanager
     def _refusing(self) -> Iterator[None]:
@@ -92,9 +182,8 @@ class Effect:
         self._intend()
 
     def _decided(self, decision: Any) -> None:
-        if decision.duplicate:
-            self._finish(types_pb2.EFFECT_STATUS_DUPLICATE)
-            raise DuplicateEffect(self.capability, self.key)
+        if decision.duplicate or decision.in_flight:
+            self._duplicate(in_flight=decision.in_flight)
         if not decision.granted and not decision.refused_by.id:
             reason = decision.refused_by.reason or "the coordinator refused the permit"
             self._refuse("")
@@ -137,22 +226,30 @@ class Effect:
     def _finish(self, status: int) -> None:
         self.record.status = status  # type: ignore[assignment]
         _now(self.record.ended_at)
-        self._core.record(self.record)
+        self._core.record(self.record)  # a landed key joins core.landed before the release
+        if self._claimed:
+            self._claimed = False
+            self._core.in_flight.release(self.key)
 
     # -- sync and async front doors -----------------------------------------------------------
 
     def __enter__(self) -> Effect:
-        self._begin()
-        if not self.strict:
-            self._local()
-            return self
-        loop = self._loop()
-        if loop is None:
+        loop = self._loop() if self.strict else None
+        if self.strict and loop is None:
             raise TetherError("strict effects in asyncio code need `async with agent.effect(...)`")
-        with self._refusing():
-            self._core.check(drain=self.drain)  # a stop already known needs no round trip
-            permit = self._core.permit(self.capability, self.key, drain=self.drain)
-            self._decided(asyncio.run_coroutine_threadsafe(permit, loop).result())
+        self._begin()
+        while (held := self._claim()) is not None:
+            if _in_event_loop():  # blocking here would stall the loop the holder runs on
+                self._duplicate(in_flight=True)
+            held.result()
+        with self._released_on_error():
+            if loop is None:
+                self._local()
+                return self
+            with self._refusing():
+                self._core.check(drain=self.drain)  # a stop already known needs no round trip
+                permit = self._core.permit(self.capability, self.key, drain=self.drain)
+                self._decided(asyncio.run_coroutine_threadsafe(permit, loop).result())
         return self
 
     def __exit__(
@@ -165,13 +262,18 @@ class Effect:
 
     async def __aenter__(self) -> Effect:
         self._begin()
-        if not self.strict:
-            self._local()
-        else:
-            with self._refusing():
-                self._core.check(drain=self.drain)
-                permit = await self._core.permit(self.capability, self.key, drain=self.drain)
-                self._decided(permit)
+        while (held := self._claim()) is not None:
+            await asyncio.shield(
+                asyncio.wrap_future(held)
+            )  # a cancelled waiter cancels only itself
+        with self._released_on_error():
+            if not self.strict:
+                self._local()
+            else:
+                with self._refusing():
+                    self._core.check(drain=self.drain)
+                    permit = await self._core.permit(self.capability, self.key, drain=self.drain)
+                    self._decided(permit)
         self._core.stops.track(self.record, asyncio.current_task())
         return self
 

@@ -23,11 +23,22 @@ class AgentRef(NamedTuple):
         return f"agent://{self.tenant}/{self.agent}"
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """``value`` as an error message quotes it: repr, cut short when long.
+
+    A status message travels in a header that gRPC caps at 8 KB; a 10 KB name must not
+    turn INVALID_ARGUMENT into a transport error.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def check_name(kind: str, value: str) -> str:
     """Return ``value`` if it is a valid tenant, agent, run or instance name."""
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):  # fullmatch: "$" alone lets a trailing newline in
         raise InvalidArgument(
-            f"{kind} {value!r} is not a valid name: use 1-128 characters from "
+            f"{kind} {shown(value)} is not a valid name: use 1-128 characters from "
             "letters, digits and . _ : @ -, starting with a letter or digit"
         )
     return value
@@ -39,10 +50,10 @@ def parse_agent_uri(uri: str) -> AgentRef:
     Raises:
         InvalidArgument: the URI is malformed, with the expected form in the message.
     """
-    match = _URI.match(uri)
+    match = _URI.fullmatch(uri)
     if not match:
         raise InvalidArgument(
-            f"malformed agent URI {uri!r}: expected agent://TENANT/AGENT, "
+            f"malformed agent URI {shown(uri)}: expected agent://TENANT/AGENT, "
             "for example agent://acme/email-campaign"
         )
     return AgentRef(check_name("tenant", match["tenant"]), check_name("agent", match["agent"]))

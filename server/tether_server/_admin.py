@@ -51,6 +51,14 @@ _KINDS = {
 }
 
 
+def _check_names(request: Any) -> None:
+    """Names a request filters by are names: "a/b" must not read tenant a's agent b."""
+    for field in ("tenant", "agent", "run_id", "instance_id"):
+        value = getattr(request, field, "")
+        if value:
+            check_name(field, value)
+
+
 def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     """Trace the call, hand it the caller's principal, and turn our errors into gRPC
     statuses with an actionable message."""
@@ -59,6 +67,7 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     async def wrapper(self: Admin, request: Any, context: Any) -> R:
         with tracer.start_as_current_span(f"tether.v1.AdminService/{method.__name__}"):
             try:
+                _check_names(request)
                 return await method(self, request, caller())
             except ANSWERABLE as err:
                 await context.abort(status_of(err), str(err))
@@ -175,6 +184,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> AsyncIterator[admin_pb2.AgentEvent]:
         with tracer.start_as_current_span("tether.v1.AdminService/WatchAgents"):
             try:
+                _check_names(request)
                 async for event in self._fleet.watch(request):
                     yield event
             except ANSWERABLE as err:

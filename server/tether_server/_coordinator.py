@@ -90,7 +90,7 @@ class Coordinator:
                 )
             ],
         )
-        self.gate.attach(await load_signer(self.store, self.config.permit_key))
+        self.gate.attach(await load_signer(self.store, self.config.permit_key), self._lease)
         resp = await self.store.range(HALTS)
         self.halts.load(resp.kvs, resp.header.revision)
         keeper = LeaseKeeper(self.store, self._lease, ttl)

@@ -329,6 +329,7 @@ class CoordinatorProcess(_Child):
         env: its environment; default: this process's.
         tls: the client credentials its readiness probe dials with, for a coordinator
             started with ``--tls-cert`` (and ``--tls-client-ca``); default: plaintext.
+        prefix: a command that wraps ``tether serve``, such as ``("faketime", "-f", "+10m")``.
     """
 
     what = "coordinator"
@@ -343,12 +344,14 @@ class CoordinatorProcess(_Child):
         port: int | None = None,
         env: Mapping[str, str] | None = None,
         tls: TlsFiles | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         super().__init__(log)
         self.etcd_url, self.lease_ttl = etcd_url, lease_ttl
         self.port = port or free_port()
         self.env = dict(os.environ if env is None else env)
         self.tls = tls
+        self.prefix = tuple(prefix)
 
     @property
     def addr(self) -> str:
@@ -358,6 +361,7 @@ class CoordinatorProcess(_Child):
     def argv(self, *extra: str) -> list[str]:
         """The ``tether serve`` command line, with ``extra`` flags appended."""
         return [
+            *self.prefix,
             sys.executable, "-m", "tether", "serve",
             "--listen", self.addr,
             "--etcd", self.etcd_url,

@@ -51,6 +51,9 @@ from tether_server._store import (
 from tether_server._telemetry import Metrics
 
 log = logging.getLogger("tether_server")
+# An instance's roster record carries its capabilities and labels; etcd takes 1.5 MiB a
+# request, and a fleet's records are read together, so one registration stays small.
+MAX_REGISTER_BYTES = 64 * 1024
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
@@ -75,6 +78,11 @@ def _not_owner(key: InstanceKey, kvs: Sequence[Any]) -> PermissionDenied:
 
 def identity_from(reg: agent_pb2.Register) -> InstanceKey:
     """Validate a registration; raises InvalidArgument with what to fix."""
+    if (size := reg.ByteSize()) > MAX_REGISTER_BYTES:
+        raise InvalidArgument(
+            f"register is {size} bytes; at most {MAX_REGISTER_BYTES} bytes of capabilities "
+            "and labels fit an instance's record"
+        )
     if reg.agent_uri:
         if reg.tenant or reg.agent:
             raise InvalidArgument("register.agent_uri replaces tenant and agent; send one form")
@@ -88,6 +96,9 @@ def identity_from(reg: agent_pb2.Register) -> InstanceKey:
         raise InvalidArgument("register needs run_id and instance_id")
     for cap in reg.capabilities:
         check_name("capability", cap)
+    for label, value in reg.labels.items():  # as selectors name them, or no halt could match
+        check_name("label key", label)
+        check_name(f"label {label}", value)
     return InstanceKey(
         tenant,
         agent,

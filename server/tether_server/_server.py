@@ -27,6 +27,7 @@ from tether_server._embedded import EmbeddedEtcd
 from tether_server._orders import serialize
 from tether_server._store import EtcdUnavailable, Store
 from tether_server._tls import etcd_credentials, server_credentials
+from tether_server._wire import MalformedRequests
 
 log = logging.getLogger("tether_server")
 
@@ -57,7 +58,9 @@ def build_server(coordinator: Coordinator, health: HealthServicer) -> grpc.aio.S
         ConfigError: ``--rbac`` or ``--admin-tokens`` is malformed.
     """
     guard = Guard.create(coordinator.config, lambda: coordinator.gate.signer)
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard.interceptor()])
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[guard.interceptor(), MalformedRequests()]
+    )
     server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         Admin.create(

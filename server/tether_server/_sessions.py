@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._acks import AckBook
@@ -38,8 +39,10 @@ from tether_server._rbac import check_registration
 from tether_server._registry import Session
 from tether_server._store import EtcdUnavailable, InstanceKey, Store
 from tether_server._telemetry import Metrics
+from tether_server._wire import malformed
 
 log = logging.getLogger("tether_server")
+MAX_REGISTERING = 64
 
 
 class Sessions:
@@ -85,6 +88,10 @@ class Sessions:
         self._metrics = metrics
         self._cleanups: set[asyncio.Task[None]] = set()
         self._serial = itertools.count(1)
+        # Registrations in etcd at once. Thousands of streams arriving together would
+        # otherwise queue thousands of transactions ahead of the lease keep-alive, and a
+        # fleet would fail closed for a registration storm.
+        self._registering = asyncio.Semaphore(MAX_REGISTERING)
 
     # -- the coordinator's side -------------------------------------------------------------
 
@@ -140,6 +147,8 @@ class Sessions:
             first = await anext(requests)
         except StopAsyncIteration:
             raise InvalidArgument("the stream closed before register was sent") from None
+        except DecodeError as err:
+            raise InvalidArgument(malformed(err)) from None
         if first.WhichOneof("body") != "register":
             raise InvalidArgument(
                 "the first message of a Heartbeat stream must be register, "
@@ -153,7 +162,9 @@ class Sessions:
         # Unique: the lease ID names this attachment to etcd; the serial counts its streams.
         session_id = f"{keeper.lease:x}-{next(self._serial):x}"
         record = self._presence.record(key, first.register)
-        stored, halts, effects = await self._presence.claim(key, record, session_id, keeper.lease)
+        lease = keeper.lease
+        async with self._registering:
+            stored, halts, effects = await self._presence.claim(key, record, session_id, lease)
         session = Session(key, session_id, record, Outbox(context, self._pushed))
         landed = self._gate.seed(key.run, effects)
         session.halts = tuple(halts.matching(key, record.labels))
@@ -209,6 +220,8 @@ class Sessions:
                     raise InvalidArgument(f"unexpected {kind or 'empty message'} after register")
         except ANSWERABLE as err:
             end = End(status_of(err), str(err))
+        except DecodeError as err:  # parsed message by message, here, not at the edge
+            end = End(grpc.StatusCode.INVALID_ARGUMENT, malformed(err))
         except (grpc.RpcError, grpc.aio.AbortError) as err:
             # The agent went away, or (aborted) this stream was ended from elsewhere.
             end = None if isinstance(err, grpc.aio.AbortError) else end

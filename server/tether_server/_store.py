@@ -9,6 +9,9 @@ Everything Tether knows lives under ``/tether/``. What WatchAgents needs sits un
     /tether/checkpoints/<tenant>/<agent>/<run>       the run's last checkpoint (Struct JSON)
     /tether/runs/<run>                               "<tenant>/<agent>" of a run, for run kills
     /tether/ledger/<tenant>/<agent>/<run>/<chunk>    EffectBatch (JSON), append-only
+    /tether/effect-keys/<tenant>/<agent>/<run>/<key> a strict effect's key: its holder's
+                                                     instance id on the coordinator's lease
+                                                     while in flight, then "landed"
     /tether/audit/<time ns>-<random>                 AuditEntry (JSON), append-only
     /tether/audit-head                               the hash of the newest audit entry
     /tether/keys/permit-ed25519                      the shared permit key, unless --permit-key
@@ -39,6 +42,7 @@ ROSTER = FLEET + b"roster/"
 CHECKPOINTS = ROOT + b"checkpoints/"
 RUNS = ROOT + b"runs/"
 LEDGER = ROOT + b"ledger/"
+EFFECT_KEYS = ROOT + b"effect-keys/"
 AUDIT = ROOT + b"audit/"
 AUDIT_HEAD = ROOT + b"audit-head"
 KEYS = ROOT + b"keys/"
@@ -170,6 +174,11 @@ def ledger_prefix(tenant: str, agent: str = "", run_id: str = "") -> bytes:
 
 def ledger_chunk_key(run: RunKey, name: str) -> bytes:
     return ledger_prefix(*run) + name.encode()
+
+
+def effect_key(run: RunKey, key: str) -> bytes:
+    """The claim on an idempotency key of a run; the run's names hold no "/", the key may."""
+    return _join(EFFECT_KEYS, *run, key)
 
 
 def audit_key(entry_id: str) -> bytes:

@@ -218,6 +218,7 @@ class PermitDecision(_message.Message):
     REFUSED_BY_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     granted: _builtins.bool
     permit: _builtins.str
@@ -226,6 +227,10 @@ class PermitDecision(_message.Message):
     """the key already landed for this run"""
     revision: _builtins.int
     """the etcd revision the decision was made at"""
+    in_flight: _builtins.bool
+    """Another permit for the same key of this run is in flight (on any instance, through
+    any coordinator): refused, not granted twice. Retry once that effect has ended.
+    """
     @_builtins.property
     def refused_by(self) -> _types_pb2.Halt:
         """Set when a halt refused it; a refusal without a halt id (only a reason)
@@ -241,10 +246,11 @@ class PermitDecision(_message.Message):
         refused_by: _types_pb2.Halt | None = ...,
         duplicate: _builtins.bool = ...,
         revision: _builtins.int = ...,
+        in_flight: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["refused_by", b"refused_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "granted", b"granted", "permit", b"permit", "refused_by", b"refused_by", "request_id", b"request_id", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "granted", b"granted", "in_flight", b"in_flight", "permit", b"permit", "refused_by", b"refused_by", "request_id", b"request_id", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
