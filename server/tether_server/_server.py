@@ -84,7 +84,7 @@ async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -
         await _serve(config, Store(endpoints))
     finally:
         if embedded is not None:
-            embedded.stop()
+            await embedded.stop()
 
 
 async def _serve(config: ServerConfig, store: Store) -> None:
