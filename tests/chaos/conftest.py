@@ -11,13 +11,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tether_server import CoordinatorProcess
 
 from tests.chaos.fleet import FleetProcess
 from tests.chaos.proxy import Proxy
-from tests.conftest import LEASE_TTL
+from tests.conftest import LEASE_TTL, eventually
 
 SLACK = 1.0  # seconds on top of a TTL a loaded 2-core machine may add to a stop
 _REPORT: list[str] = []
@@ -89,6 +90,18 @@ class EmbeddedCoordinator(CoordinatorProcess):
     def etcd_pid(self) -> int:
         """The pid of the etcd it runs now, from the pid file it keeps."""
         return int((self.data_dir / "etcd.pid").read_text())
+
+
+def until(
+    fleet: FleetProcess, since: float, done: Callable[[dict[str, Any]], bool], timeout: float = 30
+) -> dict[str, Any]:
+    """The fleet's status (since ``since``) once ``done`` says so; a bounded wait."""
+
+    def probe() -> dict[str, Any]:
+        status = fleet.status(since)
+        return status if done(status) else {}
+
+    return eventually(probe, timeout, interval=0.1)
 
 
 def alive(pid: int) -> bool:
