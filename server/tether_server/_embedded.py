@@ -147,7 +147,9 @@ class EmbeddedEtcd:
     """
 
     def __init__(self, data_dir: Path, ready_timeout: float = 20.0) -> None:
-        self.data_dir = data_dir
+        # Absolute, so that etcd's command line names the directory wherever it was started
+        # from: that is how an orphan of this directory is recognised.
+        self.data_dir = data_dir.absolute()
         self.ready_timeout = ready_timeout
         self.client_port = 0
         self.peer_port = 0
