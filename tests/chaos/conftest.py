@@ -24,6 +24,18 @@ SLACK = 1.0  # seconds on top of a TTL a loaded 2-core machine may add to a stop
 _REPORT: list[str] = []
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "chaos: breaks real processes and links (tests/chaos/)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here is a chaos test: ``-m chaos`` runs the suite, ``-m "not chaos"`` the rest."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.chaos)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _REPORT:
         terminalreporter.section("chaos: measured times")
