@@ -97,7 +97,7 @@ async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -
         await _serve(config, Store(endpoints, credentials=etcd_tls))
     finally:
         if embedded is not None:
-            embedded.stop()
+            await embedded.stop()
 
 
 async def _serve(config: ServerConfig, store: Store) -> None:
