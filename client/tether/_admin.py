@@ -258,6 +258,11 @@ class AdminClient:
         resp = self._call(self._stub.VerifyAudit, admin_pb2.VerifyAuditRequest())
         return resp.intact, resp.entries, resp.first_bad_id, resp.problem
 
+    def status(self) -> admin_pb2.CoordinatorStatus:
+        """What the coordinator sees (its etcd cluster, halt view, permit key, TLS, clock,
+        canary), as ``tether doctor`` compares them; the wire message, as doctor reports it."""
+        return self._call(self._stub.GetStatus, admin_pb2.GetStatusRequest())
+
     def watch(
         self, *, tenant: str = "", agent: str = "", run_id: str = "", snapshot: bool = True
     ) -> Iterator[AgentEvent]:

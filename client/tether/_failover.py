@@ -190,7 +190,10 @@ class Coordinators(Generic[S]):
         if target in self._answered:
             return stub
         try:
-            channel.unary_unary(_HEALTH_CHECK)(b"", timeout=self._connect_timeout)
+            check = channel.unary_unary(
+                _HEALTH_CHECK, request_serializer=bytes, response_deserializer=bytes
+            )
+            check(b"", timeout=self._connect_timeout)
         except grpc.RpcError as err:
             if retried(err):
                 failures.append((target, why(err, self._connect_timeout)))

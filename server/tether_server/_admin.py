@@ -23,6 +23,7 @@ from tether_server._halt_store import HaltStore, halt_from
 from tether_server._ledger import LedgerReader
 from tether_server._selectors import validate
 from tether_server._signer import PermitSigner
+from tether_server._status import StatusSource
 from tether_server._store import Store
 from tether_server._telemetry import tracer
 
@@ -78,6 +79,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         audit: Lists and verifies the audit (ListAudit, VerifyAudit).
         permit_key: The coordinator's permit signer, None until loaded (GetPermitKey).
         tokens: If given, every call must carry a token that may address its tenant.
+        status: Answers GetStatus (what this coordinator sees, for ``tether doctor``).
     """
 
     def __init__(
@@ -89,7 +91,9 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         audit: AuditLog,
         permit_key: PermitKey,
         tokens: AdminTokens | None = None,
+        status: StatusSource | None = None,
     ) -> None:
+        self._status = status
         self._halts = halts
         self._fleet = fleet
         self._ledger = ledger
@@ -105,6 +109,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         last_beat: LastBeat,
         permit_key: PermitKey,
         tokens: AdminTokens | None = None,
+        status: StatusSource | None = None,
     ) -> Admin:
         """The servicer over ``store``, with its collaborators built on it."""
         audit = AuditLog(store)
@@ -115,6 +120,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             audit=audit,
             permit_key=permit_key,
             tokens=tokens,
+            status=status,
         )
 
     def authorize(self, request: Any, context: Any) -> None:
@@ -213,3 +219,11 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         if signer is None:
             raise FailedPrecondition("the coordinator has not loaded its permit key yet")
         return admin_pb2.PermitKey(public_key_pem=signer.public_pem(), key_id=signer.key_id)
+
+    @_rpc
+    async def GetStatus(
+        self, request: admin_pb2.GetStatusRequest, context: Any
+    ) -> admin_pb2.CoordinatorStatus:
+        if self._status is None:
+            raise FailedPrecondition("this servicer was built without a coordinator to report on")
+        return await self._status()

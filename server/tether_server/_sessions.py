@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -35,6 +35,10 @@ from tether_server._store import EtcdUnavailable, InstanceKey, Store
 from tether_server._telemetry import Metrics
 
 log = logging.getLogger("tether_server")
+
+
+def _nobody(register: agent_pb2.Register, metadata: Any) -> None:
+    return None
 
 
 class Sessions:
@@ -80,6 +84,8 @@ class Sessions:
         self._metrics = metrics
         self._cleanups: set[asyncio.Task[None]] = set()
         self._serial = itertools.count(1)
+        # The instance a registration outside the name rules may be (the canary); None: none.
+        self.admits: Callable[[agent_pb2.Register, Any], InstanceKey | None] = _nobody
 
     # -- the coordinator's side -------------------------------------------------------------
 
@@ -140,7 +146,8 @@ class Sessions:
                 "the first message of a Heartbeat stream must be register, "
                 f"got {first.WhichOneof('body') or 'an empty message'}"
             )
-        key = identity_from(first.register)
+        admitted = self.admits(first.register, context.invocation_metadata())
+        key = admitted or identity_from(first.register)
         keeper = self._keeper
         if keeper is None:
             raise EtcdUnavailable(self._serving_error)

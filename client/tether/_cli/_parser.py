@@ -86,6 +86,10 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--admin-tokens", help="file of 'TOKEN TENANT[,...]' lines; default: open")
     serve.add_argument("--rbac", metavar="FILE", help="YAML of operators, their roles and tenants")
     serve.add_argument("--trust-domain", help="SPIFFE trust domain of callers (default tether)")
+    serve.add_argument(
+        "--canary-interval", metavar="DURATION",
+        help="kill and resume a synthetic _canary instance this often, e.g. 60s (default off)",
+    )  # fmt: skip
     _serve_tls_args(serve)
 
 
