@@ -261,7 +261,10 @@ class AdminClient:
     def status(self) -> admin_pb2.CoordinatorStatus:
         """What the coordinator sees (its etcd cluster, halt view, permit key, TLS, clock,
         canary), as ``tether doctor`` compares them; the wire message, as doctor reports it."""
-        return self._call(self._stub.GetStatus, admin_pb2.GetStatusRequest())
+        status: admin_pb2.CoordinatorStatus = self._call(
+            self._stub.GetStatus, admin_pb2.GetStatusRequest()
+        )
+        return status
 
     def watch(
         self, *, tenant: str = "", agent: str = "", run_id: str = "", snapshot: bool = True

@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 from tether._admin import AUDIT_LIMIT
 from tether._cli._certs_verb import certs_args
+from tether._cli._doctor import doctor_args
 from tether._cli._output import EXIT_USAGE
 from tether._types import EffectStatus, State
 
@@ -193,6 +194,7 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("permit-key", "the public key that verifies permits", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
+    ("doctor", "check every coordinator of --addr and what they agree on", True, doctor_args),
     ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
 )
 
