@@ -3,6 +3,7 @@ reserved tenant ``_canary`` through etcd, records the latency, and stays out of 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Iterator
@@ -11,7 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 import tether
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
 from tether.v1 import agent_pb2, agent_pb2_grpc
+from tether_server._canary import Canary
+from tether_server._config import ServerConfig
+from tether_server._store import Store
 
 from tests.conftest import Coordinator, Etcd, eventually
 
@@ -77,3 +83,31 @@ def test_no_agent_can_register_as_the_canary_tenant(coord: Coordinator) -> None:
                 next(replies)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "not a valid name" in (refused.value.details() or "")
+
+
+def test_a_canary_that_cannot_complete_its_cycle_turns_health_not_serving(etcd: Etcd) -> None:
+    """A canary whose stream finds no coordinator behind its socket: the kill path is broken."""
+
+    async def scenario() -> tuple[int, str]:
+        health, attached = HealthServicer(), asyncio.Event()
+        attached.set()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        store = Store([etcd.endpoint])
+        config = ServerConfig(canary_interval=0.2, lease_ttl=2.0)
+        canary = Canary(config, store, health, attached, [""])
+        task = asyncio.create_task(canary.run())
+        try:
+            for _ in range(200):  # 10 s at most
+                if not canary.status().ok:
+                    break
+                await asyncio.sleep(0.05)
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=""), None)
+            return answer.status, canary.status().problem
+        finally:
+            task.cancel()
+            canary.close()
+            await store.close()
+
+    status, problem = asyncio.run(scenario())
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert problem.startswith("canary stream refused: UNAVAILABLE"), problem
