@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import getpass
 import os
 import socket
@@ -15,6 +17,7 @@ import grpc
 from tether._channel import ENV_TOKEN, bearer, client_tls, open_channel, tls_from_env
 from tether._config import resolve_targets
 from tether._errors import InvalidArgument, from_rpc_error
+from tether._failover import Coordinators, FailoverStub
 from tether._types import (
     EFFECT_STATUS_TO_PB,
     STATE_TO_PB,
@@ -77,12 +80,26 @@ def selector(
     raise InvalidArgument("name a scope: global, tenant, agent or run")
 
 
+# Admin channels notice a dead coordinator under an open watch, and retry a restarted one soon.
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+
+
 class AdminClient:
-    """Talks to one coordinator's AdminService. Every coordinator answers the same.
+    """Talks to the coordinators' AdminService. Every coordinator answers the same.
+
+    Given several addresses, it fails over: see ``tether._failover``. A Kill retried on
+    another coordinator is safe: a halt's id is its selector, and a Kill of a selector
+    already halted changes nothing (it answers ``already_halted``).
 
     Args:
-        target: ``HOST:PORT``; defaults to ``TETHER_ADDR``, then ``127.0.0.1:7700``.
-        timeout: Seconds per call.
+        target: ``HOST:PORT``, or a comma-separated list to fail over; defaults to
+            ``TETHER_ADDR``, then ``127.0.0.1:7700``.
+        timeout: Seconds per call, on each coordinator tried.
+        connect_timeout: Seconds each coordinator gets to connect before the next is tried.
         actor: Recorded in the audit as a note beside who acted (the audit's actor is the
             identity the coordinator authenticated); defaults to ``user@host``.
         token: Admin bearer token, for coordinators run with ``--admin-tokens``;
@@ -100,6 +117,7 @@ class AdminClient:
         target: str | None = None,
         *,
         timeout: float = 10.0,
+        connect_timeout: float = 2.0,
         actor: str | None = None,
         token: str | None = None,
         tls_ca: str | Path | None = None,
@@ -107,18 +125,34 @@ class AdminClient:
         tls_key: str | Path | None = None,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
-        self.target = resolve_targets(target, environ)[0]
+        targets = resolve_targets(target, environ)
         self._timeout = timeout
         self._actor = actor or default_actor()
         self._metadata = bearer(token or environ.get(ENV_TOKEN))
         files = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
         if not any(files.values()):
             files.update(tls_from_env(environ))
-        self._channel = open_channel(self.target, client_tls(**files))
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+        tls = client_tls(**files)
+        self._coordinators = Coordinators(
+            targets,
+            lambda addr: open_channel(addr, tls, CHANNEL_OPTIONS),
+            admin_pb2_grpc.AdminServiceStub,
+            connect_timeout,
+        )
+        self._stub = FailoverStub(self._coordinators)  # its calls try every coordinator
+
+    @property
+    def target(self) -> str:
+        """The coordinator tried first: the one that answered last."""
+        return self._coordinators.current
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every coordinator this client may ask, in the order given."""
+        return self._coordinators.targets
 
     def close(self) -> None:
-        self._channel.close()
+        self._coordinators.close()
 
     def __enter__(self) -> AdminClient:
         return self
@@ -244,19 +278,62 @@ class AdminClient:
             req.ttl.FromMilliseconds(int(ttl * 1000))
         return AgentToken.from_pb(self._call(self._stub.IssueAgentToken, req))
 
+    def status(self) -> admin_pb2.CoordinatorStatus:
+        """What the coordinator sees (its etcd cluster, halt view, permit key, TLS, clock,
+        canary), as ``tether doctor`` compares them; the wire message, as doctor reports it."""
+        status: admin_pb2.CoordinatorStatus = self._call(
+            self._stub.GetStatus, admin_pb2.GetStatusRequest()
+        )
+        return status
+
     def watch(
         self, *, tenant: str = "", agent: str = "", run_id: str = "", snapshot: bool = True
     ) -> Iterator[AgentEvent]:
-        """State changes as they happen, after the current state unless ``snapshot`` is off."""
-        req = admin_pb2.WatchAgentsRequest(
-            tenant=tenant, agent=agent, run_id=run_id, skip_snapshot=not snapshot
-        )
-        stream = self._stub.WatchAgents(req, metadata=self._metadata)
+        """State changes as they happen, after the current state unless ``snapshot`` is off.
+
+        When its coordinator goes away the watch moves to the next one, and reports only
+        what changed meanwhile: a reconnection starts with a snapshot, and the instances
+        whose state is already known are left out of it.
+        """
+        req = admin_pb2.WatchAgentsRequest(tenant=tenant, agent=agent, run_id=run_id)
+        seen = _Seen(snapshot)
         try:
-            for event in stream:
-                yield AgentEvent.from_pb(event)
+            for connection, message in self._coordinators.stream(
+                functools.partial(self._watch_on, req)
+            ):
+                event = seen.news(connection, AgentEvent.from_pb(message))
+                if event is not None:
+                    yield event
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
                 raise from_rpc_error(err) from err
+
+    def _watch_on(
+        self, req: admin_pb2.WatchAgentsRequest, stub: admin_pb2_grpc.AdminServiceStub
+    ) -> Iterator[admin_pb2.AgentEvent]:
+        stream = stub.WatchAgents(req, metadata=self._metadata)
+        try:
+            yield from stream
         finally:
             stream.cancel()
+
+
+class _Seen:
+    """The state a watch last reported per instance, so a reconnection reports only news."""
+
+    def __init__(self, snapshot: bool) -> None:
+        self._snapshot = snapshot
+        self._states: dict[tuple[str, str, str, str], State] = {}
+
+    def news(self, connection: int, event: AgentEvent) -> AgentEvent | None:
+        a = event.instance
+        key = (a.tenant, a.agent, a.run_id, a.instance_id)
+        before = self._states.get(key)
+        self._states[key] = a.state
+        if not event.snapshot:
+            return event
+        if connection == 1:
+            return event if self._snapshot else None
+        if before == a.state:
+            return None  # a reconnection's snapshot, and nothing changed meanwhile
+        return dataclasses.replace(event, previous=before, snapshot=False)

@@ -115,7 +115,7 @@ class HaltCache:
     It reads halts as a viewer would, so over TLS it needs what ``AdminClient`` needs.
 
     Args:
-        addr: ``HOST:PORT`` of a coordinator.
+        addr: ``HOST:PORT`` of a coordinator, or a comma-separated list to fail over.
         max_age: Seconds a fetched list of halts is trusted.
         tls_ca: PEM CA bundle of the coordinator; defaults to ``TETHER_TLS_CA``.
         tls_cert: PEM client certificate; defaults to ``TETHER_TLS_CERT``.

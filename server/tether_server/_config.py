@@ -64,6 +64,9 @@ class ServerConfig:
     """Private key of ``etcd_cert`` (as etcdctl's --key)."""
     permit_key: Path | None = None
     """PEM file with the Ed25519 key that signs effect permits; None: shared via etcd."""
+    canary_interval: float = 0.0
+    """Seconds between canary cycles (a synthetic instance killed and resumed through
+    etcd, its kill latency recorded, health NOT_SERVING while it fails); 0: no canary."""
     startup_timeout: float = 15.0
     """Seconds to wait for etcd at start before giving up with a reason."""
     shutdown_grace: float = 5.0
@@ -132,6 +135,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
         kwargs["lease_ttl"] = _number("--lease-ttl", ttl, MIN_LEASE_TTL, 3600.0)
     if limit := pick("max_checkpoint_bytes", "TETHER_MAX_CHECKPOINT_BYTES"):
         kwargs["max_checkpoint_bytes"] = int(_number("--max-checkpoint-bytes", limit, 1, 1 << 20))
+    if canary := pick("canary_interval", "TETHER_CANARY_INTERVAL"):
+        kwargs["canary_interval"] = canary_interval(canary)
     if startup := environ.get("TETHER_STARTUP_TIMEOUT"):
         kwargs["startup_timeout"] = _number("TETHER_STARTUP_TIMEOUT", startup, 0.1, 600.0)
     for name, var in _PATHS:
@@ -206,6 +211,25 @@ def is_loopback(hostport: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def canary_interval(raw: str) -> float:
+    """``--canary-interval``: ``60s``, ``500ms``, ``5m``, ``1h`` or seconds; ``0`` is off."""
+    text = raw.strip().lower()
+    unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+    number = text[: len(text) - len(unit)]
+    try:
+        seconds = float(number) * _UNITS.get(unit, 1.0)
+    except ValueError:
+        seconds = -1.0
+    if seconds != 0 and not 0.2 <= seconds <= 86400:  # also refuses nan
+        raise ConfigError(
+            f"--canary-interval {raw!r}: give a duration from 200ms to 24h, such as 60s, or 0 (off)"
+        )
+    return seconds
 
 
 def _number(name: str, raw: str, low: float, high: float) -> float:

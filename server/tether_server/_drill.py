@@ -38,7 +38,7 @@ def plan(
         (other, "alpha"),
     ]
     workers = [
-        Worker(t, a, f"{tenant}.r{n}", targets[n % len(targets)], items, tick)
+        Worker(t, a, f"{tenant}.r{n}", _spread(targets, n), items, tick)
         for n, (t, a) in enumerate(layout)
     ]
     sel = {
@@ -51,6 +51,12 @@ def plan(
     return sel, workers
 
 
+def _spread(targets: list[str], n: int) -> str:
+    """Every coordinator, the ``n``-th first: workers spread over them and fail over."""
+    first = n % len(targets)
+    return ",".join([*targets[first:], *targets[:first]])
+
+
 def targeted(sel: Selector, w: Worker) -> bool:
     return sel.names(w.tenant, w.agent, w.run_id)
 
@@ -60,7 +66,7 @@ def drill(
 ) -> dict[str, Any]:
     """Run one drill at ``scope``; return the report."""
     sel, workers = plan(scope, uuid.uuid4().hex[:6], fleet.targets, items, tick)
-    with AdminClient(fleet.targets[0], actor="tether-drill") as admin:
+    with AdminClient(",".join(fleet.targets), actor="tether-drill") as admin:
         with _running(workers):
             _wait(lambda: all(w.done >= items // 4 for w in workers), 30)
             sent = time.monotonic()

@@ -55,8 +55,9 @@ def _row(
         return sum(1 for _, t in w.journal if start < t < flip.resumed)
 
     counts = Counter(item for item, _ in w.journal)
+    first = w.target.partition(",")[0]  # the coordinator it was given first
     return {
-        "tenant": w.tenant, "agent": w.agent, "run_id": w.run_id, "coordinator": w.target,
+        "tenant": w.tenant, "agent": w.agent, "run_id": w.run_id, "coordinator": first,
         "targeted": is_hit, "stopped": stopped_at is not None, "time_to_stop_ms": stop_ms,
         "effects_after_flip": between(flip.returned) if is_hit else None,
         "effects_after_kill_sent": between(flip.sent) if is_hit else None,

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from google.protobuf import json_format
 from tether.v1 import admin_pb2, types_pb2
 
+from tether_server._canary import hidden
 from tether_server._errors import FailedPrecondition, NotFound
 from tether_server._halts import HaltTable
 from tether_server._orders import any_stop
@@ -131,7 +132,8 @@ class _Filter(Protocol):
 
 def _wanted(request: _Filter, key: InstanceKey) -> bool:
     return (
-        (not request.tenant or request.tenant == key.tenant)
+        not hidden(key.tenant, request.tenant)  # the canaries, unless asked for
+        and (not request.tenant or request.tenant == key.tenant)
         and (not request.agent or request.agent == key.agent)
         and (not request.run_id or request.run_id == key.run_id)
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._audit import AuditLog, new_entry
+from tether_server._canary import hidden
 from tether_server._errors import FailedPrecondition, InvalidArgument
 from tether_server._halts import halt_from_kv
 from tether_server._selectors import halt_id, scope_name
@@ -174,7 +175,7 @@ class HaltStore:
     async def halts(self, tenant: str = "") -> admin_pb2.ListHaltsResponse:
         """The halts in force, oldest first; with ``tenant``, those that reach it."""
         resp = await self._store.range(HALTS)
-        halts = [halt_from_kv(kv) for kv in resp.kvs]
+        halts = [h for h in map(halt_from_kv, resp.kvs) if not hidden(h.selector.tenant, tenant)]
         if tenant:
             halts = [h for h in halts if h.selector.tenant in ("", tenant)]
         halts.sort(key=lambda h: h.revision)

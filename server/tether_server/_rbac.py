@@ -92,6 +92,7 @@ CALLS: Mapping[str, Rule] = {
     "ListEffects": Rule("list effects", Role.VIEWER),
     "ListAudit": Rule("read the audit", Role.VIEWER),
     "VerifyAudit": Rule("verify the audit", Role.VIEWER, scoped=False),
+    "GetStatus": Rule("read the coordinator status", Role.VIEWER, scoped=False),
     "IssueAgentToken": Rule("issue an agent token", Role.ADMIN),
     "GetPermitKey": Rule("read the permit key", None),
     "WhoAmI": Rule("whoami", None),

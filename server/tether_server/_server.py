@@ -21,10 +21,12 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 from tether_server import _telemetry
 from tether_server._admin import Admin
 from tether_server._auth import Guard
+from tether_server._canary import Canary
 from tether_server._config import ServerConfig
-from tether_server._coordinator import Coordinator
+from tether_server._coordinator import SERVICES, Coordinator
 from tether_server._embedded import EmbeddedEtcd
 from tether_server._orders import serialize
+from tether_server._status import status_source
 from tether_server._store import EtcdUnavailable, Store
 from tether_server._tls import etcd_credentials, server_credentials
 from tether_server._wire import MalformedRequests
@@ -51,7 +53,9 @@ def agent_handler(heartbeat: Callable[..., Awaitable[None]]) -> grpc.GenericRpcH
     return grpc.method_handlers_generic_handler("tether.v1.AgentService", {"Heartbeat": handler})
 
 
-def build_server(coordinator: Coordinator, health: HealthServicer) -> grpc.aio.Server:
+def build_server(
+    coordinator: Coordinator, health: HealthServicer, canary: Canary | None = None
+) -> grpc.aio.Server:
     """The coordinator's services, each call identified and authorized by its ``Guard``.
 
     Raises:
@@ -68,6 +72,7 @@ def build_server(coordinator: Coordinator, health: HealthServicer) -> grpc.aio.S
             last_beat=coordinator.sessions.last_beat,
             permit_key=lambda: coordinator.gate.signer,
             guard=guard,
+            status=status_source(coordinator, canary),
         ),
         server,
     )
@@ -103,11 +108,15 @@ async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -
 async def _serve(config: ServerConfig, store: Store) -> None:
     health = HealthServicer()
     coordinator = Coordinator(config, store, health)
-    server = build_server(coordinator, health)
+    canary = _canary(coordinator) if config.canary_interval else None
+    server = build_server(coordinator, health, canary)
     credentials = server_credentials(config)
     bind(server, config.listen, credentials)
+    if canary is not None:
+        server.add_insecure_port(canary.address)  # a private Unix socket: see _canary
     probes = health_server(health, config.health_listen) if config.health_listen else None
     runner = asyncio.create_task(coordinator.run(), name="coordinator")
+    cycling: asyncio.Task[None] | None = None
     try:
         await _wait_attached(coordinator, store, config.startup_timeout)
         _tune_gc()
@@ -118,8 +127,13 @@ async def _serve(config: ServerConfig, store: Store) -> None:
             "tether coordinator %s serving on %s (%s)",
             config.coordinator_id, config.listen, _transport(config),
         )  # fmt: skip
+        cycling = asyncio.create_task(canary.run(), name="canary") if canary else None
         await _until_signal()
     finally:
+        if cycling is not None:
+            cycling.cancel()
+        if canary is not None:
+            canary.close()
         await health.enter_graceful_shutdown()
         await coordinator.detach()
         if probes is not None:
@@ -128,6 +142,15 @@ async def _serve(config: ServerConfig, store: Store) -> None:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await store.close()
+
+
+def _canary(coordinator: Coordinator) -> Canary:
+    """The canary of ``coordinator``, admitted by its sessions."""
+    canary = Canary(
+        coordinator.config, coordinator.store, coordinator.health, coordinator.attached, SERVICES
+    )
+    coordinator.sessions.admits = canary.admits
+    return canary
 
 
 def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -43,6 +43,10 @@ from tether_server._wire import malformed
 
 log = logging.getLogger("tether_server")
 MAX_REGISTERING = 64
+
+
+def _nobody(register: agent_pb2.Register, metadata: Any) -> None:
+    return None
 
 
 class Sessions:
@@ -92,6 +96,8 @@ class Sessions:
         # otherwise queue thousands of transactions ahead of the lease keep-alive, and a
         # fleet would fail closed for a registration storm.
         self._registering = asyncio.Semaphore(MAX_REGISTERING)
+        # The instance a registration outside the name rules may be (the canary); None: none.
+        self.admits: Callable[[agent_pb2.Register, Any], InstanceKey | None] = _nobody
 
     # -- the coordinator's side -------------------------------------------------------------
 
@@ -154,8 +160,10 @@ class Sessions:
                 "the first message of a Heartbeat stream must be register, "
                 f"got {first.WhichOneof('body') or 'an empty message'}"
             )
-        key = identity_from(first.register)
-        check_registration(who, key)  # before anything is written or read for the run
+        admitted = self.admits(first.register, context.invocation_metadata())
+        key = admitted or identity_from(first.register)
+        if admitted is None:
+            check_registration(who, key)  # before anything is written or read for the run
         keeper = self._keeper
         if keeper is None:
             raise EtcdUnavailable(self._serving_error)

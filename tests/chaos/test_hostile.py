@@ -33,6 +33,7 @@ DELIBERATE = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,  # e.g. a run_id another tenant or agent owns
 }
 HOSTILE = [
     "a/b", "b/c", "..", ".", "../../etc", "/", "a\x00b", "\x00", "x" * 10_240, "ü" * 5_000,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from tether._admin import AdminClient
 from tether._cli._certs_verb import certs
+from tether._cli._doctor import doctor
 from tether._cli._output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail
 from tether._cli._parser import build_parser
 from tether._cli._server_verbs import drill, serve
@@ -30,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return drill(args)
         if args.verb == "certs":
             return certs(args)
+        if args.verb == "doctor":
+            return doctor(args)
         tls = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
         with AdminClient(args.addr, token=args.token, **tls) as client:
             return ADMIN_VERBS[args.verb](client, args)

@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 from tether._admin import AUDIT_LIMIT
 from tether._cli._certs_verb import certs_args
+from tether._cli._doctor import doctor_args
 from tether._cli._output import EXIT_USAGE
 from tether._types import EffectStatus, State
 
@@ -88,6 +89,10 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--rbac", metavar="FILE", help="YAML of operators, their roles and tenants")
     serve.add_argument("--trust-domain", help="SPIFFE trust domain of callers (default tether)")
+    serve.add_argument(
+        "--canary-interval", metavar="DURATION",
+        help="kill and resume a synthetic _canary instance this often, e.g. 60s (default off)",
+    )  # fmt: skip
     _serve_tls_args(serve)
 
 
@@ -200,6 +205,7 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("whoami", "who the coordinator takes you to be, and your role", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
+    ("doctor", "check every coordinator of --addr and what they agree on", True, doctor_args),
     ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
 )
 

@@ -81,6 +81,156 @@ AUDIT_ACTION_ESCALATE: AuditAction.ValueType  # 5
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 @_typing.final
+class GetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class CoordinatorStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COORDINATOR_ID_FIELD_NUMBER: _builtins.int
+    LISTEN_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    ETCD_CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    ETCD_MEMBER_ID_FIELD_NUMBER: _builtins.int
+    ETCD_REVISION_FIELD_NUMBER: _builtins.int
+    ETCD_ERROR_FIELD_NUMBER: _builtins.int
+    HALT_VIEW_REVISION_FIELD_NUMBER: _builtins.int
+    HALTS_FIELD_NUMBER: _builtins.int
+    HALT_VIEW_DIGEST_FIELD_NUMBER: _builtins.int
+    HALT_VIEW_FRESH_FIELD_NUMBER: _builtins.int
+    PERMIT_KEY_ID_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    CLIENT_AUTH_FIELD_NUMBER: _builtins.int
+    NOW_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    coordinator_id: _builtins.str
+    listen: _builtins.str
+    serving: _builtins.bool
+    """attached to etcd: it serves agents and knows the halts"""
+    etcd_cluster_id: _builtins.int
+    """From the header of a read of the halts made for this answer; 0 when etcd did not answer.
+    coordinators that share halts share this
+    """
+    etcd_member_id: _builtins.int
+    etcd_revision: _builtins.int
+    etcd_error: _builtins.str
+    """why that read failed, if it did"""
+    halt_view_revision: _builtins.int
+    """the revision this coordinator's halt view reflects"""
+    halts: _builtins.int
+    """halts in its view"""
+    halt_view_digest: _builtins.str
+    """sha256 over the view's halts (id, revision, mode), sorted: equal views, equal digests."""
+    halt_view_fresh: _builtins.bool
+    """The view holds exactly the halts etcd held at etcd_revision (the watch had caught up)."""
+    permit_key_id: _builtins.str
+    """empty before the key is loaded"""
+    tls: _builtins.bool
+    """it serves TLS"""
+    client_auth: _builtins.bool
+    """and requires client certificates"""
+    @_builtins.property
+    def now(self) -> _timestamp_pb2.Timestamp:
+        """its wall clock when it answered"""
+
+    @_builtins.property
+    def lease_ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def canary(self) -> Global___CanaryStatus: ...
+    def __init__(
+        self,
+        *,
+        coordinator_id: _builtins.str = ...,
+        listen: _builtins.str = ...,
+        serving: _builtins.bool = ...,
+        etcd_cluster_id: _builtins.int = ...,
+        etcd_member_id: _builtins.int = ...,
+        etcd_revision: _builtins.int = ...,
+        etcd_error: _builtins.str = ...,
+        halt_view_revision: _builtins.int = ...,
+        halts: _builtins.int = ...,
+        halt_view_digest: _builtins.str = ...,
+        halt_view_fresh: _builtins.bool = ...,
+        permit_key_id: _builtins.str = ...,
+        tls: _builtins.bool = ...,
+        client_auth: _builtins.bool = ...,
+        now: _timestamp_pb2.Timestamp | None = ...,
+        lease_ttl: _duration_pb2.Duration | None = ...,
+        canary: Global___CanaryStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "lease_ttl", b"lease_ttl", "now", b"now"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "client_auth", b"client_auth", "coordinator_id", b"coordinator_id", "etcd_cluster_id", b"etcd_cluster_id", "etcd_error", b"etcd_error", "etcd_member_id", b"etcd_member_id", "etcd_revision", b"etcd_revision", "halt_view_digest", b"halt_view_digest", "halt_view_fresh", b"halt_view_fresh", "halt_view_revision", b"halt_view_revision", "halts", b"halts", "lease_ttl", b"lease_ttl", "listen", b"listen", "now", b"now", "permit_key_id", b"permit_key_id", "serving", b"serving", "tls", b"tls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoordinatorStatus: _TypeAlias = CoordinatorStatus  # noqa: Y015
+
+@_typing.final
+class CanaryStatus(_message.Message):
+    """The canary (`tether serve --canary-interval`): a synthetic instance of the reserved
+    tenant `_canary` that the coordinator kills and resumes through etcd every interval.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    LAST_KILL_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    CYCLES_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    ok: _builtins.bool
+    """the last kill reached the canary in time"""
+    problem: _builtins.str
+    """why the last cycle failed, if it did"""
+    cycles: _builtins.int
+    """cycles that succeeded since start"""
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def last_kill(self) -> _duration_pb2.Duration:
+        """halt written to kill received, last cycle"""
+
+    @_builtins.property
+    def last_at(self) -> _timestamp_pb2.Timestamp:
+        """when the last cycle ended"""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        ok: _builtins.bool = ...,
+        interval: _duration_pb2.Duration | None = ...,
+        last_kill: _duration_pb2.Duration | None = ...,
+        last_at: _timestamp_pb2.Timestamp | None = ...,
+        problem: _builtins.str = ...,
+        cycles: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "last_at", b"last_at", "last_kill", b"last_kill"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "enabled", b"enabled", "interval", b"interval", "last_at", b"last_at", "last_kill", b"last_kill", "ok", b"ok", "problem", b"problem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanaryStatus: _TypeAlias = CanaryStatus  # noqa: Y015
+
+@_typing.final
 class WhoAmIRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

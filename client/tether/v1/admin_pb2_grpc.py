@@ -96,6 +96,11 @@ class AdminServiceStub:
                 request_serializer=tether_dot_v1_dot_admin__pb2.IssueAgentTokenRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_admin__pb2.AgentToken.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/tether.v1.AdminService/GetStatus',
+                request_serializer=tether_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.CoordinatorStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -180,6 +185,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """This coordinator's own view, for `tether doctor`: its etcd cluster, how fresh its
+        halt view is, its permit key, TLS, wall clock and canary. A viewer's read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +255,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.IssueAgentToken,
                     request_deserializer=tether_dot_v1_dot_admin__pb2.IssueAgentTokenRequest.FromString,
                     response_serializer=tether_dot_v1_dot_admin__pb2.AgentToken.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.CoordinatorStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -569,6 +587,33 @@ class AdminService:
             '/tether.v1.AdminService/IssueAgentToken',
             tether_dot_v1_dot_admin__pb2.IssueAgentTokenRequest.SerializeToString,
             tether_dot_v1_dot_admin__pb2.AgentToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/GetStatus',
+            tether_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.CoordinatorStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class AdminServiceStub:
     """A signed token an agent presents (authorization: Bearer) where a client
     certificate is awkward; bound to a tenant and optionally one agent. Admins only.
     """
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.CoordinatorStatus]
+    """This coordinator's own view, for `tether doctor`: its etcd cluster, how fresh its
+    halt view is, its permit key, TLS, wall clock and canary. A viewer's read.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -77,6 +81,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     IssueAgentToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.IssueAgentTokenRequest, _admin_pb2.AgentToken]  # type: ignore[assignment]
     """A signed token an agent presents (authorization: Bearer) where a client
     certificate is awkward; bound to a tenant and optionally one agent. Admins only.
+    """
+    GetStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.CoordinatorStatus]  # type: ignore[assignment]
+    """This coordinator's own view, for `tether doctor`: its etcd cluster, how fresh its
+    halt view is, its permit key, TLS, wall clock and canary. A viewer's read.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -171,6 +179,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.AgentToken, _abc.Awaitable[_admin_pb2.AgentToken]]:
         """A signed token an agent presents (authorization: Bearer) where a client
         certificate is awkward; bound to a tenant and optionally one agent. Admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _admin_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CoordinatorStatus, _abc.Awaitable[_admin_pb2.CoordinatorStatus]]:
+        """This coordinator's own view, for `tether doctor`: its etcd cluster, how fresh its
+        halt view is, its permit key, TLS, wall clock and canary. A viewer's read.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,229 @@
+"""Every client fails over: calls and streams try each coordinator of a list in turn.
+
+``AdminClient`` (and so the CLI, ``HaltCache`` and the drill) holds one ``Coordinators``:
+a channel per address, opened when first needed. An address not known to answer is first
+asked for its health, with ``connect_timeout`` as the deadline, so that a dead or hung
+coordinator costs a short deadline, not the call's own. A call that fails with
+UNAVAILABLE or DEADLINE_EXCEEDED moves on to the next address; a refusal (INVALID_ARGUMENT,
+FAILED_PRECONDITION, PERMISSION_DENIED, ...) is the answer and is never retried. The address
+that answered last is tried first next time. When none answers, ``NoCoordinator`` says in
+one line which addresses failed and why.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from tether._errors import Unavailable
+
+S = TypeVar("S")
+T = TypeVar("T")
+M = TypeVar("M")
+
+RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+"""The codes that say "this coordinator could not answer", so another one may."""
+
+# Asked of an address not known to answer (raw bytes: an empty HealthCheckRequest), so a
+# dead or hung coordinator costs the connect timeout, not the call's own.
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# What gRPC's messages say, and the few words the one-line error uses for it.
+_CAUSES = (
+    ("connection refused", "connection refused"),
+    ("domain name not found", "address not found"),
+    ("errors resolving", "address not found"),
+    ("handshake", "TLS handshake failed"),
+    ("certificate", "TLS handshake failed"),
+    ("ssl", "TLS handshake failed"),
+    ("connection reset", "connection reset"),
+    ("socket closed", "connection closed"),
+)
+
+
+class NoCoordinator(Unavailable):
+    """No coordinator of the list answered.
+
+    Attributes:
+        failures: ``(address, why)`` for each address tried, in the order tried.
+    """
+
+    def __init__(self, failures: Sequence[tuple[str, str]]) -> None:
+        self.failures = tuple(failures)
+        tried = ", ".join(f"{addr} ({why})" for addr, why in self.failures)
+        super().__init__(f"no coordinator answered: {tried}")
+
+
+def why(err: grpc.RpcError, timeout: float | None) -> str:
+    """A few words on why a coordinator did not answer, from a retried error."""
+    code = err.code() if isinstance(err, grpc.Call) else None
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"deadline exceeded after {timeout:g}s" if timeout else "deadline exceeded"
+    details = (err.details() if isinstance(err, grpc.Call) else str(err)) or "unavailable"
+    lowered = details.lower()
+    for found, said in _CAUSES:
+        if found in lowered:
+            return said
+    return " ".join(details.split())
+
+
+def retried(err: grpc.RpcError) -> bool:
+    """Whether another coordinator may answer where this one failed with ``err``."""
+    return isinstance(err, grpc.Call) and err.code() in RETRIED
+
+
+class Coordinators(Generic[S]):
+    """A stub per coordinator address, the one that answered last tried first.
+
+    Args:
+        targets: ``HOST:PORT`` of each coordinator, in the order to try them.
+        open_channel: Opens a channel to one address.
+        stub: Makes a stub from a channel, e.g. ``AdminServiceStub``.
+        connect_timeout: Seconds each address gets to connect before the next is tried.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[str],
+        open_channel: Callable[[str], grpc.Channel],
+        stub: Callable[[grpc.Channel], S],
+        connect_timeout: float = 2.0,
+    ) -> None:
+        self.targets = tuple(targets)
+        self._open = open_channel
+        self._stub = stub
+        self._connect_timeout = connect_timeout
+        self._channels: dict[str, tuple[grpc.Channel, S]] = {}
+        self._answered: set[str] = set()  # answered since their channel opened or last failed
+        self._first = 0
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> str:
+        """The address tried first: the one that answered last."""
+        return self.targets[self._first]
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = self._channels, {}
+        for channel, _ in channels.values():
+            channel.close()
+
+    def call(self, invoke: Callable[[S], T], timeout: float | None = None) -> T:
+        """``invoke(stub)`` on each coordinator in turn until one answers.
+
+        Raises:
+            grpc.RpcError: a coordinator refused (an error that is not retried).
+            NoCoordinator: none answered.
+        """
+        failures: list[tuple[str, str]] = []
+        for target in self._order():
+            stub = self._connected(target, failures)
+            if stub is None:
+                continue
+            try:
+                result = invoke(stub)
+            except grpc.RpcError as err:
+                if not retried(err):
+                    raise
+                failures.append((target, why(err, timeout)))
+                self._answered.discard(target)
+                continue
+            self._prefer(target)
+            return result
+        raise NoCoordinator(failures)
+
+    def stream(self, open_stream: Callable[[S], Iterator[M]]) -> Iterator[tuple[int, M]]:
+        """The messages of a server stream, reopened on the next coordinator when one breaks.
+
+        Each message comes with the number of the connection it arrived on, so the caller
+        knows when a stream was reopened (and its snapshot, if any, starts again).
+
+        Raises:
+            grpc.RpcError: a coordinator refused, or the stream was cancelled.
+            NoCoordinator: every coordinator failed, one after the other.
+        """
+        failures: list[tuple[str, str]] = []
+        connection = 0
+        while len(failures) < len(self.targets):
+            target = self.current
+            stub = self._connected(target, failures)
+            if stub is None:
+                self._skip(target)
+                continue
+            connection += 1
+            try:
+                for message in open_stream(stub):
+                    failures.clear()  # it answered: the next break starts a new round
+                    yield connection, message
+                return
+            except grpc.RpcError as err:
+                if not retried(err):
+                    raise
+                failures.append((target, why(err, None)))
+                self._answered.discard(target)
+                self._skip(target)
+        raise NoCoordinator(failures)
+
+    def _order(self) -> list[str]:
+        first = self._first
+        return [*self.targets[first:], *self.targets[:first]]
+
+    def _prefer(self, target: str) -> None:
+        self._first = self.targets.index(target)
+
+    def _skip(self, target: str) -> None:
+        with self._lock:
+            if self.current == target:
+                self._first = (self._first + 1) % len(self.targets)
+
+    def _connected(self, target: str, failures: list[tuple[str, str]]) -> S | None:
+        """The stub of ``target`` if it answers a health check within the connect timeout;
+        None, with the reason noted in ``failures``, if it does not.
+
+        An address that answered since its last failure is not checked again. Any answer,
+        even a refusal, shows the coordinator is there.
+        """
+        channel, stub = self._channel(target)
+        if target in self._answered:
+            return stub
+        try:
+            check = channel.unary_unary(
+                _HEALTH_CHECK, request_serializer=bytes, response_deserializer=bytes
+            )
+            check(b"", timeout=self._connect_timeout)
+        except grpc.RpcError as err:
+            if retried(err):
+                failures.append((target, why(err, self._connect_timeout)))
+                return None
+        self._answered.add(target)
+        return stub
+
+    def _channel(self, target: str) -> tuple[grpc.Channel, S]:
+        with self._lock:
+            found = self._channels.get(target)
+            if found is None:
+                channel = self._open(target)
+                found = self._channels[target] = (channel, self._stub(channel))
+            return found
+
+
+class FailoverStub:
+    """A stub whose unary methods run on the first coordinator that answers.
+
+    ``FailoverStub(coordinators).Kill(request, timeout=..., metadata=...)`` is
+    ``stub.Kill(...)`` tried on each coordinator in turn, as ``Coordinators.call`` does.
+    """
+
+    def __init__(self, coordinators: Coordinators[Any]) -> None:
+        self._coordinators = coordinators
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def unary(request: Any, *, timeout: float | None = None, **kwargs: Any) -> Any:
+            return self._coordinators.call(
+                lambda stub: getattr(stub, name)(request, timeout=timeout, **kwargs), timeout
+            )
+
+        return unary
