@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from tether_server._cluster import EtcdCluster
     from tether_server._config import ConfigError, ServerConfig
     from tether_server._config import load as load_config
     from tether_server._drill import run_drills
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 # public name -> (module, name there)
 _LAZY = {
     "ConfigError": ("_config", "ConfigError"),
+    "EtcdCluster": ("_cluster", "EtcdCluster"),
     "ServerConfig": ("_config", "ServerConfig"),
     "load_config": ("_config", "load"),
     "run_drills": ("_drill", "run_drills"),
@@ -49,6 +51,7 @@ _LAZY = {
 __all__ = [
     "ConfigError",
     "CoordinatorProcess",
+    "EtcdCluster",
     "EtcdProcess",
     "LaunchError",
     "ProcessExited",

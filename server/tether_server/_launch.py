@@ -261,9 +261,22 @@ class EtcdProcess(_Child):
         Raises:
             LaunchError: etcd is not installed, exited, or did not answer in time.
         """
-        self._spawn(self.argv())
-        self._started(self.ready, timeout)
+        self.spawn()
+        self.await_ready(timeout)
         return self
+
+    def spawn(self) -> None:
+        """Start etcd without waiting: members of a new cluster answer only once a quorum
+        runs, so ``EtcdCluster`` spawns them all before it awaits any."""
+        self._spawn(self.argv())
+
+    def await_ready(self, timeout: float = 20.0) -> None:
+        """Wait until a spawned etcd answers; one that never does is killed.
+
+        Raises:
+            LaunchError: etcd exited, or did not answer in time.
+        """
+        self._started(self.ready, timeout)
 
     def ready(self) -> bool:
         """Whether etcd answers a status request now.
