@@ -58,18 +58,18 @@ class Outage:
 
     def failed(self, reason: str, now: float) -> tuple[int, str] | None:
         """etcd was lost, or an attempt to attach failed: the line to log, if any."""
-        self.attempts += 1
         if self.since is None:
-            self.since, self.attempts, self._said_at = now, 1, now
+            self.since, self.attempts, self._said_at = now, 0, now
             if not self.attached_once:
                 return logging.WARNING, f"waiting for etcd: {reason}"
             return logging.ERROR, f"coordinator lost etcd, failing closed: {reason}"
+        self.attempts += 1
         if not self.attached_once or now - self._said_at < self.every:
             return None
         self._said_at = now
         return logging.ERROR, (
             f"etcd still lost after {now - self.since:.0f}s "
-            f"({self.attempts} attempts to re-attach); last: {reason}"
+            f"({self.attempts} failed attempts to re-attach); last: {reason}"
         )
 
     def attached(self, now: float) -> tuple[int, str] | None:
