@@ -137,6 +137,9 @@ class LeaseKeeper:
         while not self._closed.is_set():
             stream = _Stream(self._store, self._store.member(), self.lease)
             self._stream = stream
+            if self._closed.is_set():  # run() ended before it could see this stream
+                stream.close()
+                return
             stream.ask()  # renew at once on a new stream
             gone = self._read(stream)
             stream.close()

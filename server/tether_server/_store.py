@@ -56,8 +56,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 2000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 << 20),
-    # A member that comes back is dialled again within a second, not after gRPC's
-    # default backoff, which grows to two minutes.
+    # A member that comes back is dialled within a second (gRPC's default grows to 2 min).
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -306,7 +305,7 @@ class Store:
             log.warning("etcd member %s failed: %s", member.endpoint, _detail(err))
         if member is self.member() and len(self.members) > 1:
             self._preferred = (self._preferred + 1) % len(self.members)
-            log.info("etcd: moving to member %s", self.member().endpoint)
+            log.debug("etcd: moving to member %s", self.member().endpoint)
 
     def blocking_channel(self, member: Member) -> grpc.Channel:
         """A channel to ``member`` on gRPC's blocking API, for a stream driven from its own
@@ -346,8 +345,7 @@ class Store:
         return int((await self._call(_RANGE, req)).count) > 0
 
     async def revision(self, key: bytes, timeout: float | None = None) -> int:
-        """etcd's current revision, by a linearizable read of next to nothing (a count
-        under ``key``): what a watch must have reached for its view to be current."""
+        """etcd's revision now, by a linearizable read of next to nothing (a count)."""
         req = rpc.RangeRequest(key=key, range_end=prefix_end(key), count_only=True)
         return int((await self._call(_RANGE, req, timeout)).header.revision)
 

@@ -271,3 +271,24 @@ def test_a_silent_watch_moves_to_another_member(solo: EtcdProcess) -> None:
         said = asyncio.run(_silent_watch(solo, proxy, spare=True))
     print(f"\nsilent watch, another member at hand: {said}")
     assert said == "moved, event delivered"
+
+
+def test_a_coordinator_blackholed_from_etcd_stops_its_agents(
+    solo: EtcdProcess, tmp_path: Path
+) -> None:
+    """Its one etcd link hangs with the sockets open: no error ever arrives, only silence."""
+    with PausableProxy(solo.endpoint) as proxy:
+        coordinator = CoordinatorProcess(
+            f"http://{proxy.endpoint}", lease_ttl=TTL, log=tmp_path / "coordinator.log"
+        ).start()
+        fleet = Fleet("blackholed", coordinator.addr)
+        try:
+            proxy.pause()
+            paused_at = time.monotonic()
+            eventually(lambda: fleet.all_stopped(tether.TetherLost), timeout=2 * TTL)
+            slowest = max(at for at, _ in fleet.stops.values()) - paused_at
+            print(f"\nblackholed: all {AGENTS} agents failed closed within {slowest:.2f}s")
+            assert slowest <= TTL
+        finally:
+            coordinator.kill()  # a clean stop would wait on the blackholed etcd
+            fleet.close()
