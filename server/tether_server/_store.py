@@ -258,8 +258,7 @@ class Member:
     """One etcd endpoint, the channel to it, and the stubs over that channel."""
 
     def __init__(self, endpoint: str, channel: grpc.aio.Channel) -> None:
-        self.endpoint = endpoint
-        self.channel = channel
+        self.endpoint, self.channel = endpoint, channel
         self.kv = rpc.KVStub(channel)
         self.lease = rpc.LeaseStub(channel)
         self.watch = rpc.WatchStub(channel)
@@ -267,32 +266,36 @@ class Member:
 
 
 class Store:
-    """A thin async face over etcd's KV and Lease services (aetcd's generated stubs), with
-    failover between the members of a cluster.
+    """A thin async face over etcd's KV and Lease services, failing over between members.
 
-    aetcd's client dials one host and does not fail over, so the Store opens the channels.
-    One channel over ``ipv4:a,b,c`` (gRPC's default ``pick_first``, as before) put every
-    call and both long-lived streams on the first member that connected, and kept them
-    there while its TCP connection lived: a member hung with its sockets open kept them
-    all. ``round_robin`` skips a closed connection but not a hung one, and a re-opened
-    stream lands on whichever member comes next, the hung one included.
-
+    aetcd's client dials one host and does not fail over. One channel over ``ipv4:a,b,c``
+    (gRPC's default ``pick_first``, as before) kept every call and both long-lived streams
+    on the first member that connected while its TCP connection lived, even hung with its
+    sockets open; ``round_robin`` skips a closed connection but not a hung one either.
     So there is one channel per member and one *preferred* member: calls, and streams
     opened on ``member()``, go there; a failure that blames the member (UNAVAILABLE: down,
-    refused, no leader; DEADLINE_EXCEEDED: hung, cut off) moves the preference to the next
-    member. Nothing is retried here: a write that timed out may have been applied, and
-    only the caller knows if it may repeat it. Every call carries ``REQUIRE_LEADER``.
+    refused, no leader; DEADLINE_EXCEEDED: hung, cut off) moves the preference on. Nothing
+    is retried here: a write that timed out may have been applied, and only the caller
+    knows if it may repeat it. Every call carries ``REQUIRE_LEADER``.
     """
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0) -> None:
-        self.endpoints = tuple(endpoints)
-        self.timeout = timeout
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        timeout: float = 5.0,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.endpoints, self.timeout, self._credentials = tuple(endpoints), timeout, credentials
         self.members = [Member(e, self._open(grpc.aio, e)) for e in self.endpoints]
         self._preferred = 0
 
     def _open(self, api: Any, target: str) -> Any:
-        """A channel to one member on ``api``: ``grpc.aio``, or ``grpc`` for the blocking API."""
-        return api.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        """A channel to one member on ``api`` (``grpc.aio``, or ``grpc`` for the blocking
+        API), TLS when credentials are set; each member is verified under its own name."""
+        if self._credentials is None:
+            return api.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        return api.secure_channel(target, self._credentials, options=_CHANNEL_OPTIONS)
 
     def member(self) -> Member:
         """The member that calls and new streams go to now."""
@@ -316,9 +319,8 @@ class Store:
         for member in self.members:
             await member.channel.close()
 
-    def unavailable(self, err: BaseException, member: Member | None = None) -> EtcdUnavailable:
-        where = member.endpoint if member is not None else ", ".join(self.endpoints)
-        return EtcdUnavailable(f"etcd at {where} did not answer: {_detail(err)}")
+    def unavailable(self, err: BaseException, member: Member) -> EtcdUnavailable:
+        return EtcdUnavailable(f"etcd at {member.endpoint} did not answer: {_detail(err)}")
 
     async def _call(
         self, method: Callable[[Member], Any], request: Any, timeout: float | None = None
@@ -388,10 +390,8 @@ class Store:
             raise
 
 
-_RANGE = operator.attrgetter("kv.Range")
-_TXN = operator.attrgetter("kv.Txn")
-_GRANT = operator.attrgetter("lease.LeaseGrant")
-_REVOKE = operator.attrgetter("lease.LeaseRevoke")
+_RANGE, _TXN = operator.attrgetter("kv.Range"), operator.attrgetter("kv.Txn")
+_GRANT, _REVOKE = operator.attrgetter("lease.LeaseGrant"), operator.attrgetter("lease.LeaseRevoke")
 
 
 def _detail(err: BaseException) -> str:
