@@ -129,6 +129,12 @@ def test_coordinator_that_loses_etcd_tells_its_agents_to_stop(tmp_path: Path, te
             store.start()  # same data dir and ports
             eventually(coordinator.serving)
             eventually(lambda: not agent.killed)
+            log = coordinator.log
+            assert log is not None
+            eventually(lambda: "etcd is back: re-attached after" in log.read_text())
+            said = log.read_text()
+            assert said.count("coordinator lost etcd, failing closed") == 1  # not per retry
+            assert said.count("etcd is back") == 1
     finally:
         coordinator.stop()
         store.stop()
@@ -149,3 +155,4 @@ def test_coordinator_without_etcd_exits_with_a_reason(tmp_path: Path) -> None:
     assert lines[-1].startswith("tether: etcd at 127.0.0.1:")
     assert "did not answer" in lines[-1]
     assert "Traceback" not in result.stderr
+    assert len(lines) == 2 and lines[0].startswith("tether: waiting for etcd: ")  # not per try

@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from tether_server._cluster import EtcdCluster
     from tether_server._config import ConfigError, ServerConfig
     from tether_server._config import load as load_config
     from tether_server._drill import run_drills
@@ -20,17 +21,18 @@ if TYPE_CHECKING:
         EtcdProcess,
         LaunchError,
         ProcessExited,
-        TlsFiles,
         etcd_argv,
         etcd_binary,
         free_port,
         wait_until,
     )
     from tether_server._server import build_server, serve
+    from tether_server._tls import TlsFiles
 
 # public name -> (module, name there)
 _LAZY = {
     "ConfigError": ("_config", "ConfigError"),
+    "EtcdCluster": ("_cluster", "EtcdCluster"),
     "ServerConfig": ("_config", "ServerConfig"),
     "load_config": ("_config", "load"),
     "run_drills": ("_drill", "run_drills"),
@@ -39,7 +41,7 @@ _LAZY = {
     "EtcdProcess": ("_launch", "EtcdProcess"),
     "LaunchError": ("_launch", "LaunchError"),
     "ProcessExited": ("_launch", "ProcessExited"),
-    "TlsFiles": ("_launch", "TlsFiles"),
+    "TlsFiles": ("_tls", "TlsFiles"),
     "etcd_argv": ("_launch", "etcd_argv"),
     "etcd_binary": ("_launch", "etcd_binary"),
     "free_port": ("_launch", "free_port"),
@@ -51,6 +53,7 @@ _LAZY = {
 __all__ = [
     "ConfigError",
     "CoordinatorProcess",
+    "EtcdCluster",
     "EtcdProcess",
     "LaunchError",
     "ProcessExited",

@@ -1,4 +1,13 @@
-"""The coordinator's hold on etcd: its own lease, the halt watch, and fail-closed on loss."""
+"""The coordinator's hold on etcd: its own lease, the halt watch, and fail-closed on loss.
+
+The halt view must be proven current at least every ``TTL * PROOF_PERIOD`` and never be
+older than ``TTL * DEADLINE`` (``_freshness``); past that, agents are failed closed, and
+they hear it before their own TTL runs out. The lease and the watch move between etcd
+members on their own (``_leases``, ``_watch``), so a member's death costs nothing as long
+as a new proof arrives in time: the time left for a leaderless cluster to elect a leader
+is ``DEADLINE - PROOF_PERIOD``, half the TTL (5 s for the default TTL of 10 s; etcd's
+default election takes 1 to 2 s).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ from tether_server._acks import AckBook
 from tether_server._audit import AuditLog
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._config import ServerConfig
+from tether_server._freshness import Freshness
 from tether_server._gate import Gate, load_signer
 from tether_server._halts import HaltTable
 from tether_server._leases import EtcdLost, LeaseKeeper
@@ -21,12 +31,53 @@ from tether_server._ledger import LedgerWriter
 from tether_server._sessions import Sessions
 from tether_server._store import HALTS, EtcdUnavailable, Store, coordinator_key, put_op
 from tether_server._telemetry import Metrics
-from tether_server._watch import WatchBroken, watch_prefix
+from tether_server._watch import ResumingWatch, WatchBroken, prove_fresh
 
 log = logging.getLogger("tether_server")
 
 SERVICES = ("", "tether.v1.AgentService", "tether.v1.AdminService")
 _LOSS = (EtcdLost, WatchBroken, EtcdUnavailable)
+DEADLINE = 2 / 3  # of the TTL: how old the proven halt view may get
+PROOF_PERIOD = 1 / 6  # of the TTL: how often a proof is sought
+_SUMMARY_EVERY = 30.0  # seconds between lines while etcd stays lost
+
+
+class Outage:
+    """What the coordinator says about reaching etcd: a line per change, not per attempt.
+
+    Before the first attach, one line says it is waiting. A loss gets one line, then a
+    summary every ``every`` seconds while it lasts, and the return one line.
+    """
+
+    def __init__(self, every: float = _SUMMARY_EVERY) -> None:
+        self.every = every
+        self.attached_once = False
+        self.since: float | None = None  # when etcd was lost, or first not reached
+        self.attempts = 0
+        self._said_at = 0.0
+
+    def failed(self, reason: str, now: float) -> tuple[int, str] | None:
+        """etcd was lost, or an attempt to attach failed: the line to log, if any."""
+        if self.since is None:
+            self.since, self.attempts, self._said_at = now, 0, now
+            if not self.attached_once:
+                return logging.WARNING, f"waiting for etcd: {reason}"
+            return logging.ERROR, f"coordinator lost etcd, failing closed: {reason}"
+        self.attempts += 1
+        if not self.attached_once or now - self._said_at < self.every:
+            return None
+        self._said_at = now
+        return logging.ERROR, (
+            f"etcd still lost after {now - self.since:.0f}s "
+            f"({self.attempts} failed attempts to re-attach); last: {reason}"
+        )
+
+    def attached(self, now: float) -> tuple[int, str] | None:
+        """Attached to etcd: the line to log, if it had been lost."""
+        back = self.since is not None and self.attached_once
+        line = f"etcd is back: re-attached after {now - (self.since or now):.1f}s"
+        self.attached_once, self.since = True, None
+        return (logging.WARNING, line) if back else None
 
 
 class Coordinator:
@@ -54,15 +105,16 @@ class Coordinator:
         self.attached = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease = 0
+        self._outage = Outage()
 
     async def run(self) -> None:
         """Attach to etcd and stay attached; on any loss, fail closed and try again."""
         backoff = 0.1
         while True:
             try:
-                keeper = await self._attach()
+                keeper, fresh = await self._attach()
                 backoff = 0.1
-                await self._hold(keeper)
+                await self._hold(keeper, fresh)
             except _LOSS as err:
                 self._lose(str(err))
             except Exception as err:
@@ -73,9 +125,9 @@ class Coordinator:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    async def _attach(self) -> LeaseKeeper:
+    async def _attach(self) -> tuple[LeaseKeeper, Freshness]:
         """Take a lease, load the halts, and serve sessions on it; returns its keeper, which
-        sessions hold until etcd is lost."""
+        sessions hold until etcd is lost, and the proof that the halts are current."""
         ttl = self.config.lease_ttl
         # Every presence key this coordinator writes hangs on this lease: it lapses within
         # the instance TTL of the coordinator's death, and the instances go STALE with it.
@@ -91,8 +143,10 @@ class Coordinator:
             ],
         )
         self.gate.attach(await load_signer(self.store, self.config.permit_key), self._lease)
+        loaded_at = time.monotonic()
         resp = await self.store.range(HALTS)
         self.halts.load(resp.kvs, resp.header.revision)
+        fresh = Freshness(ttl * DEADLINE, loaded_at)
         keeper = LeaseKeeper(self.store, self._lease, ttl)
         self.sessions.attach(keeper)
         for service in SERVICES:
@@ -103,12 +157,21 @@ class Coordinator:
             self.config.coordinator_id,
             self.halts.revision,
         )
-        return keeper
+        if said := self._outage.attached(time.monotonic()):
+            log.log(*said)
+        return keeper, fresh
 
-    async def _hold(self, keeper: LeaseKeeper) -> None:
+    async def _hold(self, keeper: LeaseKeeper, fresh: Freshness) -> None:
+        watch = ResumingWatch(self.store, HALTS, self.halts.revision, fresh.reached)
+        period = self.config.lease_ttl * PROOF_PERIOD
+
+        async def read(timeout: float) -> int:
+            return await self.store.revision(HALTS, timeout)
+
         tasks = [
             asyncio.create_task(keeper.run(), name="lease-keeper"),
-            asyncio.create_task(self._watch_halts(), name="halt-watch"),
+            asyncio.create_task(self._watch_halts(watch), name="halt-watch"),
+            asyncio.create_task(prove_fresh(watch, read, fresh, period), name="freshness"),
             asyncio.create_task(self.checkpoints.run(), name="checkpoints"),
             asyncio.create_task(self._ledger.run(), name="ledger"),
             asyncio.create_task(self.acks.run(), name="acks"),
@@ -124,14 +187,15 @@ class Coordinator:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _watch_halts(self) -> None:
-        async for resp in watch_prefix(self.store, HALTS, self.halts.revision + 1):
+    async def _watch_halts(self, watch: ResumingWatch) -> None:
+        async for resp in watch.events():
             since = time.monotonic()
             for event in resp.events:
                 self.sessions.on_halt(self.halts.apply(event), since)
 
     def _lose(self, reason: str) -> None:
-        log.error("coordinator lost etcd, failing closed: %s", reason)
+        if said := self._outage.failed(reason, time.monotonic()):
+            log.log(*said)
         self.attached.clear()
         self.sessions.lose(reason)
         for service in SERVICES:

@@ -19,13 +19,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Self, TypeVar
 
-import grpc
 from aetcd import rpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tether_server._tls import TlsFiles, probe_channel
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
@@ -37,32 +37,6 @@ class LaunchError(RuntimeError):
 
 class ProcessExited(LaunchError):
     """A launched process exited while it was awaited; waiting longer will not help."""
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """A certificate, its key and a CA, as PEM files: what a TLS peer of a launched child uses.
-
-    For ``EtcdProcess``: etcd's serving certificate, and the CA its clients must be signed
-    by (``--client-cert-auth``); the readiness probe presents the same certificate, which
-    must therefore be good for client auth too. For ``CoordinatorProcess``: the client
-    credentials its readiness probe dials with (``ca`` verifies the coordinator).
-    """
-
-    cert: Path
-    key: Path
-    ca: Path
-
-    def channel(self, target: str) -> grpc.Channel:
-        """A blocking TLS channel to ``target`` presenting this certificate."""
-        creds = grpc.ssl_channel_credentials(
-            self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
-        )
-        return grpc.secure_channel(target, creds)
-
-
-def _probe_channel(target: str, tls: TlsFiles | None) -> grpc.Channel:
-    return grpc.insecure_channel(target) if tls is None else tls.channel(target)
 
 
 def free_port() -> int:
@@ -302,9 +276,22 @@ class EtcdProcess(_Child):
         Raises:
             LaunchError: etcd is not installed, exited, or did not answer in time.
         """
-        self._spawn(self.argv())
-        self._started(self.ready, timeout)
+        self.spawn()
+        self.await_ready(timeout)
         return self
+
+    def spawn(self) -> None:
+        """Start etcd without waiting: members of a new cluster answer only once a quorum
+        runs, so ``EtcdCluster`` spawns them all before it awaits any."""
+        self._spawn(self.argv())
+
+    def await_ready(self, timeout: float = 20.0) -> None:
+        """Wait until a spawned etcd answers; one that never does is killed.
+
+        Raises:
+            LaunchError: etcd exited, or did not answer in time.
+        """
+        self._started(self.ready, timeout)
 
     def ready(self) -> bool:
         """Whether etcd answers a status request now.
@@ -313,7 +300,7 @@ class EtcdProcess(_Child):
             ProcessExited: etcd has exited.
         """
         self._check_alive()
-        with _probe_channel(self.endpoint, self.tls) as channel:
+        with probe_channel(self.endpoint, self.tls) as channel:
             rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=1)
         return True
 
@@ -393,7 +380,7 @@ class CoordinatorProcess(_Child):
             ProcessExited: the coordinator has exited; the message holds its log's tail.
         """
         self._check_alive()
-        with _probe_channel(self.addr, self.tls) as channel:
+        with probe_channel(self.addr, self.tls) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="tether.v1.AgentService"), timeout=1
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -99,3 +100,30 @@ def etcd_credentials(config: ServerConfig) -> grpc.ChannelCredentials | None:
     cert = read_pem(config.etcd_cert, "--etcd-cert") if config.etcd_cert else None
     key = read_pem(config.etcd_key, "--etcd-key") if config.etcd_key else None
     return grpc.ssl_channel_credentials(ca, key, cert)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A certificate, its key and a CA, as PEM files: what a TLS peer of a launched child uses.
+
+    For ``EtcdProcess``: etcd's serving certificate, and the CA its clients must be signed
+    by (``--client-cert-auth``); the readiness probe presents the same certificate, which
+    must therefore be good for client auth too. For ``CoordinatorProcess``: the client
+    credentials its readiness probe dials with (``ca`` verifies the coordinator).
+    """
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def channel(self, target: str) -> grpc.Channel:
+        """A blocking TLS channel to ``target`` presenting this certificate."""
+        creds = grpc.ssl_channel_credentials(
+            self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
+        )
+        return grpc.secure_channel(target, creds)
+
+
+def probe_channel(target: str, tls: TlsFiles | None) -> grpc.Channel:
+    """A blocking channel to ``target``: plaintext, or TLS presenting ``tls``."""
+    return grpc.insecure_channel(target) if tls is None else tls.channel(target)
