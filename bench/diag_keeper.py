@@ -27,8 +27,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tether_server._etcd import Store
 from tether_server._leases import EtcdLost, LeaseKeeper
-from tether_server._store import Store
 
 from bench.infra import Etcd, Procs
 

@@ -17,7 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from tether.v1 import agent_pb2, agent_pb2_grpc
 from tether_server._canary import Canary
 from tether_server._config import ServerConfig
-from tether_server._store import Store
+from tether_server._etcd import Store
 
 from tests.conftest import Coordinator, Etcd, Pki, eventually
 

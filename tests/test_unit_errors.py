@@ -16,7 +16,7 @@ from tether_server._errors import (
     parse_agent_uri,
     status_of,
 )
-from tether_server._store import EtcdUnavailable
+from tether_server._etcd import EtcdUnavailable
 from tether_server._watch import WatchBroken
 
 Code = grpc.StatusCode

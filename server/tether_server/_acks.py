@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from tether.v1 import admin_pb2, agent_pb2, types_pb2
 
 from tether_server._audit import AuditLog, new_entry
+from tether_server._etcd import EtcdUnavailable, every
 from tether_server._halts import HaltTable
-from tether_server._store import EtcdUnavailable, InstanceKey, every
+from tether_server._store import InstanceKey
 
 _MAX_NAMES = 100
 

@@ -26,6 +26,7 @@ from tether_server._errors import (
     check_name,
     status_of,
 )
+from tether_server._etcd import Store
 from tether_server._fleet import FleetReader, LastBeat
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._identity import Kind, Principal, spiffe_id
@@ -33,7 +34,6 @@ from tether_server._ledger import LedgerReader
 from tether_server._selectors import validate
 from tether_server._signer import PermitSigner
 from tether_server._status import StatusSource
-from tether_server._store import Store
 from tether_server._telemetry import tracer
 
 R = TypeVar("R")

@@ -18,17 +18,8 @@ from typing import Any
 from aetcd import rpc
 from tether.v1 import admin_pb2, types_pb2
 
-from tether_server._store import (
-    AUDIT,
-    AUDIT_HEAD,
-    EtcdUnavailable,
-    Store,
-    audit_key,
-    from_json,
-    put_op,
-    range_op,
-    to_json,
-)
+from tether_server._etcd import EtcdUnavailable, Store
+from tether_server._store import AUDIT, AUDIT_HEAD, audit_key, from_json, put_op, range_op, to_json
 
 _RETRIES = 64
 

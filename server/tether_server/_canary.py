@@ -33,16 +33,9 @@ from opentelemetry import metrics
 from tether.v1 import admin_pb2, agent_pb2, agent_pb2_grpc, types_pb2
 
 from tether_server._config import ServerConfig
+from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._selectors import halt_id
-from tether_server._store import (
-    EtcdUnavailable,
-    InstanceKey,
-    Store,
-    delete_op,
-    halt_key,
-    put_op,
-    to_json,
-)
+from tether_server._store import InstanceKey, delete_op, halt_key, put_op, to_json
 
 log = logging.getLogger("tether_server")
 

@@ -13,8 +13,9 @@ import asyncio
 import hashlib
 import logging
 
+from tether_server._etcd import EtcdUnavailable, Store, every
 from tether_server._ledger import LedgerWriter
-from tether_server._store import EtcdUnavailable, RunKey, Store, every, put_op
+from tether_server._store import RunKey, put_op
 
 log = logging.getLogger("tether_server")
 KILL_FLUSH_DELAY = 0.05  # seconds: long enough to gather a fleet's final checkpoints

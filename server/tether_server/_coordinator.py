@@ -23,13 +23,14 @@ from tether_server._acks import AckBook
 from tether_server._audit import AuditLog
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._config import ServerConfig
+from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._freshness import Freshness
 from tether_server._gate import Gate, load_signer
 from tether_server._halts import HaltTable
 from tether_server._leases import EtcdLost, LeaseKeeper
 from tether_server._ledger import LedgerWriter
 from tether_server._sessions import Sessions
-from tether_server._store import HALTS, EtcdUnavailable, Store, coordinator_key, put_op
+from tether_server._store import HALTS, coordinator_key, put_op
 from tether_server._telemetry import Metrics
 from tether_server._watch import ResumingWatch, WatchBroken, prove_fresh
 

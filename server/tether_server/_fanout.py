@@ -17,12 +17,12 @@ import grpc
 from tether.v1 import types_pb2
 
 from tether_server._checkpoints import CheckpointWriter, RunFlush
+from tether_server._etcd import EtcdUnavailable
 from tether_server._halts import HaltTable
 from tether_server._orders import Push, any_stop, order_message
 from tether_server._outbox import End
 from tether_server._presence import Presence
 from tether_server._selectors import matches
-from tether_server._store import EtcdUnavailable
 from tether_server._telemetry import Metrics
 
 log = logging.getLogger("tether_server")

@@ -17,6 +17,7 @@ from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._canary import hidden
 from tether_server._errors import FailedPrecondition, NotFound
+from tether_server._etcd import Store
 from tether_server._halts import HaltTable
 from tether_server._orders import any_stop
 from tether_server._selectors import EMPTY
@@ -27,7 +28,6 @@ from tether_server._store import (
     ROSTER,
     InstanceKey,
     RunKey,
-    Store,
     checkpoint_prefix,
     from_json,
     instance_of,

@@ -20,6 +20,7 @@ from typing import Any
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._errors import InvalidArgument, check_name
+from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._halts import HaltTable
 from tether_server._ledger import LedgerWriter, landed
 from tether_server._selectors import is_stop
@@ -27,10 +28,8 @@ from tether_server._signer import PermitSigner
 from tether_server._store import (
     HALTS,
     PERMIT_KEY,
-    EtcdUnavailable,
     InstanceKey,
     RunKey,
-    Store,
     absent,
     delete_op,
     effect_key,

@@ -12,11 +12,11 @@ from tether.v1 import admin_pb2, types_pb2
 from tether_server._audit import AuditLog, new_entry
 from tether_server._canary import hidden
 from tether_server._errors import FailedPrecondition, InvalidArgument
+from tether_server._etcd import Store
 from tether_server._halts import halt_from_kv
 from tether_server._selectors import halt_id, scope_name
 from tether_server._store import (
     HALTS,
-    Store,
     absent,
     delete_op,
     halt_key,

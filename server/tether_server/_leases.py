@@ -33,7 +33,7 @@ import grpc
 from aetcd import rpc
 
 from tether_server._errors import Unavailable
-from tether_server._store import REQUIRE_LEADER, Member, Store
+from tether_server._etcd import REQUIRE_LEADER, Member, Store
 
 _RETRY = 0.1  # seconds between a broken stream and its successor on the next member
 

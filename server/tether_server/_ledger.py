@@ -17,17 +17,8 @@ from typing import Any
 
 from tether.v1 import agent_pb2, types_pb2
 
-from tether_server._store import (
-    EtcdUnavailable,
-    RunKey,
-    Store,
-    every,
-    from_json,
-    ledger_chunk_key,
-    ledger_prefix,
-    put_op,
-    to_json,
-)
+from tether_server._etcd import EtcdUnavailable, Store, every
+from tether_server._store import RunKey, from_json, ledger_chunk_key, ledger_prefix, put_op, to_json
 
 _MAX_CHUNK = 128 * 1024  # bytes per value: several fit one transaction under etcd's limit
 

@@ -24,6 +24,7 @@ from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._errors import InvalidArgument, PermissionDenied, check_name, parse_agent_uri
+from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._ledger import decode
@@ -31,9 +32,7 @@ from tether_server._outbox import End
 from tether_server._registry import Registry, Session
 from tether_server._store import (
     HALTS,
-    EtcdUnavailable,
     InstanceKey,
-    Store,
     absent,
     checkpoint_key,
     delete_op,

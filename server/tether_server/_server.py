@@ -25,9 +25,9 @@ from tether_server._canary import Canary
 from tether_server._config import ServerConfig
 from tether_server._coordinator import SERVICES, Coordinator
 from tether_server._embedded import EmbeddedEtcd
+from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._orders import serialize
 from tether_server._status import status_source
-from tether_server._store import EtcdUnavailable, Store
 from tether_server._tls import etcd_credentials, server_credentials
 from tether_server._wire import MalformedRequests
 

@@ -26,6 +26,7 @@ from tether_server._auth import caller
 from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._config import ServerConfig
 from tether_server._errors import ANSWERABLE, InvalidArgument, status_of
+from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._fanout import Fanout
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
@@ -37,7 +38,7 @@ from tether_server._outbox import DONE, End, Outbox
 from tether_server._presence import Presence, identity_from
 from tether_server._rbac import check_registration
 from tether_server._registry import Session
-from tether_server._store import EtcdUnavailable, InstanceKey, Store
+from tether_server._store import InstanceKey
 from tether_server._telemetry import Metrics
 from tether_server._wire import malformed
 

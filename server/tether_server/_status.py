@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._canary import visible
+from tether_server._etcd import EtcdUnavailable
 from tether_server._halts import halt_from_kv
-from tether_server._store import HALTS, EtcdUnavailable
+from tether_server._store import HALTS
 
 if TYPE_CHECKING:
     from tether_server._canary import Canary

@@ -14,8 +14,9 @@ import grpc
 from aetcd import rpc
 
 from tether_server._errors import Unavailable
+from tether_server._etcd import REQUIRE_LEADER, Member, Store
 from tether_server._freshness import Freshness
-from tether_server._store import REQUIRE_LEADER, Member, Store, prefix_end
+from tether_server._store import prefix_end
 
 log = logging.getLogger("tether_server")
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import tether
 from tether_server import CoordinatorProcess, EtcdCluster, EtcdProcess
+from tether_server._etcd import Store
 from tether_server._freshness import Freshness
-from tether_server._store import HALTS, Store, halt_key, put_op
+from tether_server._store import HALTS, halt_key, put_op
 from tether_server._watch import ResumingWatch, WatchStalled, prove_fresh
 
 from tests.conftest import eventually
