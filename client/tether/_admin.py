@@ -212,12 +212,23 @@ class AdminClient:
         return resp.intact, resp.entries, resp.first_bad_id, resp.problem
 
     def watch(
-        self, *, tenant: str = "", agent: str = "", run_id: str = "", snapshot: bool = True
+        self,
+        *,
+        tenant: str = "",
+        agent: str = "",
+        run_id: str = "",
+        snapshot: bool = True,
+        progress: bool = False,
     ) -> Iterator[AgentEvent]:
-        """State changes as they happen, after the current state unless ``snapshot`` is off."""
+        """State changes as they happen, after the current state unless ``snapshot`` is off.
+
+        ``progress`` adds each run's checkpoint to the events, and an event (state unchanged)
+        whenever a stored checkpoint changes.
+        """
         req = admin_pb2.WatchAgentsRequest(
-            tenant=tenant, agent=agent, run_id=run_id, skip_snapshot=not snapshot
-        )
+            tenant=tenant, agent=agent, run_id=run_id, skip_snapshot=not snapshot,
+            progress=progress,
+        )  # fmt: skip
         stream = self._stub.WatchAgents(req, metadata=self._metadata)
         try:
             for event in stream:

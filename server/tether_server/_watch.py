@@ -17,15 +17,19 @@ class WatchBroken(Unavailable):
     """The watch ended: etcd is unreachable, or it cancelled or compacted the watch."""
 
 
-async def watch_prefix(store: Store, prefix: bytes, start_revision: int) -> AsyncIterator[Any]:
+async def watch_prefix(
+    store: Store, prefix: bytes, start_revision: int, *, end: bytes | None = None
+) -> AsyncIterator[Any]:
     """Yield every WatchResponse that carries events under ``prefix`` after ``start_revision``.
+
+    ``end`` widens the watch to every key from ``prefix`` up to (not including) ``end``.
 
     Raises:
         WatchBroken: the stream failed or etcd cancelled it; the caller must resync.
     """
     requests: asyncio.Queue[Any] = asyncio.Queue()
     create = rpc.WatchCreateRequest(
-        key=prefix, range_end=prefix_end(prefix), start_revision=start_revision, prev_kv=True
+        key=prefix, range_end=end or prefix_end(prefix), start_revision=start_revision, prev_kv=True
     )
     await requests.put(rpc.WatchRequest(create_request=create))
 

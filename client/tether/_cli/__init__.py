@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tether._admin import AdminClient
+from tether._cli._dashboard import dashboard
 from tether._cli._output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail
 from tether._cli._parser import build_parser
 from tether._cli._server_verbs import drill, serve
@@ -27,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.verb == "drill":
             return drill(args)
+        if args.verb == "dashboard":
+            return dashboard(args)
         with AdminClient(args.addr, token=args.token) as client:
             return ADMIN_VERBS[args.verb](client, args)
     except (InvalidArgument, FailedPrecondition) as err:

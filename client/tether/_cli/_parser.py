@@ -123,6 +123,11 @@ def _effects_args(effects: argparse.ArgumentParser) -> None:
     effects.add_argument("--status", choices=[s.value for s in EffectStatus], type=str.lower)
 
 
+def _dashboard_args(dashboard: argparse.ArgumentParser) -> None:
+    dashboard.add_argument("--listen", help="HOST:PORT of the web page (default 127.0.0.1:7780)")
+    dashboard.add_argument("--tenant", default="", help="show and act on this tenant only")
+
+
 def _no_args(_: argparse.ArgumentParser) -> None:
     pass
 
@@ -155,6 +160,7 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("permit-key", "the public key that verifies permits", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
+    ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
 )
 
 
