@@ -120,6 +120,8 @@ def test_the_form_kills_an_agent_and_the_page_sees_it_killed_live(
         expect(row).to_have_attribute("data-state", "ACTIVE")
         expect(row.locator(".checkpoint")).to_contain_text('"batch":3')
         expect(page.locator("#link")).to_contain_text(f"live: {coord.addr}")
+        agent.report({"batch": 4})  # progress arrives by the stream too
+        expect(row.locator(".checkpoint")).to_contain_text('"batch":4', timeout=10_000)
 
         page.select_option("#kill-scope", "agent")
         page.fill("#kill-tenant", tenant)
@@ -171,6 +173,31 @@ def test_resume_button_lifts_the_halt(
         expect(halt).to_have_count(0)
         assert not admin.halts(tenant=tenant)
         page.close()
+
+
+def test_watch_with_progress_carries_checkpoints_and_their_changes(
+    coord: Coordinator, tenant: str
+) -> None:
+    """What the dashboard's fleet table is fed: WatchAgents with ``progress``."""
+    with (
+        tether.AdminClient(coord.addr) as admin,
+        tether.Agent(f"agent://{tenant}/email", run_id="p-1", target=coord.addr) as agent,
+    ):
+        agent.report({"batch": 1})
+        eventually(lambda: admin.agents(tenant=tenant)[0].checkpoint == {"batch": 1})
+        events = admin.watch(tenant=tenant, progress=True)
+        first = next(events)
+        assert (first.snapshot, first.instance.checkpoint) == (True, {"batch": 1})
+        agent.report({"batch": 2})
+        change = next(events)
+        assert (change.snapshot, change.instance.state, change.previous) == (
+            False, tether.State.ACTIVE, tether.State.ACTIVE,
+        )  # fmt: skip
+        assert change.instance.checkpoint == {"batch": 2}
+        events.close()
+        plain = admin.watch(tenant=tenant)  # without progress: states only, no checkpoints
+        assert next(plain).instance.checkpoint is None
+        plain.close()
 
 
 def test_a_post_without_the_page_s_token_is_refused(
