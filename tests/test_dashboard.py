@@ -12,7 +12,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -194,9 +194,11 @@ def test_watch_with_progress_carries_checkpoints_and_their_changes(
             False, tether.State.ACTIVE, tether.State.ACTIVE,
         )  # fmt: skip
         assert change.instance.checkpoint == {"batch": 2}
-        events.close()
+        assert isinstance(events, Generator)
+        events.close()  # cancels the stream
         plain = admin.watch(tenant=tenant)  # without progress: states only, no checkpoints
         assert next(plain).instance.checkpoint is None
+        assert isinstance(plain, Generator)
         plain.close()
 
 
