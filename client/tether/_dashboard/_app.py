@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -21,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 from tether._admin import AdminClient
 from tether._dashboard import _calls
 from tether._dashboard._config import AUDIT_LIMIT, DashboardConfig
-from tether._dashboard._fleet import Fleet, Watcher
+from tether._dashboard._fleet import Fleet, Message, Watcher
 from tether._dashboard._requests import (
     BadRequest,
     Forbidden,
@@ -66,6 +67,18 @@ async def _json_body(request: Request) -> Any:
         raise BadRequest("the request body is not valid JSON") from None
 
 
+async def _next(queue: asyncio.Queue[Message], shutdown: anyio.Event) -> Message | None:
+    """The next message for one browser, or None once the server is stopping."""
+    getter = asyncio.ensure_future(queue.get())
+    stopper = asyncio.ensure_future(shutdown.wait())
+    try:
+        await asyncio.wait((getter, stopper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        getter.cancel()
+        stopper.cancel()
+    return None if shutdown.is_set() or getter.cancelled() else getter.result()
+
+
 class Dashboard:
     """The routes, over one fleet watch and one set of coordinator clients."""
 
@@ -90,17 +103,18 @@ class Dashboard:
         return response
 
     async def events(self, request: Request) -> Response:
-        queue = self.fleet.subscribe()
+        queue, shutdown = self.fleet.subscribe(), anyio.Event()
 
         async def stream() -> AsyncIterator[dict[str, str]]:
             try:
-                while True:
-                    name, data = await queue.get()
-                    yield {"event": name, "data": json.dumps(data)}
+                while (message := await _next(queue, shutdown)) is not None:
+                    yield {"event": message[0], "data": json.dumps(message[1])}
             finally:
                 self.fleet.unsubscribe(queue)
 
-        return EventSourceResponse(stream(), ping=SSE_PING)
+        return EventSourceResponse(
+            stream(), ping=SSE_PING, shutdown_event=shutdown, shutdown_grace_period=0.5
+        )
 
     async def whoami(self, request: Request) -> Response:
         return JSONResponse(await self._call(_calls.whoami))
