@@ -84,7 +84,8 @@ def test_kill_resume_and_reads_with_json_output(coord: Coordinator, tenant: str)
             "capability": "",
             "labels": {},
         }
-        assert killed["halt"]["actor"].startswith("oncall@")
+        assert killed["halt"]["actor"].startswith("anonymous@")  # the principal
+        assert killed["halt"]["actor_note"].startswith("oncall@")  # what the CLI said
         eventually(lambda: agent.killed)
 
         table = ok(tether_cli("agents", "--tenant", tenant, addr=coord.addr))

@@ -22,7 +22,8 @@ import tether
 from tether._dashboard._requests import BadRequest, effects_query, kill_order
 from tether_server import free_port
 
-from tests.conftest import Coordinator, eventually
+from tests.conftest import Coordinator, Etcd, eventually
+from tests.test_auth import BOB, CAROL, write_rbac
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -43,13 +44,13 @@ needs_chromium = pytest.mark.skipif(
 class Dashboard:
     """A ``tether dashboard`` process and the requests a browser or an attacker would send."""
 
-    def __init__(self, coord: Coordinator, log: Path) -> None:
+    def __init__(self, coord: Coordinator, log: Path, *flags: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tether._cli", "dashboard", "--listen",
-             f"127.0.0.1:{self.port}", "--addr", coord.addr],
+             f"127.0.0.1:{self.port}", "--addr", coord.addr, *flags],
             stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         eventually(lambda: self.get("/healthz")[0] == 200)
@@ -173,6 +174,61 @@ def test_resume_button_lifts_the_halt(
         expect(halt).to_have_count(0)
         assert not admin.halts(tenant=tenant)
         page.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
+    """A coordinator with roles: carol views acme and globex, bob operates acme."""
+    directory = tmp_path_factory.mktemp("rbac")
+    rbac, tokens = write_rbac(directory)
+    coordinator = Coordinator(etcd).start(
+        directory, "--rbac", str(rbac), "--admin-tokens", str(tokens)
+    )
+    yield coordinator
+    coordinator.stop()
+
+
+@needs_chromium
+def test_a_viewer_sees_no_kill_or_resume_controls(
+    guarded: Coordinator, browser: Any, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    with tether.AdminClient(guarded.addr, token=BOB) as bob:
+        bob.kill(tether.selector(tenant="acme"), "a halt to see", force=True)
+    board = Dashboard(guarded, tmp_path / "viewer.log", "--token", CAROL, "--tenant", "acme")
+    try:
+        page = browser.new_page()
+        page.goto(board.url)
+        expect(page.locator("#me")).to_contain_text("operator:carol (viewer)")
+        expect(page.locator("#readonly")).to_be_visible()
+        expect(page.locator("#halts")).to_contain_text("tenant acme")
+        expect(page.locator("#link")).to_contain_text("live:")
+        for control in ("#kill-section", "#kill-submit", "text=Resume…", "text=Kill…"):
+            expect(page.locator(control)).to_be_hidden()
+        page.close()
+        kill = {"scope": "tenant", "tenant": "acme", "reason": "r", "force": True}
+        status, body, _ = board.request("/api/kill", kill, board.session())
+        assert status == 403 and "may only read" in body, body
+    finally:
+        board.stop()
+        with tether.AdminClient(guarded.addr, token=BOB) as bob:
+            bob.resume(tether.selector(tenant="acme"), "done")
+
+
+def test_a_refusal_by_the_coordinator_keeps_its_status(
+    guarded: Coordinator, tmp_path: Path
+) -> None:
+    board = Dashboard(guarded, tmp_path / "operator.log", "--token", BOB, "--tenant", "acme")
+    try:
+        kill = {"scope": "tenant", "tenant": "globex", "reason": "not mine", "force": True}
+        status, body, _ = board.request("/api/kill", kill, board.session())
+        assert status == 403, body
+        answer = json.loads(body)
+        assert answer["status"] == "PERMISSION_DENIED"
+        assert "may not kill in tenant globex" in answer["error"]
+    finally:
+        board.stop()
 
 
 def test_watch_with_progress_carries_checkpoints_and_their_changes(

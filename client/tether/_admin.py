@@ -7,10 +7,12 @@ import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
+from tether._channel import ENV_TOKEN, bearer, client_tls, open_channel, tls_from_env
 from tether._config import resolve_targets
 from tether._errors import InvalidArgument, from_rpc_error
 from tether._types import (
@@ -18,10 +20,12 @@ from tether._types import (
     STATE_TO_PB,
     AgentEvent,
     AgentInstance,
+    AgentToken,
     AuditEntry,
     EffectRecord,
     EffectStatus,
     Halt,
+    Principal,
     Scope,
     Selector,
     State,
@@ -79,9 +83,16 @@ class AdminClient:
     Args:
         target: ``HOST:PORT``; defaults to ``TETHER_ADDR``, then ``127.0.0.1:7700``.
         timeout: Seconds per call.
-        actor: Recorded in the audit as who acted; defaults to ``user@host``.
+        actor: Recorded in the audit as a note beside who acted (the audit's actor is the
+            identity the coordinator authenticated); defaults to ``user@host``.
         token: Admin bearer token, for coordinators run with ``--admin-tokens``;
             defaults to ``TETHER_TOKEN``.
+        tls_ca: PEM CA bundle that verifies the coordinator; given, the client speaks
+            TLS. Defaults to ``TETHER_TLS_CA``; without one, plaintext.
+        tls_cert: PEM client certificate (its URI SAN names the operator), with
+            ``tls_key``. Defaults to ``TETHER_TLS_CERT``.
+        tls_key: Private key of ``tls_cert``. Defaults to ``TETHER_TLS_KEY``.
+        environ: Where the defaults above are read; usually ``os.environ``.
     """
 
     def __init__(
@@ -91,14 +102,19 @@ class AdminClient:
         timeout: float = 10.0,
         actor: str | None = None,
         token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         self.target = resolve_targets(target, environ)[0]
         self._timeout = timeout
         self._actor = actor or default_actor()
-        token = token or environ.get("TETHER_TOKEN")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = grpc.insecure_channel(self.target)
+        self._metadata = bearer(token or environ.get(ENV_TOKEN))
+        files = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+        if not any(files.values()):
+            files.update(tls_from_env(environ))
+        self._channel = open_channel(self.target, client_tls(**files))
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def close(self) -> None:
@@ -210,6 +226,23 @@ class AdminClient:
         """Walk the audit hash chain: (intact, entries checked, first bad id, problem)."""
         resp = self._call(self._stub.VerifyAudit, admin_pb2.VerifyAuditRequest())
         return resp.intact, resp.entries, resp.first_bad_id, resp.problem
+
+    def whoami(self) -> Principal:
+        """Who the coordinator takes this client to be, and what its role allows."""
+        return Principal.from_pb(self._call(self._stub.WhoAmI, admin_pb2.WhoAmIRequest()))
+
+    def issue_agent_token(
+        self, tenant: str, *, agent: str = "", ttl: float | None = None
+    ) -> AgentToken:
+        """A signed token that registers as ``tenant`` (and ``agent``, if given); admins only.
+
+        Args:
+            ttl: Seconds the token lives; the coordinator's default is 24 hours, at most 30 days.
+        """
+        req = admin_pb2.IssueAgentTokenRequest(tenant=tenant, agent=agent)
+        if ttl is not None:
+            req.ttl.FromMilliseconds(int(ttl * 1000))
+        return AgentToken.from_pb(self._call(self._stub.IssueAgentToken, req))
 
     def watch(
         self,

@@ -9,6 +9,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -26,8 +27,7 @@ T = TypeVar("T")
 def _settings(
     config: AgentConfig | None,
     target: str | None,
-    connect_timeout: float | None,
-    strict_effects: bool | None,
+    given: Mapping[str, Any],
     environ: Mapping[str, str] = os.environ,
 ) -> AgentConfig:
     """The front doors' keyword arguments win over ``config``, or over ``environ`` without one.
@@ -38,13 +38,9 @@ def _settings(
     ``os.environ``: it is handed, as an argument, to the one loader ``AgentConfig.from_env``
     (and to ``resolve_targets``), as the server's front door hands it to its config loader.
     """
-    overrides: dict[str, Any] = {}
+    overrides = {name: value for name, value in given.items() if value is not None}
     if target:
         overrides["targets"] = tuple(resolve_targets(target, environ))
-    if connect_timeout is not None:
-        overrides["connect_timeout"] = connect_timeout
-    if strict_effects is not None:
-        overrides["strict_effects"] = strict_effects
     if config is None:
         return AgentConfig.from_env(environ, **overrides)
     return dataclasses.replace(config, **overrides)
@@ -83,11 +79,23 @@ class _Front:
         labels: Mapping[str, str] | None = None,
         connect_timeout: float | None = None,
         strict_effects: bool | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        token: str | None = None,
         config: AgentConfig | None = None,
     ) -> None:
         """See ``Agent`` for the arguments."""
         identity = _identity(uri, run_id, instance_id, capabilities, labels)
-        settings = _settings(config, target, connect_timeout, strict_effects)
+        given = {
+            "connect_timeout": connect_timeout,
+            "strict_effects": strict_effects,
+            "tls_ca": tls_ca,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "token": token,
+        }
+        settings = _settings(config, target, given)
         self._core = Core(identity, settings)
         self._strict = settings.strict_effects
 
@@ -190,6 +198,13 @@ class Agent(_Front):
         connect_timeout: How long ``__enter__`` waits to register before raising
             ``tether.Unavailable``. Defaults to 10 seconds.
         strict_effects: Gate effects in strict mode by default (see ``effect``).
+        tls_ca: CA bundle (PEM) that verifies the coordinator; TLS is on when given.
+            Defaults to ``TETHER_TLS_CA``.
+        tls_cert: Client certificate (PEM) whose URI SAN names this agent, with ``tls_key``.
+            Defaults to ``TETHER_TLS_CERT`` and ``TETHER_TLS_KEY``.
+        tls_key: Private key of ``tls_cert``.
+        token: A signed agent token (``tether token issue``), for platforms without client
+            certificates. Defaults to ``TETHER_TOKEN``.
         config: Settings beyond these, such as gRPC channel options or a reply observer;
             the arguments above, when given, win over it. Without it, settings come from
             ``AgentConfig.from_env(os.environ)``.

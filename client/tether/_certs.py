@@ -8,21 +8,59 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tether._errors import InvalidArgument
 from tether._uri import check_name
 
 DEFAULT_TRUST_DOMAIN = "tether"
+# SPIFFE: a trust domain is lowercase letters, digits, dots, dashes and underscores.
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+# A DNS name of letters, digits and dashes per label; a leading "*." for a wildcard.
+_DNS_NAME = re.compile(
+    r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+)
+
+
+def check_trust_domain(value: str) -> str:
+    """Return ``value`` if it is a SPIFFE trust domain, such as ``tether`` or ``acme.corp``."""
+    if not _TRUST_DOMAIN.match(value):
+        raise InvalidArgument(
+            f"trust domain {value!r} is not valid: use lowercase letters, digits and . _ -"
+        )
+    return value
+
+
+def split_hosts(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``hosts`` as (DNS names, IP addresses) for a server certificate's SANs."""
+    dns: list[str] = []
+    ips: list[str] = []
+    for host in hosts:
+        try:
+            ips.append(str(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        if len(host) > 253 or not _DNS_NAME.match(host):
+            raise InvalidArgument(
+                f"host {host!r} is neither an IP address nor a DNS name such as "
+                "tether.example.com (a leading *. makes a wildcard)"
+            )
+        dns.append(host.lower())
+    return dns, ips
 
 
 def spiffe_id(
     *, tenant: str = "", agent: str = "", operator: str = "", trust_domain: str = ""
 ) -> str:
     """The SPIFFE ID of an agent (tenant and agent), a tenant's agent host, or an operator."""
-    domain = trust_domain or DEFAULT_TRUST_DOMAIN
+    domain = check_trust_domain(trust_domain or DEFAULT_TRUST_DOMAIN)
     if operator:
         if tenant or agent:
             raise ValueError("an operator's SPIFFE ID names no tenant or agent")
@@ -43,21 +81,46 @@ class Pem:
     key: bytes
 
     def write(self, directory: Path, name: str) -> tuple[Path, Path]:
-        """Write ``NAME.crt`` and ``NAME.key`` (mode 0600) into ``directory``."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write ``NAME.crt`` (0644) and ``NAME.key`` (0600) into ``directory``.
+
+        Each file is replaced atomically, the key first, so a coordinator that reloads its
+        certificate when the file changes never reads half a file.
+        """
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-        cert.write_bytes(self.cert)
-        key.touch(mode=0o600)
-        key.write_bytes(self.key)
+        _replace(key, self.key, 0o600)
+        _replace(cert, self.cert, 0o644)
         return cert, key
+
+    @classmethod
+    def read(cls, directory: Path, name: str) -> Pem:
+        """The ``NAME.crt`` and ``NAME.key`` that :meth:`write` wrote."""
+        return cls(
+            (directory / f"{name}.crt").read_bytes(), (directory / f"{name}.key").read_bytes()
+        )
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), mode)  # a leftover temporary file would keep its old mode
+        out.write(data)
+    os.replace(temporary, path)
 
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def new_ca(common_name: str = "tether development CA", *, days: float = 365) -> Pem:
-    """A self-signed CA that may sign leaf certificates only."""
+def new_ca(
+    common_name: str = "tether development CA", *, days: float = 365, trust_domain: str = ""
+) -> Pem:
+    """A self-signed CA that may sign leaf certificates only.
+
+    With ``trust_domain``, the CA carries ``spiffe://TRUST_DOMAIN`` as its URI SAN, as a
+    SPIFFE signing certificate may, so ``tether certs`` can tell which domain it serves.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -66,7 +129,7 @@ def new_ca(common_name: str = "tether development CA", *, days: float = 365) -> 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -83,9 +146,26 @@ def new_ca(common_name: str = "tether development CA", *, days: float = 365) -> 
             ),
             critical=True,
         )
-        .sign(key, hashes.SHA256())
     )  # fmt: skip
-    return Pem(_cert_pem(cert), _key_pem(key))
+    if trust_domain:
+        uri = x509.UniformResourceIdentifier(f"spiffe://{check_trust_domain(trust_domain)}")
+        builder = builder.add_extension(x509.SubjectAlternativeName([uri]), critical=False)
+    return Pem(_cert_pem(builder.sign(key, hashes.SHA256())), _key_pem(key))
+
+
+def trust_domain_of(ca: Pem) -> str:
+    """The trust domain ``new_ca`` wrote into ``ca``; the default for a CA without one."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(ca.cert)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return DEFAULT_TRUST_DOMAIN
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith("spiffe://"):
+            return uri.removeprefix("spiffe://").split("/", 1)[0]
+    return DEFAULT_TRUST_DOMAIN
 
 
 def issue(

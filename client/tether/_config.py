@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from tether._channel import ENV_TOKEN, ClientTls, client_tls, tls_from_env
 from tether._errors import InvalidArgument
 from tether._verdict import Verdict
 
@@ -25,8 +27,9 @@ def resolve_targets(target: str | None, environ: Mapping[str, str]) -> list[str]
 class AgentConfig:
     """How one agent instance reaches its coordinators and what it tells its owner.
 
-    Build one with ``AgentConfig.from_env(os.environ, ...)`` to honour ``TETHER_ADDR``;
-    the constructor reads no environment.
+    Build one with ``AgentConfig.from_env(os.environ, ...)`` to honour ``TETHER_ADDR``,
+    ``TETHER_TLS_CA``, ``TETHER_TLS_CERT``, ``TETHER_TLS_KEY`` and ``TETHER_TOKEN``; the
+    constructor reads no environment.
     """
 
     targets: tuple[str, ...] = (DEFAULT_ADDR,)
@@ -47,12 +50,28 @@ class AgentConfig:
     verdict now in force and True when that reply was a session grant (a registration or
     re-registration). It must return quickly and not raise: it runs inside the stream's
     reader. None: nothing is called."""
+    tls_ca: str | Path | None = None
+    """PEM CA bundle that verifies the coordinator; set, the agent speaks TLS. None:
+    plaintext."""
+    tls_cert: str | Path | None = None
+    """PEM client certificate (its URI SAN is the agent's identity), with ``tls_key``."""
+    tls_key: str | Path | None = None
+    """Private key of ``tls_cert``."""
+    token: str | None = None
+    """Signed agent token, sent as ``authorization: Bearer TOKEN`` on the stream, for
+    platforms where client certificates are awkward."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str) or not self.targets:
             raise InvalidArgument(
                 f"targets must be a non-empty tuple of HOST:PORT, got {self.targets!r}"
             )
+        self.tls  # noqa: B018 - a half-given pair fails here, not at the first connection
+
+    @property
+    def tls(self) -> ClientTls | None:
+        """The TLS settings, or None for plaintext."""
+        return client_tls(self.tls_ca, self.tls_cert, self.tls_key)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> AgentConfig:
@@ -61,9 +80,15 @@ class AgentConfig:
 
         Args:
             environ: The environment to read, usually ``os.environ``. ``TETHER_ADDR`` gives
-                ``targets`` (a comma-separated ``HOST:PORT`` list).
+                ``targets`` (a comma-separated ``HOST:PORT`` list); ``TETHER_TLS_CA``,
+                ``TETHER_TLS_CERT`` and ``TETHER_TLS_KEY`` give ``tls_*``; ``TETHER_TOKEN``
+                gives ``token``.
             **overrides: Values for any of the fields, by name.
         """
         if "targets" not in overrides:
             overrides["targets"] = tuple(resolve_targets(None, environ))
+        if not any(name.startswith("tls_") for name in overrides):
+            overrides.update(tls_from_env(environ))
+        if "token" not in overrides and environ.get(ENV_TOKEN):
+            overrides["token"] = environ[ENV_TOKEN]
         return cls(**overrides)

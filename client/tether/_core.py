@@ -18,6 +18,7 @@ from typing import Any, cast
 import grpc
 from google.protobuf import struct_pb2
 
+from tether._channel import bearer, open_aio_channel
 from tether._config import AgentConfig
 from tether._errors import InvalidArgument, TetherLost, Unavailable, from_rpc_error, is_permanent
 from tether._outbound import Outbound
@@ -222,9 +223,9 @@ class Core:
         log.error("tether: giving up: %s", error)
 
     async def _session(self, target: str) -> None:
-        options = self.config.channel_options or None
-        async with grpc.aio.insecure_channel(target, options=options) as channel:
-            call = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat()
+        config = self.config
+        async with open_aio_channel(target, config.tls, config.channel_options) as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat(metadata=bearer(config.token))
             self._call = call
             try:
                 await call.write(self.identity.register())

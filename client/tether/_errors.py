@@ -26,7 +26,13 @@ class Unavailable(TetherError):
 
 
 class PermissionDenied(TetherError):
-    """The admin token is missing, unknown, or may not address that tenant."""
+    """The caller is known but may not do this: its role, its tenants, or its identity
+    (an agent registering outside it, a run that belongs to another tenant or agent)."""
+
+
+class Unauthenticated(PermissionDenied):
+    """The coordinator could not tell who the caller is: no identity where one is needed,
+    or a certificate or token it does not accept (unknown, forged, expired)."""
 
 
 class Killed(TetherError):
@@ -74,22 +80,33 @@ _BY_CODE: dict[grpc.StatusCode, type[TetherError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
 }
 
 
+def _status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """Code and details of a blocking (``grpc.Call``) or asyncio (``AioRpcError``) error."""
+    if isinstance(err, grpc.Call | grpc.aio.AioRpcError):
+        return err.code(), err.details() or ""
+    return grpc.StatusCode.UNKNOWN, str(err)
+
+
 def from_rpc_error(err: grpc.RpcError) -> TetherError:
     """Translate a gRPC error at the transport boundary: ``raise from_rpc_error(e) from e``."""
-    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = err.details() if isinstance(err, grpc.Call) else str(err)
+    code, details = _status(err)
     cls = _BY_CODE.get(code, TetherError)
     return cls(details or code.name)
 
 
 def is_permanent(err: grpc.RpcError) -> bool:
-    """True for errors that retrying the same request cannot fix."""
-    code = err.code() if isinstance(err, grpc.Call) else None
-    return code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+    """True for errors that retrying the same request cannot fix: a malformed registration,
+    or one the coordinator refuses for who the caller is."""
+    return _status(err)[0] in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    )

@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -109,12 +110,34 @@ class PermitVerifier:
 
 
 class HaltCache:
-    """Answers ``halted`` for a verifier from a coordinator's halts, cached for ``max_age``."""
+    """Answers ``halted`` for a verifier from a coordinator's halts, cached for ``max_age``.
 
-    def __init__(self, addr: str, max_age: float = 0.25) -> None:
+    It reads halts as a viewer would, so over TLS it needs what ``AdminClient`` needs.
+
+    Args:
+        addr: ``HOST:PORT`` of a coordinator.
+        max_age: Seconds a fetched list of halts is trusted.
+        tls_ca: PEM CA bundle of the coordinator; defaults to ``TETHER_TLS_CA``.
+        tls_cert: PEM client certificate; defaults to ``TETHER_TLS_CERT``.
+        tls_key: Its private key; defaults to ``TETHER_TLS_KEY``.
+        token: Bearer token of a viewer; defaults to ``TETHER_TOKEN``.
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        max_age: float = 0.25,
+        *,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        token: str | None = None,
+    ) -> None:
         from tether._admin import AdminClient
 
-        self._client = AdminClient(addr, timeout=2.0)
+        self._client = AdminClient(
+            addr, timeout=2.0, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
         self._max_age = max_age
         self._at = 0.0
         self._halts: list[Any] = []

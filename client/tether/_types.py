@@ -126,7 +126,12 @@ def struct_to_dict(msg: struct_pb2.Struct) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Halt:
-    """A kill order, in force until resumed."""
+    """A kill order, in force until resumed.
+
+    ``actor`` is who ordered it as the coordinator authenticated it (a SPIFFE ID,
+    ``operator:NAME``, or ``anonymous@PEER``); ``actor_note`` is what the caller said of
+    itself (``AdminClient(actor=...)``), kept beside it.
+    """
 
     id: str
     selector: Selector
@@ -134,6 +139,7 @@ class Halt:
     actor: str
     created_at: datetime | None
     revision: int
+    actor_note: str = ""
 
     @classmethod
     def from_pb(cls, msg: types_pb2.Halt) -> Halt:
@@ -144,6 +150,7 @@ class Halt:
             msg.actor,
             _time(msg.created_at),
             msg.revision,
+            msg.actor_note,
         )
 
 
@@ -268,7 +275,7 @@ class EffectRecord:
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
-    """One kill or resume, with who, why and when."""
+    """One kill or resume, with who, why and when; ``actor`` and ``actor_note`` as in Halt."""
 
     id: str
     action: str
@@ -280,6 +287,7 @@ class AuditEntry:
     changed: bool
     halt_id: str = ""
     instances: tuple[str, ...] = ()
+    actor_note: str = ""
 
     @classmethod
     def from_pb(cls, msg: admin_pb2.AuditEntry) -> AuditEntry:
@@ -295,4 +303,41 @@ class AuditEntry:
             msg.changed,
             msg.halt_id,
             tuple(msg.instances),
+            msg.actor_note,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a coordinator takes the caller to be, and what that allows (``whoami``)."""
+
+    id: str
+    """The SPIFFE ID, ``operator:NAME`` for an admin token, or ``anonymous@PEER``."""
+    kind: str
+    """``anonymous``, ``agent``, ``tenant`` (an agent host of one tenant) or ``operator``."""
+    tenant: str = ""
+    agent: str = ""
+    operator: str = ""
+    role: str = ""
+    """``viewer``, ``operator`` or ``admin``; '' when the caller may not use AdminService."""
+    tenants: tuple[str, ...] = ()
+    """The tenants the role covers; ``*`` for every tenant."""
+
+    @classmethod
+    def from_pb(cls, msg: admin_pb2.Principal) -> Principal:
+        kind = admin_pb2.PrincipalKind.Name(msg.kind).removeprefix("PRINCIPAL_KIND_").lower()
+        return cls(msg.id, kind, msg.tenant, msg.agent, msg.operator, msg.role, tuple(msg.tenants))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentToken:
+    """A signed agent token: give it to the agent as ``TETHER_TOKEN`` (or ``token=``)."""
+
+    token: str
+    subject: str
+    """The SPIFFE ID the token stands for: ``spiffe://TD/tenant/T[/agent/A]``."""
+    expires_at: datetime | None
+
+    @classmethod
+    def from_pb(cls, msg: admin_pb2.AgentToken) -> AgentToken:
+        return cls(msg.token, msg.subject, _time(msg.expires_at))

@@ -4,7 +4,8 @@ A thin servicer, in the manner of grpc's ``grpc_health/v1/_async.py``: each RPC 
 request, asks one collaborator, and returns. Halts are written by ``HaltStore``, the fleet is
 read by ``FleetReader``, effects by ``LedgerReader`` and the audit by ``AuditLog``; all of them
 read etcd, so every coordinator answers the same. Errors become gRPC statuses in one place,
-``_rpc``, through the one status table in ``_errors``.
+``_rpc``, through the one status table in ``_errors``. Who the caller is and whether it may
+ask was decided before the call reached here (``_auth``); each RPC receives the principal.
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ from typing import Any, TypeVar
 from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 from tether_server._audit import AuditLog
-from tether_server._auth import AdminTokens
-from tether_server._errors import ANSWERABLE, FailedPrecondition, InvalidArgument, status_of
+from tether_server._auth import Guard, caller
+from tether_server._errors import (
+    ANSWERABLE,
+    FailedPrecondition,
+    InvalidArgument,
+    check_name,
+    status_of,
+)
 from tether_server._fleet import FleetReader, LastBeat
 from tether_server._halt_store import HaltStore, halt_from
+from tether_server._identity import Kind, Principal, spiffe_id
 from tether_server._ledger import LedgerReader
 from tether_server._selectors import validate
 from tether_server._signer import PermitSigner
@@ -32,24 +40,26 @@ PermitKey = Callable[[], PermitSigner | None]
 """The coordinator's permit signer, or None before it has loaded the key."""
 
 DEFAULT_AUDIT_LIMIT = 100  # entries ListAudit returns when the request names no limit
+DEFAULT_TOKEN_TTL = 24 * 3600  # seconds an agent token lives when the request names no ttl
+MAX_TOKEN_TTL = 30 * 24 * 3600
 
-
-def _tenant_of(request: Any) -> str:
-    """The tenant a request addresses; '' when it addresses every tenant."""
-    if hasattr(request, "selector"):
-        return str(request.selector.tenant)
-    return str(getattr(request, "tenant", ""))
+_KINDS = {
+    Kind.ANONYMOUS: admin_pb2.PRINCIPAL_KIND_ANONYMOUS,
+    Kind.AGENT: admin_pb2.PRINCIPAL_KIND_AGENT,
+    Kind.TENANT: admin_pb2.PRINCIPAL_KIND_TENANT,
+    Kind.OPERATOR: admin_pb2.PRINCIPAL_KIND_OPERATOR,
+}
 
 
 def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Trace the call and turn our errors into gRPC statuses with an actionable message."""
+    """Trace the call, hand it the caller's principal, and turn our errors into gRPC
+    statuses with an actionable message."""
 
     @functools.wraps(method)
     async def wrapper(self: Admin, request: Any, context: Any) -> R:
         with tracer.start_as_current_span(f"tether.v1.AdminService/{method.__name__}"):
             try:
-                self.authorize(request, context)
-                return await method(self, request, context)
+                return await method(self, request, caller())
             except ANSWERABLE as err:
                 await context.abort(status_of(err), str(err))
                 raise  # unreachable: abort raises
@@ -57,10 +67,13 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     return wrapper
 
 
-def _actor(request: Any, context: Any) -> str:
-    if request.actor:
-        return str(request.actor)
-    return f"anonymous@{context.peer()}"
+def _token_ttl(request: admin_pb2.IssueAgentTokenRequest) -> float:
+    if not request.HasField("ttl"):
+        return DEFAULT_TOKEN_TTL
+    ttl = request.ttl.ToTimedelta().total_seconds()
+    if not 0 < ttl <= MAX_TOKEN_TTL:
+        raise InvalidArgument(f"ttl must be more than 0 and at most 30 days, got {ttl:g}s")
+    return ttl
 
 
 def _since_ns(request: Any) -> int:
@@ -76,8 +89,9 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         fleet: Reads the fleet (ListAgents, GetAgent, WatchAgents).
         ledger: Reads the effect ledger (ListEffects).
         audit: Lists and verifies the audit (ListAudit, VerifyAudit).
-        permit_key: The coordinator's permit signer, None until loaded (GetPermitKey).
-        tokens: If given, every call must carry a token that may address its tenant.
+        permit_key: The coordinators' signer, None until loaded (GetPermitKey,
+            IssueAgentToken).
+        guard: Who callers are and what they may do (WhoAmI, IssueAgentToken's subject).
     """
 
     def __init__(
@@ -88,14 +102,14 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         ledger: LedgerReader,
         audit: AuditLog,
         permit_key: PermitKey,
-        tokens: AdminTokens | None = None,
+        guard: Guard,
     ) -> None:
         self._halts = halts
         self._fleet = fleet
         self._ledger = ledger
         self._audit = audit
         self._permit_key = permit_key
-        self._tokens = tokens
+        self._guard = guard
 
     @classmethod
     def create(
@@ -104,7 +118,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         *,
         last_beat: LastBeat,
         permit_key: PermitKey,
-        tokens: AdminTokens | None = None,
+        guard: Guard,
     ) -> Admin:
         """The servicer over ``store``, with its collaborators built on it."""
         audit = AuditLog(store)
@@ -114,34 +128,29 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             ledger=LedgerReader(store),
             audit=audit,
             permit_key=permit_key,
-            tokens=tokens,
+            guard=guard,
         )
-
-    def authorize(self, request: Any, context: Any) -> None:
-        """Refuse unless the call's token may address the tenant the request names."""
-        if self._tokens is not None:
-            self._tokens.check(context.invocation_metadata(), _tenant_of(request))
 
     # -- kill and resume --------------------------------------------------------------------
 
     @_rpc
-    async def Kill(self, request: admin_pb2.KillRequest, context: Any) -> admin_pb2.KillResponse:
+    async def Kill(self, request: admin_pb2.KillRequest, who: Principal) -> admin_pb2.KillResponse:
         sel = validate(request.selector)
         if not request.reason.strip():
             raise InvalidArgument("reason is required: say why, it goes into the audit")
-        halt = halt_from(request, sel, _actor(request, context))
+        halt = halt_from(request, sel, who.id)
         return await self._halts.kill(halt, force=request.force)
 
     @_rpc
     async def Resume(
-        self, request: admin_pb2.ResumeRequest, context: Any
+        self, request: admin_pb2.ResumeRequest, who: Principal
     ) -> admin_pb2.ResumeResponse:
         sel = validate(request.selector)
-        return await self._halts.resume(sel, _actor(request, context), request.reason)
+        return await self._halts.resume(sel, who.id, request.reason, note=request.actor)
 
     @_rpc
     async def ListHalts(
-        self, request: admin_pb2.ListHaltsRequest, context: Any
+        self, request: admin_pb2.ListHaltsRequest, who: Principal
     ) -> admin_pb2.ListHaltsResponse:
         return await self._halts.halts(request.tenant)
 
@@ -149,13 +158,13 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
 
     @_rpc
     async def ListAgents(
-        self, request: admin_pb2.ListAgentsRequest, context: Any
+        self, request: admin_pb2.ListAgentsRequest, who: Principal
     ) -> admin_pb2.ListAgentsResponse:
         return await self._fleet.agents(request)
 
     @_rpc
     async def GetAgent(
-        self, request: admin_pb2.GetAgentRequest, context: Any
+        self, request: admin_pb2.GetAgentRequest, who: Principal
     ) -> types_pb2.AgentInstance:
         if not (request.tenant and request.agent and request.run_id):
             raise InvalidArgument("GetAgent needs tenant, agent and run_id")
@@ -166,7 +175,6 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> AsyncIterator[admin_pb2.AgentEvent]:
         with tracer.start_as_current_span("tether.v1.AdminService/WatchAgents"):
             try:
-                self.authorize(request, context)
                 async for event in self._fleet.watch(request):
                     yield event
             except ANSWERABLE as err:
@@ -176,7 +184,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
 
     @_rpc
     async def ListEffects(
-        self, request: admin_pb2.ListEffectsRequest, context: Any
+        self, request: admin_pb2.ListEffectsRequest, who: Principal
     ) -> admin_pb2.ListEffectsResponse:
         if not request.tenant:
             raise InvalidArgument("ListEffects needs tenant (and optionally agent and run_id)")
@@ -193,7 +201,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
 
     @_rpc
     async def ListAudit(
-        self, request: admin_pb2.ListAuditRequest, context: Any
+        self, request: admin_pb2.ListAuditRequest, who: Principal
     ) -> admin_pb2.ListAuditResponse:
         limit = request.limit or DEFAULT_AUDIT_LIMIT
         entries = await self._audit.recent(request.tenant, _since_ns(request), limit)
@@ -201,15 +209,47 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
 
     @_rpc
     async def VerifyAudit(
-        self, request: admin_pb2.VerifyAuditRequest, context: Any
+        self, request: admin_pb2.VerifyAuditRequest, who: Principal
     ) -> admin_pb2.VerifyAuditResponse:
         return await self._audit.verify()
 
     @_rpc
     async def GetPermitKey(
-        self, request: admin_pb2.GetPermitKeyRequest, context: Any
+        self, request: admin_pb2.GetPermitKeyRequest, who: Principal
     ) -> admin_pb2.PermitKey:
         signer = self._permit_key()
         if signer is None:
             raise FailedPrecondition("the coordinator has not loaded its permit key yet")
         return admin_pb2.PermitKey(public_key_pem=signer.public_pem(), key_id=signer.key_id)
+
+    # -- identity ---------------------------------------------------------------------------
+
+    @_rpc
+    async def WhoAmI(self, request: admin_pb2.WhoAmIRequest, who: Principal) -> admin_pb2.Principal:
+        out = admin_pb2.Principal(
+            id=who.id, kind=_KINDS[who.kind], tenant=who.tenant, agent=who.agent,
+            operator=who.operator,
+        )  # fmt: skip
+        grant = self._guard.authorizer.grant_of(who)
+        if grant is not None:
+            out.role = grant.role.label
+            out.tenants.extend(sorted(grant.tenants))
+        return out
+
+    @_rpc
+    async def IssueAgentToken(
+        self, request: admin_pb2.IssueAgentTokenRequest, who: Principal
+    ) -> admin_pb2.AgentToken:
+        if not request.tenant:
+            raise InvalidArgument("IssueAgentToken needs tenant (and optionally agent)")
+        tenant = check_name("tenant", request.tenant)
+        agent = check_name("agent", request.agent) if request.agent else ""
+        signer = self._permit_key()
+        if signer is None:
+            raise FailedPrecondition("the coordinator has not loaded its signing key yet")
+        domain = self._guard.trust_domain
+        subject = spiffe_id(domain, tenant, agent)
+        token, claims = signer.sign_agent_token(subject, tenant, agent, domain, _token_ttl(request))
+        out = admin_pb2.AgentToken(token=token, subject=subject)
+        out.expires_at.FromMilliseconds(claims.expires_ms)
+        return out

@@ -43,13 +43,22 @@ def entry_hash(entry: admin_pb2.AuditEntry) -> str:
 
 
 def new_entry(
-    action: int, sel: types_pb2.Selector, actor: str, reason: str, mode: int = 0
+    action: int,
+    sel: types_pb2.Selector,
+    actor: str,
+    reason: str,
+    mode: int = 0,
+    *,
+    note: str = "",
 ) -> admin_pb2.AuditEntry:
+    """An audit entry, not yet chained: ``actor`` is who acted (the authenticated principal,
+    or the coordinator itself), ``note`` what the caller said of itself."""
     entry = admin_pb2.AuditEntry(
         id=f"{time.time_ns():020d}-{os.urandom(3).hex()}",
         selector=sel,
         actor=actor,
         reason=reason,
+        actor_note=note,
     )
     entry.action = action  # type: ignore[assignment]
     entry.mode = mode  # type: ignore[assignment]

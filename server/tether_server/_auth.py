@@ -1,74 +1,151 @@
-"""Who may address which tenant: optional bearer tokens for AdminService.
+"""The interceptor: every call to a ``tether.v1`` service is identified, then authorized.
 
-With ``--admin-tokens FILE`` every admin call must carry ``authorization: Bearer TOKEN``.
-Each line of the file is ``TOKEN TENANT[,TENANT...]`` or ``TOKEN *``; ``#`` starts a
-comment. A token may only kill, resume or read the tenants it names; a call that names no
-tenant (a global kill, a run kill across tenants, an unfiltered listing) needs ``*``.
-Without the flag the admin API is open, as on a trusted network.
+``_identity`` says who the caller is, ``_rbac`` what it may do; this module runs them at the
+edge, before any handler. AdminService calls are decided here from the request; a Heartbeat
+is identified here and its registration decided in ``Sessions`` (it arrives on the stream),
+by the same authorizer's ``check_registration``. Handlers read the principal with
+:func:`caller` and never see a certificate or a header. Health and reflection are left alone:
+the transport (TLS, client certificates) already guards them.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Mapping
-from pathlib import Path
+import contextvars
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from tether_server._config import ConfigError
-from tether_server._errors import PermissionDenied, Unauthenticated
+import grpc
 
-ALL = "*"
+from tether_server._config import ConfigError, ServerConfig
+from tether_server._errors import ANSWERABLE, Unauthenticated, status_of
+from tether_server._identity import AdminTokens, Authenticator, Principal, SignerSource
+from tether_server._rbac import Authorizer, load_rbac
+
+_SERVICES = "/tether.v1."
+_HEARTBEAT = "Heartbeat"
+_CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("tether_caller")
+
+Admit = Callable[[Any, Any], Awaitable[Principal]]
 
 
-class AdminTokens:
-    """Tokens and the tenants each may address."""
+def caller() -> Principal:
+    """The principal of the call being served, as the interceptor found it.
 
-    def __init__(self, grants: Mapping[str, frozenset[str]]) -> None:
-        self._grants = dict(grants)
+    Raises:
+        Unauthenticated: no interceptor identified this call (a server built without it).
+    """
+    try:
+        return _CALLER.get()
+    except LookupError:
+        raise Unauthenticated(
+            "this call was not identified: the server lacks its interceptor"
+        ) from None
+
+
+class Guard:
+    """The coordinator's authenticator and authorizer, built from its configuration."""
+
+    def __init__(self, authenticator: Authenticator, authorizer: Authorizer) -> None:
+        self.authenticator = authenticator
+        self.authorizer = authorizer
 
     @classmethod
-    def load(cls, path: Path) -> AdminTokens:
-        grants: dict[str, frozenset[str]] = {}
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise ConfigError(f"--admin-tokens {path}: {err.strerror}") from None
-        for number, raw in enumerate(text.splitlines(), start=1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            token, _, tenants = line.partition(" ")
-            names = frozenset(t.strip() for t in tenants.split(",") if t.strip())
-            if len(token) < 16 or not names:
+    def create(cls, config: ServerConfig, signer: SignerSource) -> Guard:
+        """Load ``--rbac`` and ``--admin-tokens`` as ``config`` names them.
+
+        Raises:
+            ConfigError: a file is malformed, or ``--admin-tokens`` comes without ``--rbac``.
+        """
+        grants = load_rbac(config.rbac) if config.rbac else None
+        authorizer = Authorizer(grants, client_certs=config.tls_client_ca is not None)
+        tokens = None
+        if config.admin_tokens:
+            if grants is None:
                 raise ConfigError(
-                    f"--admin-tokens {path}:{number}: expected 'TOKEN TENANT[,TENANT...]' or "
-                    "'TOKEN *', with a token of at least 16 characters"
+                    "--admin-tokens maps tokens to operators of --rbac: give --rbac FILE too "
+                    "(lines are 'TOKEN OPERATOR'; the former 'TOKEN TENANT[,TENANT]' form is gone)"
                 )
-            grants[token] = names
-        if not grants:
-            raise ConfigError(f"--admin-tokens {path}: no tokens in the file")
-        return cls(grants)
+            tokens = AdminTokens.load(config.admin_tokens, authorizer.operators)
+        return cls(Authenticator(config.trust_domain, tokens, signer), authorizer)
 
-    def tenants(self, metadata: Any) -> frozenset[str]:
-        """The tenants the call's bearer token may address."""
-        header = dict(metadata or ()).get("authorization", "")
-        scheme, _, token = str(header).partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated("admin calls need a token: tether --token, or TETHER_TOKEN")
-        for known, tenants in self._grants.items():
-            if hmac.compare_digest(known.encode(), token.strip().encode()):
-                return tenants
-        raise Unauthenticated("the admin token is not known to this coordinator")
+    @property
+    def trust_domain(self) -> str:
+        return self.authenticator.trust_domain
 
-    def check(self, metadata: Any, tenant: str) -> None:
-        """Refuse unless the token may address ``tenant`` ('' means every tenant)."""
-        allowed = self.tenants(metadata)
-        if ALL in allowed or (tenant and tenant in allowed):
-            return
-        mine = ", ".join(sorted(allowed))
-        if not tenant:
-            raise PermissionDenied(
-                f"this token may address only {mine}; name one of them, "
-                "a call across every tenant needs a '*' token"
-            )
-        raise PermissionDenied(f"this token may not address tenant {tenant!r}, only {mine}")
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        return _Interceptor(self)
+
+    async def admit(self, method: str, request: Any, context: Any) -> Principal:
+        """Identify the caller and, but for a Heartbeat, decide the call."""
+        principal = self.authenticator.identify(context)
+        if method != _HEARTBEAT:
+            self.authorizer.check(principal, method, request)
+        return principal
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = str(handler_call_details.method)
+        if handler is None or not method.startswith(_SERVICES):
+            return handler
+        name = method.rsplit("/", 1)[-1]
+
+        async def admit(request: Any, context: Any) -> Principal:
+            return await self._guard.admit(name, request, context)
+
+        return _wrapped(handler, admit)
+
+
+def _wrapped(handler: Any, admit: Admit) -> Any:
+    """``handler`` with its behaviour run as the principal ``admit`` finds, or refused."""
+    kinds = {
+        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    }
+    field, build = kinds[(handler.request_streaming, handler.response_streaming)]
+    behaviour = getattr(handler, field)
+    wrap = _generator if inspect.isasyncgenfunction(behaviour) else _coroutine
+    return build(
+        wrap(behaviour, admit),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def _as_caller(request: Any, context: Any, admit: Admit) -> None:
+    try:
+        _CALLER.set(await admit(request, context))
+    except ANSWERABLE as err:
+        await context.abort(status_of(err), str(err))
+
+
+def _coroutine(behaviour: Callable[..., Awaitable[Any]], admit: Admit) -> Any:
+    """A handler that returns its reply, or writes its replies with ``context.write``."""
+
+    async def run(request: Any, context: Any) -> Any:
+        await _as_caller(request, context, admit)
+        return await behaviour(request, context)
+
+    return run
+
+
+def _generator(behaviour: Callable[..., AsyncIterator[Any]], admit: Admit) -> Any:
+    """A handler that yields its replies."""
+
+    async def run(request: Any, context: Any) -> AsyncIterator[Any]:
+        await _as_caller(request, context, admit)
+        async for reply in behaviour(request, context):
+            yield reply
+
+    return run

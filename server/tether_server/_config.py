@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import uuid
@@ -29,6 +30,8 @@ class ServerConfig:
     """HOST:PORT the gRPC server binds."""
     etcd: tuple[str, ...] = ()
     """etcd client endpoints as HOST:PORT. Empty: start an embedded etcd."""
+    etcd_tls: bool = False
+    """Reach etcd over TLS: its endpoints were given as ``https://``."""
     data_dir: Path = Path(".tether")
     """Where the embedded etcd keeps its data."""
     lease_ttl: float = 10.0
@@ -77,51 +80,132 @@ class ServerConfig:
 
 
 def parse_etcd_endpoints(raw: str) -> tuple[str, ...]:
-    """``http://h:p[,http://h:p…]`` (or bare ``h:p``) into ``("h:p", …)``."""
+    """``http://h:p[,http://h:p…]`` (or bare ``h:p``) into ``("h:p", …)``; see ``etcd_scheme``."""
+    return tuple(endpoint for endpoint, _ in _etcd_urls(raw))
+
+
+def etcd_scheme(raw: str) -> str:
+    """``http`` or ``https``: the one scheme every endpoint of ``raw`` uses."""
+    schemes = {scheme for _, scheme in _etcd_urls(raw)}
+    if len(schemes) > 1:
+        raise ConfigError(f"etcd endpoints {raw!r} mix http:// and https://: use one")
+    return schemes.pop()
+
+
+def _etcd_urls(raw: str) -> list[tuple[str, str]]:
     endpoints = []
     for item in (part.strip() for part in raw.split(",")):
         if not item:
             continue
         url = urlsplit(item if "://" in item else f"http://{item}")
-        if url.scheme != "http":
-            raise ConfigError(f"etcd endpoint {item!r}: only http:// is supported (TLS is not yet)")
+        if url.scheme not in ("http", "https"):
+            raise ConfigError(f"etcd endpoint {item!r}: expected http:// or https://")
         try:
             port = url.port
         except ValueError:
             port = None
         if not url.hostname or port is None or url.path not in ("", "/"):
             raise ConfigError(f"etcd endpoint {item!r} is malformed: expected http://HOST:PORT")
-        endpoints.append(f"{url.hostname}:{port}")
+        endpoints.append((f"{url.hostname}:{port}", url.scheme))
     if not endpoints:
         raise ConfigError(f"no etcd endpoint in {raw!r}: expected http://HOST:PORT[,…]")
-    return tuple(endpoints)
+    return endpoints
 
 
 def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
     """Flags win over ``TETHER_*`` variables, which win over the defaults."""
 
-    def pick(flag: object, var: str) -> str | None:
-        return str(flag) if flag is not None else environ.get(var)
+    def pick(name: str, var: str) -> str | None:
+        value = getattr(args, name, None)
+        return str(value) if value is not None else environ.get(var)
 
     kwargs: dict[str, object] = {}
-    if listen := pick(args.listen, "TETHER_LISTEN"):
-        _check_hostport(listen)
+    if listen := pick("listen", "TETHER_LISTEN"):
+        _check_hostport("--listen", listen)
         kwargs["listen"] = listen
-    if etcd := pick(args.etcd, "TETHER_ETCD"):
+    if etcd := pick("etcd", "TETHER_ETCD"):
         kwargs["etcd"] = parse_etcd_endpoints(etcd)
-    if data_dir := pick(args.data_dir, "TETHER_DATA_DIR"):
+        kwargs["etcd_tls"] = etcd_scheme(etcd) == "https"
+    if data_dir := pick("data_dir", "TETHER_DATA_DIR"):
         kwargs["data_dir"] = Path(data_dir)
-    if ttl := pick(args.lease_ttl, "TETHER_LEASE_TTL"):
+    if ttl := pick("lease_ttl", "TETHER_LEASE_TTL"):
         kwargs["lease_ttl"] = _number("--lease-ttl", ttl, MIN_LEASE_TTL, 3600.0)
-    if limit := pick(args.max_checkpoint_bytes, "TETHER_MAX_CHECKPOINT_BYTES"):
+    if limit := pick("max_checkpoint_bytes", "TETHER_MAX_CHECKPOINT_BYTES"):
         kwargs["max_checkpoint_bytes"] = int(_number("--max-checkpoint-bytes", limit, 1, 1 << 20))
-    if tokens := pick(getattr(args, "admin_tokens", None), "TETHER_ADMIN_TOKENS"):
-        kwargs["admin_tokens"] = Path(tokens)
-    if permit_key := pick(getattr(args, "permit_key", None), "TETHER_PERMIT_KEY"):
-        kwargs["permit_key"] = Path(permit_key)
     if startup := environ.get("TETHER_STARTUP_TIMEOUT"):
         kwargs["startup_timeout"] = _number("TETHER_STARTUP_TIMEOUT", startup, 0.1, 600.0)
-    return ServerConfig(**kwargs)  # type: ignore[arg-type]
+    for name, var in _PATHS:
+        if value := pick(name, var):
+            kwargs[name] = Path(value)
+    if trust_domain := pick("trust_domain", "TETHER_TRUST_DOMAIN"):
+        kwargs["trust_domain"] = trust_domain
+    if health := pick("health_listen", "TETHER_HEALTH_LISTEN"):
+        kwargs["health_listen"] = health
+    kwargs["insecure"] = bool(getattr(args, "insecure", False)) or _truthy(
+        environ.get("TETHER_INSECURE", "")
+    )
+    config = ServerConfig(**kwargs)  # type: ignore[arg-type]
+    check(config)
+    return config
+
+
+# (field, variable) of the file flags; each flag is the field with dashes.
+_PATHS = (
+    ("admin_tokens", "TETHER_ADMIN_TOKENS"),
+    ("permit_key", "TETHER_PERMIT_KEY"),
+    ("rbac", "TETHER_RBAC"),
+    ("tls_cert", "TETHER_SERVE_TLS_CERT"),
+    ("tls_key", "TETHER_SERVE_TLS_KEY"),
+    ("tls_client_ca", "TETHER_SERVE_TLS_CLIENT_CA"),
+    ("etcd_cacert", "TETHER_ETCD_CACERT"),
+    ("etcd_cert", "TETHER_ETCD_CERT"),
+    ("etcd_key", "TETHER_ETCD_KEY"),
+)
+
+
+def _truthy(raw: str) -> bool:
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def check(config: ServerConfig) -> None:
+    """Refuse combinations that cannot work or would be unsafe.
+
+    Raises:
+        ConfigError: what to add or remove.
+    """
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both, or neither")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    if (config.etcd_cert is None) != (config.etcd_key is None):
+        raise ConfigError("--etcd-cert and --etcd-key go together: give both, or neither")
+    etcd_files = (config.etcd_cacert, config.etcd_cert)
+    if any(etcd_files) and not config.etcd_tls:
+        raise ConfigError("--etcd-cacert/--etcd-cert/--etcd-key need https:// --etcd endpoints")
+    if config.health_listen:
+        _check_hostport("--health-listen", config.health_listen)
+        if not is_loopback(config.health_listen):
+            raise ConfigError(
+                f"--health-listen {config.health_listen} serves plaintext: "
+                "bind it to loopback, e.g. 127.0.0.1:7701"
+            )
+    mutual = config.tls_cert is not None and config.tls_client_ca is not None
+    if not (mutual or config.insecure or is_loopback(config.listen)):
+        raise ConfigError(
+            f"--listen {config.listen} is not loopback: add --tls-cert, --tls-key and "
+            "--tls-client-ca (or --insecure on a network you trust)"
+        )
+
+
+def is_loopback(hostport: str) -> bool:
+    """Whether ``HOST:PORT`` binds loopback only: ``localhost``, 127.0.0.0/8 or ::1."""
+    host = hostport.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _number(name: str, raw: str, low: float, high: float) -> float:
@@ -134,7 +218,7 @@ def _number(name: str, raw: str, low: float, high: float) -> float:
     return value
 
 
-def _check_hostport(value: str) -> None:
+def _check_hostport(flag: str, value: str) -> None:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"--listen {value!r} is malformed: expected HOST:PORT")
+        raise ConfigError(f"{flag} {value!r} is malformed: expected HOST:PORT")

@@ -49,7 +49,8 @@ def _grace_of(request: admin_pb2.KillRequest, soft: bool) -> float:
 def halt_from(
     request: admin_pb2.KillRequest, sel: types_pb2.Selector, actor: str
 ) -> types_pb2.Halt:
-    """The halt a Kill asks for, with its mode, grace and queue policy checked.
+    """The halt a Kill asks for, ordered by ``actor`` (the principal), with its mode, grace
+    and queue policy checked; the request's own ``actor`` is kept as ``actor_note``.
 
     Raises:
         InvalidArgument: an unknown mode or queue policy, or a grace out of range or
@@ -67,6 +68,7 @@ def halt_from(
         selector=sel,
         reason=request.reason,
         actor=actor,
+        actor_note=request.actor,
         mode=types_pb2.KILL_MODE_SOFT if soft else types_pb2.KILL_MODE_HARD,
         queue=request.queue or types_pb2.QUEUE_POLICY_DISCARD,
     )
@@ -96,7 +98,7 @@ class HaltStore:
             await self._check_known(sel)
         key = halt_key(halt.id)
         action = admin_pb2.AUDIT_ACTION_FREEZE if sel.capability else admin_pb2.AUDIT_ACTION_KILL
-        entry = new_entry(action, sel, halt.actor, halt.reason, halt.mode)
+        entry = new_entry(action, sel, halt.actor, halt.reason, halt.mode, note=halt.actor_note)
         entry.halt_id = halt.id
         changed, resp = await self._audit.record(
             entry, [absent(key)], [put_op(key, to_json(halt))], [range_op(key)]
@@ -118,7 +120,10 @@ class HaltStore:
         existing.ClearField("grace")
         key = halt_key(existing.id)
         reason = f"escalated to hard: {asked.reason}"
-        entry = new_entry(admin_pb2.AUDIT_ACTION_ESCALATE, existing.selector, asked.actor, reason)
+        entry = new_entry(
+            admin_pb2.AUDIT_ACTION_ESCALATE, existing.selector, asked.actor, reason,
+            note=asked.actor_note,
+        )  # fmt: skip
         entry.halt_id = existing.id
         stored = types_pb2.Halt()
         stored.CopyFrom(existing)
@@ -149,11 +154,14 @@ class HaltStore:
             )
 
     async def resume(
-        self, sel: types_pb2.Selector, actor: str, reason: str
+        self, sel: types_pb2.Selector, actor: str, reason: str, *, note: str = ""
     ) -> admin_pb2.ResumeResponse:
-        """Remove the halt on ``sel``, if there is one; the audit records the attempt either way."""
+        """Remove the halt on ``sel``, if there is one; the audit records the attempt either way.
+
+        ``actor`` is the principal; ``note`` what the caller said of itself.
+        """
         key = halt_key(halt_id(sel))
-        entry = new_entry(admin_pb2.AUDIT_ACTION_RESUME, sel, actor, reason)
+        entry = new_entry(admin_pb2.AUDIT_ACTION_RESUME, sel, actor, reason, note=note)
         entry.halt_id = halt_id(sel)
         changed, resp = await self._audit.record(
             entry, [present(key)], [delete_op(key, prev_kv=True)]

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Self, TypeVar
 
@@ -36,6 +37,32 @@ class LaunchError(RuntimeError):
 
 class ProcessExited(LaunchError):
     """A launched process exited while it was awaited; waiting longer will not help."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A certificate, its key and a CA, as PEM files: what a TLS peer of a launched child uses.
+
+    For ``EtcdProcess``: etcd's serving certificate, and the CA its clients must be signed
+    by (``--client-cert-auth``); the readiness probe presents the same certificate, which
+    must therefore be good for client auth too. For ``CoordinatorProcess``: the client
+    credentials its readiness probe dials with (``ca`` verifies the coordinator).
+    """
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def channel(self, target: str) -> grpc.Channel:
+        """A blocking TLS channel to ``target`` presenting this certificate."""
+        creds = grpc.ssl_channel_credentials(
+            self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
+        )
+        return grpc.secure_channel(target, creds)
+
+
+def _probe_channel(target: str, tls: TlsFiles | None) -> grpc.Channel:
+    return grpc.insecure_channel(target) if tls is None else tls.channel(target)
 
 
 def free_port() -> int:
@@ -212,6 +239,8 @@ class EtcdProcess(_Child):
         peer_port: default: a free port.
         initial_cluster: for a member of a multi-member cluster, ``name=peer_url,...``.
         extra: further etcd flags.
+        tls: serve clients over TLS (``https://``) with this certificate, and require
+            client certificates signed by its CA; peers stay plaintext on loopback.
     """
 
     what = "etcd"
@@ -226,12 +255,14 @@ class EtcdProcess(_Child):
         peer_port: int | None = None,
         initial_cluster: str | None = None,
         extra: Sequence[str] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(log)
         self.data_dir, self.name = data_dir, name
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self.initial_cluster, self.extra = initial_cluster, tuple(extra)
+        self.tls = tls
 
     @property
     def endpoint(self) -> str:
@@ -240,8 +271,18 @@ class EtcdProcess(_Child):
 
     @property
     def url(self) -> str:
-        """``http://HOST:PORT`` for etcd clients, as ``tether serve --etcd`` takes it."""
-        return f"http://{self.endpoint}"
+        """``http(s)://HOST:PORT`` for etcd clients, as ``tether serve --etcd`` takes it."""
+        return f"{'http' if self.tls is None else 'https'}://{self.endpoint}"
+
+    def _tls_flags(self) -> tuple[str, ...]:
+        if self.tls is None:
+            return ()
+        return (
+            f"--cert-file={self.tls.cert}",
+            f"--key-file={self.tls.key}",
+            f"--trusted-ca-file={self.tls.ca}",
+            "--client-cert-auth",
+        )
 
     @property
     def peer_url(self) -> str:
@@ -252,7 +293,7 @@ class EtcdProcess(_Child):
         """This member's command line."""
         return etcd_argv(
             self.name, self.data_dir, self.url, self.peer_url,
-            initial_cluster=self.initial_cluster, extra=self.extra,
+            initial_cluster=self.initial_cluster, extra=(*self._tls_flags(), *self.extra),
         )  # fmt: skip
 
     def start(self, timeout: float = 20.0) -> Self:
@@ -272,7 +313,7 @@ class EtcdProcess(_Child):
             ProcessExited: etcd has exited.
         """
         self._check_alive()
-        with grpc.insecure_channel(self.endpoint) as channel:
+        with _probe_channel(self.endpoint, self.tls) as channel:
             rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=1)
         return True
 
@@ -286,6 +327,8 @@ class CoordinatorProcess(_Child):
         log: where its output goes; default: nowhere.
         port: default: a free port.
         env: its environment; default: this process's.
+        tls: the client credentials its readiness probe dials with, for a coordinator
+            started with ``--tls-cert`` (and ``--tls-client-ca``); default: plaintext.
     """
 
     what = "coordinator"
@@ -299,11 +342,13 @@ class CoordinatorProcess(_Child):
         log: Path | None = None,
         port: int | None = None,
         env: Mapping[str, str] | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(log)
         self.etcd_url, self.lease_ttl = etcd_url, lease_ttl
         self.port = port or free_port()
         self.env = dict(os.environ if env is None else env)
+        self.tls = tls
 
     @property
     def addr(self) -> str:
@@ -344,7 +389,7 @@ class CoordinatorProcess(_Child):
             ProcessExited: the coordinator has exited; the message holds its log's tail.
         """
         self._check_alive()
-        with grpc.insecure_channel(self.addr) as channel:
+        with _probe_channel(self.addr, self.tls) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="tether.v1.AgentService"), timeout=1
             )

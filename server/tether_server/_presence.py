@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
+from aetcd import rpc
 from google.protobuf import timestamp_pb2
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._checkpoints import CheckpointWriter, RunFlush
-from tether_server._errors import InvalidArgument, check_name, parse_agent_uri
+from tether_server._errors import InvalidArgument, PermissionDenied, check_name, parse_agent_uri
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
 from tether_server._ledger import decode
@@ -32,11 +34,13 @@ from tether_server._store import (
     EtcdUnavailable,
     InstanceKey,
     Store,
+    absent,
     checkpoint_key,
     delete_op,
     holds,
     ledger_prefix,
     live_key,
+    owner_of,
     put_op,
     range_op,
     roster_key,
@@ -53,6 +57,20 @@ def now_timestamp() -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.GetCurrentTime()
     return ts
+
+
+def txn_op(compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]) -> Any:
+    """A transaction nested in another: the claim's second chance, in the same round trip."""
+    request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+    return rpc.RequestOp(request_txn=request)
+
+
+def _not_owner(key: InstanceKey, kvs: Sequence[Any]) -> PermissionDenied:
+    tenant, agent = owner_of(bytes(kvs[0].value)) if kvs else ("?", "?")
+    return PermissionDenied(
+        f"run {key.run_id!r} belongs to {tenant}/{agent}, which registered it first; "
+        f"{key.tenant}/{key.agent} may not register it: use a run_id of its own"
+    )
 
 
 def identity_from(reg: agent_pb2.Register) -> InstanceKey:
@@ -131,28 +149,42 @@ class Presence:
     async def claim(
         self, key: InstanceKey, record: types_pb2.AgentInstance, session_id: str, lease: int
     ) -> tuple[bytes | None, HaltTable, list[types_pb2.Effect]]:
-        """Write presence and roster, read the run's checkpoint and the halts, atomically.
+        """Take the run if it is ours or no one's, write presence and roster, and read the
+        run's checkpoint and the halts, atomically: one transaction.
 
         The halts come from the same transaction, not only from the watch, so that a halt
         committed before registration is in the first reply even if the watch lags.
+
+        Raises:
+            PermissionDenied: another tenant or agent registered this run_id first;
+                nothing was written and nothing of that run was read.
         """
-        resp = await self._store.txn(
-            (),
-            [
-                put_op(live_key(key), session_id.encode(), lease),
-                put_op(roster_key(key), to_json(record)),
-                put_op(run_owner_key(key.run_id), run_owner(key.run)),
-                range_op(checkpoint_key(key.run)),
-                range_op(HALTS, prefix=True),
-                range_op(ledger_prefix(*key.run), prefix=True),
-            ],
+        reads = [
+            range_op(checkpoint_key(key.run)),
+            range_op(HALTS, prefix=True),
+            range_op(ledger_prefix(*key.run), prefix=True),
+        ]
+        writes = [
+            put_op(live_key(key), session_id.encode(), lease),
+            put_op(roster_key(key), to_json(record)),
+        ]
+        owner, mine = run_owner_key(key.run_id), run_owner(key.run)
+        first_time = txn_op(
+            [absent(owner)], [*reads, *writes, put_op(owner, mine)], [range_op(owner)]
         )
-        effects = decode(resp.responses[5].response_range.kvs)
-        kvs = resp.responses[3].response_range.kvs
+        resp = await self._store.txn([holds(owner, mine)], [*reads, *writes], [first_time])
+        responses = resp.responses
+        if not resp.succeeded:  # not ours yet: taken now, unless someone else has it
+            nested = responses[0].response_txn
+            if not nested.succeeded:
+                raise _not_owner(key, nested.responses[0].response_range.kvs)
+            responses = nested.responses
+        effects = decode(responses[2].response_range.kvs)
+        kvs = responses[0].response_range.kvs
         halts = self._halts
         if resp.header.revision > halts.revision:
             halts = HaltTable()
-            halts.load(resp.responses[4].response_range.kvs, resp.header.revision)
+            halts.load(responses[1].response_range.kvs, resp.header.revision)
         return (bytes(kvs[0].value) if kvs else None), halts, effects
 
     def admit(self, session: Session) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 
 import grpc
@@ -18,12 +20,13 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 
 from tether_server import _telemetry
 from tether_server._admin import Admin
-from tether_server._auth import AdminTokens
+from tether_server._auth import Guard
 from tether_server._config import ServerConfig
 from tether_server._coordinator import Coordinator
 from tether_server._embedded import EmbeddedEtcd
 from tether_server._orders import serialize
 from tether_server._store import EtcdUnavailable, Store
+from tether_server._tls import etcd_credentials, server_credentials
 
 log = logging.getLogger("tether_server")
 
@@ -32,6 +35,8 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     ("grpc.max_concurrent_streams", 100_000),
+    # A second coordinator on a port in use must fail, not share it and half the traffic.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -45,17 +50,21 @@ def agent_handler(heartbeat: Callable[..., Awaitable[None]]) -> grpc.GenericRpcH
     return grpc.method_handlers_generic_handler("tether.v1.AgentService", {"Heartbeat": handler})
 
 
-def build_server(
-    coordinator: Coordinator, health: HealthServicer, tokens: AdminTokens | None = None
-) -> grpc.aio.Server:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+def build_server(coordinator: Coordinator, health: HealthServicer) -> grpc.aio.Server:
+    """The coordinator's services, each call identified and authorized by its ``Guard``.
+
+    Raises:
+        ConfigError: ``--rbac`` or ``--admin-tokens`` is malformed.
+    """
+    guard = Guard.create(coordinator.config, lambda: coordinator.gate.signer)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard.interceptor()])
     server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         Admin.create(
             coordinator.store,
             last_beat=coordinator.sessions.last_beat,
             permit_key=lambda: coordinator.gate.signer,
-            tokens=tokens,
+            guard=guard,
         ),
         server,
     )
@@ -73,6 +82,7 @@ def build_server(
 async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -> None:
     """Run one coordinator until SIGINT or SIGTERM."""
     _telemetry.configure(environ)
+    etcd_tls = etcd_credentials(config)
     embedded = None
     endpoints = config.etcd
     if not endpoints:
@@ -81,33 +91,87 @@ async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -
         endpoints = (embedded.endpoint,)
         log.warning("embedded etcd at http://%s, data in %s", embedded.endpoint, config.data_dir)
     try:
-        await _serve(config, Store(endpoints))
+        await _serve(config, Store(endpoints, credentials=etcd_tls))
     finally:
         if embedded is not None:
             embedded.stop()
 
 
 async def _serve(config: ServerConfig, store: Store) -> None:
-    tokens = AdminTokens.load(config.admin_tokens) if config.admin_tokens else None
     health = HealthServicer()
     coordinator = Coordinator(config, store, health)
-    server = build_server(coordinator, health, tokens)
-    if server.add_insecure_port(config.listen) == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    server = build_server(coordinator, health)
+    credentials = server_credentials(config)
+    bind(server, config.listen, credentials)
+    probes = health_server(health, config.health_listen) if config.health_listen else None
     runner = asyncio.create_task(coordinator.run(), name="coordinator")
     try:
         await _wait_attached(coordinator, store, config.startup_timeout)
         _tune_gc()
         await server.start()
-        log.warning("tether coordinator %s serving on %s", config.coordinator_id, config.listen)
+        if probes is not None:
+            await probes.start()
+        log.warning(
+            "tether coordinator %s serving on %s (%s)",
+            config.coordinator_id, config.listen, _transport(config),
+        )  # fmt: skip
         await _until_signal()
     finally:
         await health.enter_graceful_shutdown()
         await coordinator.detach()
+        if probes is not None:
+            await probes.stop(0)
         await server.stop(config.shutdown_grace)
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await store.close()
+
+
+def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> None:
+    """Bind ``listen``, TLS when ``credentials`` are given.
+
+    Raises:
+        OSError: the address cannot be bound, with the reason (such as "address already in use").
+    """
+    _check_free(listen)  # gRPC would also refuse, but with a log line and no reason
+    try:
+        if credentials is None:
+            server.add_insecure_port(listen)
+        else:
+            server.add_secure_port(listen, credentials)
+    except RuntimeError:
+        raise OSError(f"cannot listen on {listen}: gRPC could not bind it") from None
+
+
+def _check_free(listen: str) -> None:
+    """Bind each address ``listen`` resolves to as gRPC will (SO_REUSEADDR, no reuseport)."""
+    host, _, port = listen.rpartition(":")
+    try:
+        found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise OSError(f"cannot listen on {listen}: {err.strerror}") from None
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise OSError(f"cannot listen on {listen}: address already in use") from None
+
+
+def health_server(health: HealthServicer, listen: str) -> grpc.aio.Server:
+    """A plaintext server on loopback with grpc.health.v1 only, for probes that cannot do TLS."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bind(server, listen, None)
+    return server
+
+
+def _transport(config: ServerConfig) -> str:
+    if config.tls_cert is None:
+        return "plaintext"
+    return "mutual TLS" if config.tls_client_ca else "TLS, no client certificates"
 
 
 def _tune_gc() -> None:

@@ -1,8 +1,10 @@
 """AgentService.Heartbeat: one stream, one presence key and one session per agent instance.
 
 This module reads the stream: registration, beats, effects, permit requests, acks and
-goodbye. Who is present lives in ``_presence``; what is pushed unasked (halts, fail-closed,
-silence, shutdown) in ``_fanout``; the orders themselves in ``_orders``.
+goodbye. Who the caller is was decided before the stream reached here (``_auth``); whether
+it may register as what it asks is ``_rbac``'s call. Who is present lives in ``_presence``;
+what is pushed unasked (halts, fail-closed, silence, shutdown) in ``_fanout``; the orders
+themselves in ``_orders``.
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ from google.protobuf import json_format
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._acks import AckBook
+from tether_server._auth import caller
 from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._config import ServerConfig
 from tether_server._errors import ANSWERABLE, InvalidArgument, status_of
 from tether_server._fanout import Fanout
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
+from tether_server._identity import Principal
 from tether_server._leases import LeaseKeeper
 from tether_server._ledger import LedgerWriter
 from tether_server._orders import any_stop, current_order, order_message, with_ack
 from tether_server._outbox import DONE, End, Outbox
 from tether_server._presence import Presence, identity_from
+from tether_server._rbac import check_registration
 from tether_server._registry import Session
 from tether_server._store import EtcdUnavailable, InstanceKey, Store
 from tether_server._telemetry import Metrics
@@ -117,7 +122,7 @@ class Sessions:
     async def heartbeat(self, requests: AsyncIterator[Any], context: Any) -> None:
         """Serve one Heartbeat stream: register, then beats and the rest until it ends."""
         try:
-            session = await self._open(requests, context)
+            session = await self._open(requests, context, caller())
         except ANSWERABLE as err:
             await context.abort(status_of(err), str(err))
         end = None
@@ -130,7 +135,7 @@ class Sessions:
             if end is not DONE:
                 self._spawn(self._presence.declare_stale(session))
 
-    async def _open(self, requests: AsyncIterator[Any], context: Any) -> Session:
+    async def _open(self, requests: AsyncIterator[Any], context: Any, who: Principal) -> Session:
         try:
             first = await anext(requests)
         except StopAsyncIteration:
@@ -141,6 +146,7 @@ class Sessions:
                 f"got {first.WhichOneof('body') or 'an empty message'}"
             )
         key = identity_from(first.register)
+        check_registration(who, key)  # before anything is written or read for the run
         keeper = self._keeper
         if keeper is None:
             raise EtcdUnavailable(self._serving_error)

@@ -245,18 +245,37 @@ def holds(key: bytes, value: bytes) -> Any:
 class Store:
     """A thin async face over etcd's KV and Lease services (aetcd's generated stubs)."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        timeout: float = 5.0,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.endpoints = tuple(endpoints)
         self.timeout = timeout
         self._target = endpoints[0] if len(endpoints) == 1 else "ipv4:" + ",".join(endpoints)
-        self.channel = grpc.aio.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
+        self._credentials = credentials
+        self._options: list[tuple[str, object]] = list(_CHANNEL_OPTIONS)
+        if credentials is not None and len(endpoints) > 1:
+            # An ipv4: list has no one host name; verify each member as the first one's name,
+            # which a cluster's certificate carries among its SANs.
+            host = endpoints[0].rpartition(":")[0]
+            self._options.append(("grpc.default_authority", host))
+        self.channel: grpc.aio.Channel = self._open(grpc.aio)
         self.kv = rpc.KVStub(self.channel)
         self.lease = rpc.LeaseStub(self.channel)
         self.watch = rpc.WatchStub(self.channel)
 
     def blocking_channel(self) -> grpc.Channel:
         """A channel on gRPC's blocking API, for a stream driven from its own threads."""
-        return grpc.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
+        return self._open(grpc)  # type: ignore[no-any-return]
+
+    def _open(self, api: Any) -> Any:
+        """A channel from ``api`` (``grpc`` or ``grpc.aio``), TLS when credentials are set."""
+        if self._credentials is None:
+            return api.insecure_channel(self._target, options=self._options)
+        return api.secure_channel(self._target, self._credentials, options=self._options)
 
     async def close(self) -> None:
         await self.channel.close()

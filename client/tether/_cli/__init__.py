@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tether._admin import AdminClient
+from tether._cli._certs_verb import certs
 from tether._cli._dashboard import dashboard
 from tether._cli._output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail
 from tether._cli._parser import build_parser
@@ -30,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return drill(args)
         if args.verb == "dashboard":
             return dashboard(args)
-        with AdminClient(args.addr, token=args.token) as client:
+        if args.verb == "certs":
+            return certs(args)
+        tls = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+        with AdminClient(args.addr, token=args.token, **tls) as client:
             return ADMIN_VERBS[args.verb](client, args)
     except (InvalidArgument, FailedPrecondition) as err:
         return fail(EXIT_USAGE, err)

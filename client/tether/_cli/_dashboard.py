@@ -19,6 +19,7 @@ def dashboard(args: argparse.Namespace) -> int:
         )
     config = _dashboard.load_config(
         listen=args.listen, addr=args.addr, token=args.token, tenant=args.tenant,
+        tls={"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key},
         environ=os.environ,
     )  # fmt: skip
     if not config.loopback:

@@ -85,11 +85,16 @@ def agent_row(a: AgentInstance) -> list[str]:
     ]
 
 
+def actor(who: str, note: str) -> str:
+    """The authenticated actor, with what the caller said of itself beside it, if anything."""
+    return f"{who} (says {note})" if note and note != who else who
+
+
 HALT_HEADERS = ["HALT", "SCOPE", "ACTOR", "SINCE", "REASON"]
 
 
 def halt_row(h: Halt) -> list[str]:
-    return [h.id, h.selector.describe(), h.actor, ago(h.created_at), h.reason]
+    return [h.id, h.selector.describe(), actor(h.actor, h.actor_note), ago(h.created_at), h.reason]
 
 
 AUDIT_HEADERS = ["AT", "ACTION", "SCOPE", "ACTOR", "CHANGED", "REASON"]
@@ -97,7 +102,8 @@ AUDIT_HEADERS = ["AT", "ACTION", "SCOPE", "ACTOR", "CHANGED", "REASON"]
 
 def audit_row(e: AuditEntry) -> list[str]:
     at = e.at.isoformat(timespec="seconds") if e.at else "-"
-    return [at, e.action, e.selector.describe(), e.actor, "yes" if e.changed else "no", e.reason]
+    who = actor(e.actor, e.actor_note)
+    return [at, e.action, e.selector.describe(), who, "yes" if e.changed else "no", e.reason]
 
 
 EFFECT_HEADERS = ["INTENDED", "RUN", "CAPABILITY", "KEY", "STATUS", "REFUSED BY"]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from tether._admin import AUDIT_LIMIT
+from tether._cli._certs_verb import certs_args
 from tether._cli._output import EXIT_USAGE
 from tether._types import EffectStatus, State
 
@@ -30,6 +31,14 @@ def _common() -> argparse.ArgumentParser:
     )
     common.add_argument("-o", "--output", choices=("table", "json"), default="table")
     common.add_argument("--token", help="admin bearer token (default: $TETHER_TOKEN)")
+    common.add_argument(
+        "--tls-ca", metavar="FILE",
+        help="CA of the coordinator's certificate; given, speak TLS (default: $TETHER_TLS_CA)",
+    )  # fmt: skip
+    common.add_argument(
+        "--tls-cert", metavar="FILE", help="client certificate (default: $TETHER_TLS_CERT)"
+    )
+    common.add_argument("--tls-key", metavar="FILE", help="its key (default: $TETHER_TLS_KEY)")
     return common
 
 
@@ -67,12 +76,39 @@ def _filter_args(parser: argparse.ArgumentParser) -> None:
 
 def _serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7700)")
-    serve.add_argument("--etcd", help="etcd endpoints, http://HOST:PORT[,...]; default: embedded")
+    serve.add_argument(
+        "--etcd", help="etcd endpoints, http(s)://HOST:PORT[,...]; default: embedded"
+    )
     serve.add_argument("--data-dir", help="embedded etcd data directory (default .tether)")
     serve.add_argument("--lease-ttl", type=float, help="instance lease TTL in seconds (default 10)")
     serve.add_argument("--max-checkpoint-bytes", type=int, help="checkpoint size limit (512 KiB)")
     serve.add_argument("--permit-key", help="PEM Ed25519 key for effect permits (default: in etcd)")
-    serve.add_argument("--admin-tokens", help="file of 'TOKEN TENANT[,...]' lines; default: open")
+    serve.add_argument(
+        "--admin-tokens", metavar="FILE", help="file of 'TOKEN OPERATOR' lines (needs --rbac)"
+    )
+    serve.add_argument("--rbac", metavar="FILE", help="YAML of operators, their roles and tenants")
+    serve.add_argument("--trust-domain", help="SPIFFE trust domain of callers (default tether)")
+    _serve_tls_args(serve)
+
+
+def _serve_tls_args(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate to serve TLS with")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", metavar="FILE",
+        help="require a client certificate signed by this CA on every call",
+    )  # fmt: skip
+    serve.add_argument(
+        "--health-listen", metavar="HOST:PORT",
+        help="also serve grpc.health.v1 in plaintext here, on loopback, for probes",
+    )  # fmt: skip
+    serve.add_argument(
+        "--insecure", action="store_true", default=None,
+        help="allow a non-loopback --listen without TLS and client certificates",
+    )  # fmt: skip
+    serve.add_argument("--etcd-cacert", metavar="FILE", help="CA that verifies etcd (https://)")
+    serve.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd")
+    serve.add_argument("--etcd-key", metavar="FILE", help="private key of --etcd-cert")
 
 
 def _kill_args(kill: argparse.ArgumentParser) -> None:
@@ -128,6 +164,13 @@ def _dashboard_args(dashboard: argparse.ArgumentParser) -> None:
     dashboard.add_argument("--tenant", default="", help="show and act on this tenant only")
 
 
+def _token_args(token: argparse.ArgumentParser) -> None:
+    token.add_argument("action", choices=("issue",), help="issue: sign a new agent token")
+    token.add_argument("--tenant", required=True, help="the tenant the token registers as")
+    token.add_argument("--agent", default="", help="only this agent (default: any of the tenant)")
+    token.add_argument("--ttl", help="how long it lives, e.g. 1h, 24h, 7d (default 24h, max 30d)")
+
+
 def _no_args(_: argparse.ArgumentParser) -> None:
     pass
 
@@ -158,8 +201,11 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("audit", "every kill and resume", True, _audit_args),
     ("effects", "the side-effect ledger", True, _effects_args),
     ("permit-key", "the public key that verifies permits", True, _no_args),
+    ("token", "issue a signed agent token (admins)", True, _token_args),
+    ("whoami", "who the coordinator takes you to be, and your role", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
+    ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
     ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
 )
 

@@ -151,6 +151,39 @@ def effects(client: AdminClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _seconds(flag: str, raw: str) -> float:
+    """``30m``, ``24h``, ``7d``, ``90s`` or plain seconds."""
+    if match := _AGE.match(raw):
+        return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidArgument(f"{flag} {raw!r}: use a duration such as 30m, 24h or 7d") from None
+
+
+def token(client: AdminClient, args: argparse.Namespace) -> int:
+    ttl = _seconds("--ttl", args.ttl) if args.ttl else None
+    issued = client.issue_agent_token(args.tenant, agent=args.agent, ttl=ttl)
+    if args.output == "json":
+        print_json(issued)
+    else:
+        print(issued.token)
+    return EXIT_OK
+
+
+def whoami(client: AdminClient, args: argparse.Namespace) -> int:
+    me = client.whoami()
+    if args.output == "json":
+        print_json(me)
+        return EXIT_OK
+    print(f"{me.id} ({me.kind})")
+    if me.role:
+        print(f"role {me.role} of {', '.join(me.tenants)}")
+    else:
+        print("no role: this identity may not read or operate the fleet")
+    return EXIT_OK
+
+
 def permit_key(client: AdminClient, args: argparse.Namespace) -> int:
     pem, key_id = client.permit_key()
     if args.output == "json":
@@ -169,4 +202,6 @@ ADMIN_VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
     "watch": watch,
     "effects": effects,
     "permit-key": permit_key,
+    "token": token,
+    "whoami": whoami,
 }

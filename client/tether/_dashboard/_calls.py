@@ -14,7 +14,6 @@ from tether._dashboard._config import DashboardConfig
 from tether._dashboard._requests import EffectsQuery, KillOrder
 from tether._errors import InvalidArgument, NotFound, PermissionDenied, TetherError, Unavailable
 from tether._types import AuditEntry, Halt
-from tether.v1 import admin_pb2
 
 T = TypeVar("T")
 ACTING_ROLES = frozenset({"operator", "admin"})
@@ -56,7 +55,10 @@ def connector(config: DashboardConfig) -> Callable[[str], AdminClient]:
     actor = f"{default_actor()} via dashboard"
 
     def connect(target: str) -> AdminClient:
-        return AdminClient(target, token=config.token, actor=actor)
+        return AdminClient(
+            target, token=config.token, actor=actor, tls_ca=config.tls_ca,
+            tls_cert=config.tls_cert, tls_key=config.tls_key,
+        )  # fmt: skip
 
     return connect
 
@@ -99,34 +101,31 @@ class Coordinators:
 def whoami(client: AdminClient) -> dict[str, Any]:
     """Who the coordinator takes the dashboard to be, and whether that may kill and resume.
 
-    An insecure coordinator that predates ``WhoAmI`` answers UNIMPLEMENTED: open, anonymous.
+    A coordinator that predates ``WhoAmI`` answers UNIMPLEMENTED: open, anonymous.
     """
     try:
-        # AdminClient has no whoami() of its own yet, so the generated stub is asked.
-        found = client._call(client._stub.WhoAmI, admin_pb2.WhoAmIRequest())
+        me = client.whoami()
     except TetherError as err:
         if status_of(err) != "UNIMPLEMENTED":
             raise
         return {"id": "anonymous", "kind": "anonymous", "role": "", "tenants": [],
                 "can_act": True}  # fmt: skip
-    kind = admin_pb2.PrincipalKind.Name(found.kind).removeprefix("PRINCIPAL_KIND_").lower()
     return {
-        "id": found.id,
-        "kind": kind,
-        "role": found.role,
-        "tenants": list(found.tenants),
-        "can_act": kind == "anonymous" or found.role in ACTING_ROLES,
+        "id": me.id,
+        "kind": me.kind,
+        "role": me.role,
+        "tenants": list(me.tenants),
+        "can_act": me.role in ACTING_ROLES,
     }
 
 
 def halt_json(halt: Halt) -> dict[str, Any]:
+    """A halt; ``actor`` is the principal, ``actor_note`` what the caller said of itself."""
     return {**plain(halt), "what": halt.selector.describe()}
 
 
 def audit_json(entry: AuditEntry) -> dict[str, Any]:
-    # actor is the principal; actor_note (what the caller said of itself) once the SDK has it.
-    note = getattr(entry, "actor_note", "")
-    return {**plain(entry), "what": entry.selector.describe(), "note": note}
+    return {**plain(entry), "what": entry.selector.describe()}
 
 
 def kill(client: AdminClient, order: KillOrder) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tether._channel import tls_from_env
 from tether._config import resolve_targets
 from tether._errors import InvalidArgument
 
@@ -26,7 +27,13 @@ class DashboardConfig:
     token: str | None = None
     """Admin bearer token the dashboard presents: its own credentials, not the browser's."""
     tenant: str = ""
-    """Show and act on one tenant only, for a token that covers only that tenant."""
+    """Show and act on one tenant only, for a principal whose role covers only that tenant."""
+    tls_ca: str | None = None
+    """PEM CA that verifies the coordinators; with it the dashboard dials TLS."""
+    tls_cert: str | None = None
+    """PEM client certificate: its URI SAN is the dashboard's operator identity."""
+    tls_key: str | None = None
+    """Private key of ``tls_cert``."""
 
     @property
     def loopback(self) -> bool:
@@ -59,14 +66,22 @@ def load_config(
     addr: str | None,
     token: str | None,
     tenant: str | None,
+    tls: Mapping[str, str | None],
     environ: Mapping[str, str],
 ) -> DashboardConfig:
-    """The dashboard's settings from its flags, then ``TETHER_ADDR`` and ``TETHER_TOKEN``."""
+    """The dashboard's settings from its flags, then ``TETHER_ADDR``, ``TETHER_TOKEN`` and
+    ``TETHER_TLS_CA``/``_CERT``/``_KEY`` (``tls`` maps tls_ca, tls_cert, tls_key to flags)."""
     host, port = parse_listen(listen or DEFAULT_LISTEN)
+    files: dict[str, str | None] = {k: tls.get(k) for k in ("tls_ca", "tls_cert", "tls_key")}
+    if not any(files.values()):
+        files = {**dict.fromkeys(files), **tls_from_env(environ)}
     return DashboardConfig(
         host=host,
         port=port,
         targets=tuple(resolve_targets(addr, environ)),
         token=token or environ.get("TETHER_TOKEN") or None,
         tenant=tenant or "",
+        tls_ca=files["tls_ca"] or None,
+        tls_cert=files["tls_cert"] or None,
+        tls_key=files["tls_key"] or None,
     )

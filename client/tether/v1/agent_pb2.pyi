@@ -29,18 +29,18 @@ class _OrderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Order.ValueType
     DESCRIPTOR: _descriptor.EnumDescriptor
     ORDER_UNSPECIFIED: _Order.ValueType  # 0
     ORDER_RUN: _Order.ValueType  # 1
-    """the coordinator confirms that no halt matches"""
+    """the coordinator confirms that no halt stops this instance"""
     ORDER_STOP: _Order.ValueType  # 2
-    """a halt matches, or the coordinator cannot know (fail closed)"""
+    """a halt stops it, or the coordinator cannot know (fail closed)"""
 
 class Order(_Order, metaclass=_OrderEnumTypeWrapper):
     """Order is the whole answer: what the instance must do now."""
 
 ORDER_UNSPECIFIED: Order.ValueType  # 0
 ORDER_RUN: Order.ValueType  # 1
-"""the coordinator confirms that no halt matches"""
+"""the coordinator confirms that no halt stops this instance"""
 ORDER_STOP: Order.ValueType  # 2
-"""a halt matches, or the coordinator cannot know (fail closed)"""
+"""a halt stops it, or the coordinator cannot know (fail closed)"""
 Global___Order: _TypeAlias = Order  # noqa: Y015
 
 @_typing.final
@@ -61,7 +61,7 @@ class HeartbeatRequest(_message.Message):
     def beat(self) -> Global___Beat: ...
     @_builtins.property
     def goodbye(self) -> Global___Goodbye:
-        """clean exit: stores the final checkpoint"""
+        """the last message: a clean end; stores the final checkpoint"""
 
     @_builtins.property
     def effects(self) -> Global___EffectBatch:
@@ -98,7 +98,13 @@ Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
 @_typing.final
 class KillAck(_message.Message):
     """Sent once an instance has stopped for a halt: at once for a hard kill, when its
-    in-flight work is done (or the grace ran out) for a soft one.
+    in-flight work is done (or the grace ran out) for a soft one. Send one per stop,
+    when the order turns ORDER_STOP with a halt that names no capability; send none
+    for a stop without a halt (fail_closed_reason) or for a capability freeze. If a
+    soft halt turns hard during its grace, cancel what is in flight and ack with
+    escalated set. Acknowledgements of one halt are gathered into one audit entry
+    (AUDIT_ACTION_ACK, or ESCALATE) about half a second later. A KillAck does not
+    end the stream: send Goodbye after it, or stay connected and keep beating.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -109,6 +115,7 @@ class KillAck(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     DISCARDED_FIELD_NUMBER: _builtins.int
     halt_id: _builtins.str
+    """Halt.id of the stopping halt; the first hard one, if any"""
     escalated: _builtins.bool
     """a soft kill's grace ran out; in-flight work was cancelled"""
     discarded: _builtins.int
@@ -119,7 +126,10 @@ class KillAck(_message.Message):
 
     @_builtins.property
     def checkpoint(self) -> _struct_pb2.Struct:
-        """the final checkpoint"""
+        """The final checkpoint: what a resume of the run starts from. It is stored at
+        once (not at the next flush), as is any checkpoint sent while halted. May be
+        left out when the stream already carried the newest one.
+        """
 
     def __init__(
         self,
@@ -140,6 +150,10 @@ Global___KillAck: _TypeAlias = KillAck  # noqa: Y015
 
 @_typing.final
 class EffectBatch(_message.Message):
+    """Ledger records, sent whenever there are some; tenant, agent, run_id and
+    instance_id are filled in from the registration.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EFFECTS_FIELD_NUMBER: _builtins.int
@@ -160,7 +174,10 @@ Global___EffectBatch: _TypeAlias = EffectBatch  # noqa: Y015
 
 @_typing.final
 class PermitRequest(_message.Message):
-    """Strict mode: the coordinator decides, from the halts it has seen, before the effect leaves."""
+    """Strict mode: the coordinator decides, from the halts it has seen, before the effect leaves.
+    The answer comes as a reply with `permit` set and ack_seq 0. Without an answer
+    within ttl_ms, treat the effect as refused.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -169,6 +186,7 @@ class PermitRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
+    """chosen by the agent, unique on the stream; the decision repeats it"""
     capability: _builtins.str
     key: _builtins.str
     """idempotency key; a key that already landed is a duplicate"""
@@ -210,7 +228,9 @@ class PermitDecision(_message.Message):
     """the etcd revision the decision was made at"""
     @_builtins.property
     def refused_by(self) -> _types_pb2.Halt:
-        """set when a halt refused it"""
+        """Set when a halt refused it; a refusal without a halt id (only a reason)
+        means the coordinator could not decide, and refuses.
+        """
 
     def __init__(
         self,
@@ -232,6 +252,20 @@ Global___PermitDecision: _TypeAlias = PermitDecision  # noqa: Y015
 
 @_typing.final
 class Register(_message.Message):
+    """The first message of every stream. The identity is four names, each 1-128
+    characters from letters, digits and . _ : @ -, starting with a letter or digit.
+
+    Which identity to send: run_id names the work. The run's checkpoint belongs
+    to (tenant, agent, run_id), so a process restarted to carry on the same work
+    registers the same run_id and receives the checkpoint in the grant.
+    instance_id names this process: unique among the run's processes, and the
+    same on every reconnect of the process, so that its new stream replaces the
+    old one (on any coordinator) instead of leaving a STALE instance behind. Two
+    live processes must never share one: on one coordinator the newer stream
+    ends the older (ABORTED). A restarted process takes a new instance_id; the
+    old one keeps its record (KILLED, EXITED or STALE).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -262,15 +296,25 @@ class Register(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     AGENT_URI_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    """required unless agent_uri is given"""
     agent: _builtins.str
+    """required unless agent_uri is given"""
     run_id: _builtins.str
+    """required"""
     instance_id: _builtins.str
+    """required"""
     agent_uri: _builtins.str
-    """Alternative to tenant + agent: "agent://tenant/agent"."""
+    """Alternative to tenant + agent: "agent://tenant/agent". Send one form, not both."""
     @_builtins.property
-    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What this instance may do (names as above). A halt with
+        Selector.capability freezes one of them.
+        """
+
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Matched exactly by halts with Selector.labels, such as feature=beta."""
+
     def __init__(
         self,
         *,
@@ -292,14 +336,31 @@ Global___Register: _TypeAlias = Register  # noqa: Y015
 
 @_typing.final
 class Beat(_message.Message):
+    """A sign of life, every SessionGrant.heartbeat_interval_ms. Only beats count:
+    a stream with no Beat for ttl_ms is ended (UNAVAILABLE) and the instance is
+    STALE, whatever else it sends.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    """1 for the first beat, then one more for each: every reply to this beat
+    carries it as ack_seq. Never 0, because ack_seq 0 marks a push, so a beat
+    with seq 0 could never be confirmed. Numbering may go on across streams.
+    """
     @_builtins.property
     def checkpoint(self) -> _struct_pb2.Struct:
-        """Set only when the checkpoint changed since the last one sent."""
+        """Set only when the checkpoint changed since the last one this stream
+        carried (a new stream sends it with its first beat). A JSON object, owned
+        by the run: every instance of the run writes the same one and the newest
+        wins. Its serialised size may be at most SessionGrant.max_checkpoint_bytes;
+        a larger one, or one that is not valid JSON (NaN, infinity), ends the
+        stream with INVALID_ARGUMENT and the last accepted checkpoint is kept.
+        Checkpoints are written to etcd about once a second, and at once while the
+        instance is halted and at Goodbye.
+        """
 
     def __init__(
         self,
@@ -317,11 +378,19 @@ Global___Beat: _TypeAlias = Beat  # noqa: Y015
 
 @_typing.final
 class Goodbye(_message.Message):
+    """The clean end. Send it last, after any KillAck, then end your side of the
+    stream; nothing after it is read. The coordinator stores the checkpoint and
+    the instance's end (KILLED when a halt stops it, else EXITED) before it ends
+    the stream with OK.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def checkpoint(self) -> _struct_pb2.Struct: ...
+    def checkpoint(self) -> _struct_pb2.Struct:
+        """the final checkpoint, under the Beat rules"""
+
     def __init__(
         self,
         *,
@@ -339,6 +408,11 @@ Global___Goodbye: _TypeAlias = Goodbye  # noqa: Y015
 class HeartbeatResponse(_message.Message):
     """Every reply carries the full current order, so replies are idempotent:
     a kill, a resume and an acknowledgement all converge on the same state.
+    The newest reply is the order in force. A reply is one of three kinds:
+      the grant     the first reply, with `session` set;
+      an ack        the answer to a Beat, with ack_seq = Beat.seq;
+      a push        ack_seq 0: the halts changed, a permit decision, or a
+                    fail-closed stop; it answers no beat.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -352,16 +426,24 @@ class HeartbeatResponse(_message.Message):
     PERMIT_FIELD_NUMBER: _builtins.int
     order: Global___Order.ValueType
     ack_seq: _builtins.int
-    """the Beat.seq this confirms; 0 for pushes"""
+    """The Beat.seq this confirms; 0 for pushes and the grant. A client confirms
+    the order as of the moment that beat was sent, and fails closed when no
+    beat sent within the last ttl_ms has been confirmed.
+    """
     revision: _builtins.int
     """etcd revision of the coordinator's halt view"""
     fail_closed_reason: _builtins.str
     """Set when ORDER_STOP comes from the coordinator itself, for example when it
-    lost etcd and can no longer know the halt state.
+    lost etcd and can no longer know the halt state. Stop, do not KillAck, and
+    expect the stream to end: reconnect, preferably to another coordinator.
     """
     @_builtins.property
     def halts(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Halt]:
-        """the halts that match this instance now"""
+        """Every halt that matches this instance now. The order is ORDER_STOP exactly
+        when one of them names no capability, or when fail_closed_reason is set.
+        A halt that names a capability (Selector.capability) freezes only that
+        capability: the order stays ORDER_RUN, and the instance must not use it.
+        """
 
     @_builtins.property
     def session(self) -> Global___SessionGrant:
@@ -405,14 +487,22 @@ class SessionGrant(_message.Message):
     session_id: _builtins.str
     """unique to this registration"""
     ttl_ms: _builtins.int
-    """the lease TTL: silent this long means STALE"""
+    """The lease TTL. A stream with no Beat for this long is ended and the
+    instance shown STALE; an agent with no beat confirmed for this long must
+    stop by itself (fail closed).
+    """
     heartbeat_interval_ms: _builtins.int
+    """send a Beat this often (a quarter of ttl_ms)"""
     has_checkpoint: _builtins.bool
+    """false: the run has none (an empty object is one)"""
     coordinator: _builtins.str
     max_checkpoint_bytes: _builtins.int
+    """the largest checkpoint accepted (default 512 KiB)"""
     @_builtins.property
     def checkpoint(self) -> _struct_pb2.Struct:
-        """the run's last stored checkpoint"""
+        """The run's last stored checkpoint: where a restarted process resumes. On a
+        reconnect the process's own progress may be newer; keep that.
+        """
 
     @_builtins.property
     def landed_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

@@ -30,6 +30,45 @@ class AgentServiceStub:
     """AgentService is the tether itself: one bidirectional stream per agent
     instance. The agent registers, then heartbeats; the coordinator answers
     every heartbeat and pushes kill and resume orders the moment they happen.
+
+    The protocol, for an agent written from this file alone (examples/node/ is
+    one, in Node.js):
+
+    1. Open Heartbeat and send Register first. tenant + agent (or agent_uri),
+       run_id and instance_id are all required.
+    2. The first reply carries the SessionGrant: the TTL, the beat interval, the
+       run's last checkpoint (resume from it) and already an order. It may
+       already be ORDER_STOP: the run is still halted.
+    3. Send a Beat every heartbeat_interval_ms, with seq 1, 2, 3, ... Every reply
+       to a beat carries its seq as ack_seq; a reply with ack_seq 0 is a push.
+    4. Fail closed by yourself: when no beat sent within the last ttl_ms has
+       been confirmed (answered with its ack_seq), stop as if told ORDER_STOP.
+       The coordinator may have lost etcd or the network may be cut, and a kill
+       cannot reach you then. Run again only once a reply says ORDER_RUN.
+    5. On ORDER_STOP with a halt: stop, send a KillAck with the final
+       checkpoint, then either stay connected (beating; a resume arrives as
+       ORDER_RUN) or send Goodbye and end your side. Without Goodbye the
+       instance shows STALE, not KILLED.
+    6. To leave, send Goodbye and end your side; wait for the stream to end
+       with OK, which means the final checkpoint and the end are stored.
+    7. When the stream breaks, reconnect, to the same or another coordinator,
+       with the same Register (the same run_id and instance_id), backing off.
+
+    How a coordinator ends a stream, by status:
+      OK                  after Goodbye: the final checkpoint and record are stored.
+      UNAVAILABLE         no Beat for ttl_ms ("no heartbeat"; the instance is STALE);
+                          the coordinator lost etcd (after an ORDER_STOP with
+                          fail_closed_reason) or is shutting down; or it has not
+                          reached etcd yet. Reconnect, preferably elsewhere.
+      ABORTED             a newer stream registered the same tenant, agent, run_id
+                          and instance_id: another process claims this identity.
+      INVALID_ARGUMENT    a malformed Register (the message says what to fix), a
+                          message out of place (Register again, an empty body),
+                          or a checkpoint over the limit or not valid JSON. After
+                          Register the instance then shows STALE. Retrying the same
+                          message cannot help.
+    An agent that ends its side without Goodbye, or whose connection drops, is
+    STALE at once.
     """
 
     @_typing.overload
@@ -43,6 +82,45 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """AgentService is the tether itself: one bidirectional stream per agent
     instance. The agent registers, then heartbeats; the coordinator answers
     every heartbeat and pushes kill and resume orders the moment they happen.
+
+    The protocol, for an agent written from this file alone (examples/node/ is
+    one, in Node.js):
+
+    1. Open Heartbeat and send Register first. tenant + agent (or agent_uri),
+       run_id and instance_id are all required.
+    2. The first reply carries the SessionGrant: the TTL, the beat interval, the
+       run's last checkpoint (resume from it) and already an order. It may
+       already be ORDER_STOP: the run is still halted.
+    3. Send a Beat every heartbeat_interval_ms, with seq 1, 2, 3, ... Every reply
+       to a beat carries its seq as ack_seq; a reply with ack_seq 0 is a push.
+    4. Fail closed by yourself: when no beat sent within the last ttl_ms has
+       been confirmed (answered with its ack_seq), stop as if told ORDER_STOP.
+       The coordinator may have lost etcd or the network may be cut, and a kill
+       cannot reach you then. Run again only once a reply says ORDER_RUN.
+    5. On ORDER_STOP with a halt: stop, send a KillAck with the final
+       checkpoint, then either stay connected (beating; a resume arrives as
+       ORDER_RUN) or send Goodbye and end your side. Without Goodbye the
+       instance shows STALE, not KILLED.
+    6. To leave, send Goodbye and end your side; wait for the stream to end
+       with OK, which means the final checkpoint and the end are stored.
+    7. When the stream breaks, reconnect, to the same or another coordinator,
+       with the same Register (the same run_id and instance_id), backing off.
+
+    How a coordinator ends a stream, by status:
+      OK                  after Goodbye: the final checkpoint and record are stored.
+      UNAVAILABLE         no Beat for ttl_ms ("no heartbeat"; the instance is STALE);
+                          the coordinator lost etcd (after an ORDER_STOP with
+                          fail_closed_reason) or is shutting down; or it has not
+                          reached etcd yet. Reconnect, preferably elsewhere.
+      ABORTED             a newer stream registered the same tenant, agent, run_id
+                          and instance_id: another process claims this identity.
+      INVALID_ARGUMENT    a malformed Register (the message says what to fix), a
+                          message out of place (Register again, an empty body),
+                          or a checkpoint over the limit or not valid JSON. After
+                          Register the instance then shows STALE. Retrying the same
+                          message cannot help.
+    An agent that ends its side without Goodbye, or whose connection drops, is
+    STALE at once.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -52,6 +130,45 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService is the tether itself: one bidirectional stream per agent
     instance. The agent registers, then heartbeats; the coordinator answers
     every heartbeat and pushes kill and resume orders the moment they happen.
+
+    The protocol, for an agent written from this file alone (examples/node/ is
+    one, in Node.js):
+
+    1. Open Heartbeat and send Register first. tenant + agent (or agent_uri),
+       run_id and instance_id are all required.
+    2. The first reply carries the SessionGrant: the TTL, the beat interval, the
+       run's last checkpoint (resume from it) and already an order. It may
+       already be ORDER_STOP: the run is still halted.
+    3. Send a Beat every heartbeat_interval_ms, with seq 1, 2, 3, ... Every reply
+       to a beat carries its seq as ack_seq; a reply with ack_seq 0 is a push.
+    4. Fail closed by yourself: when no beat sent within the last ttl_ms has
+       been confirmed (answered with its ack_seq), stop as if told ORDER_STOP.
+       The coordinator may have lost etcd or the network may be cut, and a kill
+       cannot reach you then. Run again only once a reply says ORDER_RUN.
+    5. On ORDER_STOP with a halt: stop, send a KillAck with the final
+       checkpoint, then either stay connected (beating; a resume arrives as
+       ORDER_RUN) or send Goodbye and end your side. Without Goodbye the
+       instance shows STALE, not KILLED.
+    6. To leave, send Goodbye and end your side; wait for the stream to end
+       with OK, which means the final checkpoint and the end are stored.
+    7. When the stream breaks, reconnect, to the same or another coordinator,
+       with the same Register (the same run_id and instance_id), backing off.
+
+    How a coordinator ends a stream, by status:
+      OK                  after Goodbye: the final checkpoint and record are stored.
+      UNAVAILABLE         no Beat for ttl_ms ("no heartbeat"; the instance is STALE);
+                          the coordinator lost etcd (after an ORDER_STOP with
+                          fail_closed_reason) or is shutting down; or it has not
+                          reached etcd yet. Reconnect, preferably elsewhere.
+      ABORTED             a newer stream registered the same tenant, agent, run_id
+                          and instance_id: another process claims this identity.
+      INVALID_ARGUMENT    a malformed Register (the message says what to fix), a
+                          message out of place (Register again, an empty body),
+                          or a checkpoint over the limit or not valid JSON. After
+                          Register the instance then shows STALE. Retrying the same
+                          message cannot help.
+    An agent that ends its side without Goodbye, or whose connection drops, is
+    STALE at once.
     """
 
     @_abc_1.abstractmethod

@@ -109,25 +109,35 @@ class _InstanceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Instanc
     DESCRIPTOR: _descriptor.EnumDescriptor
     INSTANCE_STATE_UNSPECIFIED: _InstanceState.ValueType  # 0
     INSTANCE_STATE_ACTIVE: _InstanceState.ValueType  # 1
-    """lease alive, no halt matches"""
+    """Present (its stream is open and beating), and no halt stops it; a
+    capability freeze does not.
+    """
     INSTANCE_STATE_KILLED: _InstanceState.ValueType  # 2
-    """a halt matches; stream open or drained"""
+    """A halt stops it: its stream is still open, or it sent Goodbye while halted."""
     INSTANCE_STATE_STALE: _InstanceState.ValueType  # 3
-    """lease lapsed without a clean exit"""
+    """Gone without Goodbye: its stream broke, it sent no Beat for the TTL, or
+    its coordinator's lease lapsed. A killed instance that ends its stream
+    without Goodbye is STALE too.
+    """
     INSTANCE_STATE_EXITED: _InstanceState.ValueType  # 4
-    """closed cleanly"""
+    """sent Goodbye with no halt stopping it"""
 
 class InstanceState(_InstanceState, metaclass=_InstanceStateEnumTypeWrapper): ...
 
 INSTANCE_STATE_UNSPECIFIED: InstanceState.ValueType  # 0
 INSTANCE_STATE_ACTIVE: InstanceState.ValueType  # 1
-"""lease alive, no halt matches"""
+"""Present (its stream is open and beating), and no halt stops it; a
+capability freeze does not.
+"""
 INSTANCE_STATE_KILLED: InstanceState.ValueType  # 2
-"""a halt matches; stream open or drained"""
+"""A halt stops it: its stream is still open, or it sent Goodbye while halted."""
 INSTANCE_STATE_STALE: InstanceState.ValueType  # 3
-"""lease lapsed without a clean exit"""
+"""Gone without Goodbye: its stream broke, it sent no Beat for the TTL, or
+its coordinator's lease lapsed. A killed instance that ends its stream
+without Goodbye is STALE too.
+"""
 INSTANCE_STATE_EXITED: InstanceState.ValueType  # 4
-"""closed cleanly"""
+"""sent Goodbye with no halt stopping it"""
 Global___InstanceState: _TypeAlias = InstanceState  # noqa: Y015
 
 class _EffectStatus:
@@ -152,8 +162,7 @@ class _EffectStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EffectSt
     EFFECT_STATUS_CANCELLED: _EffectStatus.ValueType  # 7
     """in flight when a hard kill (or an expired grace) cancelled it"""
 
-class EffectStatus(_EffectStatus, metaclass=_EffectStatusEnumTypeWrapper):
-    """AgentInstance is one process holding one stream and one lease."""
+class EffectStatus(_EffectStatus, metaclass=_EffectStatusEnumTypeWrapper): ...
 
 EFFECT_STATUS_UNSPECIFIED: EffectStatus.ValueType  # 0
 EFFECT_STATUS_INTENDED: EffectStatus.ValueType  # 1
@@ -175,7 +184,9 @@ Global___EffectStatus: _TypeAlias = EffectStatus  # noqa: Y015
 @_typing.final
 class Selector(_message.Message):
     """Selector names the instances a halt applies to. Every non-empty field must
-    match the instance; `scope` says which fields are required.
+    match the instance; `scope` says which fields are required (global: none;
+    tenant: tenant; agent: tenant and agent; run: run_id, optionally narrowed by
+    tenant and agent). An empty or unknown scope is rejected, never read as global.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -212,10 +223,15 @@ class Selector(_message.Message):
     """the agent name within the tenant, not the URI"""
     run_id: _builtins.str
     capability: _builtins.str
-    """Reserved for capability freezes; rejected until they are served."""
+    """A capability freeze: the matching instances keep running (their order
+    stays ORDER_RUN) but must not use this capability (Register.capabilities).
+    Audited as AUDIT_ACTION_FREEZE. Works with any scope.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Reserved for label selectors such as feature=beta."""
+        """A label selector such as feature=beta: only instances that registered
+        every one of these labels with the same value (Register.labels) match.
+        """
 
     def __init__(
         self,
@@ -363,6 +379,8 @@ Global___Effect: _TypeAlias = Effect  # noqa: Y015
 
 @_typing.final
 class AgentInstance(_message.Message):
+    """AgentInstance is one process holding one stream and one lease."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -414,8 +432,9 @@ class AgentInstance(_message.Message):
     @_builtins.property
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp:
         """Exact for instances on the answering coordinator; for instances on other
-        coordinators, the last time their record was written (registration,
-        checkpoint, exit). A live lease proves a heartbeat within the lease TTL.
+        coordinators, the last time their record was written (registration, and
+        the end: Goodbye or going STALE). A live lease proves a heartbeat within
+        the lease TTL.
         """
 
     @_builtins.property
@@ -428,7 +447,7 @@ class AgentInstance(_message.Message):
 
     @_builtins.property
     def ended_at(self) -> _timestamp_pb2.Timestamp:
-        """set for EXITED and drained KILLED"""
+        """set once it sent Goodbye (EXITED, KILLED)"""
 
     def __init__(
         self,

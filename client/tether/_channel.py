@@ -1,0 +1,107 @@
+"""The one place a channel to a coordinator is opened: for agents, ``AdminClient`` and
+``HaltCache``, plaintext or TLS from file paths, with an optional bearer token.
+
+The files are read each time a channel opens, so a client whose certificate was renewed
+on disk presents the new one at its next connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tether._errors import InvalidArgument
+
+ENV_CA, ENV_CERT, ENV_KEY, ENV_TOKEN = (
+    "TETHER_TLS_CA",
+    "TETHER_TLS_CERT",
+    "TETHER_TLS_KEY",
+    "TETHER_TOKEN",
+)
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """TLS toward a coordinator: the CA that signed its certificate, and ours, if any."""
+
+    ca: Path
+    """PEM CA bundle that verifies the coordinator's certificate."""
+    cert: Path | None = None
+    """PEM client certificate, for coordinators that require one (``--tls-client-ca``)."""
+    key: Path | None = None
+    """Private key of ``cert``."""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC credentials from the files as they are now.
+
+        Raises:
+            InvalidArgument: a file cannot be read.
+        """
+        key = _read(self.key, "key") if self.key else None
+        cert = _read(self.cert, "cert") if self.cert else None
+        return grpc.ssl_channel_credentials(_read(self.ca, "ca"), key, cert)
+
+
+def client_tls(
+    tls_ca: str | Path | None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+) -> ClientTls | None:
+    """``ClientTls`` from paths, or None (plaintext) when no CA is given.
+
+    Raises:
+        InvalidArgument: a certificate without its key, or a certificate without a CA.
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidArgument("tls_cert and tls_key go together: give both, or neither")
+    if tls_ca is None:
+        if tls_cert is not None:
+            raise InvalidArgument(
+                "a client certificate needs the coordinator's CA too: set tls_ca "
+                f"(--tls-ca or {ENV_CA})"
+            )
+        return None
+    cert, key = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else (None, None)
+    return ClientTls(Path(tls_ca), cert, key)
+
+
+def tls_from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``tls_ca``, ``tls_cert`` and ``tls_key`` set in ``environ``, by keyword."""
+    named = {"tls_ca": ENV_CA, "tls_cert": ENV_CERT, "tls_key": ENV_KEY}
+    return {field: environ[var] for field, var in named.items() if environ.get(var)}
+
+
+def bearer(token: str | None) -> Metadata | None:
+    """The ``authorization`` metadata of a bearer token; None without one."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def open_channel(
+    target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.Channel:
+    """A blocking-API channel to ``target``: TLS with ``tls``, else plaintext."""
+    if tls is None:
+        return grpc.insecure_channel(target, options=list(options) or None)
+    return grpc.secure_channel(target, tls.credentials(), options=list(options) or None)
+
+
+def open_aio_channel(
+    target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``target``: TLS with ``tls``, else plaintext."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=list(options) or None)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=list(options) or None)
+
+
+def _read(path: Path, which: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InvalidArgument(f"tls_{which} {path}: {err.strerror or err}") from None
