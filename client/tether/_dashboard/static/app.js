@@ -228,7 +228,7 @@ async function loadHalts() {
     $("halts").tBodies[0].replaceChildren(...halts.map((h) => el("tr", { "data-halt": h.id },
       el("td", { text: h.what }),
       el("td", { text: h.reason }),
-      el("td", { text: h.actor, title: h.actor_note ? `note: ${h.actor_note}` : "" }),
+      el("td", { class: "mono", text: h.actor, title: h.actor_note ? `note: ${h.actor_note}` : "" }),
       el("td", { text: age(h.created_at), title: when(h.created_at) }),
       el("td", { class: "act" }, canAct ? el("button", { class: "small", type: "button", text: "Resume…",
                                                    onclick: () => askResume(h) }) : ""),
