@@ -287,15 +287,25 @@ class AdminClient:
         return status
 
     def watch(
-        self, *, tenant: str = "", agent: str = "", run_id: str = "", snapshot: bool = True
+        self,
+        *,
+        tenant: str = "",
+        agent: str = "",
+        run_id: str = "",
+        snapshot: bool = True,
+        progress: bool = False,
     ) -> Iterator[AgentEvent]:
         """State changes as they happen, after the current state unless ``snapshot`` is off.
 
         When its coordinator goes away the watch moves to the next one, and reports only
         what changed meanwhile: a reconnection starts with a snapshot, and the instances
-        whose state is already known are left out of it.
+        whose state is already known are left out of it. ``progress`` adds each run's
+        checkpoint to the events, and an event (state unchanged) whenever a stored
+        checkpoint changes.
         """
-        req = admin_pb2.WatchAgentsRequest(tenant=tenant, agent=agent, run_id=run_id)
+        req = admin_pb2.WatchAgentsRequest(
+            tenant=tenant, agent=agent, run_id=run_id, progress=progress
+        )
         seen = _Seen(snapshot)
         try:
             for connection, message in self._coordinators.stream(

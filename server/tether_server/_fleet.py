@@ -22,6 +22,7 @@ from tether_server._halts import HaltTable
 from tether_server._orders import any_stop
 from tether_server._selectors import EMPTY
 from tether_server._store import (
+    CHECKPOINTS,
     FLEET,
     HALTS,
     LIVE,
@@ -31,6 +32,7 @@ from tether_server._store import (
     checkpoint_prefix,
     from_json,
     instance_of,
+    prefix_end,
     range_op,
     run_of_checkpoint,
 )
@@ -139,6 +141,20 @@ def _wanted(request: _Filter, key: InstanceKey) -> bool:
     )
 
 
+def _changes(fleet: Fleet, events: Iterable[Any]) -> tuple[set[InstanceKey], set[RunKey]]:
+    """Apply watch events; return the instances they may change and the runs checkpointed."""
+    touched: set[InstanceKey] = set()
+    runs: set[RunKey] = set()
+    for event in events:
+        keys = fleet.apply(event)
+        touched |= set(fleet.ordered()) if keys is None else keys
+        if (run := run_of_checkpoint(event.kv.key)) is not None:
+            runs.add(run)
+    if runs:
+        touched |= {k for k in fleet.ordered() if k.run in runs}
+    return touched, runs
+
+
 class FleetReader:
     """Reads the fleet from etcd; instances served here get their exact last heartbeat."""
 
@@ -206,28 +222,36 @@ class FleetReader:
             WatchBroken: the etcd watch ended; the caller resubscribes.
         """
         fleet = await self.snapshot(request.tenant)
+        progress = request.progress
         seen: dict[InstanceKey, int] = {}
         for key in fleet.ordered():
             if _wanted(request, key):
                 seen[key] = fleet.state(key)
                 if not request.skip_snapshot:
-                    yield self._event(fleet, key, 0, snapshot=True)
-        async for resp in watch_prefix(self._store, FLEET, fleet.revision + 1):
-            touched: set[InstanceKey] = set()
-            for event in resp.events:
-                keys = fleet.apply(event)
-                touched |= set(fleet.ordered()) if keys is None else keys
+                    yield self._event(fleet, key, 0, snapshot=True, checkpoint=progress)
+        # With progress the watch also covers the checkpoints, which sort just before the fleet.
+        start = CHECKPOINTS if progress else FLEET
+        async for resp in watch_prefix(
+            self._store, start, fleet.revision + 1, end=prefix_end(FLEET)
+        ):
+            touched, runs = _changes(fleet, resp.events)
             fleet.revision = resp.header.revision
             for key in sorted(k for k in touched if _wanted(request, k)):
                 state, before = fleet.state(key), seen.get(key, 0)
-                if state != before:
+                if state != before or (progress and key.run in runs):
                     seen[key] = state
-                    yield self._event(fleet, key, before)
+                    yield self._event(fleet, key, before, checkpoint=progress)
 
     def _event(
-        self, fleet: Fleet, key: InstanceKey, before: int, *, snapshot: bool = False
+        self,
+        fleet: Fleet,
+        key: InstanceKey,
+        before: int,
+        *,
+        snapshot: bool = False,
+        checkpoint: bool = False,
     ) -> admin_pb2.AgentEvent:
-        instance = self._overlay(key, fleet.instance(key, with_checkpoint=False))
+        instance = self._overlay(key, fleet.instance(key, with_checkpoint=checkpoint))
         return admin_pb2.AgentEvent(
             agent=instance,
             previous=types_pb2.InstanceState.ValueType(before),

@@ -36,22 +36,29 @@ class _Interrupted(Exception):
     """The stream on one member ended; the watch goes on on the next."""
 
 
-def _create(prefix: bytes, start_revision: int) -> Any:
+def _create(prefix: bytes, start_revision: int, end: bytes | None = None) -> Any:
     create = rpc.WatchCreateRequest(
-        key=prefix, range_end=prefix_end(prefix), start_revision=start_revision, prev_kv=True
+        key=prefix,
+        range_end=end or prefix_end(prefix),
+        start_revision=start_revision,
+        prev_kv=True,
     )
     return rpc.WatchRequest(create_request=create)
 
 
-async def watch_prefix(store: Store, prefix: bytes, start_revision: int) -> AsyncIterator[Any]:
+async def watch_prefix(
+    store: Store, prefix: bytes, start_revision: int, *, end: bytes | None = None
+) -> AsyncIterator[Any]:
     """Yield every WatchResponse that carries events under ``prefix`` after ``start_revision``.
+
+    ``end`` widens the watch to every key from ``prefix`` up to (not including) ``end``.
 
     Raises:
         WatchBroken: the stream failed or etcd cancelled it; the caller must resync.
     """
     member = store.member()
     requests: asyncio.Queue[Any] = asyncio.Queue()
-    requests.put_nowait(_create(prefix, start_revision))
+    requests.put_nowait(_create(prefix, start_revision, end))
 
     async def outgoing() -> AsyncIterator[Any]:
         while True:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from tether._admin import AdminClient
 from tether._cli._certs_verb import certs
+from tether._cli._dashboard import dashboard
 from tether._cli._doctor import doctor
 from tether._cli._output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail
 from tether._cli._parser import build_parser
@@ -29,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.verb == "drill":
             return drill(args)
+        if args.verb == "dashboard":
+            return dashboard(args)
         if args.verb == "certs":
             return certs(args)
         if args.verb == "doctor":

@@ -164,6 +164,11 @@ def _effects_args(effects: argparse.ArgumentParser) -> None:
     effects.add_argument("--status", choices=[s.value for s in EffectStatus], type=str.lower)
 
 
+def _dashboard_args(dashboard: argparse.ArgumentParser) -> None:
+    dashboard.add_argument("--listen", help="HOST:PORT of the web page (default 127.0.0.1:7780)")
+    dashboard.add_argument("--tenant", default="", help="show and act on this tenant only")
+
+
 def _token_args(token: argparse.ArgumentParser) -> None:
     token.add_argument("action", choices=("issue",), help="issue: sign a new agent token")
     token.add_argument("--tenant", required=True, help="the tenant the token registers as")
@@ -207,6 +212,7 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("watch", "stream state changes", True, _watch_args),
     ("doctor", "check every coordinator of --addr and what they agree on", True, doctor_args),
     ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
+    ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
 )
 
 

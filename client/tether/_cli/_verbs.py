@@ -131,7 +131,7 @@ def _verify_audit(client: AdminClient, args: argparse.Namespace) -> int:
 
 
 def watch(client: AdminClient, args: argparse.Namespace) -> int:
-    events = client.watch(**_agent_filter(args), snapshot=not args.no_snapshot)
+    events = client.watch(**_agent_filter(args), snapshot=not args.no_snapshot, progress=False)
     for seen, event in enumerate(events, start=1):
         print_event(event, args.output)
         if args.count and seen >= args.count:

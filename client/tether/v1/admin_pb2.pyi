@@ -696,11 +696,17 @@ class WatchAgentsRequest(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     SKIP_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     agent: _builtins.str
     run_id: _builtins.str
     skip_snapshot: _builtins.bool
     """by default the current state comes first"""
+    progress: _builtins.bool
+    """Also send the run's checkpoint with every event, and an event whenever a selected
+    instance's stored checkpoint changes (its state unchanged: previous equals the state).
+    Checkpoints are stored in coalesced flushes, so progress arrives at the flush interval.
+    """
     def __init__(
         self,
         *,
@@ -708,10 +714,11 @@ class WatchAgentsRequest(_message.Message):
         agent: _builtins.str = ...,
         run_id: _builtins.str = ...,
         skip_snapshot: _builtins.bool = ...,
+        progress: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "run_id", b"run_id", "skip_snapshot", b"skip_snapshot", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "progress", b"progress", "run_id", b"run_id", "skip_snapshot", b"skip_snapshot", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
