@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tether_server import TlsFiles
+
 from bench.infra import BenchError, Procs, stop
 from bench.record import load
+from bench.tls import client_kwargs
 
 Reply = dict[str, Any]
 _FLEETS = itertools.count(1)
@@ -150,13 +153,16 @@ class Fleet:
         to: int,
         targets: Sequence[str],
         deadline: float,
+        *,
         chunk: int = 1000,
         concurrency: int = 32,
+        tls: TlsFiles | None = None,
     ) -> Grow:
         """Add SDK agents in chunks until the fleet has ``to``, or ``deadline`` seconds pass.
 
         Returns how many were added, how long it took, and how many failed or are still
         pending (a fleet that does not converge is reported, not waited for forever).
+        ``tls``: the certificate the agents present (``Coordinator.agent_tls``).
         """
         started = time.monotonic()
         out = Grow(target=to)
@@ -170,7 +176,7 @@ class Fleet:
             shares = split(add, len(self.workers))
             args = [
                 {"n": n, "targets": list(targets), "prefix": f"w{i}-",
-                 "concurrency": concurrency, "deadline": left}
+                 "concurrency": concurrency, "deadline": left, **client_kwargs(tls)}
                 for i, n in enumerate(shares)
             ]  # fmt: skip
             replies = self.each("add", args, within=left + 60)

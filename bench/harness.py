@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.infra import Coordinator, Etcd, Procs
+from bench.tls import Pki
 
 
 class Bench:
@@ -20,6 +21,14 @@ class Bench:
         self.logs = scratch / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self._n = 0
+        self._pki: Pki | None = None
+
+    @property
+    def pki(self) -> Pki:
+        """The run's development CA and certificates (bench/tls.py), made on first use."""
+        if self._pki is None:
+            self._pki = Pki(self.scratch / "pki")
+        return self._pki
 
     def _dir(self, what: str) -> Path:
         self._n += 1
@@ -29,15 +38,19 @@ class Bench:
 
     @contextlib.contextmanager
     def cluster(
-        self, what: str, coordinators: int = 1, ttl: float = 10.0
+        self, what: str, coordinators: int = 1, ttl: float = 10.0, *, tls: bool = False
     ) -> Iterator[tuple[Etcd, list[Coordinator]]]:
-        """A fresh etcd and ``coordinators`` coordinators, all stopped on the way out."""
+        """A fresh etcd and ``coordinators`` coordinators, all stopped on the way out.
+
+        With ``tls`` the coordinators serve mutual TLS with the run's ``pki``.
+        """
         base = self._dir(what)
         etcd = Etcd(self.procs, base / "etcd").start()
+        pki = self.pki if tls else None
         coords: list[Coordinator] = []
         try:
             for _ in range(coordinators):
-                coords.append(Coordinator(self.procs, etcd, base, lease_ttl=ttl).start())
+                coords.append(Coordinator(self.procs, etcd, base, ttl, pki).start())
             yield etcd, coords
         finally:
             for coord in coords:

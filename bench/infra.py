@@ -15,14 +15,17 @@ import resource
 import signal
 import subprocess
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import grpc
 import psutil
+import tether
 from aetcd import rpc
-from tether_server import CoordinatorProcess, EtcdProcess, free_port
+from tether_server import CoordinatorProcess, EtcdProcess, TlsFiles, free_port
+
+from bench.tls import Pki, client_kwargs
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -154,14 +157,40 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 class Coordinator(CoordinatorProcess):
-    """One ``tether serve`` process against an existing etcd, logging to ``log_dir``."""
+    """One ``tether serve`` process against an existing etcd, logging to ``log_dir``.
 
-    def __init__(self, procs: Procs, etcd: Etcd, log_dir: Path, lease_ttl: float = 10.0) -> None:
+    With ``pki`` it serves mutual TLS (bench/tls.py): its readiness probe and ``admin()``
+    present the operator's certificate, and ``agent_tls`` is what its agents present.
+    """
+
+    def __init__(
+        self, procs: Procs, etcd: Etcd, log_dir: Path, lease_ttl: float = 10.0,
+        pki: Pki | None = None,
+    ) -> None:  # fmt: skip
         port = free_port()
         env = {**os.environ, "TETHER_LOG_LEVEL": "WARNING", "OTEL_SDK_DISABLED": "true"}
         log = log_dir / f"coordinator-{port}.log"
-        super().__init__(etcd.url, lease_ttl=lease_ttl, log=log, port=port, env=env)
+        probe = pki.operator if pki is not None else None
+        super().__init__(etcd.url, lease_ttl=lease_ttl, log=log, port=port, env=env, tls=probe)
+        self.pki = pki
         procs.own(self)
+
+    def start(
+        self, *extra: str, env: Mapping[str, str] | None = None, timeout: float = 30.0
+    ) -> Self:
+        """``tether serve`` with ``extra`` flags, after the TLS flags when it serves TLS."""
+        own = self.pki.serve_flags() if self.pki is not None else ()
+        return super().start(*own, *extra, env=env, timeout=timeout)
+
+    @property
+    def agent_tls(self) -> TlsFiles | None:
+        """The certificate its SDK agents present; None for plaintext."""
+        return self.pki.agent if self.pki is not None else None
+
+    def admin(self, timeout: float = 60) -> tether.AdminClient:
+        """An ``AdminClient`` to this coordinator, as the bench's operator when it serves TLS."""
+        files = self.pki.operator if self.pki is not None else None
+        return tether.AdminClient(self.addr, timeout=timeout, **client_kwargs(files))
 
     @property
     def log_path(self) -> Path:

@@ -121,6 +121,14 @@ def floats(raw: str) -> list[float]:
 
 
 WORKERS = Flag("--workers", "workers", int, "load-generator processes")
+TLS = Flag(
+    "--tls",
+    "tls",
+    bool,
+    "mutual TLS between coordinators, SDK agents and admin clients (a development CA "
+    "in the scratch dir); phases kill1, kill2, kill1long and steady",
+    switch=True,
+)
 
 
 def draw_latency(ax: Axes, label: str, color: str, points: list[tuple[int, Summary]]) -> None:

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 from bench import report
 from bench.harness import Bench, say
 from bench.infra import Procs, raise_nofile
-from bench.phase import Flag, Phase
+from bench.phase import TLS, Flag, Phase
 from bench.phases import BY_NAME, PHASES
 from bench.record import dump
 
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown phase(s): {', '.join(sorted(unknown))}; use {','.join(BY_NAME)}")
         return 2
     plan = [(p, p.settings(args, quick=args.quick)) for p in PHASES if p.name in only]
+    if args.tls and (plain := [p.name for p, _ in plan if TLS not in p.flags]):
+        say(f"--tls: {', '.join(plain)} run(s) in plaintext all the same (no TLS there yet)")
     raise_nofile()
     args.out.mkdir(parents=True, exist_ok=True)
     results = _record(args, argv, plan)

@@ -5,6 +5,8 @@ subchannels process-wide, so the agents' channels ask for a local subchannel poo
 agent's ``on_reply`` hook timestamps, with ``time.monotonic()``, the reply that first made
 its verdict halted (or running again, or lost); every process on this machine reads the
 same clock, so the harness compares these times with the moment it issued the Kill.
+Given ``tls_ca``, ``tls_cert`` and ``tls_key`` in the ``add`` command, each agent connects
+with mutual TLS: its own connection, so its own handshake.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class SdkFleet:
             connect_timeout=float(cmd.get("connect_timeout", 60)),
             channel_options=OWN_CONNECTION,
             on_reply=self._observer(self.marks.add()),
+            tls_ca=cmd.get("tls_ca"),
+            tls_cert=cmd.get("tls_cert"),
+            tls_key=cmd.get("tls_key"),
         )
         return tether.AsyncAgent(
             f"agent://{tenant}/agent-{i % agents_per_tenant}",

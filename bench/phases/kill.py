@@ -20,7 +20,7 @@ from bench.fleet import Fleet
 from bench.harness import Bench, say
 from bench.infra import BenchError, Coordinator
 from bench.md import KB, Row, fmt, table, verdict
-from bench.phase import WORKERS, Flag, Phase, Results, draw_latency, ints
+from bench.phase import TLS, WORKERS, Flag, Phase, Results, draw_latency, ints
 from bench.profile import profiling
 from bench.record import OMIT
 from bench.rounds import Attempt, Size, lost_etcd, measure_size, settle
@@ -41,6 +41,7 @@ class Settings:
     phase_budget: float = 300.0  # seconds the phase may spend before it stops growing
     profile: bool = False  # sample the coordinator with py-spy during kill rounds
     profile_sizes: list[int] = field(default_factory=lambda: [1000])
+    tls: bool = False  # mutual TLS on every connection (bench/tls.py)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Result:
     worker_tracebacks: int = 0
     coordinator_lost_etcd_total: int = 0
     rss_per_agent_bytes: float = 0.0
+    tls: bool = False
 
     def size(self, agents: int) -> Size | None:
         return next((e for e in self.sizes if e.agents == agents), None)
@@ -68,13 +70,13 @@ class Result:
 
 def propagate(bench: Bench, cfg: Settings) -> Result:
     """Grow the fleet size by size and time kill rounds at each size it holds."""
-    out = Result(coordinators=cfg.coordinators, lease_ttl=cfg.ttl)
+    out = Result(coordinators=cfg.coordinators, lease_ttl=cfg.ttl, tls=cfg.tls)
     deadline = time.monotonic() + cfg.phase_budget
-    with bench.cluster(cfg.label, cfg.coordinators, cfg.ttl) as (_, coords):
+    with bench.cluster(cfg.label, cfg.coordinators, cfg.ttl, tls=cfg.tls) as (_, coords):
         time.sleep(1)
         out.rss_baseline_bytes = [c.rss_bytes() for c in coords]
         fleet = Fleet(bench.procs, "sdk", cfg.workers, bench.logs)
-        admin = tether.AdminClient(coords[0].addr, timeout=60)
+        admin = coords[0].admin(timeout=60)
         try:
             _sizes(bench, cfg, out, deadline, coords=coords, fleet=fleet, admin=admin)
         except BenchError as err:
@@ -104,7 +106,8 @@ def _sizes(
             say(f"{label}: {out.stopped}")
             return
         say(f"{label}: growing the fleet to {size} agents")
-        grown = fleet.grow_sdk(size, [c.addr for c in coords], deadline=min(left, 240))
+        targets = [c.addr for c in coords]
+        grown = fleet.grow_sdk(size, targets, deadline=min(left, 240), tls=coords[0].agent_tls)
         fleet.all("act", period=0.5)
         time.sleep(2 + size / 2500)
         rest = settle(coords, fleet, grown, 4.0)
@@ -174,10 +177,11 @@ def _unheld(a: Attempt) -> str:
 def kill_table(res: Result) -> str:
     """The rounds at each size, then what went wrong (collapsed, not held, stopped)."""
     ttl = res.lease_ttl
+    tls = " Mutual TLS on every connection (`--tls`)." if res.tls else ""
     text = (
-        f"Lease TTL {ttl:g} s (a heartbeat every {ttl / 4:g} s). Latencies in ms, over all agents "
-        'of all rounds; "never killed" counts agents that had not seen the kill when the round '
-        "gave up.\n\n" + table(_HEAD, [_row(e) for e in res.sizes])
+        f"Lease TTL {ttl:g} s (a heartbeat every {ttl / 4:g} s).{tls} Latencies in ms, over all "
+        'agents of all rounds; "never killed" counts agents that had not seen the kill when the '
+        "round gave up.\n\n" + table(_HEAD, [_row(e) for e in res.sizes])
     )
     for e in res.sizes:
         if e.collapsed:
@@ -212,6 +216,8 @@ def _kill_budget(results: Results, agents: int, target: float) -> Row:
         f"{fmt(p99)} ms from Kill issued ({fmt(entry.from_return_ms.p99)} ms from Kill "
         f"returned){where}"
     )
+    if any(res.tls for res in (one, long) if res is not None):
+        measured += ", over mutual TLS"
     if entry.missing:
         measured += f"; {entry.missing} kills never observed"
     ok = p99 is not None and p99 <= target and not entry.missing
@@ -324,7 +330,7 @@ def _variant(
 
     phase = Phase(
         name=name, about=about, result=Result, run=propagate, defaults=full, quick=quick,
-        flags=(*flags, ROUNDS, WORKERS, PROFILE), section=section, plot=plot,
+        flags=(*flags, ROUNDS, WORKERS, PROFILE, TLS), section=section, plot=plot,
         budgets=budgets or (lambda _: []),
     )  # fmt: skip
     return phase

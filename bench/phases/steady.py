@@ -15,7 +15,7 @@ from bench.fleet import Fleet, Grow
 from bench.harness import Bench, log_lines, say
 from bench.infra import Coordinator, Etcd
 from bench.md import Row, fmt, pct, table, verdict
-from bench.phase import WORKERS, Phase, Results
+from bench.phase import TLS, WORKERS, Flag, Phase, Results, ints
 from bench.phases.capacity import Window, measure_window
 from bench.rounds import LOST_ETCD
 
@@ -29,6 +29,7 @@ class Settings:
     agents: list[int] = field(default_factory=lambda: [300, 1000])
     window: float = 15.0
     workers: int = 4
+    tls: bool = False  # mutual TLS on every connection (bench/tls.py)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Run:
     modes: dict[str, Mode] = field(default_factory=dict)
     grow: Grow = field(default_factory=Grow)
     steady: bool = False
+    tls: bool = False
 
 
 @dataclass
@@ -94,11 +96,12 @@ def _mode(coord: Coordinator, etcd: Etcd, fleet: Fleet, mode: str, window: float
 
 
 def _run(bench: Bench, cfg: Settings, n: int) -> Run:
-    out = Run(agents=n, window_s=cfg.window)
-    with bench.cluster(f"steady-{n}", 1, ttl=TTL) as (etcd, (coord,)):
+    out = Run(agents=n, window_s=cfg.window, tls=cfg.tls)
+    with bench.cluster(f"steady-{n}", 1, ttl=TTL, tls=cfg.tls) as (etcd, (coord,)):
         fleet = Fleet(bench.procs, "sdk", max(2, cfg.workers // 2), bench.logs)
         try:
-            out.grow = fleet.grow_sdk(n, [coord.addr], deadline=120 + n * 0.05)
+            deadline = 120 + n * 0.05
+            out.grow = fleet.grow_sdk(n, [coord.addr], deadline, tls=coord.agent_tls)
             for mode in MODES:
                 out.modes[mode] = _mode(coord, etcd, fleet, mode, cfg.window)
                 say(f"steady {n} {mode}: {out.modes[mode]}")
@@ -146,7 +149,9 @@ def section(results: Results) -> list[str]:
     rows = [_row(run, mode, m) for run in res.runs or [res] for mode, m in run.modes.items()]
     return [
         "## etcd writes per heartbeat, steady state\n",
-        f"SDK agents at lease TTL 2 s (a beat every 0.5 s), {res.window_s:g} s windows. A run "
+        f"SDK agents at lease TTL 2 s (a beat every 0.5 s), {res.window_s:g} s windows"
+        + (", mutual TLS on every connection (`--tls`)" if res.tls else "")
+        + ". A run "
         "with re-registrations or 'lost etcd' was not steady: the agents were failing closed "
         "and registering again, and each registration writes etcd. The budget is judged on "
         "the largest steady run.\n\n" + table(_HEAD, rows),
@@ -178,7 +183,12 @@ PHASE = Phase(
     run=steady_state,
     defaults=Settings(),
     quick=Settings(agents=[200], window=5.0),
-    flags=(WORKERS,),
+    flags=(
+        Flag("--steady-agents", "agents", ints, "fleet sizes of the steady phase"),
+        Flag("--steady-window", "window", float, "seconds each steady checkpoint mode is measured"),
+        WORKERS,
+        TLS,
+    ),
     budgets=budgets,
     section=section,
 )
