@@ -248,10 +248,17 @@ def section(results: Results) -> list[str]:
     if (res := results.of(PHASE)) is None:
         return []
     ttl = f"{res.lease_ttl_s:g} s"
+    apart = results.record.get("merged", {}).get(PHASE.name)
+    measured = (
+        f"Measured apart from the run above, with `{apart['command']}` on {apart['date']} "
+        f"(commit {apart['commit'][:10]}), and merged into `results.json`.\n\n"
+        if apart
+        else ""
+    )
     co, ki = res.moved_ms, res.kill_ms
     return [
         "## Failover: a coordinator dies, an etcd leader dies\n",
-        f"Two coordinators (lease TTL {ttl}) on one etcd; every agent is given both "
+        measured + f"Two coordinators (lease TTL {ttl}) on one etcd; every agent is given both "
         "addresses and starts on the first, which is SIGKILLed. Time from the SIGKILL until "
         "each agent holds a running verdict from the other coordinator, and how many failed "
         f"closed (`TetherLost`) on the way. All rounds: p50 {fmt(co.p50, 0)} ms, p99 "
