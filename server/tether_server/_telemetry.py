@@ -42,7 +42,7 @@ _EXPORTERS: dict[str, tuple[type[Any], str, str]] = {
 }
 
 # Seconds, for latencies from a millisecond to ten seconds (the SDK's defaults suit ms).
-_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Server-side, only these codes make a span an error (RPC conventions, "gRPC status").
 _SERVER_ERRORS = frozenset(
@@ -114,7 +114,7 @@ class Metrics:
             "tether.kill.push.duration",
             unit="s",
             description="From the halt's watch event to the order written on the stream",
-            explicit_bucket_boundaries_advisory=_SECONDS,
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self.stale_declared = meter.create_counter(
             "tether.stale_declared",
@@ -128,7 +128,7 @@ _calls = metrics.get_meter("tether_server").create_histogram(
     "rpc.server.call.duration",
     unit="s",
     description="Duration of each AdminService and AgentService call, by method and status",
-    explicit_bucket_boundaries_advisory=_SECONDS,
+    explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
 )
 
 
