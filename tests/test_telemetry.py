@@ -4,6 +4,7 @@ units, audit entries as log records."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -59,11 +60,12 @@ class Exported:
     spans: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     logs: list[dict[str, Any]] = field(default_factory=list)
+    text: str = ""
 
     @classmethod
     def read(cls, log: Path) -> Exported:
-        out = cls()
-        for obj in json_objects(log.read_text()):
+        out = cls(text=log.read_text())
+        for obj in json_objects(out.text):
             if "span_id" in obj.get("context", {}):
                 out.spans.append(obj)
             elif "resource_metrics" in obj:
@@ -107,7 +109,9 @@ def exported(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
         def complete() -> Exported:
             found = Exported.read(log)
             assert "tether.stale_declared" in found.metrics and found.logs
-            assert any(s["name"].endswith("/Kill") for s in found.spans)
+            assert {"tether.v1.AdminService/Kill", "tether.v1.AdminService/WatchAgents"} <= {
+                s["name"] for s in found.spans
+            }
             return found
 
         yield eventually(complete)
@@ -131,11 +135,21 @@ def _scenario(coordinator: Coordinator) -> None:
         try:
             with tether.AdminClient(coordinator.addr, environ={}) as admin:
                 admin.kill(tether.selector(agent=f"agent://{TENANT}/w"), "telemetry")
+            with tether.AdminClient(coordinator.addr, environ={}) as admin:
+                events = admin.watch(tenant=TENANT)
+                assert next(events).snapshot  # a streaming call, then cancelled
+                events.close()
+            asyncio.run(_an_async_agent(coordinator.addr))  # its stream joins the trace too
         finally:
             otel_context.detach(token)
         doomed.send_signal(signal.SIGKILL)  # no goodbye: the coordinator declares it STALE
         doomed.wait()
         time.sleep(1.0)  # a metric export or three
+
+
+async def _an_async_agent(addr: str) -> None:
+    async with tether.AsyncAgent(f"agent://{TENANT}/traced", target=addr):
+        pass
 
 
 def test_a_refused_kill_is_a_server_span_with_its_real_status(exported: Exported) -> None:
@@ -168,11 +182,30 @@ def test_an_active_span_in_the_client_process_makes_the_server_span_a_child(
     assert span["parent_id"] == f"0x{SDK_PARENT:016x}"
 
 
+def test_an_sdk_agent_under_a_span_opens_its_stream_as_a_child(exported: Exported) -> None:
+    children = [
+        s
+        for s in exported.spans
+        if s["name"] == "tether.v1.AgentService/Heartbeat"
+        and s["parent_id"] == f"0x{SDK_PARENT:016x}"
+    ]
+    assert len(children) == 1
+    assert children[0]["attributes"]["rpc.grpc.status_code"] == 0  # it said goodbye
+
+
 def test_the_heartbeat_stream_is_a_server_span_too(exported: Exported) -> None:
-    span = exported.span("tether.v1.AgentService/Heartbeat")
+    span = exported.span("tether.v1.AgentService/Heartbeat", **{"rpc.grpc.status_code": 1})
     assert span["kind"] == "SpanKind.SERVER"
     assert span["attributes"]["rpc.service"] == "tether.v1.AgentService"
     assert span["parent_id"] is None  # the agent process ran under no trace
+
+
+def test_a_cancelled_watch_is_a_server_span_that_ends_cleanly(exported: Exported) -> None:
+    span = exported.span("tether.v1.AdminService/WatchAgents")
+    assert span["kind"] == "SpanKind.SERVER"
+    assert span["attributes"]["rpc.grpc.status_code"] in (0, 1)  # OK or CANCELLED
+    assert span["parent_id"] == f"0x{SDK_PARENT:016x}"
+    assert "Failed to detach context" not in exported.text
 
 
 def test_metrics_carry_units(exported: Exported) -> None:

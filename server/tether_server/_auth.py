@@ -21,7 +21,7 @@ from tether_server._config import ConfigError, ServerConfig
 from tether_server._errors import ANSWERABLE, Unauthenticated, status_of
 from tether_server._identity import AdminTokens, Authenticator, Principal, SignerSource
 from tether_server._rbac import Authorizer, load_rbac
-from tether_server._telemetry import server_span
+from tether_server._telemetry import current, replies_within, server_span
 
 _SERVICES = "/tether.v1."
 _HEARTBEAT = "Heartbeat"
@@ -136,7 +136,7 @@ def _coroutine(behaviour: Callable[..., Awaitable[Any]], admit: Admit, method: s
     """A handler that returns its reply, or writes its replies with ``context.write``."""
 
     async def run(request: Any, context: Any) -> Any:
-        with server_span(method, context):
+        with server_span(method, context) as span, current(span):
             await _as_caller(request, context, admit)
             return await behaviour(request, context)
 
@@ -147,9 +147,10 @@ def _generator(behaviour: Callable[..., AsyncIterator[Any]], admit: Admit, metho
     """A handler that yields its replies."""
 
     async def run(request: Any, context: Any) -> AsyncIterator[Any]:
-        with server_span(method, context):
-            await _as_caller(request, context, admit)
-            async for reply in behaviour(request, context):
+        with server_span(method, context) as span:
+            with current(span):
+                await _as_caller(request, context, admit)
+            async for reply in replies_within(span, behaviour(request, context)):
                 yield reply
 
     return run

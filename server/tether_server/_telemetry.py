@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import importlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -31,8 +31,10 @@ from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExpo
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from tether.v1 import admin_pb2
+
+T = TypeVar("T")
 
 _OTLP = "opentelemetry.exporter.otlp.proto.grpc."
 _EXPORTERS: dict[str, tuple[type[Any], str, str]] = {
@@ -146,8 +148,9 @@ _GETTER = _MetadataGetter()
 
 
 @contextlib.contextmanager
-def server_span(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
-    """A SERVER span around one call of ``method`` (``/tether.v1.Service/Method``).
+def server_span(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[Span]:
+    """A SERVER span around one call of ``method`` (``/tether.v1.Service/Method``), not
+    made current: see :func:`current` and :func:`replies_within`.
 
     Its parent is the caller's ``traceparent``; its status code is the one the call ends
     with, read from ``context`` (so a refusal records its code, not the abort's exception).
@@ -157,41 +160,52 @@ def server_span(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Ite
     carrier: Sequence[Any] = tuple(context.invocation_metadata() or ())
     parent = propagate.extract(carrier, getter=_GETTER)
     started = time.monotonic()
-    with tracer.start_as_current_span(
-        f"{service}/{name}",
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes=labels,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        failure: BaseException | None = None
-        try:
-            yield
-        except BaseException as err:
-            failure = err
-            raise
-        finally:
-            code = _code(context, failure)
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            if code in _SERVER_ERRORS:
-                span.set_status(Status(StatusCode.ERROR, code.name))
-                if failure is not None and not isinstance(failure, grpc.aio.AbortError):
-                    span.record_exception(failure)
-            done = {**labels, "rpc.grpc.status_code": code.value[0]}
-            _calls.record(time.monotonic() - started, done)
+    span = tracer.start_span(
+        f"{service}/{name}", context=parent, kind=SpanKind.SERVER, attributes=labels
+    )
+    failure: BaseException | None = None
+    try:
+        yield span
+    except BaseException as err:
+        failure = err
+        raise
+    finally:
+        code = _code(context, failure)
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code in _SERVER_ERRORS:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+            if failure is not None and not isinstance(failure, grpc.aio.AbortError):
+                span.record_exception(failure)
+        span.end()
+        _calls.record(time.monotonic() - started, {**labels, "rpc.grpc.status_code": code.value[0]})
+
+
+def current(span: Span) -> contextlib.AbstractContextManager[Span]:
+    """``span`` as the current span, for code that does not yield meanwhile."""
+    return trace.use_span(span, record_exception=False, set_status_on_exception=False)
+
+
+async def replies_within(span: Span, replies: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``replies``, each made with ``span`` current but never across a ``yield``: a
+    streaming call may be closed from another context, where the span cannot be detached."""
+    it = aiter(replies)
+    while True:
+        with current(span):
+            try:
+                reply = await anext(it)
+            except StopAsyncIteration:
+                return
+        yield reply
 
 
 def _code(context: grpc.aio.ServicerContext[Any, Any], failure: BaseException | None) -> Any:
     """The status the call ends with: set by abort or set_code, else by how it ended."""
     if (code := context.code()) is not None:
         return code if isinstance(code, grpc.StatusCode) else _by_value(int(code))
-    if failure is None:
-        return grpc.StatusCode.OK
-    if isinstance(failure, (GeneratorExit, StopAsyncIteration)):
-        return grpc.StatusCode.OK
-    if isinstance(failure, asyncio.CancelledError):
+    if context.cancelled() or isinstance(failure, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED
+    if failure is None or isinstance(failure, GeneratorExit):
+        return grpc.StatusCode.OK
     return grpc.StatusCode.UNKNOWN  # what grpc answers for an exception a handler let out
 
 
