@@ -138,7 +138,7 @@ def _scenario(coordinator: Coordinator) -> None:
             with tether.AdminClient(coordinator.addr, environ={}) as admin:
                 events = admin.watch(tenant=TENANT)
                 assert next(events).snapshot  # a streaming call, then cancelled
-                events.close()
+                # leaving the client closes its channel, which cancels the call
             asyncio.run(_an_async_agent(coordinator.addr))  # its stream joins the trace too
         finally:
             otel_context.detach(token)
