@@ -27,6 +27,7 @@ from tests.test_failure import agent_process
 
 TENANT = "t-telemetry"
 CLI_TRACE, CLI_PARENT = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+SHELL_TRACE, SHELL_PARENT = "5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8"
 SDK_TRACE, SDK_PARENT = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
 FAILED_PRECONDITION = 9
 
@@ -109,9 +110,8 @@ def exported(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
         def complete() -> Exported:
             found = Exported.read(log)
             assert "tether.stale_declared" in found.metrics and found.logs
-            assert {"tether.v1.AdminService/Kill", "tether.v1.AdminService/WatchAgents"} <= {
-                s["name"] for s in found.spans
-            }
+            names = {s["name"] for s in found.spans}
+            assert {"Kill", "WatchAgents", "ListHalts"} <= {n.rsplit("/")[-1] for n in names}
             return found
 
         yield eventually(complete)
@@ -126,6 +126,9 @@ def _scenario(coordinator: Coordinator) -> None:
         pytest.raises(tether.TetherError, match="ever registered"),
     ):
         cli.kill(tether.selector(agent=f"agent://{TENANT}/nobody"), "typo")  # refused
+    shell = {"TRACEPARENT": f"00-{SHELL_TRACE}-{SHELL_PARENT}-01", "TETHER_ADDR": coordinator.addr}
+    argv = [sys.executable, "-m", "tether._cli", "halts"]
+    subprocess.run(argv, env={**os.environ, **shell}, check=True, capture_output=True, timeout=60)
     with (
         agent_process(f"agent://{TENANT}/w", "r-otel", coordinator.addr),
         agent_process(f"agent://{TENANT}/s", "r-stale", coordinator.addr) as doomed,
@@ -172,6 +175,12 @@ def test_traceparent_from_the_cli_environment_makes_the_server_span_a_child(
     span = exported.span("tether.v1.AdminService/Kill", **{"rpc.grpc.status_code": 9})
     assert span["context"]["trace_id"] == f"0x{CLI_TRACE}"
     assert span["parent_id"] == f"0x{CLI_PARENT}"
+
+
+def test_traceparent_in_the_tether_cli_environment_reaches_the_server(exported: Exported) -> None:
+    span = exported.span("tether.v1.AdminService/ListHalts")
+    assert span["context"]["trace_id"] == f"0x{SHELL_TRACE}"
+    assert span["parent_id"] == f"0x{SHELL_PARENT}"
 
 
 def test_an_active_span_in_the_client_process_makes_the_server_span_a_child(
