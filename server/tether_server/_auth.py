@@ -6,6 +6,9 @@ is identified here and its registration decided in ``Sessions`` (it arrives on t
 by the same authorizer's ``check_registration``. Handlers read the principal with
 :func:`caller` and never see a certificate or a header. Health and reflection are left alone:
 the transport (TLS, client certificates) already guards them.
+
+Each call's one SERVER span starts here too (``_telemetry.server_span``), before the caller is
+identified, so a refused call is traced with the status it was refused with.
 """
 
 from __future__ import annotations
