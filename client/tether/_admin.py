@@ -14,7 +14,15 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tether._channel import ENV_TOKEN, bearer, client_tls, open_channel, tls_from_env
+from tether._channel import (
+    ENV_TOKEN,
+    bearer,
+    client_tls,
+    open_channel,
+    tls_from_env,
+    trace_from_env,
+    traced,
+)
 from tether._config import resolve_targets
 from tether._errors import InvalidArgument, from_rpc_error
 from tether._failover import Coordinators, FailoverStub
@@ -129,6 +137,7 @@ class AdminClient:
         self._timeout = timeout
         self._actor = actor or default_actor()
         self._metadata = bearer(token or environ.get(ENV_TOKEN))
+        self._trace = trace_from_env(environ)  # TRACEPARENT, when no span is active here
         files = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
         if not any(files.values()):
             files.update(tls_from_env(environ))
@@ -162,7 +171,8 @@ class AdminClient:
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
         try:
-            return method(request, timeout=self._timeout, metadata=self._metadata)
+            metadata = traced(self._metadata, self._trace)
+            return method(request, timeout=self._timeout, metadata=metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -321,7 +331,7 @@ class AdminClient:
     def _watch_on(
         self, req: admin_pb2.WatchAgentsRequest, stub: admin_pb2_grpc.AdminServiceStub
     ) -> Iterator[admin_pb2.AgentEvent]:
-        stream = stub.WatchAgents(req, metadata=self._metadata)
+        stream = stub.WatchAgents(req, metadata=traced(self._metadata, self._trace))
         try:
             yield from stream
         finally:

@@ -34,7 +34,6 @@ from tether_server._ledger import LedgerReader
 from tether_server._selectors import validate
 from tether_server._signer import PermitSigner
 from tether_server._status import StatusSource
-from tether_server._telemetry import tracer
 
 R = TypeVar("R")
 
@@ -66,18 +65,17 @@ def _check_names(request: Any) -> None:
 
 
 def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Trace the call, hand it the caller's principal, and turn our errors into gRPC
-    statuses with an actionable message."""
+    """Hand the call its caller's principal, and turn our errors into gRPC statuses with
+    an actionable message. (The call's span comes from the interceptor, ``_auth``.)"""
 
     @functools.wraps(method)
     async def wrapper(self: Admin, request: Any, context: Any) -> R:
-        with tracer.start_as_current_span(f"tether.v1.AdminService/{method.__name__}"):
-            try:
-                _check_names(request)
-                return await method(self, request, caller())
-            except ANSWERABLE as err:
-                await context.abort(status_of(err), str(err))
-                raise  # unreachable: abort raises
+        try:
+            _check_names(request)
+            return await method(self, request, caller())
+        except ANSWERABLE as err:
+            await context.abort(status_of(err), str(err))
+            raise  # unreachable: abort raises
 
     return wrapper
 
@@ -193,13 +191,12 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def WatchAgents(
         self, request: admin_pb2.WatchAgentsRequest, context: Any
     ) -> AsyncIterator[admin_pb2.AgentEvent]:
-        with tracer.start_as_current_span("tether.v1.AdminService/WatchAgents"):
-            try:
-                _check_names(request)
-                async for event in self._fleet.watch(request):
-                    yield event
-            except ANSWERABLE as err:
-                await context.abort(status_of(err), str(err))
+        try:
+            _check_names(request)
+            async for event in self._fleet.watch(request):
+                yield event
+        except ANSWERABLE as err:
+            await context.abort(status_of(err), str(err))
 
     # -- effects, audit and the permit key --------------------------------------------------
 

@@ -36,6 +36,7 @@ from tether_server._config import ServerConfig
 from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._selectors import halt_id
 from tether_server._store import InstanceKey, delete_op, halt_key, put_op, to_json
+from tether_server._telemetry import SECONDS_BUCKETS
 
 log = logging.getLogger("tether_server")
 
@@ -99,6 +100,7 @@ class Canary:
             "tether.canary.kill.duration",
             unit="s",
             description="Canary: from its halt written to etcd to the stop on its stream",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
 
     def status(self) -> admin_pb2.CanaryStatus:

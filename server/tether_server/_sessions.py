@@ -247,7 +247,7 @@ class Sessions:
         return with_ack(current_order(session), beat.seq)
 
     def _pushed(self, seconds: float) -> None:
-        self._metrics.kill_push_latency.record(seconds * 1e3)
+        self._metrics.kill_push_duration.record(seconds)
 
     async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
         decision = await self._gate.decide(session.key, session.record.labels, request)
