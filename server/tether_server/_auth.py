@@ -23,7 +23,7 @@ import grpc
 from tether_server._config import ConfigError, ServerConfig
 from tether_server._errors import ANSWERABLE, Unauthenticated, status_of
 from tether_server._identity import AdminTokens, Authenticator, Principal, SignerSource
-from tether_server._rbac import Authorizer, load_rbac
+from tether_server._rbac import Authorizer, load_rbac, open_to_anonymous
 from tether_server._telemetry import current, replies_within, server_span
 
 _SERVICES = "/tether.v1."
@@ -62,7 +62,7 @@ class Guard:
             ConfigError: a file is malformed, or ``--admin-tokens`` comes without ``--rbac``.
         """
         grants = load_rbac(config.rbac) if config.rbac else None
-        authorizer = Authorizer(grants, client_certs=config.tls_client_ca is not None)
+        authorizer = Authorizer(grants, open_=open_to_anonymous(config))
         tokens = None
         if config.admin_tokens:
             if grants is None:
