@@ -50,7 +50,7 @@ _HINTS = {
     "connection reset": "a plaintext client to a TLS coordinator? give --tls-ca",
     "connection closed": "a plaintext client to a TLS coordinator? give --tls-ca",
 }
-_DEADLINE_HINT = "is it reachable from here, and is its etcd up? a slow one needs --timeout"
+_DEADLINE_HINT = "is it reachable from here (a firewall?), and serving (its etcd up)?"
 
 
 def hint(cause: str) -> str:

@@ -60,7 +60,9 @@ def _bash_case(verb: Verb) -> str:
         lines.append(f'            [[ $prev == {flag} ]] && opts="{" ".join(choices)}" && break')
     for flag in verb.files:
         lines.append(f"            [[ $prev == {flag} ]] && files=1 && break")
-    lines.append(f'            opts="{" ".join(verb.words + verb.flags)}"; break ;;')
+    lines.append(
+        f'            words="{" ".join(verb.words)}" flags="{" ".join(verb.flags)}"; break ;;'
+    )
     return "\n".join(lines)
 
 
@@ -70,7 +72,7 @@ def bash(top: Verb, verbs: list[Verb]) -> str:
     return f"""# tether completion for bash: source <(tether completion bash)
 _tether() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}}
-    local verb="" opts="" files=0 word
+    local verb="" opts="" words="" flags="" files=0 word
     for word in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
         case " {names} " in *" $word "*) verb=$word; break ;; esac
     done
@@ -81,6 +83,9 @@ _tether() {{
     esac
     done
     if (( files )); then COMPREPLY=($(compgen -f -- "$cur")); return; fi
+    if [[ -z $opts ]]; then
+        if [[ $cur == -* || -z $words ]]; then opts=$flags; else opts=$words; fi
+    fi
     COMPREPLY=($(compgen -W "$opts" -- "$cur"))
 }}
 complete -F _tether tether
