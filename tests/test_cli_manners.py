@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tether._cli import build_parser
 from tether._cli._output import ago
 from tether._cli._parser import _VERBS
 
-from tests.conftest import Coordinator
+from tests.conftest import Coordinator, Etcd, eventually
 from tests.test_cli import ok, tether_cli
 
 
@@ -255,3 +256,64 @@ def test_the_cli_imports_only_what_a_verb_needs() -> None:
     result = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def _record(**stamps: int) -> bytes:
+    from google.protobuf import json_format
+    from tether.v1 import types_pb2
+
+    record = types_pb2.AgentInstance(state=types_pb2.INSTANCE_STATE_ACTIVE)
+    for name, seconds in stamps.items():
+        getattr(record, name).FromSeconds(seconds)
+    return json_format.MessageToJson(record).encode()
+
+
+def test_only_ended_records_older_than_the_retention_expire() -> None:
+    from tether_server._prune import expired
+    from tether_server._store import LIVE, ROSTER
+
+    class Kv:
+        def __init__(self, name: str, value: bytes) -> None:
+            self.key, self.value, self.mod_revision = ROSTER + name.encode(), value, 7
+
+    kvs = [
+        Kv("t/a/r/exited-long-ago", _record(ended_at=100, last_heartbeat=90)),
+        Kv("t/a/r/exited-lately", _record(ended_at=900)),
+        Kv("t/a/r/stale-long-ago", _record(last_heartbeat=100)),  # no goodbye: its last beat
+        Kv("t/a/r/live-old-record", _record(registered_at=10)),  # has presence: never pruned
+    ]
+    live = {LIVE + b"t/a/r/live-old-record"}
+    found = expired(kvs, live, cutoff_ns=500 * 10**9)
+    assert found == [(ROSTER + b"t/a/r/exited-long-ago", 7), (ROSTER + b"t/a/r/stale-long-ago", 7)]
+
+
+def test_roster_retention_is_a_duration() -> None:
+    result = tether_cli("serve", "--roster-retention", "soon")
+    assert result.returncode == 2
+    assert "--roster-retention 'soon': give a duration from 1s to 366d, such as 24h" in (
+        result.stderr
+    )
+
+
+def test_ended_instances_are_pruned_after_the_retention(
+    etcd: Etcd, tmp_path: Path, tenant: str
+) -> None:
+    pruning = Coordinator(etcd).start(tmp_path, "--roster-retention", "1s")
+    try:
+        uri = f"agent://{tenant}/email"
+        with tether.Agent(uri, run_id="ended", target=pruning.addr):
+            pass
+        with tether.Agent(uri, run_id="running", target=pruning.addr):
+
+            def listed() -> list[str]:
+                found = tether_cli(
+                    "agents", "--all", "-o", "json", "--tenant", tenant, addr=pruning.addr
+                )
+                return sorted(a["run_id"] for a in json.loads(ok(found)))
+
+            assert "ended" in listed()
+            eventually(lambda: listed() == ["running"])
+            time.sleep(2.5)  # passes go on, and the live instance stays, however old
+            assert listed() == ["running"]
+    finally:
+        pruning.stop()
