@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 from tether._admin import AdminClient
 from tether._cli._certs_verb import certs
-from tether._cli._completion import completion
 from tether._cli._dashboard import dashboard
 from tether._cli._doctor import doctor
 from tether._cli._output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail
@@ -41,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.verb == "completion":
+            from tether._cli._completion import completion
+
             return completion(parser, args)
         if args.verb == "serve":
             return serve(args)
