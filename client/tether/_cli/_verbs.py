@@ -28,7 +28,7 @@ from tether._cli._output import (
     wide_agent_row,
 )
 from tether._config import resolve_targets
-from tether._errors import InvalidArgument
+from tether._errors import FailedPrecondition, InvalidArgument
 from tether._types import EffectStatus, Halt, Scope, Selector, State
 from tether._uri import parse_agent_uri
 
@@ -95,10 +95,13 @@ def kill(client: AdminClient, args: argparse.Namespace) -> int:
         raise InvalidArgument("--grace goes with --mode soft")
     if args.grace is not None and not 0 <= args.grace <= 3600:  # also refuses nan and inf
         raise InvalidArgument(f"--grace {args.grace}: give seconds between 0 and 3600")
-    halt, already = client.kill(
-        _selector(args), args.reason, force=args.force, soft=args.mode == "soft",
-        grace=args.grace, drain=args.queue == "drain",
-    )  # fmt: skip
+    try:
+        halt, already = client.kill(
+            _selector(args), args.reason, force=args.force, soft=args.mode == "soft",
+            grace=args.grace, drain=args.queue == "drain",
+        )  # fmt: skip
+    except FailedPrecondition as err:  # the coordinator speaks of the wire's field
+        raise FailedPrecondition(str(err).replace("pass force", "add --force")) from err
     if args.output == "json":
         print_json({"halt": halt, "already_halted": already})
     else:
