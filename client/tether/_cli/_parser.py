@@ -45,61 +45,32 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _global_flags() -> list[tuple[tuple[str, ...], object, dict[str, Any]]]:
+    """(names, default, other keywords) of each global flag."""
+    return [
+        (("--addr",), None, {"metavar": "HOST:PORT", "help": "coordinator(s), comma-separated "
+            f"to fail over (default: $TETHER_ADDR or {DEFAULT_ADDR})"}),
+        (("-o", "--output"), "table", {"choices": ("table", "wide", "json"),
+            "help": "table, wide (more columns, where a verb has them) or json"}),
+        (("--no-headers",), False, {"action": "store_true",
+            "help": "tables without their header line"}),
+        (("--timeout",), DEFAULT_TIMEOUT, {"type": _seconds, "metavar": "SECONDS",
+            "help": f"seconds each call may take on a coordinator (default {DEFAULT_TIMEOUT:g})"}),
+        (("--token",), None, {"help": "admin bearer token (default: $TETHER_TOKEN)"}),
+        (("--tls-ca",), None, {"metavar": "FILE", "help": "CA of the coordinator's certificate; "
+            "given, speak TLS (default: $TETHER_TLS_CA)"}),
+        (("--tls-cert",), None, {"metavar": "FILE",
+            "help": "client certificate (default: $TETHER_TLS_CERT)"}),
+        (("--tls-key",), None, {"metavar": "FILE", "help": "its key (default: $TETHER_TLS_KEY)"}),
+    ]  # fmt: skip
+
+
 def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> argparse.ArgumentParser:
     """The global flags. On the top parser they carry the defaults; on each verb they are
     suppressed unless given, so that a flag before the verb is not reset after it."""
-
-    def default(value: object) -> object:
-        return argparse.SUPPRESS if suppress else value
-
-    add = parser.add_argument
-    add(
-        "--addr",
-        default=default(None),
-        metavar="HOST:PORT",
-        help="coordinator(s), comma-separated to fail over (default: $TETHER_ADDR or "
-        f"{DEFAULT_ADDR})",
-    )
-    add(
-        "-o",
-        "--output",
-        choices=("table", "wide", "json"),
-        default=default("table"),
-        help="table, wide (more columns, where a verb has them) or json",
-    )
-    add(
-        "--no-headers",
-        action="store_true",
-        default=default(False),
-        help="tables without their header line",
-    )
-    add(
-        "--timeout",
-        type=_seconds,
-        default=default(DEFAULT_TIMEOUT),
-        metavar="SECONDS",
-        help=f"seconds each call may take on each coordinator (default {DEFAULT_TIMEOUT:g})",
-    )
-    add("--token", default=default(None), help="admin bearer token (default: $TETHER_TOKEN)")
-    add(
-        "--tls-ca",
-        metavar="FILE",
-        default=default(None),
-        help="CA of the coordinator's certificate; given, speak TLS (default: $TETHER_TLS_CA)",
-    )
-    add(
-        "--tls-cert",
-        metavar="FILE",
-        default=default(None),
-        help="client certificate (default: $TETHER_TLS_CERT)",
-    )
-    add(
-        "--tls-key",
-        metavar="FILE",
-        default=default(None),
-        help="its key (default: $TETHER_TLS_KEY)",
-    )
-    return parser  # fmt: skip
+    for names, default, keywords in _global_flags():
+        parser.add_argument(*names, default=argparse.SUPPRESS if suppress else default, **keywords)
+    return parser
 
 
 def _seconds(raw: str) -> float:
