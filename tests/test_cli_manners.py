@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -317,3 +319,27 @@ def test_ended_instances_are_pruned_after_the_retention(
             assert listed() == ["running"]
     finally:
         pruning.stop()
+
+
+def test_etcds_port_is_not_taken_for_a_coordinator(etcd: Etcd) -> None:
+    addr = etcd.endpoint.split("://")[-1]
+    result = tether_cli("agents", "--addr", addr)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"tether: {addr} is not a tether coordinator (" in result.stderr
+    assert "is it the address `tether serve --listen` serves" in result.stderr
+
+
+def test_a_web_server_is_not_taken_for_a_coordinator() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        addr = f"127.0.0.1:{server.server_address[1]}"
+        result = tether_cli("halts", "--addr", addr)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"tether: no coordinator answered: {addr} (not a gRPC server: "
+        "is that the coordinator's port (`tether serve --listen`)?)"
+    ]

@@ -40,6 +40,7 @@ _CAUSES = (
     ("ssl", "TLS handshake failed"),
     ("connection reset", "connection reset"),
     ("socket closed", "connection closed"),
+    ("failed parsing http/2", "not a gRPC server"),
 )
 # What to check, after each cause, in the one-line error a person reads.
 _HINTS = {
@@ -49,6 +50,7 @@ _HINTS = {
     "and that the coordinator serves TLS",
     "connection reset": "a plaintext client to a TLS coordinator? give --tls-ca",
     "connection closed": "a plaintext client to a TLS coordinator? give --tls-ca",
+    "not a gRPC server": "is that the coordinator's port (`tether serve --listen`)?",
 }
 _DEADLINE_HINT = "is it reachable from here (a firewall?), and serving (its etcd up)?"
 

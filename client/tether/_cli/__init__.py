@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from tether._admin import AdminClient
 from tether._cli._certs_verb import certs
 from tether._cli._dashboard import dashboard
@@ -58,7 +60,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         tls = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
         limits = {"timeout": args.timeout, "connect_timeout": min(2.0, args.timeout)}
         with AdminClient(args.addr, token=args.token, **limits, **tls) as client:
-            return ADMIN_VERBS[args.verb](client, args)
+            try:
+                return ADMIN_VERBS[args.verb](client, args)
+            except TetherError as err:
+                raise not_a_coordinator(err, client.target) from err
     except (InvalidArgument, FailedPrecondition) as err:
         return fail(EXIT_USAGE, err)
     except TetherError as err:
@@ -67,6 +72,20 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.verb == "watch":
             return EXIT_OK  # ^C is how a watch ends
         return fail(EXIT_ERROR, "interrupted: the request may or may not have taken effect")
+
+
+def not_a_coordinator(err: TetherError, target: str) -> TetherError:
+    """An answer of UNIMPLEMENTED means whoever listens at ``target`` is not a coordinator
+    (etcd's port, another gRPC service, a web server speaking HTTP/2): say so."""
+    cause = err.__cause__
+    if not isinstance(cause, grpc.Call) or cause.code() != grpc.StatusCode.UNIMPLEMENTED:
+        return err
+    if "method not found" in (cause.details() or "").lower():
+        return err  # a coordinator, older than this CLI: its own words say which method
+    return TetherError(
+        f"{target} is not a tether coordinator ({cause.details()}): is it the address "
+        "`tether serve --listen` serves (127.0.0.1:7700 by default), not etcd's or another's?"
+    )
 
 
 def _closed_pipe() -> int:
