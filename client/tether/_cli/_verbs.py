@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +16,7 @@ from tether._cli._output import (
     EXIT_ERROR,
     EXIT_OK,
     HALT_HEADERS,
+    WIDE_AGENT_HEADERS,
     agent_row,
     audit_row,
     effect_row,
@@ -24,10 +25,28 @@ from tether._cli._output import (
     print_event,
     print_json,
     print_listing,
+    wide_agent_row,
 )
-from tether._errors import InvalidArgument
-from tether._types import EffectStatus, State
+from tether._config import resolve_targets
+from tether._errors import FailedPrecondition, InvalidArgument
+from tether._types import EffectStatus, Halt, Scope, Selector, State
 from tether._uri import parse_agent_uri
+
+_ENDED = (State.EXITED, State.STALE)  # listed by `tether agents` only with --all or --state
+
+
+def check_addr(raw: str | None, environ: Mapping[str, str]) -> None:
+    """Refuse a coordinator address without a port, rather than let gRPC dial 443."""
+    source = "--addr" if raw else "TETHER_ADDR"
+    for target in resolve_targets(raw, environ):
+        host, sep, port = target.rpartition(":")
+        bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+        if not sep or not host or bare_v6 or not port.isdigit() or not 0 < int(port) < 65536:
+            example = f"[{target}]:7700" if ":" in target else f"{target.rstrip(':')}:7700"
+            raise InvalidArgument(
+                f"{source} {target!r} needs HOST:PORT with a port, e.g. {example} "
+                "(7700 is tether serve's default)"
+            )
 
 
 def _selector(args: argparse.Namespace) -> Any:
@@ -76,10 +95,13 @@ def kill(client: AdminClient, args: argparse.Namespace) -> int:
         raise InvalidArgument("--grace goes with --mode soft")
     if args.grace is not None and not 0 <= args.grace <= 3600:  # also refuses nan and inf
         raise InvalidArgument(f"--grace {args.grace}: give seconds between 0 and 3600")
-    halt, already = client.kill(
-        _selector(args), args.reason, force=args.force, soft=args.mode == "soft",
-        grace=args.grace, drain=args.queue == "drain",
-    )  # fmt: skip
+    try:
+        halt, already = client.kill(
+            _selector(args), args.reason, force=args.force, soft=args.mode == "soft",
+            grace=args.grace, drain=args.queue == "drain",
+        )  # fmt: skip
+    except FailedPrecondition as err:  # the coordinator speaks of the wire's field
+        raise FailedPrecondition(str(err).replace("pass force", "add --force")) from err
     if args.output == "json":
         print_json({"halt": halt, "already_halted": already})
     else:
@@ -91,22 +113,64 @@ def kill(client: AdminClient, args: argparse.Namespace) -> int:
 def resume(client: AdminClient, args: argparse.Namespace) -> int:
     sel = _selector(args)
     halt = client.resume(sel, args.reason)
+    narrower = [] if halt else narrower_halts(sel, client.halts(tenant=sel.tenant))
     if args.output == "json":
-        print_json({"resumed": halt, "was_halted": halt is not None})
+        print_json({"resumed": halt, "was_halted": halt is not None, "narrower": narrower})
+    elif halt:
+        print(f"resumed {sel.describe()}")
+    elif narrower:
+        names = "; ".join(
+            f"{h.selector.describe()} (`{resume_command(h.selector)}`)" for h in narrower
+        )
+        print(f"{sel.describe()} was not halted; these narrower halts remain: {names}; "
+              "resume them by name")  # fmt: skip
     else:
-        print(f"resumed {sel.describe()}" if halt else f"{sel.describe()} was not halted")
+        print(f"{sel.describe()} was not halted")
     return EXIT_OK
+
+
+def narrower_halts(sel: Selector, found: list[Halt]) -> list[Halt]:
+    """The halts inside ``sel``'s scope, other than ``sel`` itself: what a user who resumed
+    ``sel`` and found it not halted most likely meant."""
+    return [
+        h for h in found
+        if h.selector != sel
+        and sel.names(h.selector.tenant, h.selector.agent, h.selector.run_id)
+        and sel.capability in ("", h.selector.capability)
+        and all(h.selector.labels.get(k) == v for k, v in sel.labels.items())
+    ]  # fmt: skip
+
+
+def resume_command(sel: Selector) -> str:
+    """The ``tether resume`` that lifts exactly ``sel``."""
+    words = ["tether resume"]
+    if sel.scope is Scope.GLOBAL:
+        words.append("--global")
+    elif sel.scope is Scope.TENANT:
+        words.append(f"--tenant {sel.tenant}")
+    elif sel.scope is Scope.AGENT:
+        words.append(f"--agent agent://{sel.tenant}/{sel.agent}")
+    else:
+        words.append(f"--run {sel.run_id}" + (f" --in-tenant {sel.tenant}" if sel.tenant else ""))
+    if sel.capability:
+        words.append(f"--capability {sel.capability}")
+    words.extend(f"--label {k}={v}" for k, v in sorted(sel.labels.items()))
+    return " ".join(words)
 
 
 def agents(client: AdminClient, args: argparse.Namespace) -> int:
     found = client.agents(**_agent_filter(args), state=State(args.state) if args.state else None)
-    print_listing(args.output, found, AGENT_HEADERS, agent_row)
+    if not (args.all or args.state):
+        found = [a for a in found if a.state not in _ENDED]
+    headers, row = (WIDE_AGENT_HEADERS, wide_agent_row) if args.output == "wide" else (
+        AGENT_HEADERS, agent_row)  # fmt: skip
+    print_listing(args.output, found, headers, row, no_headers=args.no_headers)
     return EXIT_OK
 
 
 def halts(client: AdminClient, args: argparse.Namespace) -> int:
     found = client.halts(tenant=args.tenant)
-    print_listing(args.output, found, HALT_HEADERS, halt_row)
+    print_listing(args.output, found, HALT_HEADERS, halt_row, no_headers=args.no_headers)
     return EXIT_OK
 
 
@@ -114,7 +178,7 @@ def audit(client: AdminClient, args: argparse.Namespace) -> int:
     if args.verify:
         return _verify_audit(client, args)
     entries = client.audit(tenant=args.tenant, since=_since(args.since), limit=args.limit)
-    print_listing(args.output, entries, AUDIT_HEADERS, audit_row)
+    print_listing(args.output, entries, AUDIT_HEADERS, audit_row, no_headers=args.no_headers)
     return EXIT_OK
 
 
@@ -147,7 +211,7 @@ def effects(client: AdminClient, args: argparse.Namespace) -> int:
         where["tenant"], agent=where["agent"], run_id=where["run_id"], since=_since(args.since),
         status=EffectStatus(args.status) if args.status else None,
     )  # fmt: skip
-    print_listing(args.output, rows, EFFECT_HEADERS, effect_row)
+    print_listing(args.output, rows, EFFECT_HEADERS, effect_row, no_headers=args.no_headers)
     return EXIT_OK
 
 
