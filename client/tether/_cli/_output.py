@@ -94,7 +94,11 @@ HALT_HEADERS = ["HALT", "SCOPE", "ACTOR", "SINCE", "REASON"]
 
 
 def halt_row(h: Halt) -> list[str]:
-    return [h.id, h.selector.describe(), actor(h.actor, h.actor_note), ago(h.created_at), h.reason]
+    reason = h.reason
+    if h.release_gate:
+        wanted = ",".join(f"{k}={v}" for k, v in sorted(h.release_gate.items()))
+        reason += f" [resumed only for {wanted}]"
+    return [h.id, h.selector.describe(), actor(h.actor, h.actor_note), ago(h.created_at), reason]
 
 
 AUDIT_HEADERS = ["AT", "ACTION", "SCOPE", "ACTOR", "CHANGED", "REASON"]
@@ -106,13 +110,17 @@ def audit_row(e: AuditEntry) -> list[str]:
     return [at, e.action, e.selector.describe(), who, "yes" if e.changed else "no", e.reason]
 
 
-EFFECT_HEADERS = ["INTENDED", "RUN", "CAPABILITY", "KEY", "STATUS", "REFUSED BY"]
+EFFECT_HEADERS = [
+    "INTENDED", "RUN", "CAPABILITY", "KEY", "STATUS", "REFUSED BY", "COMPENSATION", "UNDO",
+]  # fmt: skip
 
 
 def effect_row(e: EffectRecord) -> list[str]:
+    undo = json.dumps(e.undo, separators=(",", ":")) if e.undo is not None else "-"
     return [
         e.intended_at.isoformat(timespec="milliseconds") if e.intended_at else "-",
         e.run_id, e.capability, e.key or "-", e.status.value, e.refused_by or "-",
+        e.compensation or "-", undo if len(undo) <= 60 else undo[:57] + "...",
     ]  # fmt: skip
 
 

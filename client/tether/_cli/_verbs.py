@@ -12,38 +12,42 @@ from tether._admin import AdminClient, selector
 from tether._cli._output import (
     AGENT_HEADERS,
     AUDIT_HEADERS,
-    EFFECT_HEADERS,
     EXIT_ERROR,
     EXIT_OK,
     HALT_HEADERS,
     agent_row,
     audit_row,
-    effect_row,
     fail,
     halt_row,
     print_event,
     print_json,
     print_listing,
 )
+from tether._cli._recovery import compensate, effects
 from tether._errors import InvalidArgument
-from tether._types import EffectStatus, State
+from tether._types import State
 from tether._uri import parse_agent_uri
 
 
 def _selector(args: argparse.Namespace) -> Any:
     if args.in_tenant and not args.run:
         raise InvalidArgument("--in-tenant goes with --run")
-    labels = {}
-    for item in args.label:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidArgument(f"--label {item!r}: expected KEY=VALUE, e.g. feature=beta")
-        labels[key] = value
+    labels = _labels("--label", args.label)
     tenant = args.in_tenant if args.run else args.tenant
     return selector(
         all=args.all, tenant=tenant, agent=args.agent, run_id=args.run,
         capability=args.capability, labels=labels,
     )  # fmt: skip
+
+
+def _labels(flag: str, items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"{flag} {item!r}: expected KEY=VALUE, e.g. version=1.4.3")
+        labels[key] = value
+    return labels
 
 
 def _agent_filter(args: argparse.Namespace) -> dict[str, str]:
@@ -90,11 +94,13 @@ def kill(client: AdminClient, args: argparse.Namespace) -> int:
 
 def resume(client: AdminClient, args: argparse.Namespace) -> int:
     sel = _selector(args)
-    halt = client.resume(sel, args.reason)
+    required = _labels("--require-label", args.require_label)
+    halt = client.resume(sel, args.reason, require_labels=required)
     if args.output == "json":
         print_json({"resumed": halt, "was_halted": halt is not None})
     else:
-        print(f"resumed {sel.describe()}" if halt else f"{sel.describe()} was not halted")
+        only = " only for " + ",".join(f"{k}={v}" for k, v in required.items()) if required else ""
+        print(f"resumed {sel.describe()}{only}" if halt else f"{sel.describe()} was not halted")
     return EXIT_OK
 
 
@@ -136,18 +142,6 @@ def watch(client: AdminClient, args: argparse.Namespace) -> int:
         print_event(event, args.output)
         if args.count and seen >= args.count:
             break
-    return EXIT_OK
-
-
-def effects(client: AdminClient, args: argparse.Namespace) -> int:
-    where = _agent_filter(args)
-    if not where["tenant"]:
-        raise InvalidArgument("tether effects needs --tenant or --agent agent://TENANT/AGENT")
-    rows = client.effects(
-        where["tenant"], agent=where["agent"], run_id=where["run_id"], since=_since(args.since),
-        status=EffectStatus(args.status) if args.status else None,
-    )  # fmt: skip
-    print_listing(args.output, rows, EFFECT_HEADERS, effect_row)
     return EXIT_OK
 
 
@@ -201,6 +195,7 @@ ADMIN_VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
     "audit": audit,
     "watch": watch,
     "effects": effects,
+    "compensate": compensate,
     "permit-key": permit_key,
     "token": token,
     "whoami": whoami,
