@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 import tether
 from opentelemetry.sdk.trace import TracerProvider
-from tether.v1 import types_pb2
+from tether.v1 import admin_pb2, types_pb2
+from tether_server._errors import PermissionDenied
+from tether_server._identity import Kind, Principal
+from tether_server._rbac import Authorizer
 from tether_server._selectors import exempt, halts_instance
 from tether_server._store import InstanceKey
 
 from tests.conftest import Coordinator, eventually, settled_effects
 from tests.test_cli import ok, tether_cli
+from tests.test_unit_rbac import GRANTS
 
 TRACER = TracerProvider().get_tracer("tests.recovery")
 
@@ -304,3 +308,20 @@ def test_release_gated_resume_runs_the_new_release_only(
     assert entry.require_labels == {"version": "1.4.3"} and entry.changed
     assert admin.resume(tether.selector(agent=uri)) is not None  # a plain resume lifts it all
     assert admin.halts(tenant=tenant) == []
+
+
+@pytest.mark.parametrize(
+    ("who", "tenant", "allowed"),
+    [("carol", "acme", False), ("bob", "acme", True), ("bob", "globex", False)],
+)
+def test_recording_a_compensation_takes_an_operator_of_the_tenant(
+    who: str, tenant: str, allowed: bool
+) -> None:
+    authorizer = Authorizer(GRANTS, client_certs=True)
+    request = admin_pb2.RecordCompensationRequest(tenant=tenant, agent="a", run_id="r")
+    principal = Principal(f"operator:{who}", Kind.OPERATOR, operator=who)
+    if allowed:
+        authorizer.check(principal, "RecordCompensation", request)
+    else:
+        with pytest.raises(PermissionDenied, match="may not record a compensation"):
+            authorizer.check(principal, "RecordCompensation", request)

@@ -116,7 +116,7 @@ EFFECT_HEADERS = [
 
 
 def effect_row(e: EffectRecord) -> list[str]:
-    undo = json.dumps(e.undo, separators=(",", ":")) if e.undo is not None else "-"
+    undo = json.dumps(e.undo, separators=(",", ":"), sort_keys=True) if e.undo is not None else "-"
     return [
         e.intended_at.isoformat(timespec="milliseconds") if e.intended_at else "-",
         e.run_id, e.capability, e.key or "-", e.status.value, e.refused_by or "-",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
@@ -103,6 +104,8 @@ def _progress(line: str) -> None:
 
 
 def compensate(client: AdminClient, args: argparse.Namespace) -> int:
+    if os.getcwd() not in sys.path:  # as uvicorn does: the handler may live beside you
+        sys.path.insert(0, os.getcwd())
     where = _filters(client, args)
     report = run_compensation(
         client, where.pop("tenant"), **where, handler=args.handler, apply=args.apply,
