@@ -20,7 +20,7 @@ from tether_server._selectors import exempt, halts_instance
 from tether_server._store import InstanceKey
 
 from tests.conftest import Coordinator, eventually, settled_effects
-from tests.test_cli import ok, tether_cli
+from tests.test_cli import grpcurl, ok, tether_cli
 from tests.test_unit_rbac import GRANTS
 
 TRACER = TracerProvider().get_tracer("tests.recovery")
@@ -157,6 +157,29 @@ def test_cli_effects_filters_and_prints_undo_whole(coord: Coordinator, tenant: s
     assert '"message_id":"<m1@x>"' in table and "UNDO" in table
     bad = tether_cli("effects", "--tenant", tenant, "--until", "yesterday", addr=coord.addr)
     assert bad.returncode == 2 and "--until 'yesterday'" in bad.stderr
+
+
+def test_grpcurl_lists_the_incident_with_the_same_filters(coord: Coordinator, tenant: str) -> None:
+    with tether.Agent(f"agent://{tenant}/mailer", run_id="r1", target=coord.addr) as agent:
+        with agent.effect("send_email", key="before"):
+            pass
+        start = _stamp()
+        with TRACER.start_as_current_span("send") as span, agent.effect("send_email", key="in"):
+            pass
+        with agent.effect("read_crm", key="lookup"):
+            pass
+    with tether.AdminClient(coord.addr) as admin:
+        settled_effects(admin, tenant, 3)
+    trace = format(span.get_span_context().trace_id, "032x")
+    request = {
+        "tenant": tenant, "since": start.isoformat().replace("+00:00", "Z"),
+        "capability": "send_email", "status": "EFFECT_STATUS_LANDED",
+    }  # fmt: skip
+    listed = json.loads(grpcurl(coord.addr, "tether.v1.AdminService/ListEffects", data=request))
+    assert [(e["key"], e["trace_id"]) for e in listed["effects"]] == [("in", trace)]
+    by_trace = {"tenant": tenant, "trace_id": trace}
+    listed = json.loads(grpcurl(coord.addr, "tether.v1.AdminService/ListEffects", data=by_trace))
+    assert [e["key"] for e in listed["effects"]] == ["in"]
 
 
 # -- compensation ---------------------------------------------------------------------------
