@@ -3,6 +3,7 @@ compensation list by window and trace, ``compensate``, and a resume that waits f
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -64,6 +65,21 @@ def test_undo_trace_and_release_round_trip_through_the_ledger(
     assert price.undo == {"previous": {"sku": "a", "price": 3}}
     assert price.trace_id == "" and read.undo is None
     assert {r.release for r in rows} == {"1.4.2"}
+
+
+def test_undo_in_asyncio_code_with_a_strict_permit(coord: Coordinator, tenant: str) -> None:
+    uri = f"agent://{tenant}/async"
+
+    async def refund() -> None:
+        agent = tether.AsyncAgent(uri, run_id="r", target=coord.addr, release="2.0.0")
+        async with agent, agent.effect("refund", key="k-1", strict=True) as fx:
+            assert fx.permit
+            fx.undo({"refund_id": "re_1"})
+
+    asyncio.run(refund())
+    with tether.AdminClient(coord.addr) as admin:
+        [row] = settled_effects(admin, tenant, 1)
+    assert (row.undo, row.release, row.strict) == ({"refund_id": "re_1"}, "2.0.0", True)
 
 
 def test_release_argument_and_version_label_must_agree(coord: Coordinator, tenant: str) -> None:
