@@ -345,6 +345,13 @@ def test_release_gated_resume_runs_the_new_release_only(
         fixed.check()
     [entry] = [e for e in admin.audit(tenant=tenant) if e.action == "resume"]
     assert entry.require_labels == {"version": "1.4.3"} and entry.changed
+    audit = ok(tether_cli("audit", "--tenant", tenant, addr=second.addr))
+    assert "1.4.3 fixes the template [only for version=1.4.3]" in audit
+    cache = tether.HaltCache(first.addr, max_age=0)  # a permit names no release: not its call
+    claims = tether.PermitClaims(
+        tenant, "email-campaign", "new", "i", "send_email", "k", 0, 0, 0, "key"
+    )
+    assert cache(claims) is None
     assert admin.resume(tether.selector(agent=uri)) is not None  # a plain resume lifts it all
     assert admin.halts(tenant=tenant) == []
 

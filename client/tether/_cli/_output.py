@@ -107,7 +107,10 @@ AUDIT_HEADERS = ["AT", "ACTION", "SCOPE", "ACTOR", "CHANGED", "REASON"]
 def audit_row(e: AuditEntry) -> list[str]:
     at = e.at.isoformat(timespec="seconds") if e.at else "-"
     who = actor(e.actor, e.actor_note)
-    return [at, e.action, e.selector.describe(), who, "yes" if e.changed else "no", e.reason]
+    reason = e.reason
+    if e.require_labels:  # a resume that waits for a release: the condition is the point
+        reason += " [only for " + ",".join(f"{k}={v}" for k, v in e.require_labels.items()) + "]"
+    return [at, e.action, e.selector.describe(), who, "yes" if e.changed else "no", reason]
 
 
 EFFECT_HEADERS = [
