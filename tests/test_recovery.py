@@ -260,6 +260,28 @@ def test_compensate_applies_once_records_failures_and_goes_on(
     assert "failed: ConnectionError" in audit[1].reason
 
 
+def test_two_runs_at_once_never_both_reverse_one_effect(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    _campaign(coord, tenant)
+    rows = {r.key: r for r in settled_effects(admin, tenant, 6)}
+    claimed, _ = admin.record_compensation(rows["batch-3"], claim=True)  # another run, now
+    assert claimed.compensation == "claimed"
+    with pytest.raises(tether.FailedPrecondition, match="is being compensated by anonymous@"):
+        admin.record_compensation(rows["batch-3"], claim=True)
+    calls: list[str] = []
+    report = tether.compensate(admin, tenant, handler=lambda e: calls.append(e.key), apply=True)
+    assert calls == ["batch-2", "batch-1", "batch-0"]
+    assert [e.key for e in report.busy] == ["batch-3"]
+    assert "1 busy (another run is at them)" in report.counts()
+    done, already = admin.record_compensation(rows["batch-3"])  # the other run finishes
+    assert (done.compensation, already) == ("compensated", False)
+    assert {r.key: r.compensation for r in admin.effects(tenant)}["batch-3"] == "compensated"
+    calls.clear()
+    tether.compensate(admin, tenant, handler=lambda e: calls.append(e.key), apply=True)
+    assert calls == []
+
+
 def test_record_compensation_is_refused_for_an_effect_that_did_not_land(
     coord: Coordinator, admin: tether.AdminClient, tenant: str
 ) -> None:

@@ -274,16 +274,19 @@ class AdminClient:
         return [EffectRecord.from_pb(e) for e in resp.effects]
 
     def record_compensation(
-        self, effect: EffectRecord, error: str = ""
+        self, effect: EffectRecord, error: str = "", *, claim: bool = False
     ) -> tuple[EffectRecord, bool]:
         """Record that ``effect`` was compensated, or, with ``error``, that compensating it
-        failed. Returns the effect as the ledger now has it, and whether it had been
-        compensated already (then nothing was recorded)."""
+        failed; with ``claim``, take it before calling a handler (``FailedPrecondition``
+        while another run holds it). Returns the effect as the ledger now has it, and
+        whether it had been compensated already (then nothing was recorded)."""
+        status = types_pb2.COMPENSATION_STATUS_FAILED if error else (
+            types_pb2.COMPENSATION_STATUS_CLAIMED if claim
+            else types_pb2.COMPENSATION_STATUS_COMPENSATED
+        )  # fmt: skip
         req = admin_pb2.RecordCompensationRequest(
             tenant=effect.tenant, agent=effect.agent, run_id=effect.run_id,
-            effect_id=effect.effect_id, error=error,
-            status=types_pb2.COMPENSATION_STATUS_FAILED if error
-            else types_pb2.COMPENSATION_STATUS_COMPENSATED,
+            effect_id=effect.effect_id, error=error, status=status,
         )  # fmt: skip
         resp = self._call(self._stub.RecordCompensation, req)
         return EffectRecord.from_pb(resp.effect), resp.already_compensated

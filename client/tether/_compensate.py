@@ -5,7 +5,8 @@ the effect (``EffectRecord``; its ``undo`` holds what ``fx.undo`` attached). Wit
 ``apply`` nothing is called: the report lists what would be. With it, each outcome is
 recorded in the ledger (compensated, or failed with the error) and audited with the
 caller's principal, so a second run never compensates an effect twice; failed ones are
-tried again.
+tried again. Each effect is claimed before its handler is called, so two runs at the same
+moment never both reverse it: the second skips it as busy.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from tether._admin import AdminClient
-from tether._errors import InvalidArgument
+from tether._errors import FailedPrecondition, InvalidArgument
 from tether._types import EffectRecord, EffectStatus
 
 Handler = Callable[[EffectRecord], Any]
@@ -56,12 +57,18 @@ class CompensationReport:
     """Landed effects without undo data: nothing says how to reverse them."""
     already: list[EffectRecord] = field(default_factory=list)
     """Compensated by an earlier run (or by another run meanwhile)."""
+    busy: list[EffectRecord] = field(default_factory=list)
+    """Claimed by another run at the same time: left to it."""
 
     def counts(self) -> str:
         done = f"{len(self.compensated)} compensated, {len(self.failed)} failed"
         if not self.applied:
             done = f"{len(self.todo)} to compensate (dry run; --apply to run the handler)"
-        return f"{done}, {len(self.skipped)} skipped (no undo data), {len(self.already)} already"
+        busy = f", {len(self.busy)} busy (another run is at them)" if self.busy else ""
+        return (
+            f"{done}, {len(self.skipped)} skipped (no undo data), {len(self.already)} already"
+            + busy
+        )
 
 
 def _plan(rows: list[EffectRecord], report: CompensationReport) -> None:
@@ -79,6 +86,14 @@ def _plan(rows: list[EffectRecord], report: CompensationReport) -> None:
 def _run_one(
     client: AdminClient, handler: Handler, effect: EffectRecord, report: CompensationReport
 ) -> str:
+    try:
+        _, already = client.record_compensation(effect, claim=True)
+    except FailedPrecondition as busy:  # another run is at it, or finished it meanwhile
+        report.busy.append(effect)
+        return f"skipped: {busy}"
+    if already:
+        report.already.append(effect)
+        return "already compensated"
     try:
         handler(effect)
     except Exception as err:  # a handler's failure is recorded, and the rest go on

@@ -240,6 +240,7 @@ EFFECT_STATUS_TO_PB = {v: k for k, v in _EFFECT_STATUS_FROM_PB.items()}
 _COMPENSATION = {
     types_pb2.COMPENSATION_STATUS_COMPENSATED: "compensated",
     types_pb2.COMPENSATION_STATUS_FAILED: "failed",
+    types_pb2.COMPENSATION_STATUS_CLAIMED: "claimed",
 }
 
 
@@ -267,7 +268,7 @@ class EffectRecord:
     span_id: str = ""
     release: str = ""
     compensation: str = ""
-    """'' (not compensated), ``compensated`` or ``failed``."""
+    """'' (not compensated), ``compensated``, ``failed``, or ``claimed`` (a run is at it)."""
     compensation_error: str = ""
     compensated_at: datetime | None = None
     compensated_by: str = ""

@@ -124,6 +124,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             IssueAgentToken).
         guard: Who callers are and what they may do (WhoAmI, IssueAgentToken's subject).
         status: Answers GetStatus (what this coordinator sees, for ``tether doctor``).
+        compensations: Records compensations (RecordCompensation).
     """
 
     def __init__(
@@ -136,7 +137,9 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         permit_key: PermitKey,
         guard: Guard,
         status: StatusSource | None = None,
+        compensations: Compensations | None = None,
     ) -> None:
+        self._compensations = compensations
         self._status = status
         self._halts = halts
         self._fleet = fleet
@@ -156,15 +159,16 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         status: StatusSource | None = None,
     ) -> Admin:
         """The servicer over ``store``, with its collaborators built on it."""
-        audit = AuditLog(store)
+        audit, ledger = AuditLog(store), LedgerReader(store)
         return cls(
             halts=HaltStore(store, audit),
             fleet=FleetReader(store, last_beat),
-            ledger=LedgerReader(store),
+            ledger=ledger,
             audit=audit,
             permit_key=permit_key,
             guard=guard,
             status=status,
+            compensations=Compensations(store, ledger, audit),
         )
 
     # -- kill and resume --------------------------------------------------------------------
@@ -236,7 +240,9 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def RecordCompensation(
         self, request: admin_pb2.RecordCompensationRequest, who: Principal
     ) -> admin_pb2.RecordCompensationResponse:
-        return await Compensations(self._ledger, self._audit).record(request, who.id)
+        if self._compensations is None:
+            raise FailedPrecondition("this servicer was built without a ledger to compensate in")
+        return await self._compensations.record(request, who.id)
 
     @_rpc
     async def ListAudit(

@@ -453,7 +453,9 @@ class RecordCompensationRequest(_message.Message):
     effect_id: _builtins.str
     """required"""
     status: _types_pb2.CompensationStatus.ValueType
-    """COMPENSATED or FAILED"""
+    """CLAIMED before calling the handler (refused with FAILED_PRECONDITION while another
+    run holds a fresh claim), then COMPENSATED or FAILED, which ends the claim.
+    """
     error: _builtins.str
     """FAILED: what the handler raised"""
     def __init__(

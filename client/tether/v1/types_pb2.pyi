@@ -193,6 +193,10 @@ class _CompensationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Co
     """the handler reversed it; never run again"""
     COMPENSATION_STATUS_FAILED: _CompensationStatus.ValueType  # 2
     """the handler raised; a later run tries again"""
+    COMPENSATION_STATUS_CLAIMED: _CompensationStatus.ValueType  # 3
+    """A run is calling the handler now (RecordCompensation claims it before the call, so
+    that two runs at once never both reverse it); a claim older than 5 minutes lapses.
+    """
 
 class CompensationStatus(_CompensationStatus, metaclass=_CompensationStatusEnumTypeWrapper): ...
 
@@ -202,6 +206,10 @@ COMPENSATION_STATUS_COMPENSATED: CompensationStatus.ValueType  # 1
 """the handler reversed it; never run again"""
 COMPENSATION_STATUS_FAILED: CompensationStatus.ValueType  # 2
 """the handler raised; a later run tries again"""
+COMPENSATION_STATUS_CLAIMED: CompensationStatus.ValueType  # 3
+"""A run is calling the handler now (RecordCompensation claims it before the call, so
+that two runs at once never both reverse it); a claim older than 5 minutes lapses.
+"""
 Global___CompensationStatus: _TypeAlias = CompensationStatus  # noqa: Y015
 
 @_typing.final
