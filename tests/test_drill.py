@@ -41,6 +41,8 @@ def test_drill_passes_at_every_scope() -> None:
         assert not any(w["stopped"] for w in spared)
         assert all(w["queue_at_flip"] == w["queue_after_settle"] > 0 for w in hit)
         assert all(not w["lost"] and not w["duplicated"] for w in d["workers"])
+        texts = [c["text"] for c in d["checks"] if c["status"] == "PASS"]
+        assert any(t.startswith("ledger after resume: every effect ended") for t in texts)
     assert len(spared) == 0  # the last drill is global: nothing is spared
     progress = result.stderr.splitlines()  # the steps, on stderr, as they happen
     assert progress[0] == "drill: the drill's own fleet is up: etcd and two coordinators"

@@ -9,6 +9,7 @@ Inside an agent::
 
 from tether._admin import AdminClient, selector
 from tether._agent import Agent, AsyncAgent
+from tether._compensate import CompensationReport, compensate
 from tether._config import AgentConfig
 from tether._errors import (
     CapabilityFrozen,
@@ -44,10 +45,12 @@ from tether._types import (
     Selector,
     State,
 )
+from tether._undo import MAX_UNDO_BYTES
 from tether._uri import AgentRef, check_name, parse_agent_uri
 from tether._verdict import Verdict
 
 __all__ = [
+    "MAX_UNDO_BYTES",
     "PERMIT_METADATA",
     "AdminClient",
     "Agent",
@@ -59,6 +62,7 @@ __all__ = [
     "AsyncAgent",
     "AuditEntry",
     "CapabilityFrozen",
+    "CompensationReport",
     "DuplicateEffect",
     "Effect",
     "EffectRecord",
@@ -84,6 +88,7 @@ __all__ = [
     "Unavailable",
     "Verdict",
     "check_name",
+    "compensate",
     "parse_agent_uri",
     "selector",
 ]

@@ -208,9 +208,20 @@ class AdminClient:
         resp = self._call(self._stub.Kill, req)
         return Halt.from_pb(resp.halt), resp.already_halted
 
-    def resume(self, sel: Selector, reason: str = "") -> Halt | None:
-        """Lift the halt on ``sel``; returns it, or None when nothing was halted."""
-        req = admin_pb2.ResumeRequest(selector=sel.to_pb(), reason=reason, actor=self._actor)
+    def resume(
+        self, sel: Selector, reason: str = "", *, require_labels: Mapping[str, str] | None = None
+    ) -> Halt | None:
+        """Lift the halt on ``sel``; returns it, or None when nothing was halted.
+
+        Args:
+            require_labels: Lift it only for instances carrying all of these labels, such
+                as ``{"version": "1.4.3"}``; the rest stay halted (the returned halt
+                carries them as its ``release_gate``).
+        """
+        req = admin_pb2.ResumeRequest(
+            selector=sel.to_pb(), reason=reason, actor=self._actor,
+            require_labels=dict(require_labels or {}),
+        )  # fmt: skip
         resp = self._call(self._stub.Resume, req)
         return Halt.from_pb(resp.resumed) if resp.was_halted else None
 
@@ -251,15 +262,44 @@ class AdminClient:
         run_id: str = "",
         since: datetime | None = None,
         status: EffectStatus | None = None,
+        until: datetime | None = None,
+        trace_id: str = "",
+        capability: str = "",
     ) -> list[EffectRecord]:
-        """The ledger: one row per gated effect, oldest first."""
-        req = admin_pb2.ListEffectsRequest(tenant=tenant, agent=agent, run_id=run_id)
+        """The ledger: one row per gated effect, oldest first.
+
+        ``run_id`` without ``agent`` looks for the run across the tenant; ``since`` and
+        ``until`` bound when effects were intended (``until`` excluded).
+        """
+        req = admin_pb2.ListEffectsRequest(
+            tenant=tenant, agent=agent, run_id=run_id, trace_id=trace_id, capability=capability
+        )
         if status is not None:
             req.status = EFFECT_STATUS_TO_PB[status]
         if since is not None:
             req.since.FromDatetime(since)
+        if until is not None:
+            req.until.FromDatetime(until)
         resp = self._call(self._stub.ListEffects, req)
         return [EffectRecord.from_pb(e) for e in resp.effects]
+
+    def record_compensation(
+        self, effect: EffectRecord, error: str = "", *, claim: bool = False
+    ) -> tuple[EffectRecord, bool]:
+        """Record that ``effect`` was compensated, or, with ``error``, that compensating it
+        failed; with ``claim``, take it before calling a handler (``FailedPrecondition``
+        while another run holds it). Returns the effect as the ledger now has it, and
+        whether it had been compensated already (then nothing was recorded)."""
+        status = types_pb2.COMPENSATION_STATUS_FAILED if error else (
+            types_pb2.COMPENSATION_STATUS_CLAIMED if claim
+            else types_pb2.COMPENSATION_STATUS_COMPENSATED
+        )  # fmt: skip
+        req = admin_pb2.RecordCompensationRequest(
+            tenant=effect.tenant, agent=effect.agent, run_id=effect.run_id,
+            effect_id=effect.effect_id, error=error, status=status,
+        )  # fmt: skip
+        resp = self._call(self._stub.RecordCompensation, req)
+        return EffectRecord.from_pb(resp.effect), resp.already_compensated
 
     def permit_key(self) -> tuple[str, str]:
         """(public key PEM, key id) that verifies effect permits."""

@@ -19,6 +19,7 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from tether_server._audit import AuditLog
 from tether_server._auth import Guard, caller
 from tether_server._canary import CANARY_TENANT
+from tether_server._compensations import Compensations
 from tether_server._errors import (
     ANSWERABLE,
     FailedPrecondition,
@@ -30,8 +31,8 @@ from tether_server._etcd import Store
 from tether_server._fleet import FleetReader, LastBeat
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._identity import Kind, Principal, spiffe_id
-from tether_server._ledger import LedgerReader
-from tether_server._selectors import validate
+from tether_server._ledger import EffectFilter, LedgerReader
+from tether_server._selectors import validate, validate_gate
 from tether_server._signer import PermitSigner
 from tether_server._status import StatusSource
 
@@ -94,6 +95,21 @@ def _since_ns(request: Any) -> int:
     return int(request.since.ToNanoseconds()) if request.HasField("since") else 0
 
 
+def _effect_filter(request: admin_pb2.ListEffectsRequest) -> EffectFilter:
+    until = int(request.until.ToNanoseconds()) if request.HasField("until") else 0
+    if until and until <= _since_ns(request):
+        raise InvalidArgument("ListEffects: until must be later than since")
+    if request.capability:
+        check_name("capability", request.capability)
+    return EffectFilter(
+        since_ns=_since_ns(request),
+        until_ns=until,
+        status=request.status,
+        trace_id=request.trace_id,
+        capability=request.capability,
+    )
+
+
 class Admin(admin_pb2_grpc.AdminServiceServicer):
     """Checks each admin request, then hands it to the one collaborator that serves it.
 
@@ -106,6 +122,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             IssueAgentToken).
         guard: Who callers are and what they may do (WhoAmI, IssueAgentToken's subject).
         status: Answers GetStatus (what this coordinator sees, for ``tether doctor``).
+        compensations: Records compensations (RecordCompensation).
     """
 
     def __init__(
@@ -118,7 +135,9 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         permit_key: PermitKey,
         guard: Guard,
         status: StatusSource | None = None,
+        compensations: Compensations | None = None,
     ) -> None:
+        self._compensations = compensations
         self._status = status
         self._halts = halts
         self._fleet = fleet
@@ -138,15 +157,16 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         status: StatusSource | None = None,
     ) -> Admin:
         """The servicer over ``store``, with its collaborators built on it."""
-        audit = AuditLog(store)
+        audit, ledger = AuditLog(store), LedgerReader(store)
         return cls(
             halts=HaltStore(store, audit),
             fleet=FleetReader(store, last_beat),
-            ledger=LedgerReader(store),
+            ledger=ledger,
             audit=audit,
             permit_key=permit_key,
             guard=guard,
             status=status,
+            compensations=Compensations(store, ledger, audit),
         )
 
     # -- kill and resume --------------------------------------------------------------------
@@ -164,6 +184,9 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ResumeRequest, who: Principal
     ) -> admin_pb2.ResumeResponse:
         sel = validate(request.selector)
+        if request.require_labels:
+            gate = validate_gate(request.require_labels)
+            return await self._halts.gate(sel, gate, who.id, request.reason, note=request.actor)
         return await self._halts.resume(sel, who.id, request.reason, note=request.actor)
 
     @_rpc
@@ -206,16 +229,17 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListEffectsResponse:
         if not request.tenant:
             raise InvalidArgument("ListEffects needs tenant (and optionally agent and run_id)")
-        if request.run_id and not request.agent:
-            raise InvalidArgument("ListEffects with run_id needs agent as well")
-        effects = await self._ledger.read(
-            request.tenant,
-            request.agent,
-            request.run_id,
-            since_ns=_since_ns(request),
-            status=request.status,
-        )
+        where = _effect_filter(request)
+        effects = await self._ledger.read(request.tenant, request.agent, request.run_id, where)
         return admin_pb2.ListEffectsResponse(effects=effects)
+
+    @_rpc
+    async def RecordCompensation(
+        self, request: admin_pb2.RecordCompensationRequest, who: Principal
+    ) -> admin_pb2.RecordCompensationResponse:
+        if self._compensations is None:
+            raise FailedPrecondition("this servicer was built without a ledger to compensate in")
+        return await self._compensations.record(request, who.id)
 
     @_rpc
     async def ListAudit(

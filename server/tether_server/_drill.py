@@ -6,7 +6,7 @@ over both. Each worker drains a finite queue of items; before each item it check
 tether for the ``send`` capability, then records the item in its journal (the effect) and
 checkpoints. The drill flips the halt, watches who stops and how fast, waits a settle
 period, resumes, restarts the stopped runs from their checkpoints, and checks that every
-run's journal holds every item exactly once.
+run's journal holds every item exactly once, and that the ledger agrees (``_drill_recovery``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
-from tether import AdminClient, Selector, selector
+from tether import AdminClient, EffectStatus, Selector, selector
 
 from tether_server._drill_fleet import CAPABILITY, DrillFleet, Worker, own_fleet
+from tether_server._drill_recovery import Window, recovery_checks
 from tether_server._drill_report import Flip, report
 
 SCOPES = ("capability", "run", "agent", "tenant", "global")
@@ -90,7 +92,7 @@ def drill(
                 "workers slow to start; flipping anyway")  # fmt: skip
             sent = time.monotonic()
             admin.kill(sel, f"drill at {scope} scope", force=True)
-            flipped = time.monotonic()
+            flipped, flipped_at = time.monotonic(), datetime.now(UTC)
             hit = [w for w in workers if targeted(sel, w)]
             say(f"flipped {sel.describe()} in {(flipped - sent) * 1000:.0f} ms; "
                 f"{len(hit)} of {len(workers)} workers targeted")  # fmt: skip
@@ -99,12 +101,16 @@ def drill(
             _settle(settle, say)
             after_settle = {w.run_id: w.done for w in workers}
         flip = Flip(sent, flipped, time.monotonic(), at_flip, after_settle)
+        late = sum(1 for w in hit for _, t in w.journal if flipped < t < flip.resumed)
+        window = Window(flipped_at, datetime.now(UTC), late)
         stops = {w.run_id: w.stopped_at for w in workers}
         admin.resume(sel, "drill over")
         say("resumed; every run finishes its queue from its checkpoint")
         with _running(workers):  # every run finishes its queue, from its checkpoint
             _wait(lambda: all(w.done >= items or w.error for w in workers), 60 + items * tick * 4)
-    found = report(scope, sel, workers, hit, flip, stops, items, settle)
+        _wait(lambda: _settled(admin, workers), 10)
+        recovery = recovery_checks(admin, workers, hit, window)
+    found = report(scope, sel, workers, hit, flip, stops, items, settle, recovery)
     say(found["verdict"])
     return found
 
@@ -116,6 +122,13 @@ def _settle(seconds: float, say: Progress) -> None:
     while (left := end - time.monotonic()) > 0:
         say(f"settling, {left:.0f}s left")
         time.sleep(min(step, left))
+
+
+def _settled(admin: AdminClient, workers: list[Worker]) -> bool:
+    """Every journal entry is in the ledger: records reach it at the flush interval."""
+    tenants = {w.tenant for w in workers}
+    landed = sum(len(admin.effects(t, status=EffectStatus.LANDED)) for t in tenants)
+    return landed >= sum(w.done for w in workers)
 
 
 @contextlib.contextmanager

@@ -90,6 +90,7 @@ CALLS: Mapping[str, Rule] = {
     "GetAgent": Rule("get an agent", Role.VIEWER),
     "WatchAgents": Rule("watch agents", Role.VIEWER),
     "ListEffects": Rule("list effects", Role.VIEWER),
+    "RecordCompensation": Rule("record a compensation", Role.OPERATOR),
     "ListAudit": Rule("read the audit", Role.VIEWER),
     "VerifyAudit": Rule("verify the audit", Role.VIEWER, scoped=False),
     "GetStatus": Rule("read the coordinator status", Role.VIEWER, scoped=False),

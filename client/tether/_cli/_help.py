@@ -53,7 +53,13 @@ EXAMPLES: dict[str, str] = {
   tether audit --verify""",
     "effects": """\
   tether effects --tenant acme --since 30m
-  tether effects --agent agent://acme/email-campaign --status refused""",
+  tether effects --agent agent://acme/email-campaign --status refused
+  tether effects --tenant acme --since 15m --trace 4bf92f3577b34da6a3ce929d0e0e4736 -o json""",
+    "compensate": """\
+  tether compensate --agent agent://acme/email-campaign --since 15m \\
+      --handler examples.compensate_email:retract          # list only
+  tether compensate --agent agent://acme/email-campaign --since 15m \\
+      --handler examples.compensate_email:retract --apply""",
     "permit-key": """\
   tether permit-key > permit.pub""",
     "token": """\

@@ -118,7 +118,11 @@ HALT_HEADERS = ["HALT", "SCOPE", "ACTOR", "SINCE", "REASON"]
 
 
 def halt_row(h: Halt) -> list[str]:
-    return [h.id, h.selector.describe(), actor(h.actor, h.actor_note), ago(h.created_at), h.reason]
+    reason = h.reason
+    if h.release_gate:
+        wanted = ",".join(f"{k}={v}" for k, v in sorted(h.release_gate.items()))
+        reason += f" [resumed only for {wanted}]"
+    return [h.id, h.selector.describe(), actor(h.actor, h.actor_note), ago(h.created_at), reason]
 
 
 AUDIT_HEADERS = ["AT", "ACTION", "SCOPE", "ACTOR", "CHANGED", "REASON"]
@@ -127,16 +131,23 @@ AUDIT_HEADERS = ["AT", "ACTION", "SCOPE", "ACTOR", "CHANGED", "REASON"]
 def audit_row(e: AuditEntry) -> list[str]:
     at = ago(e.at)
     who = actor(e.actor, e.actor_note)
-    return [at, e.action, e.selector.describe(), who, "yes" if e.changed else "no", e.reason]
+    reason = e.reason
+    if e.require_labels:  # a resume that waits for a release: the condition is the point
+        reason += " [only for " + ",".join(f"{k}={v}" for k, v in e.require_labels.items()) + "]"
+    return [at, e.action, e.selector.describe(), who, "yes" if e.changed else "no", reason]
 
 
-EFFECT_HEADERS = ["INTENDED", "RUN", "CAPABILITY", "KEY", "STATUS", "REFUSED BY"]
+EFFECT_HEADERS = [
+    "INTENDED", "RUN", "CAPABILITY", "KEY", "STATUS", "REFUSED BY", "COMPENSATION", "UNDO",
+]  # fmt: skip
 
 
 def effect_row(e: EffectRecord) -> list[str]:
+    undo = json.dumps(e.undo, separators=(",", ":"), sort_keys=True) if e.undo is not None else "-"
     return [
         ago(e.intended_at),
         e.run_id, e.capability, e.key or "-", e.status.value, e.refused_by or "-",
+        e.compensation or "-", undo if len(undo) <= 60 else undo[:57] + "...",
     ]  # fmt: skip
 
 

@@ -12,8 +12,9 @@ from tether._cli._certs_verb import certs_args
 from tether._cli._doctor import doctor_args
 from tether._cli._help import ENVIRONMENT, epilog
 from tether._cli._output import EXIT_USAGE
+from tether._cli._recovery import compensate_args, effects_args
 from tether._config import DEFAULT_ADDR
-from tether._types import EffectStatus, State
+from tether._types import State
 
 # The drill's scopes, narrowest first; the drill itself lives in tether_server.
 DRILL_SCOPES = ("capability", "run", "agent", "tenant", "global")
@@ -182,6 +183,10 @@ def _kill_args(kill: argparse.ArgumentParser) -> None:
 def _resume_args(resume: argparse.ArgumentParser) -> None:
     _scope_args(resume)
     resume.add_argument("--reason", default="", help="why; it goes into the audit")
+    resume.add_argument(
+        "--require-label", action="append", default=[], metavar="KEY=VALUE",
+        help="resume only instances with this label, e.g. version=1.4.3; the rest stay halted",
+    )  # fmt: skip
 
 
 def _agents_args(agents: argparse.ArgumentParser) -> None:
@@ -203,12 +208,6 @@ def _audit_args(audit: argparse.ArgumentParser) -> None:
     audit.add_argument(
         "--verify", action="store_true", help="check the hash chain; exit 1 if broken"
     )
-
-
-def _effects_args(effects: argparse.ArgumentParser) -> None:
-    _filter_args(effects)
-    effects.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
-    effects.add_argument("--status", choices=[s.value for s in EffectStatus], type=str.lower)
 
 
 def _dashboard_args(dashboard: argparse.ArgumentParser) -> None:
@@ -258,7 +257,8 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("agents", "list agent instances", True, _agents_args),
     ("halts", "list the halts in force", True, _halts_args),
     ("audit", "every kill and resume", True, _audit_args),
-    ("effects", "the side-effect ledger", True, _effects_args),
+    ("effects", "the side-effect ledger", True, effects_args),
+    ("compensate", "reverse landed effects with a handler, newest first", True, compensate_args),
     ("permit-key", "the public key that verifies permits", True, _no_args),
     ("token", "issue a signed agent token (admins)", True, _token_args),
     ("whoami", "who the coordinator takes you to be, and your role", True, _no_args),

@@ -12,14 +12,12 @@ from tether._admin import AdminClient, selector
 from tether._cli._output import (
     AGENT_HEADERS,
     AUDIT_HEADERS,
-    EFFECT_HEADERS,
     EXIT_ERROR,
     EXIT_OK,
     HALT_HEADERS,
     WIDE_AGENT_HEADERS,
     agent_row,
     audit_row,
-    effect_row,
     fail,
     halt_row,
     print_event,
@@ -27,9 +25,10 @@ from tether._cli._output import (
     print_listing,
     wide_agent_row,
 )
+from tether._cli._recovery import compensate, effects
 from tether._config import resolve_targets
 from tether._errors import FailedPrecondition, InvalidArgument
-from tether._types import EffectStatus, Halt, Scope, Selector, State
+from tether._types import Halt, Scope, Selector, State
 from tether._uri import parse_agent_uri
 
 _ENDED = (State.EXITED, State.STALE)  # listed by `tether agents` only with --all or --state
@@ -52,17 +51,22 @@ def check_addr(raw: str | None, environ: Mapping[str, str]) -> None:
 def _selector(args: argparse.Namespace) -> Any:
     if args.in_tenant and not args.run:
         raise InvalidArgument("--in-tenant goes with --run")
-    labels = {}
-    for item in args.label:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidArgument(f"--label {item!r}: expected KEY=VALUE, e.g. feature=beta")
-        labels[key] = value
+    labels = _labels("--label", args.label)
     tenant = args.in_tenant if args.run else args.tenant
     return selector(
         all=args.all, tenant=tenant, agent=args.agent, run_id=args.run,
         capability=args.capability, labels=labels,
     )  # fmt: skip
+
+
+def _labels(flag: str, items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"{flag} {item!r}: expected KEY=VALUE, e.g. version=1.4.3")
+        labels[key] = value
+    return labels
 
 
 def _agent_filter(args: argparse.Namespace) -> dict[str, str]:
@@ -112,12 +116,14 @@ def kill(client: AdminClient, args: argparse.Namespace) -> int:
 
 def resume(client: AdminClient, args: argparse.Namespace) -> int:
     sel = _selector(args)
-    halt = client.resume(sel, args.reason)
+    required = _labels("--require-label", args.require_label)
+    halt = client.resume(sel, args.reason, require_labels=required)
     narrower = [] if halt else narrower_halts(sel, client.halts(tenant=sel.tenant))
     if args.output == "json":
         print_json({"resumed": halt, "was_halted": halt is not None, "narrower": narrower})
     elif halt:
-        print(f"resumed {sel.describe()}")
+        only = " only for " + ",".join(f"{k}={v}" for k, v in required.items()) if required else ""
+        print(f"resumed {sel.describe()}{only}")
     elif narrower:
         names = "; ".join(
             f"{h.selector.describe()} (`{resume_command(h.selector)}`)" for h in narrower
@@ -203,18 +209,6 @@ def watch(client: AdminClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def effects(client: AdminClient, args: argparse.Namespace) -> int:
-    where = _agent_filter(args)
-    if not where["tenant"]:
-        raise InvalidArgument("tether effects needs --tenant or --agent agent://TENANT/AGENT")
-    rows = client.effects(
-        where["tenant"], agent=where["agent"], run_id=where["run_id"], since=_since(args.since),
-        status=EffectStatus(args.status) if args.status else None,
-    )  # fmt: skip
-    print_listing(args.output, rows, EFFECT_HEADERS, effect_row, no_headers=args.no_headers)
-    return EXIT_OK
-
-
 def _seconds(flag: str, raw: str) -> float:
     """``30m``, ``24h``, ``7d``, ``90s`` or plain seconds."""
     if match := _AGE.match(raw):
@@ -265,6 +259,7 @@ ADMIN_VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
     "audit": audit,
     "watch": watch,
     "effects": effects,
+    "compensate": compensate,
     "permit-key": permit_key,
     "token": token,
     "whoami": whoami,

@@ -27,17 +27,21 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tether.v1 import types_pb2 as tether_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/admin.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tether/v1/types.proto\"\x12\n\x10GetStatusRequest\"\xbf\x03\n\x11\x43oordinatorStatus\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x0e\n\x06listen\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12\x17\n\x0f\x65tcd_cluster_id\x18\x04 \x01(\x04\x12\x16\n\x0e\x65tcd_member_id\x18\x05 \x01(\x04\x12\x15\n\retcd_revision\x18\x06 \x01(\x03\x12\x12\n\netcd_error\x18\x07 \x01(\t\x12\x1a\n\x12halt_view_revision\x18\x08 \x01(\x03\x12\r\n\x05halts\x18\t \x01(\r\x12\x18\n\x10halt_view_digest\x18\n \x01(\t\x12\x17\n\x0fhalt_view_fresh\x18\x0b \x01(\x08\x12\x15\n\rpermit_key_id\x18\x0c \x01(\t\x12\x0b\n\x03tls\x18\r \x01(\x08\x12\x13\n\x0b\x63lient_auth\x18\x0e \x01(\x08\x12\'\n\x03now\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\tlease_ttl\x18\x10 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06\x63\x61nary\x18\x11 \x01(\x0b\x32\x17.tether.v1.CanaryStatus\"\xd4\x01\n\x0c\x43\x61naryStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\n\n\x02ok\x18\x02 \x01(\x08\x12+\n\x08interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlast_kill\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x07last_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07problem\x18\x06 \x01(\t\x12\x0e\n\x06\x63ycles\x18\x07 \x01(\x04\"\x0f\n\rWhoAmIRequest\"\x8f\x01\n\tPrincipal\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.tether.v1.PrincipalKind\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x10\n\x08operator\x18\x05 \x01(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x0f\n\x07tenants\x18\x07 \x03(\t\"_\n\x16IssueAgentTokenRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\\\n\nAgentToken\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x03 \x01(\t\"\x15\n\x13GetPermitKeyRequest\"3\n\tPermitKey\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x97\x01\n\x12ListEffectsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.tether.v1.EffectStatus\"9\n\x13ListEffectsResponse\x12\"\n\x07\x65\x66\x66\x65\x63ts\x18\x01 \x03(\x0b\x32\x11.tether.v1.Effect\"\xd6\x01\n\x0bKillRequest\x12%\n\x08selector\x18\x01 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12!\n\x04mode\x18\x04 \x01(\x0e\x32\x13.tether.v1.KillMode\x12(\n\x05grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05queue\x18\x07 \x01(\x0e\x32\x16.tether.v1.QueuePolicy\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\"E\n\x0cKillResponse\x12\x1d\n\x04halt\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x16\n\x0e\x61lready_halted\x18\x02 \x01(\x08\"U\n\rResumeRequest\x12%\n\x08selector\x18\x01 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"X\n\x0eResumeResponse\x12\x12\n\nwas_halted\x18\x01 \x01(\x08\x12 \n\x07resumed\x18\x02 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x10\n\x08revision\x18\x03 \x01(\x03\"k\n\x11ListAgentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.tether.v1.InstanceState\"P\n\x12ListAgentsResponse\x12(\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x18.tether.v1.AgentInstance\x12\x10\n\x08revision\x18\x02 \x01(\x03\"U\n\x0fGetAgentRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\"\n\x10ListHaltsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"E\n\x11ListHaltsResponse\x12\x1e\n\x05halts\x18\x01 \x03(\x0b\x32\x0f.tether.v1.Halt\x12\x10\n\x08revision\x18\x02 \x01(\x03\"l\n\x12WatchAgentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x15\n\rskip_snapshot\x18\x04 \x01(\x08\x12\x10\n\x08progress\x18\x05 \x01(\x08\"\x85\x01\n\nAgentEvent\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.tether.v1.AgentInstance\x12*\n\x08previous\x18\x02 \x01(\x0e\x32\x18.tether.v1.InstanceState\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x10\n\x08revision\x18\x04 \x01(\x03\"\xcd\x02\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x16.tether.v1.AuditAction\x12%\n\x08selector\x18\x03 \x01(\x0b\x32\x13.tether.v1.Selector\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x08 \x01(\x08\x12!\n\x04mode\x18\t \x01(\x0e\x32\x13.tether.v1.KillMode\x12\x11\n\tprev_hash\x18\n \x01(\t\x12\x0c\n\x04hash\x18\x0b \x01(\t\x12\x0f\n\x07halt_id\x18\x0c \x01(\t\x12\x11\n\tinstances\x18\r \x03(\t\x12\x12\n\nactor_note\x18\x0e \x01(\t\"\\\n\x10ListAuditRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\r\";\n\x11ListAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.tether.v1.AuditEntry\"\x14\n\x12VerifyAuditRequest\"p\n\x13VerifyAuditResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\r\x12\x14\n\x0c\x66irst_bad_id\x18\x03 \x01(\t\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t*\x9f\x01\n\rPrincipalKind\x12\x1e\n\x1aPRINCIPAL_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18PRINCIPAL_KIND_ANONYMOUS\x10\x01\x12\x18\n\x14PRINCIPAL_KIND_AGENT\x10\x02\x12\x19\n\x15PRINCIPAL_KIND_TENANT\x10\x03\x12\x1b\n\x17PRINCIPAL_KIND_OPERATOR\x10\x04*\xa5\x01\n\x0b\x41uditAction\x12\x1c\n\x18\x41UDIT_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41UDIT_ACTION_KILL\x10\x01\x12\x17\n\x13\x41UDIT_ACTION_RESUME\x10\x02\x12\x17\n\x13\x41UDIT_ACTION_FREEZE\x10\x03\x12\x14\n\x10\x41UDIT_ACTION_ACK\x10\x04\x12\x19\n\x15\x41UDIT_ACTION_ESCALATE\x10\x05\x32\x9b\x07\n\x0c\x41\x64minService\x12\x37\n\x04Kill\x12\x16.tether.v1.KillRequest\x1a\x17.tether.v1.KillResponse\x12=\n\x06Resume\x12\x18.tether.v1.ResumeRequest\x1a\x19.tether.v1.ResumeResponse\x12I\n\nListAgents\x12\x1c.tether.v1.ListAgentsRequest\x1a\x1d.tether.v1.ListAgentsResponse\x12@\n\x08GetAgent\x12\x1a.tether.v1.GetAgentRequest\x1a\x18.tether.v1.AgentInstance\x12\x46\n\tListHalts\x12\x1b.tether.v1.ListHaltsRequest\x1a\x1c.tether.v1.ListHaltsResponse\x12\x45\n\x0bWatchAgents\x12\x1d.tether.v1.WatchAgentsRequest\x1a\x15.tether.v1.AgentEvent0\x01\x12\x46\n\tListAudit\x12\x1b.tether.v1.ListAuditRequest\x1a\x1c.tether.v1.ListAuditResponse\x12L\n\x0bVerifyAudit\x12\x1d.tether.v1.VerifyAuditRequest\x1a\x1e.tether.v1.VerifyAuditResponse\x12L\n\x0bListEffects\x12\x1d.tether.v1.ListEffectsRequest\x1a\x1e.tether.v1.ListEffectsResponse\x12\x44\n\x0cGetPermitKey\x12\x1e.tether.v1.GetPermitKeyRequest\x1a\x14.tether.v1.PermitKey\x12\x38\n\x06WhoAmI\x12\x18.tether.v1.WhoAmIRequest\x1a\x14.tether.v1.Principal\x12K\n\x0fIssueAgentToken\x12!.tether.v1.IssueAgentTokenRequest\x1a\x15.tether.v1.AgentToken\x12\x46\n\tGetStatus\x12\x1b.tether.v1.GetStatusRequest\x1a\x1c.tether.v1.CoordinatorStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/admin.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tether/v1/types.proto\"\x12\n\x10GetStatusRequest\"\xbf\x03\n\x11\x43oordinatorStatus\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x0e\n\x06listen\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12\x17\n\x0f\x65tcd_cluster_id\x18\x04 \x01(\x04\x12\x16\n\x0e\x65tcd_member_id\x18\x05 \x01(\x04\x12\x15\n\retcd_revision\x18\x06 \x01(\x03\x12\x12\n\netcd_error\x18\x07 \x01(\t\x12\x1a\n\x12halt_view_revision\x18\x08 \x01(\x03\x12\r\n\x05halts\x18\t \x01(\r\x12\x18\n\x10halt_view_digest\x18\n \x01(\t\x12\x17\n\x0fhalt_view_fresh\x18\x0b \x01(\x08\x12\x15\n\rpermit_key_id\x18\x0c \x01(\t\x12\x0b\n\x03tls\x18\r \x01(\x08\x12\x13\n\x0b\x63lient_auth\x18\x0e \x01(\x08\x12\'\n\x03now\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\tlease_ttl\x18\x10 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06\x63\x61nary\x18\x11 \x01(\x0b\x32\x17.tether.v1.CanaryStatus\"\xd4\x01\n\x0c\x43\x61naryStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\n\n\x02ok\x18\x02 \x01(\x08\x12+\n\x08interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlast_kill\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x07last_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07problem\x18\x06 \x01(\t\x12\x0e\n\x06\x63ycles\x18\x07 \x01(\x04\"\x0f\n\rWhoAmIRequest\"\x8f\x01\n\tPrincipal\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.tether.v1.PrincipalKind\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x10\n\x08operator\x18\x05 \x01(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x0f\n\x07tenants\x18\x07 \x03(\t\"_\n\x16IssueAgentTokenRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\\\n\nAgentToken\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x03 \x01(\t\"\x15\n\x13GetPermitKeyRequest\"3\n\tPermitKey\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\xe8\x01\n\x12ListEffectsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.tether.v1.EffectStatus\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x07 \x01(\t\x12\x12\n\ncapability\x18\x08 \x01(\t\"\x9b\x01\n\x19RecordCompensationRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x11\n\teffect_id\x18\x04 \x01(\t\x12-\n\x06status\x18\x05 \x01(\x0e\x32\x1d.tether.v1.CompensationStatus\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\\\n\x1aRecordCompensationResponse\x12!\n\x06\x65\x66\x66\x65\x63t\x18\x01 \x01(\x0b\x32\x11.tether.v1.Effect\x12\x1b\n\x13\x61lready_compensated\x18\x02 \x01(\x08\"9\n\x13ListEffectsResponse\x12\"\n\x07\x65\x66\x66\x65\x63ts\x18\x01 \x03(\x0b\x32\x11.tether.v1.Effect\"\xd6\x01\n\x0bKillRequest\x12%\n\x08selector\x18\x01 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12!\n\x04mode\x18\x04 \x01(\x0e\x32\x13.tether.v1.KillMode\x12(\n\x05grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05queue\x18\x07 \x01(\x0e\x32\x16.tether.v1.QueuePolicy\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\"E\n\x0cKillResponse\x12\x1d\n\x04halt\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x16\n\x0e\x61lready_halted\x18\x02 \x01(\x08\"\xd0\x01\n\rResumeRequest\x12%\n\x08selector\x18\x01 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x43\n\x0erequire_labels\x18\x04 \x03(\x0b\x32+.tether.v1.ResumeRequest.RequireLabelsEntry\x1a\x34\n\x12RequireLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x0eResumeResponse\x12\x12\n\nwas_halted\x18\x01 \x01(\x08\x12 \n\x07resumed\x18\x02 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x10\n\x08revision\x18\x03 \x01(\x03\"k\n\x11ListAgentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.tether.v1.InstanceState\"P\n\x12ListAgentsResponse\x12(\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x18.tether.v1.AgentInstance\x12\x10\n\x08revision\x18\x02 \x01(\x03\"U\n\x0fGetAgentRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\"\n\x10ListHaltsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"E\n\x11ListHaltsResponse\x12\x1e\n\x05halts\x18\x01 \x03(\x0b\x32\x0f.tether.v1.Halt\x12\x10\n\x08revision\x18\x02 \x01(\x03\"l\n\x12WatchAgentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x15\n\rskip_snapshot\x18\x04 \x01(\x08\x12\x10\n\x08progress\x18\x05 \x01(\x08\"\x85\x01\n\nAgentEvent\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.tether.v1.AgentInstance\x12*\n\x08previous\x18\x02 \x01(\x0e\x32\x18.tether.v1.InstanceState\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x10\n\x08revision\x18\x04 \x01(\x03\"\xc5\x03\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x16.tether.v1.AuditAction\x12%\n\x08selector\x18\x03 \x01(\x0b\x32\x13.tether.v1.Selector\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x08 \x01(\x08\x12!\n\x04mode\x18\t \x01(\x0e\x32\x13.tether.v1.KillMode\x12\x11\n\tprev_hash\x18\n \x01(\t\x12\x0c\n\x04hash\x18\x0b \x01(\t\x12\x0f\n\x07halt_id\x18\x0c \x01(\t\x12\x11\n\tinstances\x18\r \x03(\t\x12\x12\n\nactor_note\x18\x0e \x01(\t\x12@\n\x0erequire_labels\x18\x0f \x03(\x0b\x32(.tether.v1.AuditEntry.RequireLabelsEntry\x1a\x34\n\x12RequireLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x10ListAuditRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\r\";\n\x11ListAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.tether.v1.AuditEntry\"\x14\n\x12VerifyAuditRequest\"p\n\x13VerifyAuditResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\r\x12\x14\n\x0c\x66irst_bad_id\x18\x03 \x01(\t\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t*\x9f\x01\n\rPrincipalKind\x12\x1e\n\x1aPRINCIPAL_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18PRINCIPAL_KIND_ANONYMOUS\x10\x01\x12\x18\n\x14PRINCIPAL_KIND_AGENT\x10\x02\x12\x19\n\x15PRINCIPAL_KIND_TENANT\x10\x03\x12\x1b\n\x17PRINCIPAL_KIND_OPERATOR\x10\x04*\xc2\x01\n\x0b\x41uditAction\x12\x1c\n\x18\x41UDIT_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41UDIT_ACTION_KILL\x10\x01\x12\x17\n\x13\x41UDIT_ACTION_RESUME\x10\x02\x12\x17\n\x13\x41UDIT_ACTION_FREEZE\x10\x03\x12\x14\n\x10\x41UDIT_ACTION_ACK\x10\x04\x12\x19\n\x15\x41UDIT_ACTION_ESCALATE\x10\x05\x12\x1b\n\x17\x41UDIT_ACTION_COMPENSATE\x10\x06\x32\xfe\x07\n\x0c\x41\x64minService\x12\x37\n\x04Kill\x12\x16.tether.v1.KillRequest\x1a\x17.tether.v1.KillResponse\x12=\n\x06Resume\x12\x18.tether.v1.ResumeRequest\x1a\x19.tether.v1.ResumeResponse\x12I\n\nListAgents\x12\x1c.tether.v1.ListAgentsRequest\x1a\x1d.tether.v1.ListAgentsResponse\x12@\n\x08GetAgent\x12\x1a.tether.v1.GetAgentRequest\x1a\x18.tether.v1.AgentInstance\x12\x46\n\tListHalts\x12\x1b.tether.v1.ListHaltsRequest\x1a\x1c.tether.v1.ListHaltsResponse\x12\x45\n\x0bWatchAgents\x12\x1d.tether.v1.WatchAgentsRequest\x1a\x15.tether.v1.AgentEvent0\x01\x12\x46\n\tListAudit\x12\x1b.tether.v1.ListAuditRequest\x1a\x1c.tether.v1.ListAuditResponse\x12L\n\x0bVerifyAudit\x12\x1d.tether.v1.VerifyAuditRequest\x1a\x1e.tether.v1.VerifyAuditResponse\x12L\n\x0bListEffects\x12\x1d.tether.v1.ListEffectsRequest\x1a\x1e.tether.v1.ListEffectsResponse\x12\x61\n\x12RecordCompensation\x12$.tether.v1.RecordCompensationRequest\x1a%.tether.v1.RecordCompensationResponse\x12\x44\n\x0cGetPermitKey\x12\x1e.tether.v1.GetPermitKeyRequest\x1a\x14.tether.v1.PermitKey\x12\x38\n\x06WhoAmI\x12\x18.tether.v1.WhoAmIRequest\x1a\x14.tether.v1.Principal\x12K\n\x0fIssueAgentToken\x12!.tether.v1.IssueAgentTokenRequest\x1a\x15.tether.v1.AgentToken\x12\x46\n\tGetStatus\x12\x1b.tether.v1.GetStatusRequest\x1a\x1c.tether.v1.CoordinatorStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tether.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRINCIPALKIND']._serialized_start=3176
-  _globals['_PRINCIPALKIND']._serialized_end=3335
-  _globals['_AUDITACTION']._serialized_start=3338
-  _globals['_AUDITACTION']._serialized_end=3503
+  _globals['_RESUMEREQUEST_REQUIRELABELSENTRY']._loaded_options = None
+  _globals['_RESUMEREQUEST_REQUIRELABELSENTRY']._serialized_options = b'8\001'
+  _globals['_AUDITENTRY_REQUIRELABELSENTRY']._loaded_options = None
+  _globals['_AUDITENTRY_REQUIRELABELSENTRY']._serialized_options = b'8\001'
+  _globals['_PRINCIPALKIND']._serialized_start=3753
+  _globals['_PRINCIPALKIND']._serialized_end=3912
+  _globals['_AUDITACTION']._serialized_start=3915
+  _globals['_AUDITACTION']._serialized_end=4109
   _globals['_GETSTATUSREQUEST']._serialized_start=124
   _globals['_GETSTATUSREQUEST']._serialized_end=142
   _globals['_COORDINATORSTATUS']._serialized_start=145
@@ -57,41 +61,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PERMITKEY']._serialized_start=1186
   _globals['_PERMITKEY']._serialized_end=1237
   _globals['_LISTEFFECTSREQUEST']._serialized_start=1240
-  _globals['_LISTEFFECTSREQUEST']._serialized_end=1391
-  _globals['_LISTEFFECTSRESPONSE']._serialized_start=1393
-  _globals['_LISTEFFECTSRESPONSE']._serialized_end=1450
-  _globals['_KILLREQUEST']._serialized_start=1453
-  _globals['_KILLREQUEST']._serialized_end=1667
-  _globals['_KILLRESPONSE']._serialized_start=1669
-  _globals['_KILLRESPONSE']._serialized_end=1738
-  _globals['_RESUMEREQUEST']._serialized_start=1740
-  _globals['_RESUMEREQUEST']._serialized_end=1825
-  _globals['_RESUMERESPONSE']._serialized_start=1827
-  _globals['_RESUMERESPONSE']._serialized_end=1915
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1917
-  _globals['_LISTAGENTSREQUEST']._serialized_end=2024
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=2026
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=2106
-  _globals['_GETAGENTREQUEST']._serialized_start=2108
-  _globals['_GETAGENTREQUEST']._serialized_end=2193
-  _globals['_LISTHALTSREQUEST']._serialized_start=2195
-  _globals['_LISTHALTSREQUEST']._serialized_end=2229
-  _globals['_LISTHALTSRESPONSE']._serialized_start=2231
-  _globals['_LISTHALTSRESPONSE']._serialized_end=2300
-  _globals['_WATCHAGENTSREQUEST']._serialized_start=2302
-  _globals['_WATCHAGENTSREQUEST']._serialized_end=2410
-  _globals['_AGENTEVENT']._serialized_start=2413
-  _globals['_AGENTEVENT']._serialized_end=2546
-  _globals['_AUDITENTRY']._serialized_start=2549
-  _globals['_AUDITENTRY']._serialized_end=2882
-  _globals['_LISTAUDITREQUEST']._serialized_start=2884
-  _globals['_LISTAUDITREQUEST']._serialized_end=2976
-  _globals['_LISTAUDITRESPONSE']._serialized_start=2978
-  _globals['_LISTAUDITRESPONSE']._serialized_end=3037
-  _globals['_VERIFYAUDITREQUEST']._serialized_start=3039
-  _globals['_VERIFYAUDITREQUEST']._serialized_end=3059
-  _globals['_VERIFYAUDITRESPONSE']._serialized_start=3061
-  _globals['_VERIFYAUDITRESPONSE']._serialized_end=3173
-  _globals['_ADMINSERVICE']._serialized_start=3506
-  _globals['_ADMINSERVICE']._serialized_end=4429
+  _globals['_LISTEFFECTSREQUEST']._serialized_end=1472
+  _globals['_RECORDCOMPENSATIONREQUEST']._serialized_start=1475
+  _globals['_RECORDCOMPENSATIONREQUEST']._serialized_end=1630
+  _globals['_RECORDCOMPENSATIONRESPONSE']._serialized_start=1632
+  _globals['_RECORDCOMPENSATIONRESPONSE']._serialized_end=1724
+  _globals['_LISTEFFECTSRESPONSE']._serialized_start=1726
+  _globals['_LISTEFFECTSRESPONSE']._serialized_end=1783
+  _globals['_KILLREQUEST']._serialized_start=1786
+  _globals['_KILLREQUEST']._serialized_end=2000
+  _globals['_KILLRESPONSE']._serialized_start=2002
+  _globals['_KILLRESPONSE']._serialized_end=2071
+  _globals['_RESUMEREQUEST']._serialized_start=2074
+  _globals['_RESUMEREQUEST']._serialized_end=2282
+  _globals['_RESUMEREQUEST_REQUIRELABELSENTRY']._serialized_start=2230
+  _globals['_RESUMEREQUEST_REQUIRELABELSENTRY']._serialized_end=2282
+  _globals['_RESUMERESPONSE']._serialized_start=2284
+  _globals['_RESUMERESPONSE']._serialized_end=2372
+  _globals['_LISTAGENTSREQUEST']._serialized_start=2374
+  _globals['_LISTAGENTSREQUEST']._serialized_end=2481
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=2483
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=2563
+  _globals['_GETAGENTREQUEST']._serialized_start=2565
+  _globals['_GETAGENTREQUEST']._serialized_end=2650
+  _globals['_LISTHALTSREQUEST']._serialized_start=2652
+  _globals['_LISTHALTSREQUEST']._serialized_end=2686
+  _globals['_LISTHALTSRESPONSE']._serialized_start=2688
+  _globals['_LISTHALTSRESPONSE']._serialized_end=2757
+  _globals['_WATCHAGENTSREQUEST']._serialized_start=2759
+  _globals['_WATCHAGENTSREQUEST']._serialized_end=2867
+  _globals['_AGENTEVENT']._serialized_start=2870
+  _globals['_AGENTEVENT']._serialized_end=3003
+  _globals['_AUDITENTRY']._serialized_start=3006
+  _globals['_AUDITENTRY']._serialized_end=3459
+  _globals['_AUDITENTRY_REQUIRELABELSENTRY']._serialized_start=2230
+  _globals['_AUDITENTRY_REQUIRELABELSENTRY']._serialized_end=2282
+  _globals['_LISTAUDITREQUEST']._serialized_start=3461
+  _globals['_LISTAUDITREQUEST']._serialized_end=3553
+  _globals['_LISTAUDITRESPONSE']._serialized_start=3555
+  _globals['_LISTAUDITRESPONSE']._serialized_end=3614
+  _globals['_VERIFYAUDITREQUEST']._serialized_start=3616
+  _globals['_VERIFYAUDITREQUEST']._serialized_end=3636
+  _globals['_VERIFYAUDITRESPONSE']._serialized_start=3638
+  _globals['_VERIFYAUDITRESPONSE']._serialized_end=3750
+  _globals['_ADMINSERVICE']._serialized_start=4112
+  _globals['_ADMINSERVICE']._serialized_end=5134
 # @@protoc_insertion_point(module_scope)
