@@ -23,7 +23,7 @@ from tether._errors import InvalidArgument
 from tether._types import EffectStatus
 from tether._uri import parse_agent_uri
 
-_AGE = re.compile(r"^(\d+)([smhd])$")
+AGE = re.compile(r"^(\d+)([smhd])$")  # 30s, 15m, 2h, 7d: ages and durations
 _TIME_HELP = "ISO time, or an age such as 30m, 2h, 1d"
 
 
@@ -31,7 +31,7 @@ def when(flag: str, raw: str | None) -> datetime | None:
     """``--since``/``--until``: an ISO time (UTC unless it says), or an age before now."""
     if not raw:
         return None
-    if match := _AGE.match(raw):
+    if match := AGE.match(raw):
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
         return datetime.now(UTC) - timedelta(**{unit: int(match[1])})
     try:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tether._admin import AdminClient, selector
@@ -25,7 +23,7 @@ from tether._cli._output import (
     print_listing,
     wide_agent_row,
 )
-from tether._cli._recovery import compensate, effects
+from tether._cli._recovery import AGE, compensate, effects, when
 from tether._config import resolve_targets
 from tether._errors import FailedPrecondition, InvalidArgument
 from tether._types import Halt, Scope, Selector, State
@@ -74,24 +72,6 @@ def _agent_filter(args: argparse.Namespace) -> dict[str, str]:
     if agent.startswith("agent://"):
         tenant, agent = parse_agent_uri(agent)
     return {"tenant": tenant, "agent": agent, "run_id": args.run}
-
-
-_AGE = re.compile(r"^(\d+)([smhd])$")
-
-
-def _since(raw: str | None) -> datetime | None:
-    if not raw:
-        return None
-    if match := _AGE.match(raw):
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
-        return datetime.now(UTC) - timedelta(**{unit: int(match[1])})
-    try:
-        parsed = datetime.fromisoformat(raw)
-    except ValueError:
-        raise InvalidArgument(
-            f"--since {raw!r}: use an ISO time or an age such as 30m, 2h, 1d"
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def kill(client: AdminClient, args: argparse.Namespace) -> int:
@@ -183,7 +163,7 @@ def halts(client: AdminClient, args: argparse.Namespace) -> int:
 def audit(client: AdminClient, args: argparse.Namespace) -> int:
     if args.verify:
         return _verify_audit(client, args)
-    entries = client.audit(tenant=args.tenant, since=_since(args.since), limit=args.limit)
+    entries = client.audit(tenant=args.tenant, since=when("--since", args.since), limit=args.limit)
     print_listing(args.output, entries, AUDIT_HEADERS, audit_row, no_headers=args.no_headers)
     return EXIT_OK
 
@@ -211,7 +191,7 @@ def watch(client: AdminClient, args: argparse.Namespace) -> int:
 
 def _seconds(flag: str, raw: str) -> float:
     """``30m``, ``24h``, ``7d``, ``90s`` or plain seconds."""
-    if match := _AGE.match(raw):
+    if match := AGE.match(raw):
         return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
     try:
         return float(raw)
