@@ -19,7 +19,7 @@ from tether._cli import build_parser
 from tether._cli._output import ago
 from tether._cli._parser import _VERBS
 
-from tests.conftest import Coordinator, Etcd, eventually
+from tests.conftest import Coordinator, Etcd, Pki, eventually
 from tests.test_cli import ok, tether_cli
 
 
@@ -343,3 +343,15 @@ def test_a_web_server_is_not_taken_for_a_coordinator() -> None:
         f"tether: no coordinator answered: {addr} (not a gRPC server: "
         "is that the coordinator's port (`tether serve --listen`)?)"
     ]
+
+
+def test_a_failed_tls_handshake_is_one_line(coord: Coordinator, pki: Pki) -> None:
+    """gRPC's own handshake log line stays quiet: the user reads Tether's line only."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}  # as a shell has it
+    result = subprocess.run(
+        [sys.executable, "-m", "tether._cli", "agents", "--addr", coord.addr],
+        capture_output=True, text=True, env={**env, "TETHER_TLS_CA": str(pki.ca)}, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"tether: no coordinator answered: {coord.addr} (TLS handshake failed")

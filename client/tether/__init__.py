@@ -7,6 +7,13 @@ Inside an agent::
         agent.report(checkpoint={"batch": 7})
 """
 
+import os as _os
+
+# gRPC's C core logs at INFO on stderr unless told otherwise (a failed TLS handshake is an
+# "I..." line above Tether's own one-line error). ERROR is gRPC's documented default; a
+# value the process set itself wins. It must be set before grpc is first imported.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from tether._admin import AdminClient, selector
 from tether._agent import Agent, AsyncAgent
 from tether._compensate import CompensationReport, compensate
