@@ -12,6 +12,7 @@ from tether._agent import Agent, AsyncAgent
 from tether._config import AgentConfig
 from tether._errors import (
     CapabilityFrozen,
+    Degraded,
     FailedPrecondition,
     InvalidArgument,
     Killed,
@@ -59,6 +60,7 @@ __all__ = [
     "AsyncAgent",
     "AuditEntry",
     "CapabilityFrozen",
+    "Degraded",
     "DuplicateEffect",
     "Effect",
     "EffectRecord",

@@ -58,13 +58,32 @@ def selector(
     run_id: str | None = None,
     capability: str | None = None,
     labels: Mapping[str, str] | None = None,
+    writes: bool = False,
 ) -> Selector:
     """Build a selector from exactly one of the CLI-style choices.
 
     ``agent`` is a URI, ``agent://TENANT/AGENT``. ``run_id`` may be combined with
     ``tenant`` to narrow a run kill to one tenant. ``capability`` narrows any scope to
     one tool (a freeze); ``labels`` narrow it to instances carrying all of them.
+    ``writes`` makes it a degraded mode: every write capability frozen, reads go on.
     """
+    sel = _selector(
+        all=all, tenant=tenant, agent=agent, run_id=run_id, capability=capability, labels=labels
+    )
+    if writes and sel.capability:
+        raise InvalidArgument("writes freezes every write capability; drop the capability")
+    return dataclasses.replace(sel, writes=True) if writes else sel
+
+
+def _selector(
+    *,
+    all: bool,
+    tenant: str | None,
+    agent: str | None,
+    run_id: str | None,
+    capability: str | None,
+    labels: Mapping[str, str] | None,
+) -> Selector:
     cap, wanted = capability or "", dict(labels or {})
     if agent is not None:
         if all or tenant is not None or run_id is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tether_server._errors import InvalidArgument, check_name
 from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._halts import HaltTable
 from tether_server._ledger import LedgerWriter, landed
-from tether_server._selectors import is_stop
+from tether_server._selectors import freezes, is_stop
 from tether_server._signer import PermitSigner
 from tether_server._store import (
     HALTS,
@@ -215,7 +215,11 @@ class Gate:
         self._ledger.add(run, batch.effects)
 
     async def decide(
-        self, key: InstanceKey, labels: Mapping[str, str], req: agent_pb2.PermitRequest
+        self,
+        key: InstanceKey,
+        labels: Mapping[str, str],
+        req: agent_pb2.PermitRequest,
+        reads: Collection[str] = (),
     ) -> agent_pb2.PermitDecision:
         """Refuse if a halt in etcd, read after the request arrived, stops it, or if the
         request's key already landed or is in flight for this run, or if the request
@@ -233,7 +237,7 @@ class Gate:
             return decision  # fail closed
         decision.revision = halts.revision
         for halt in halts.matching(key, labels):
-            frozen = halt.selector.capability == req.capability
+            frozen = freezes(halt, req.capability, reads)
             draining = req.drain and halt.queue == types_pb2.QUEUE_POLICY_DRAIN
             if frozen or (is_stop(halt) and not draining):
                 decision.refused_by.CopyFrom(halt)

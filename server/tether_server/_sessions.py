@@ -175,6 +175,7 @@ class Sessions:
         async with self._registering:
             stored, halts, effects = await self._presence.claim(key, record, session_id, lease)
         session = Session(key, session_id, record, Outbox(context, self._pushed))
+        session.reads = frozenset(first.register.read_capabilities)
         landed = self._gate.seed(key.run, effects)
         session.halts = tuple(halts.matching(key, record.labels))
         session.revision = halts.revision
@@ -250,7 +251,9 @@ class Sessions:
         self._metrics.kill_push_latency.record(seconds * 1e3)
 
     async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
-        decision = await self._gate.decide(session.key, session.record.labels, request)
+        decision = await self._gate.decide(
+            session.key, session.record.labels, request, session.reads
+        )
         resp = order_message(session.halts, session.revision)
         resp.permit.CopyFrom(decision)
         session.outbox.post(resp)

@@ -64,6 +64,9 @@ def _scope_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-tenant", metavar="T", help="with --run: only that tenant's run")
     parser.add_argument("--capability", help="freeze only this capability within the scope")
     parser.add_argument(
+        "--writes", action="store_true", help="degraded mode: freeze every write capability"
+    )
+    parser.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE",
         help="only instances with this label (repeatable), e.g. feature=beta",
     )  # fmt: skip

@@ -42,7 +42,7 @@ def _selector(args: argparse.Namespace) -> Any:
     tenant = args.in_tenant if args.run else args.tenant
     return selector(
         all=args.all, tenant=tenant, agent=args.agent, run_id=args.run,
-        capability=args.capability, labels=labels,
+        capability=args.capability, labels=labels, writes=getattr(args, "writes", False),
     )  # fmt: skip
 
 

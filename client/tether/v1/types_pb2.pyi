@@ -217,6 +217,7 @@ class Selector(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     CAPABILITY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    WRITES_FIELD_NUMBER: _builtins.int
     scope: Global___Scope.ValueType
     tenant: _builtins.str
     agent: _builtins.str
@@ -226,6 +227,11 @@ class Selector(_message.Message):
     """A capability freeze: the matching instances keep running (their order
     stays ORDER_RUN) but must not use this capability (Register.capabilities).
     Audited as AUDIT_ACTION_FREEZE. Works with any scope.
+    """
+    writes: _builtins.bool
+    """Degraded mode: freeze every capability the matching instances registered as a
+    write (all of Register.capabilities not in Register.read_capabilities); reads
+    and the instance itself go on. Not with `capability`. Breakers set it.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -242,10 +248,11 @@ class Selector(_message.Message):
         run_id: _builtins.str = ...,
         capability: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        writes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capability", b"capability", "labels", b"labels", "run_id", b"run_id", "scope", b"scope", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capability", b"capability", "labels", b"labels", "run_id", b"run_id", "scope", b"scope", "tenant", b"tenant", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,6 +333,7 @@ class Effect(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
     PERMIT_REVISION_FIELD_NUMBER: _builtins.int
+    ANOMALY_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
@@ -342,6 +350,8 @@ class Effect(_message.Message):
     strict: _builtins.bool
     permit_revision: _builtins.int
     """strict: the revision the permit was granted at"""
+    anomaly: _builtins.str
+    """flagged by the agent (fx.anomaly): why it deviates"""
     tenant: _builtins.str
     """Set by the coordinator from the stream's registration."""
     agent: _builtins.str
@@ -364,6 +374,7 @@ class Effect(_message.Message):
         error: _builtins.str = ...,
         strict: _builtins.bool = ...,
         permit_revision: _builtins.int = ...,
+        anomaly: _builtins.str = ...,
         tenant: _builtins.str = ...,
         agent: _builtins.str = ...,
         run_id: _builtins.str = ...,
@@ -371,7 +382,7 @@ class Effect(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "intended_at", b"intended_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capability", b"capability", "effect_id", b"effect_id", "ended_at", b"ended_at", "error", b"error", "instance_id", b"instance_id", "intended_at", b"intended_at", "key", b"key", "permit_revision", b"permit_revision", "refused_by", b"refused_by", "run_id", b"run_id", "status", b"status", "strict", b"strict", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "anomaly", b"anomaly", "capability", b"capability", "effect_id", b"effect_id", "ended_at", b"ended_at", "error", b"error", "instance_id", b"instance_id", "intended_at", b"intended_at", "key", b"key", "permit_revision", b"permit_revision", "refused_by", b"refused_by", "run_id", b"run_id", "status", b"status", "strict", b"strict", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
