@@ -71,3 +71,96 @@ def test_bad_capability_kind_is_refused(coord: Coordinator, tenant: str) -> None
         tether.Agent(f"agent://{tenant}/a", target=coord.addr, capabilities={"x": "delete"})
     with pytest.raises(tether.InvalidArgument, match="writes"):
         tether.selector(tenant=tenant, capability="x", writes=True)
+
+
+# -- policy and breakers, against the session's two coordinators ---------------------------
+
+
+def breaker_policy(tenant: str, **fields: object) -> str:
+    spec = {
+        "name": "email-errors", "selector": f"{{tenant: {tenant}}}", "scope": "run",
+        "window": "30s", "min_calls": 10, "cooldown": "3s", "probes": 2, **fields,
+    }  # fmt: skip
+    body = "\n".join(f"    {k}: {v}" for k, v in spec.items() if k != "name")
+    return f"breakers:\n  - name: {spec['name']}\n{body}\n"
+
+
+def run_writes(agent: tether.Agent, n: int, fail_every: int = 0) -> int:
+    """``n`` writes, every ``fail_every``-th failing; stops at degraded mode. Returns done."""
+    for i in range(n):
+        try:
+            with agent.effect("send_email"):
+                if fail_every and i % fail_every == 0:
+                    raise RuntimeError("smtp down")
+        except RuntimeError:
+            pass
+        except tether.CapabilityFrozen:
+            return i
+    return n
+
+
+def breaker_state(admin: tether.AdminClient, tenant: str) -> str:
+    found, _ = admin.breakers(tenant)
+    return found[0].state if found else "closed"
+
+
+def test_policy_apply_get_history_and_audit(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    assert admin.policy().version == 0
+    first = admin.apply_policy(breaker_policy(tenant, error_rate=0.3))
+    assert first.version == 1 and first.actor.startswith("anonymous@")
+    with pytest.raises(tether.InvalidArgument, match=r"rules\[0\].when does not compile"):
+        admin.apply_policy("rules: [{name: bad, when: 'run.spend.usd >'}]")
+    assert admin.policy().version == 1  # the policy in force stays
+    second = admin.apply_policy("")
+    assert [v.version for v in admin.policy_history()] == [1, 2]
+    assert admin.policy(1).yaml == first.yaml and admin.policy().version == second.version
+    entries = [e for e in admin.audit() if e.action == "policy"]
+    assert [e.reason.split(":")[0] for e in entries] == [
+        "policy version 1 applied",
+        "policy version 2 applied",
+    ]
+    assert all(e.actor == first.actor for e in entries)
+    cli = tether_cli("policy", "get", addr=coord.addr)
+    assert cli.returncode == 0 and "# version 2" in cli.stdout, cli.stderr
+    bad = tether_cli("policy", "apply", "-f", "/nonexistent.yaml", addr=coord.addr)
+    assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+def test_error_rate_breaker_degrades_then_probes_close_it(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    admin.apply_policy(breaker_policy(tenant, error_rate=0.3))
+    uri = f"agent://{tenant}/mailer"
+    with tether.Agent(uri, run_id="e1", target=coord.addr, capabilities=KINDS) as agent:
+        run_writes(agent, 20, fail_every=2)
+        eventually(lambda: agent.frozen("send_email"))
+        with agent.effect("crm_lookup"):
+            pass  # reads go on
+        (halt,) = admin.halts(tenant=tenant)
+        assert halt.actor == "breaker:email-errors" and halt.selector.writes
+        assert halt.reason.startswith("error rate 0.50 over 30s (10/20) > 0.3"), halt.reason
+        listing = tether_cli("breakers", "--tenant", tenant, addr=coord.addr)
+        assert "OPEN" in listing.stdout and f"{tenant}/mailer/e1" in listing.stdout
+        eventually(lambda: not agent.frozen("send_email"))  # cooldown: HALF_OPEN
+        assert breaker_state(admin, tenant) == "half_open"
+        assert run_writes(agent, 2) == 2  # the probes land
+        eventually(lambda: breaker_state(admin, tenant) == "closed")
+        assert not agent.frozen("send_email")
+    actions = [(e.action, e.actor) for e in admin.audit(tenant=tenant) if e.action != "policy"]
+    assert actions == [("freeze", "breaker:email-errors"), ("resume", "breaker:email-errors")]
+
+
+def test_a_failing_probe_reopens(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    admin.apply_policy(breaker_policy(tenant, error_rate=0.3))
+    uri = f"agent://{tenant}/mailer"
+    with tether.Agent(uri, run_id="e2", target=coord.addr, capabilities=KINDS) as agent:
+        run_writes(agent, 20, fail_every=2)
+        eventually(lambda: agent.frozen("send_email"))
+        eventually(lambda: not agent.frozen("send_email"))
+        run_writes(agent, 1, fail_every=1)
+        eventually(lambda: agent.frozen("send_email"))
+        assert breaker_state(admin, tenant) == "open"

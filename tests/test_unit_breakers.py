@@ -98,3 +98,12 @@ def test_subjects_and_selectors() -> None:
     assert spec.subject("acme", "mail", "r1") == ("acme", "mail")
     assert BreakerSpec("t", scope=Scope.TENANT).subject("acme", "mail", "r1") == ("acme",)
     assert SPEC.subject("acme", "mail", "r1") == ("acme", "mail", "r1")
+
+
+def test_a_closed_breaker_counts_afresh() -> None:
+    series = Series(window=60)
+    series.add(0.0, Totals(effects=10, writes=10, failed=5))
+    series.add(10.0, Totals(effects=30, writes=30, failed=15))
+    series.add(20.0, Totals(effects=32, writes=32, failed=15))
+    assert series.figures(20.0).current.failed == 10  # since the first sample
+    assert series.figures(20.0, not_before=10.0).current == Totals(effects=2, writes=2)

@@ -32,6 +32,7 @@ from tether._permits import (
     PermitInterceptor,
     PermitVerifier,
 )
+from tether._protection import BreakerStatus, PolicyVersion
 from tether._types import (
     AgentEvent,
     AgentInstance,
@@ -59,6 +60,7 @@ __all__ = [
     "AgentToken",
     "AsyncAgent",
     "AuditEntry",
+    "BreakerStatus",
     "CapabilityFrozen",
     "Degraded",
     "DuplicateEffect",
@@ -76,6 +78,7 @@ __all__ = [
     "PermitClaims",
     "PermitInterceptor",
     "PermitVerifier",
+    "PolicyVersion",
     "Principal",
     "Scope",
     "Selector",

@@ -18,6 +18,7 @@ from tether._channel import ENV_TOKEN, bearer, client_tls, open_channel, tls_fro
 from tether._config import resolve_targets
 from tether._errors import InvalidArgument, from_rpc_error
 from tether._failover import Coordinators, FailoverStub
+from tether._protection import ProtectionCalls
 from tether._types import (
     EFFECT_STATUS_TO_PB,
     STATE_TO_PB,
@@ -107,7 +108,7 @@ CHANNEL_OPTIONS = (
 )
 
 
-class AdminClient:
+class AdminClient(ProtectionCalls):
     """Talks to the coordinators' AdminService. Every coordinator answers the same.
 
     Given several addresses, it fails over: see ``tether._failover``. A Kill retried on

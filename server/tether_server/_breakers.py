@@ -211,10 +211,12 @@ class Series:
             found = sample
         return found
 
-    def figures(self, now: float) -> Figures:
+    def figures(self, now: float, not_before: float = 0.0) -> Figures:
+        """The window up to ``now``, starting no earlier than ``not_before`` (a breaker that
+        closed counts afresh from then)."""
         if not self._samples:
             return Figures(self.window, ZERO)
-        start_t, start = self._at(now - self.window)
+        start_t, start = self._at(max(now - self.window, not_before))
         current = self.latest() - start
         first_t = self._samples[0][0]
         span = start_t - max(first_t, now - self.window * (BASELINE_WINDOWS + 1))

@@ -37,6 +37,7 @@ from tether_server._store import (
     put_op,
     range_op,
 )
+from tether_server._tally import Tally
 
 log = logging.getLogger("tether_server")
 
@@ -175,6 +176,7 @@ class Gate:
         self._fresh = FreshHalts(store)
         self._claims = Claims(store)
         self._landed: dict[RunKey, set[str]] = {}
+        self.tally: Tally | None = None  # automatic protection counts what ended, if set
 
     @property
     def signer(self) -> PermitSigner | None:
@@ -196,7 +198,9 @@ class Gate:
         self._landed.pop(run, None)
         self._claims.release(run)
 
-    def record(self, key: InstanceKey, batch: agent_pb2.EffectBatch) -> None:
+    def record(
+        self, key: InstanceKey, batch: agent_pb2.EffectBatch, reads: Collection[str] = ()
+    ) -> None:
         """Take an instance's effect records into the ledger.
 
         Raises:
@@ -213,6 +217,8 @@ class Gate:
                     self._landed.setdefault(run, set()).add(effect.key)
                 self._claims.settle(key, effect.key, landed)
         self._ledger.add(run, batch.effects)
+        if self.tally is not None:
+            self.tally.effects(key, batch.effects, reads)
 
     async def decide(
         self,

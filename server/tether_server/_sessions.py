@@ -245,6 +245,8 @@ class Sessions:
         session.last_beat = time.monotonic()
         if beat.HasField("checkpoint"):
             self._offer_checkpoint(session, beat.checkpoint)
+        if beat.HasField("signals") and self._gate.tally is not None:
+            self._gate.tally.signal(session.key, beat.signals)
         return with_ack(current_order(session), beat.seq)
 
     def _pushed(self, seconds: float) -> None:
@@ -259,7 +261,7 @@ class Sessions:
         session.outbox.post(resp)
 
     def _effects(self, session: Session, batch: agent_pb2.EffectBatch) -> None:
-        self._gate.record(session.key, batch)
+        self._gate.record(session.key, batch, session.reads)
         if any_stop(session.halts):  # what left before the kill, and what it refused: now
             self._flush.soon()
 

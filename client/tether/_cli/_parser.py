@@ -11,6 +11,7 @@ from tether._admin import AUDIT_LIMIT
 from tether._cli._certs_verb import certs_args
 from tether._cli._doctor import doctor_args
 from tether._cli._output import EXIT_USAGE
+from tether._cli._protect_verbs import breakers_args, policy_args
 from tether._types import EffectStatus, State
 
 # The drill's scopes, narrowest first; the drill itself lives in tether_server.
@@ -216,6 +217,8 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("doctor", "check every coordinator of --addr and what they agree on", True, doctor_args),
     ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
     ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
+    ("policy", "the protection policy: apply -f FILE, get, history", True, policy_args),
+    ("breakers", "every breaker's state and figures", True, breakers_args),
 )
 
 

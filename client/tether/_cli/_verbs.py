@@ -25,6 +25,7 @@ from tether._cli._output import (
     print_json,
     print_listing,
 )
+from tether._cli._protect_verbs import breakers, policy
 from tether._errors import InvalidArgument
 from tether._types import EffectStatus, State
 from tether._uri import parse_agent_uri
@@ -204,4 +205,6 @@ ADMIN_VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
     "permit-key": permit_key,
     "token": token,
     "whoami": whoami,
+    "policy": policy,
+    "breakers": breakers,
 }

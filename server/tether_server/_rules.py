@@ -1,0 +1,153 @@
+"""Policy rules at the edge: the context a rule sees, and what it does when it holds.
+
+The decision is the rule's compiled CEL over ``context`` (pure); acting writes the halt
+with its audit entry as ``policy:NAME``, or, for a ``dry_run`` rule, only an audit entry
+and a notification that it would have tripped. A rule acts once per subject and policy
+version: the mark under ``/tether/protect/fired/`` says it did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from google.protobuf import duration_pb2
+from tether.v1 import admin_pb2, types_pb2
+
+from tether_server._audit import AuditLog, new_entry
+from tether_server._breakers import Scope, Series, Totals
+from tether_server._etcd import Store
+from tether_server._halt_store import HaltStore, halt_from
+from tether_server._notify import Notifier
+from tether_server._policy import Action, Rule
+from tether_server._store import FIRED, RunKey, fired_key, put_op
+from tether_server._tally import FleetTotals
+
+SeriesOf = Callable[[float, tuple[str, ...], Totals, float], Series]
+_SCOPES = {
+    Scope.RUN: types_pb2.SCOPE_RUN,
+    Scope.AGENT: types_pb2.SCOPE_AGENT,
+    Scope.TENANT: types_pb2.SCOPE_TENANT,
+}
+
+
+def selector_of(
+    scope: Scope, subject: tuple[str, ...], *, writes: bool = False
+) -> types_pb2.Selector:
+    """The selector that halts a subject: ``(tenant,)``, ``(tenant, agent)`` or a run."""
+    sel = types_pb2.Selector(scope=_SCOPES[scope], writes=writes)
+    for name, value in zip(("tenant", "agent", "run_id"), subject, strict=False):
+        setattr(sel, name, value)
+    return sel
+
+
+def figures(totals: Totals, spend: tuple[float, int, int]) -> dict[str, Any]:
+    """One level of the rule context: spend, effects in the window, and rates."""
+    writes, effects = totals.writes, totals.effects
+    return {
+        "spend": {"usd": float(spend[0]), "tokens": spend[1], "calls": spend[2]},
+        "effects": {
+            "total": effects, "writes": writes, "failed": totals.failed,
+            "anomalies": totals.anomalies,
+        },
+        "rates": {
+            "error": totals.failed / writes if writes else 0.0,
+            "anomaly": totals.anomalies / effects if effects else 0.0,
+        },
+    }  # fmt: skip
+
+
+def subject_of(scope: Scope, run: RunKey) -> tuple[str, ...]:
+    return {Scope.RUN: tuple(run), Scope.AGENT: run[:2], Scope.TENANT: run[:1]}[scope]
+
+
+class RuleRunner:
+    """Evaluates the rules over every known run, and acts on those that hold."""
+
+    def __init__(self, halts: HaltStore, audit: AuditLog, store: Store, notifier: Notifier) -> None:
+        self._halts = halts
+        self._audit = audit
+        self._store = store
+        self._notifier = notifier
+
+    async def run(
+        self, rules: Iterable[Rule], version: int, fleet: FleetTotals, series: SeriesOf, now: float
+    ) -> None:
+        fired = {
+            kv.key for kv in (await self._store.range(FIRED)).kvs if kv.value == b"%d" % version
+        }
+        runs = sorted(fleet.known_runs())
+        for rule in rules:
+            levels = _Levels(fleet, series, rule.window, now)
+            for run in runs:
+                if not rule.covers(*run):
+                    continue
+                subject = subject_of(rule.scope, run)
+                key = fired_key(rule.name, subject)
+                if key in fired:
+                    continue
+                context = levels.context(run)
+                if rule.decide(context):
+                    fired.add(key)
+                    await self._act(rule, subject, context["run"])
+                    await self._store.txn((), [put_op(key, b"%d" % version)])
+
+    async def _act(self, rule: Rule, subject: tuple[str, ...], run: dict[str, Any]) -> None:
+        actor = f"policy:{rule.name}"
+        spend = run["spend"]
+        reason = (
+            f"{rule.when} held: run {run['run_id']} spent ${spend['usd']:.2f}, "
+            f"{spend['tokens']} tokens, {spend['calls']} calls; {run['effects']['total']} "
+            f"effects, error rate {run['rates']['error']:.2f}"
+        )
+        sel = selector_of(rule.scope, subject, writes=rule.action is Action.DEGRADE)
+        if rule.action is Action.FREEZE:
+            sel.capability = rule.capability
+        if rule.dry_run or rule.action is Action.NOTIFY:
+            reason = f"would trip ({rule.action.value}): {reason}" if rule.dry_run else reason
+            entry = new_entry(admin_pb2.AUDIT_ACTION_WOULD_TRIP, sel, actor, reason)
+            await self._audit.record(entry)
+            self._notifier.emit("trip", actor, reason, sel, run)
+            return
+        request = admin_pb2.KillRequest(reason=reason)
+        if not rule.hard:
+            request.mode = types_pb2.KILL_MODE_SOFT
+            request.grace.CopyFrom(duration_pb2.Duration(seconds=int(rule.grace)))
+        await self._halts.kill(halt_from(request, sel, actor), force=True)
+        event = {Action.KILL: "kill", Action.FREEZE: "freeze"}.get(rule.action, "degrade")
+        self._notifier.emit(event, actor, reason, sel, run)
+
+
+class _Levels:
+    """The run, agent and tenant figures of one rule's window, each computed once."""
+
+    def __init__(self, fleet: FleetTotals, series: SeriesOf, window: float, now: float) -> None:
+        self._fleet, self._series, self._window, self._now = fleet, series, window, now
+        self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._members: dict[tuple[str, ...], list[RunKey]] = {}
+        for run in fleet.known_runs():
+            for depth in (1, 2, 3):
+                self._members.setdefault(tuple(run[:depth]), []).append(run)
+
+    def _level(self, subject: tuple[str, ...]) -> dict[str, Any]:
+        found = self._cache.get(subject)
+        if found is None:
+            members = self._members.get(subject, [])
+            totals = sum((self._fleet.totals(r) for r in members), Totals())
+            spends = [self._fleet.spend(r) for r in members]
+            spend = (
+                sum(s[0] for s in spends),
+                sum(s[1] for s in spends),
+                sum(s[2] for s in spends),
+            )
+            current = self._series(self._window, subject, totals, self._now).figures(self._now)
+            found = self._cache[subject] = figures(current.current, spend)
+        return found
+
+    def context(self, run: RunKey) -> dict[str, Any]:
+        tenant, agent, run_id = run
+        return {
+            "run": {**self._level(tuple(run)), "tenant": tenant, "agent": agent, "run_id": run_id},
+            "agent": {**self._level((tenant, agent)), "tenant": tenant, "agent": agent},
+            "tenant": {**self._level((tenant,)), "tenant": tenant},
+        }
