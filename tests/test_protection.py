@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
 import pytest
 import tether
 
@@ -164,3 +170,114 @@ def test_a_failing_probe_reopens(
         run_writes(agent, 1, fail_every=1)
         eventually(lambda: agent.frozen("send_email"))
         assert breaker_state(admin, tenant) == "open"
+
+
+class Hook:
+    """A real webhook receiver on loopback; ``hold`` keeps every request hanging."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                hook.hold.wait(30)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/oncall"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self) -> list[str]:
+        return [r["event"] for r in self.received]
+
+    def close(self) -> None:
+        self.hold.set()
+        self.server.shutdown()
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    receiver = Hook()
+    yield receiver
+    receiver.close()
+
+
+def spend_policy(tenant: str, hook: Hook, *, dry_run: bool = False) -> str:
+    return f"""
+rules:
+  - name: spend-cap
+    selector: {{tenant: {tenant}}}
+    when: "run.spend.usd > 5.0"
+    action: kill
+    dry_run: {str(dry_run).lower()}
+notify:
+  - url: {hook.url}
+    events: [kill, resume, freeze, degrade, trip, policy]
+"""
+
+
+def test_spend_rule_kills_the_run(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, hook: Hook
+) -> None:
+    admin.apply_policy(spend_policy(tenant, hook))
+    with tether.Agent(f"agent://{tenant}/buyer", run_id="s1", target=coord.addr) as agent:
+        agent.spend(usd=3.0, tokens=1000, calls=1)
+        agent.spend(usd=2.5, tokens=500, calls=1)
+        eventually(lambda: agent.killed)
+        with pytest.raises(tether.Killed) as err:
+            agent.check()
+        assert err.value.actor == "policy:spend-cap"
+        assert "spent $5.50, 1500 tokens, 2 calls" in str(err.value)
+    eventually(lambda: "kill" in hook.events())
+    (killed,) = [r for r in hook.received if r["event"] == "kill"]
+    assert killed["actor"] == "policy:spend-cap" and killed["figures"]["spend"]["usd"] == 5.5
+    assert killed["selector"] == f"run/{tenant}/buyer/s1" and killed["time"]
+    assert hook.events()[0] == "policy"
+
+
+def test_dry_run_trips_nothing_but_audits_and_notifies(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, hook: Hook
+) -> None:
+    admin.apply_policy(spend_policy(tenant, hook, dry_run=True))
+    with tether.Agent(f"agent://{tenant}/buyer", run_id="s2", target=coord.addr) as agent:
+        agent.spend(usd=9.0)
+        eventually(lambda: "trip" in hook.events())
+        assert not agent.killed and admin.halts(tenant=tenant) == []
+    (entry,) = [e for e in admin.audit(tenant=tenant) if e.action == "would_trip"]
+    assert entry.actor == "policy:spend-cap" and entry.reason.startswith("would trip (kill)")
+    (trip,) = [r for r in hook.received if r["event"] == "trip"]
+    assert trip["reason"].startswith("would trip")
+
+
+def test_the_webhook_hears_manual_orders_and_a_dead_one_delays_nothing(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, hook: Hook
+) -> None:
+    admin.apply_policy(spend_policy(tenant, hook))
+    eventually(lambda: hook.events() == ["policy"])
+    with tether.Agent(f"agent://{tenant}/buyer", run_id="w1", target=coord.addr) as agent:
+        hook.hold.clear()  # the webhook now hangs on every request
+        admin.kill(tether.selector(run_id="w1"), "manual stop")
+        eventually(lambda: agent.killed)  # the kill landed while the webhook still hangs
+        assert hook.events() == ["policy"]
+        hook.hold.set()
+        admin.resume(tether.selector(run_id="w1"), "all clear")
+        eventually(lambda: hook.events() == ["policy", "kill", "resume"])
+    kill = hook.received[1]
+    assert kill["actor"].startswith("anonymous@") and kill["reason"] == "manual stop"
+
+
+def test_slack_format_posts_text(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, hook: Hook
+) -> None:
+    admin.apply_policy(f"notify: [{{url: '{hook.url}', events: [policy], format: slack}}]")
+    eventually(lambda: len(hook.received) == 1)
+    assert hook.received[0]["text"].startswith("tether policy:")
