@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 import tether
 
-from tests.conftest import Coordinator, eventually
+from tests.conftest import Coordinator, Etcd, eventually
+from tests.test_auth import ALICE, BOB, CAROL, client, write_rbac
 from tests.test_cli import tether_cli
 
 KINDS = {"send_email": "write", "crm_lookup": "read"}
@@ -281,3 +283,79 @@ def test_slack_format_posts_text(
     admin.apply_policy(f"notify: [{{url: '{hook.url}', events: [policy], format: slack}}]")
     eventually(lambda: len(hook.received) == 1)
     assert hook.received[0]["text"].startswith("tether policy:")
+
+
+def test_anomaly_rate_trips_on_its_own(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    admin.apply_policy(breaker_policy(tenant, anomaly_rate=0.2, cooldown="60s"))
+    uri = f"agent://{tenant}/mailer"
+    with tether.Agent(uri, run_id="a1", target=coord.addr, capabilities=KINDS) as agent:
+        for i in range(12):
+            with agent.effect("crm_lookup") as fx:
+                if i % 2:
+                    fx.anomaly("a lookup of every customer at once")
+        eventually(lambda: agent.frozen("send_email"))
+        assert not agent.frozen("crm_lookup")
+    (halt,) = admin.halts(tenant=tenant)
+    assert halt.reason == "anomaly rate 0.50 over 30s (6/12) > 0.2", halt.reason
+
+
+def test_volume_spike_trips_on_its_own(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    admin.apply_policy(breaker_policy(tenant, window="1s", volume_factor=3.0, cooldown="60s"))
+    uri = f"agent://{tenant}/mailer"
+    with tether.Agent(uri, run_id="v1", target=coord.addr, capabilities=KINDS) as agent:
+        for _ in range(30):  # a steady ten a second: the baseline
+            with agent.effect("crm_lookup"):
+                time.sleep(0.1)
+        assert not agent.frozen("send_email")
+        run_writes(agent, 400)  # then a loop
+        eventually(lambda: agent.frozen("send_email"))
+    (halt,) = admin.halts(tenant=tenant)
+    assert halt.reason.startswith("volume ") and "the baseline" in halt.reason, halt.reason
+
+
+def test_agent_scope_degrades_every_instance_across_coordinators_once(
+    coordinators: tuple[Coordinator, Coordinator], admin: tether.AdminClient, tenant: str
+) -> None:
+    policy = breaker_policy(tenant, scope="agent", min_calls=20, error_rate=0.3, cooldown="60s")
+    admin.apply_policy(policy)
+    uri = f"agent://{tenant}/mailer"
+    a, b = coordinators
+    with (
+        tether.Agent(uri, run_id="x1", target=a.addr, capabilities=KINDS) as one,
+        tether.Agent(uri, run_id="x2", target=b.addr, capabilities=KINDS) as two,
+    ):
+        run_writes(one, 12, fail_every=2)  # fewer than min_calls each: only the fleet's
+        run_writes(two, 12, fail_every=2)  # counts together reach them
+        eventually(lambda: one.frozen("send_email") and two.frozen("send_email"))
+        assert not one.frozen("crm_lookup") and not two.killed
+        time.sleep(1)  # a few more evaluation rounds: still one trip
+    trips = [e for e in admin.audit(tenant=tenant) if e.actor == "breaker:email-errors"]
+    assert len(trips) == 1 and trips[0].action == "freeze"
+    assert trips[0].halt_id == f"agent/{tenant}/mailer#*writes"
+
+
+@pytest.fixture(scope="module")
+def guarded(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
+    directory = tmp_path_factory.mktemp("rbac")
+    rbac, tokens = write_rbac(directory)
+    coordinator = Coordinator(etcd).start(
+        directory, "--rbac", str(rbac), "--admin-tokens", str(tokens)
+    )
+    yield coordinator
+    coordinator.stop()
+
+
+def test_only_admins_change_the_policy_and_viewers_read_it(guarded: Coordinator) -> None:
+    with client(guarded.addr, CAROL) as carol:
+        with pytest.raises(tether.PermissionDenied, match="may not change the policy"):
+            carol.apply_policy("")
+        assert carol.policy().version == 0
+        assert carol.breakers("acme") == ([], [])
+    with client(guarded.addr, BOB) as bob, pytest.raises(tether.PermissionDenied):
+        bob.apply_policy("")
+    with client(guarded.addr, ALICE) as alice:
+        assert alice.apply_policy("").actor == "operator:alice"
