@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import tether
+from aetcd import rpc
+from tether_server._store import EVALUATOR
 
 from tests.conftest import Coordinator, Etcd, eventually
 from tests.test_auth import ALICE, BOB, CAROL, client, write_rbac
@@ -242,7 +247,7 @@ def test_spend_rule_kills_the_run(
     eventually(lambda: "kill" in hook.events())
     (killed,) = [r for r in hook.received if r["event"] == "kill"]
     assert killed["actor"] == "policy:spend-cap" and killed["figures"]["spend"]["usd"] == 5.5
-    assert killed["selector"] == f"run/{tenant}/buyer/s1" and killed["time"]
+    assert killed["selector"] == f"run/{tenant}/*/s1" and killed["time"]
     assert hook.events()[0] == "policy"
 
 
@@ -359,3 +364,38 @@ def test_only_admins_change_the_policy_and_viewers_read_it(guarded: Coordinator)
         bob.apply_policy("")
     with client(guarded.addr, ALICE) as alice:
         assert alice.apply_policy("").actor == "operator:alice"
+
+
+def evaluator_pid(etcd: Etcd) -> int:
+    """The pid of the coordinator holding the evaluator key (its id is host-PID-xxxx)."""
+    with grpc.insecure_channel(etcd.endpoint) as channel:
+        resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=EVALUATOR))
+    return int(resp.kvs[0].value.decode().split(":")[0].rsplit("-", 2)[1]) if resp.kvs else 0
+
+
+def test_a_trip_survives_the_evaluator_s_death(tmp_path: Path) -> None:
+    etcd = Etcd(tmp_path / "etcd").start()
+    pair = [Coordinator(etcd).start(tmp_path), Coordinator(etcd).start(tmp_path)]
+    try:
+        leader_pid = eventually(lambda: evaluator_pid(etcd))
+        leader = next(c for c in pair if c.process.pid == leader_pid)
+        survivor = next(c for c in pair if c is not leader)
+        with tether.AdminClient(survivor.addr) as admin:
+            admin.apply_policy(breaker_policy("acme", cooldown="60s", error_rate=0.3))
+            uri = "agent://acme/mailer"
+            with tether.Agent(uri, run_id="f1", target=survivor.addr, capabilities=KINDS) as a:
+                run_writes(a, 20, fail_every=2)
+                eventually(lambda: a.frozen("send_email"))
+                leader.stop(signal.SIGKILL)
+                eventually(lambda: evaluator_pid(etcd) == survivor.process.pid)
+                time.sleep(1)  # the new evaluator's rounds: the breaker stays OPEN, once
+                assert breaker_state(admin, "acme") == "open" and a.frozen("send_email")
+                trips = [e for e in admin.audit() if e.actor == "breaker:email-errors"]
+                assert len(trips) == 1
+                admin.resume(tether.selector(run_id="f1", tenant="acme", writes=True), "ok")
+                eventually(lambda: breaker_state(admin, "acme") == "closed")
+                assert not a.frozen("send_email")
+    finally:
+        for coordinator in pair:
+            coordinator.stop()
+        etcd.stop()

@@ -34,10 +34,16 @@ _SCOPES = {
 def selector_of(
     scope: Scope, subject: tuple[str, ...], *, writes: bool = False
 ) -> types_pb2.Selector:
-    """The selector that halts a subject: ``(tenant,)``, ``(tenant, agent)`` or a run."""
-    sel = types_pb2.Selector(scope=_SCOPES[scope], writes=writes)
-    for name, value in zip(("tenant", "agent", "run_id"), subject, strict=False):
-        setattr(sel, name, value)
+    """The selector that halts a subject: ``(tenant,)``, ``(tenant, agent)`` or a run.
+
+    A run's is its tenant and run id, as ``tether kill --run R --in-tenant T`` names it,
+    so that the same command lifts it (a run id belongs to one agent anyway).
+    """
+    sel = types_pb2.Selector(scope=_SCOPES[scope], writes=writes, tenant=subject[0])
+    if scope is Scope.AGENT:
+        sel.agent = subject[1]
+    elif scope is Scope.RUN:
+        sel.run_id = subject[2]
     return sel
 
 
