@@ -399,3 +399,14 @@ def test_a_trip_survives_the_evaluator_s_death(tmp_path: Path) -> None:
         for coordinator in pair:
             coordinator.stop()
         etcd.stop()
+
+
+def test_drill_proves_a_breaker_trips_and_reads_go_on() -> None:
+    result = tether_cli("drill", "--scope", "breaker", "-o", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (report,) = json.loads(result.stdout)["drills"]
+    assert report["verdict"] == "PASS" and report["scope"] == "breaker"
+    texts = " ".join(c["text"] for c in report["checks"])
+    assert "reads and the run go on" in texts and "error rate 0.50" in texts
+    refused = tether_cli("drill", "--scope", "breaker", "--addr", "127.0.0.1:1")
+    assert refused.returncode == 2 and "without --addr" in refused.stderr

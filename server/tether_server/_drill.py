@@ -17,8 +17,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from tether import AdminClient, Selector, selector
+from tether import AdminClient, InvalidArgument, Selector, selector
 
+from tether_server._drill_breaker import drill_breaker
 from tether_server._drill_fleet import CAPABILITY, DrillFleet, Worker, own_fleet
 from tether_server._drill_report import Flip, report
 
@@ -124,8 +125,14 @@ def run_drills(
         tether.TetherError: the fleet did not come up, or a call to it failed.
     """
     scopes = list(SCOPES) if scope == "all" else [scope]
+    if scope == "breaker" and addr:
+        raise InvalidArgument(
+            "the breaker drill applies a policy of its own; run it without --addr"
+        )
     fleet = DrillFleet([a for a in addr.split(",") if a]) if addr else own_fleet(2.0)
     try:
+        if scope == "breaker":
+            return [drill_breaker(fleet.targets)]
         return [drill(s, fleet, settle=settle, items=items, tick=tick) for s in scopes]
     finally:
         fleet.close()

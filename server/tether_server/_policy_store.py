@@ -39,6 +39,8 @@ class PolicyStore:
         self.store = store
         self._store = store
         self._audit = audit
+        # The last policy parsed, by the etcd revision of its key: each is parsed once.
+        self._parsed: tuple[int, Policy] = (0, EMPTY)
 
     async def current(self) -> tuple[admin_pb2.PolicyVersion, int]:
         """The policy in force (version 0 when none was applied), and its etcd revision."""
@@ -50,8 +52,10 @@ class PolicyStore:
 
     async def policy(self) -> tuple[Policy, int]:
         """The policy in force, parsed, and its version."""
-        version, _ = await self.current()
-        return (parse(version.yaml) if version.version else EMPTY), version.version
+        version, revision = await self.current()
+        if revision != self._parsed[0]:
+            self._parsed = (revision, parse(version.yaml) if revision else EMPTY)
+        return self._parsed[1], version.version
 
     async def apply(self, text: str, actor: str, note: str = "") -> admin_pb2.PolicyVersion:
         """Store ``text`` as the next version, audited as applied by ``actor``.

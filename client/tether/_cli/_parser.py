@@ -185,7 +185,7 @@ def _no_args(_: argparse.ArgumentParser) -> None:
 
 
 def _drill_args(drill: argparse.ArgumentParser) -> None:
-    drill.add_argument("--scope", choices=[*DRILL_SCOPES, "all"], default="all")
+    drill.add_argument("--scope", choices=[*DRILL_SCOPES, "breaker", "all"], default="all")
     drill.add_argument("--settle", type=float, default=60.0, help="seconds to watch after the flip")
     drill.add_argument("--items", type=int, default=200, help="queue length of each worker")
     drill.add_argument("--tick", type=float, default=0.01, help="seconds of work per item")
