@@ -14,6 +14,7 @@ from tether_server._breakers import (
     step,
     trip_reason,
 )
+from tether_server._tally import FleetTotals
 
 SPEC = BreakerSpec(
     "email-errors", tenant="acme", window=60, min_calls=20, error_rate=0.15, cooldown=120, probes=3
@@ -107,3 +108,21 @@ def test_a_closed_breaker_counts_afresh() -> None:
     series.add(20.0, Totals(effects=32, writes=32, failed=15))
     assert series.figures(20.0).current.failed == 10  # since the first sample
     assert series.figures(20.0, not_before=10.0).current == Totals(effects=2, writes=2)
+
+
+def test_fleet_totals_add_effects_and_take_the_largest_signals() -> None:
+    fleet = FleetTotals()
+    fleet.merge("c1", {"runs": {"acme/mail/r1": [4, 3, 1]}, "signals": {}})
+    fleet.merge("c2", {"runs": {"acme/mail/r1": [2, 2, 2]}, "signals": {}})
+    fleet.merge("c1", {"runs": {"acme/mail/r1": [5, 4, 1]}, "signals": {}})  # grew by one
+    assert fleet.totals(("acme", "mail", "r1")) == Totals(7, 6, 3)
+    fleet.merge("c1", {"runs": {"acme/mail/r1": [1, 1, 0]}, "signals": {}})  # c1 restarted
+    assert fleet.totals(("acme",)) == Totals(8, 7, 3)
+    moved = {"acme/mail/r1/i1": [2.5, 100, 2, 1]}
+    fleet.merge("c1", {"runs": {}, "signals": moved})
+    fleet.merge("c2", {"runs": {}, "signals": {"acme/mail/r1/i1": [3.0, 120, 3, 1]}})
+    fleet.merge("c1", {"runs": {}, "signals": moved})  # the old coordinator's older totals
+    assert fleet.spend(("acme", "mail")) == (3.0, 120, 3)
+    assert fleet.totals(("acme", "mail", "r1")).anomalies == 1
+    assert fleet.take_changed() == {("acme", "mail", "r1")} and fleet.take_changed() == set()
+    assert fleet.members_of(("acme",)) == {("acme", "mail", "r1")}

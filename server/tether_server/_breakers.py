@@ -13,8 +13,8 @@ go through, a failed probe writes it again.
 
 from __future__ import annotations
 
+import bisect
 import enum
-from collections import deque
 from dataclasses import dataclass, field, replace
 
 BASELINE_WINDOWS = 5  # the volume baseline: effects per window over this many windows before
@@ -186,42 +186,43 @@ def step(
 
 
 class Series:
-    """A subject's running totals sampled over time: enough for the window and baseline."""
+    """A subject's running totals over time, as a step function: a sample only when they
+    changed. Enough history for the window and the volume baseline is kept."""
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self._samples: deque[tuple[float, Totals]] = deque()
+        self._times: list[float] = []
+        self._values: list[Totals] = []
 
     def add(self, now: float, totals: Totals) -> None:
-        samples = self._samples
-        samples.append((now, totals))
+        if self._values and self._values[-1] == totals:
+            return  # unchanged: the step goes on
+        self._times.append(now)
+        self._values.append(totals)
         horizon = now - self.window * (BASELINE_WINDOWS + 1) - 1
-        while len(samples) > 2 and samples[1][0] <= horizon:
-            samples.popleft()
+        old = bisect.bisect_right(self._times, horizon) - 1  # keep the value at the horizon
+        if old > 0:
+            del self._times[:old]
+            del self._values[:old]
 
     def latest(self) -> Totals:
-        return self._samples[-1][1] if self._samples else ZERO
+        return self._values[-1] if self._values else ZERO
 
-    def _at(self, when: float) -> tuple[float, Totals]:
-        """The last sample at or before ``when``; the earliest one when none is."""
-        found = self._samples[0]
-        for sample in self._samples:
-            if sample[0] > when:
-                break
-            found = sample
-        return found
+    def _at(self, when: float) -> Totals:
+        """The totals at ``when``; the earliest known when ``when`` is before them."""
+        return self._values[max(bisect.bisect_right(self._times, when) - 1, 0)]
 
     def figures(self, now: float, not_before: float = 0.0) -> Figures:
         """The window up to ``now``, starting no earlier than ``not_before`` (a breaker that
         closed counts afresh from then)."""
-        if not self._samples:
+        if not self._values:
             return Figures(self.window, ZERO)
-        start_t, start = self._at(max(now - self.window, not_before))
+        start_t = max(now - self.window, not_before)
+        start = self._at(start_t)
         current = self.latest() - start
-        first_t = self._samples[0][0]
-        span = start_t - max(first_t, now - self.window * (BASELINE_WINDOWS + 1))
+        history = max(self._times[0], now - self.window * (BASELINE_WINDOWS + 1))
+        span = start_t - history
         if span < self.window:  # less than one whole window of history before this one
             return Figures(self.window, current)
-        _, before = self._at(start_t - span)
-        baseline = (start - before).effects * self.window / span
+        baseline = (start - self._at(history)).effects * self.window / span
         return Figures(self.window, current, baseline)

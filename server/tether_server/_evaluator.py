@@ -44,6 +44,9 @@ from tether_server._tally import FleetTotals
 
 log = logging.getLogger("tether_server")
 EVALUATE_EVERY = 0.25  # seconds between decisions while elected
+# Between sweeps only runs whose figures moved are decided on (and breakers not CLOSED);
+# a sweep decides on every run, for windows that slid with no new activity.
+FULL_SWEEP = 5.0
 
 
 def state_json(st: BreakerState, figures: dict[str, Any]) -> bytes:
@@ -101,10 +104,12 @@ class Evaluator:
 
     def _reset(self) -> None:
         self._fleet = FleetTotals()
+        self._merged: dict[str, int] = {}  # each coordinator's counts: the revision merged
         self._series: dict[tuple[float, tuple[str, ...]], Series] = {}
         # The first round after an election takes the totals as history; a subject first
         # seen later started from nothing, so that its first burst counts in its window.
         self._warm = False
+        self._swept = (0.0, -1)  # when, and under which policy version, all runs were seen
 
     async def run(self, lease: int) -> None:
         """Campaign and, while elected, decide; errors are logged, never end the loop."""
@@ -134,14 +139,21 @@ class Evaluator:
         """One round: merge the counts, then every breaker and rule of the policy."""
         policy, version = await self._policies.policy()
         for kv in (await self._store.range(COUNTS)).kvs:
-            self._fleet.merge(kv.key[len(COUNTS) :].decode(), json.loads(kv.value))
-        runs = self._fleet.known_runs()
+            source = kv.key[len(COUNTS) :].decode()
+            if self._merged.get(source) != kv.mod_revision:  # published anew since
+                self._merged[source] = kv.mod_revision
+                self._fleet.merge(source, json.loads(kv.value))
+        changed = self._fleet.take_changed()
+        if now - self._swept[0] >= FULL_SWEEP or version != self._swept[1]:
+            changed, self._swept = self._fleet.known_runs(), (now, version)
         states = {kv.key: state_of(kv.value) for kv in (await self._store.range(BREAKERS)).kvs}
         for spec in policy.breakers:
-            for subject, members in _subjects(spec, runs).items():
-                await self._breaker(spec, subject, members, states, now)
+            for subject in _due(spec, changed, states):
+                await self._breaker(spec, subject, states, now)
         if policy.rules:
-            await self._rules.run(policy.rules, version, self._fleet, self.series, now)
+            due = self._rules.decisions.due
+            decided = due(policy.rules, version, self._fleet, self.series, now, changed=changed)
+            await self._rules.act(decided, version)
         self._warm = True
 
     def series(self, window: float, subject: tuple[str, ...], totals: Totals, now: float) -> Series:
@@ -158,11 +170,10 @@ class Evaluator:
         self,
         spec: BreakerSpec,
         subject: tuple[str, ...],
-        members: Iterable[RunKey],
         states: dict[bytes, BreakerState],
         now: float,
     ) -> None:
-        totals = sum((self._fleet.totals(run) for run in members), Totals())
+        totals = self._fleet.totals(subject)
         key = breaker_key(spec.name, subject)
         before = states.get(key, BreakerState())
         fig = self.series(spec.window, subject, totals, now).figures(now, before.since)
@@ -195,9 +206,13 @@ class Evaluator:
         log.info("breaker %s on %s: %s %s", spec.name, halt_id(sel), event.value, st.reason)
 
 
-def _subjects(spec: BreakerSpec, runs: Iterable[RunKey]) -> dict[tuple[str, ...], list[RunKey]]:
-    found: dict[tuple[str, ...], list[RunKey]] = {}
-    for run in runs:
-        if spec.covers(*run):
-            found.setdefault(spec.subject(*run), []).append(run)
-    return found
+def _due(
+    spec: BreakerSpec, changed: Iterable[RunKey], states: dict[bytes, BreakerState]
+) -> set[tuple[str, ...]]:
+    """The subjects to decide on: those with a run that moved, and those not CLOSED."""
+    due = {spec.subject(*run) for run in changed if spec.covers(*run)}
+    prefix = breaker_key(spec.name, ()) + b"/"
+    for key, st in states.items():
+        if st.state is not State.CLOSED and key.startswith(prefix):
+            due.add(tuple(key[len(prefix) :].decode().split("/")))
+    return due

@@ -56,6 +56,7 @@ class Rule:
     grace: float = 0.0
     window: float = 60.0
     dry_run: bool = False
+    roots: frozenset[str] = CONTEXT_ROOTS  # what the expression reads: only these are passed
 
     def covers(self, tenant: str, agent: str, run_id: str) -> bool:
         return (
@@ -67,7 +68,7 @@ class Rule:
     def decide(self, context: Mapping[str, Any]) -> bool:
         """True when the rule holds on ``context``; an expression that fails holds not."""
         try:
-            return self.program.execute(dict(context)) is True
+            return self.program.execute({k: context[k] for k in self.roots}) is True
         except (RuntimeError, ValueError, TypeError, KeyError):
             return False
 
@@ -214,6 +215,11 @@ def compile_rule(where: str, when: str) -> Any:
     return program
 
 
+def roots_of(program: Any) -> frozenset[str]:
+    """The context roots an expression reads (``run``, ``agent``, ``tenant``)."""
+    return frozenset(v.split(".")[0] for v in program.variables()) & CONTEXT_ROOTS
+
+
 def _rule(where: str, raw: Any, seen: set[str]) -> Rule:
     r = _Reader(where, raw, _RULE_FIELDS)
     name = _name(r, seen)
@@ -230,10 +236,12 @@ def _rule(where: str, raw: Any, seen: set[str]) -> Rule:
     mode = r.get("mode", str, "hard")
     if mode not in ("hard", "soft"):
         raise InvalidArgument(f"{where}.mode: hard or soft, got {mode!r}")
+    program = compile_rule(where, when)
     return Rule(
-        name, when, compile_rule(where, when), action, **r.selector(), scope=r.scope(),
+        name, when, program, action, **r.selector(), scope=r.scope(),
         capability=capability, hard=mode == "hard", grace=r.seconds("grace", 0.0),
         window=r.seconds("window", 60.0), dry_run=r.get("dry_run", bool, False),
+        roots=roots_of(program),
     )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from tether_server._etcd import Store
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._notify import Notifier
 from tether_server._policy import Action, Rule
-from tether_server._store import FIRED, RunKey, fired_key, put_op
+from tether_server._store import RunKey, fired_key, put_op
 from tether_server._tally import FleetTotals
 
 SeriesOf = Callable[[float, tuple[str, ...], Totals, float], Series]
@@ -75,28 +75,20 @@ class RuleRunner:
         self._audit = audit
         self._store = store
         self._notifier = notifier
+        self.decisions = Decisions()
 
-    async def run(
-        self, rules: Iterable[Rule], version: int, fleet: FleetTotals, series: SeriesOf, now: float
+    async def act(
+        self, decided: Iterable[tuple[Rule, tuple[str, ...], dict[str, Any]]], version: int
     ) -> None:
-        fired = {
-            kv.key for kv in (await self._store.range(FIRED)).kvs if kv.value == b"%d" % version
-        }
-        runs = sorted(fleet.known_runs())
-        for rule in rules:
-            levels = _Levels(fleet, series, rule.window, now)
-            for run in runs:
-                if not rule.covers(*run):
-                    continue
-                subject = subject_of(rule.scope, run)
-                key = fired_key(rule.name, subject)
-                if key in fired:
-                    continue
-                context = levels.context(run)
-                if rule.decide(context):
-                    fired.add(key)
-                    await self._act(rule, subject, context["run"])
-                    await self._store.txn((), [put_op(key, b"%d" % version)])
+        """Act on the rules that hold, once each: a subject already marked is left alone."""
+        mark = b"%d" % version
+        for rule, subject, context in decided:
+            key = fired_key(rule.name, subject)
+            resp = await self._store.range(key, prefix=False)
+            if resp.kvs and resp.kvs[0].value == mark:
+                continue  # it acted already, under an earlier evaluator
+            await self._act(rule, subject, context["run"])
+            await self._store.txn((), [put_op(key, mark)])
 
     async def _act(self, rule: Rule, subject: tuple[str, ...], run: dict[str, Any]) -> None:
         actor = f"policy:{rule.name}"
@@ -124,36 +116,106 @@ class RuleRunner:
         self._notifier.emit(event, actor, reason, sel, run)
 
 
+class Decisions:
+    """Which rules hold, on which subjects: pure, given the fleet's figures."""
+
+    def __init__(self) -> None:
+        # What each rule last saw of each run: CEL is pure, so the same context gives the
+        # same answer, and a run whose figures did not move costs a comparison, not a run.
+        self._seen: dict[tuple[Rule, RunKey], dict[str, Any]] = {}
+        self._fired: set[tuple[str, tuple[str, ...]]] = set()
+        self._version = -1
+
+    def due(
+        self,
+        rules: Iterable[Rule],
+        version: int,
+        fleet: FleetTotals,
+        series: SeriesOf,
+        now: float,
+        *,
+        changed: set[RunKey],
+    ) -> list[tuple[Rule, tuple[str, ...], dict[str, Any]]]:
+        """The rules that hold now, on runs whose figures (or whose agent's or tenant's,
+        for a rule that reads them) moved, and that have not acted on their subject."""
+        if version != self._version:
+            self._seen.clear()  # a policy applied again acts again
+            self._fired.clear()
+            self._version = version
+        levels: dict[float, _Levels] = {}
+        found = []
+        for rule in rules:
+            level = levels.get(rule.window) or levels.setdefault(
+                rule.window, _Levels(fleet, series, rule.window, now)
+            )
+            for run in _candidates(rule, changed, fleet):
+                subject = subject_of(rule.scope, run)
+                if not rule.covers(*run) or (rule.name, subject) in self._fired:
+                    continue
+                context = level.context(run)
+                seen = {k: context[k] for k in rule.roots}
+                if self._seen.get((rule, run)) == seen:
+                    continue
+                self._seen[(rule, run)] = seen
+                if rule.decide(context):
+                    self._fired.add((rule.name, subject))
+                    found.append((rule, subject, context))
+        return found
+
+
+def _candidates(rule: Rule, changed: set[RunKey], fleet: FleetTotals) -> set[RunKey]:
+    """The runs whose context may differ: those that moved, and their agent's or tenant's
+    other runs when the rule reads ``agent`` or ``tenant``."""
+    depth = 1 if "tenant" in rule.roots else 2 if "agent" in rule.roots else 3
+    if depth == 3:
+        return changed
+    found: set[RunKey] = set()
+    for run in changed:
+        found |= fleet.members_of(tuple(run[:depth]))
+    return found
+
+
 class _Levels:
     """The run, agent and tenant figures of one rule's window, each computed once."""
 
     def __init__(self, fleet: FleetTotals, series: SeriesOf, window: float, now: float) -> None:
         self._fleet, self._series, self._window, self._now = fleet, series, window, now
         self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
-        self._members: dict[tuple[str, ...], list[RunKey]] = {}
-        for run in fleet.known_runs():
-            for depth in (1, 2, 3):
-                self._members.setdefault(tuple(run[:depth]), []).append(run)
+        self._contexts: dict[RunKey, dict[str, Any]] = {}
 
     def _level(self, subject: tuple[str, ...]) -> dict[str, Any]:
         found = self._cache.get(subject)
         if found is None:
-            members = self._members.get(subject, [])
-            totals = sum((self._fleet.totals(r) for r in members), Totals())
-            spends = [self._fleet.spend(r) for r in members]
-            spend = (
-                sum(s[0] for s in spends),
-                sum(s[1] for s in spends),
-                sum(s[2] for s in spends),
-            )
+            totals, spend = self._fleet.totals(subject), self._fleet.spend(subject)
             current = self._series(self._window, subject, totals, self._now).figures(self._now)
             found = self._cache[subject] = figures(current.current, spend)
         return found
 
     def context(self, run: RunKey) -> dict[str, Any]:
+        """The run's context; each of run, agent and tenant is built on first reading."""
+        found = self._contexts.get(run)
+        if found is None:
+            found = self._contexts[run] = _Context(self, run)
+        return found
+
+    def root(self, run: RunKey, name: str) -> dict[str, Any]:
         tenant, agent, run_id = run
-        return {
-            "run": {**self._level(tuple(run)), "tenant": tenant, "agent": agent, "run_id": run_id},
-            "agent": {**self._level((tenant, agent)), "tenant": tenant, "agent": agent},
-            "tenant": {**self._level((tenant,)), "tenant": tenant},
-        }
+        if name == "run":
+            return {**self._level(tuple(run)), "tenant": tenant, "agent": agent, "run_id": run_id}
+        if name == "agent":
+            return {**self._level((tenant, agent)), "tenant": tenant, "agent": agent}
+        if name == "tenant":
+            return {**self._level((tenant,)), "tenant": tenant}
+        raise KeyError(name)
+
+
+class _Context(dict[str, Any]):
+    """A rule context whose roots are computed when an expression first reads them."""
+
+    def __init__(self, levels: _Levels, run: RunKey) -> None:
+        super().__init__()
+        self._levels, self._run = levels, run
+
+    def __missing__(self, name: str) -> dict[str, Any]:
+        value = self[name] = self._levels.root(self._run, name)
+        return value

@@ -27,7 +27,7 @@ from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._store import InstanceKey, RunKey, counts_key, put_op
 
 log = logging.getLogger("tether_server")
-PUBLISH_EVERY = 0.25  # seconds; a spend rule trips within a heartbeat interval of the spend
+PUBLISH_EVERY = 0.5  # seconds; with the evaluator's 0.25 s, a trip within a heartbeat interval
 Signals = tuple[float, int, int, int]  # usd, tokens, calls, anomalies
 _FINISHED = (types_pb2.EFFECT_STATUS_LANDED, types_pb2.EFFECT_STATUS_FAILED)
 
@@ -86,46 +86,65 @@ class Tally:
 
 
 class FleetTotals:
-    """The evaluator's merge of every coordinator's counts: totals that only grow."""
+    """The evaluator's merge of every coordinator's counts: totals that only grow, summed
+    as they arrive for each run, agent and tenant, so that reading any of them is a lookup.
+    """
 
     def __init__(self) -> None:
         self._seen: dict[str, dict[str, list[int]]] = {}  # source -> run -> last counts
-        self.runs: dict[RunKey, Totals] = {}
         self.signals: dict[InstanceKey, Signals] = {}
-        self._by_run: dict[RunKey, set[InstanceKey]] = {}
+        self._totals: dict[tuple[str, ...], Totals] = {}  # (t,), (t, a), (t, a, r)
+        self._spend: dict[tuple[str, ...], tuple[float, int, int]] = {}
+        self._members: dict[tuple[str, ...], set[RunKey]] = {}
+        self._runs: set[RunKey] = set()
+        self.changed: set[RunKey] = set()  # runs whose figures moved since ``take_changed``
+
+    def take_changed(self) -> set[RunKey]:
+        changed, self.changed = self.changed, set()
+        return changed
+
+    def known_runs(self) -> set[RunKey]:
+        return set(self._runs)
+
+    def members_of(self, subject: tuple[str, ...]) -> set[RunKey]:
+        """The runs of a tenant ``(t,)``, an agent ``(t, a)`` or a run ``(t, a, r)``."""
+        return self._members.get(subject, set())
+
+    def totals(self, subject: tuple[str, ...]) -> Totals:
+        """The effect counts and anomalies of a run, an agent ``(t, a)`` or a tenant ``(t,)``."""
+        return self._totals.get(tuple(subject), ZERO)
+
+    def spend(self, subject: tuple[str, ...]) -> tuple[float, int, int]:
+        return self._spend.get(tuple(subject), (0.0, 0, 0))
+
+    def _grew(self, run: RunKey, grew: Totals, spent: tuple[float, int, int]) -> None:
+        if run not in self._runs:
+            self._runs.add(run)
+            for depth in (1, 2, 3):
+                self._members.setdefault(tuple(run[:depth]), set()).add(run)
+        for depth in (1, 2, 3):
+            prefix = tuple(run[:depth])
+            self._totals[prefix] = self._totals.get(prefix, ZERO) + grew
+            u, t, c = self._spend.get(prefix, (0.0, 0, 0))
+            self._spend[prefix] = (u + spent[0], t + spent[1], c + spent[2])
+        self.changed.add(run)
 
     def merge(self, source: str, document: dict[str, Any]) -> None:
         """Take one coordinator's published counts in."""
         seen = self._seen.setdefault(source, {})
         for name, counts in document.get("runs", {}).items():
-            run = RunKey(*name.split("/"))
             before = seen.get(name, [0, 0, 0])
             if any(n < b for n, b in zip(counts, before, strict=True)):
                 before = [0, 0, 0]  # the coordinator restarted from zero
-            grew = Totals(*(n - b for n, b in zip(counts, before, strict=True)))
             seen[name] = counts
+            grew = Totals(*(n - b for n, b in zip(counts, before, strict=True)))
             if grew != ZERO:
-                self.runs[run] = self.runs.get(run, ZERO) + grew
+                self._grew(RunKey(*name.split("/")), grew, (0.0, 0, 0))
         for name, values in document.get("signals", {}).items():
             key = InstanceKey(*name.split("/"))
             old = self.signals.get(key, (0.0, 0, 0, 0))
             usd, tokens, calls, anomalies = map(max, old, values)
-            self.signals[key] = (usd, tokens, calls, anomalies)
-            self._by_run.setdefault(key.run, set()).add(key)
-
-    def known_runs(self) -> set[RunKey]:
-        return set(self.runs) | set(self._by_run)
-
-    def totals(self, run: RunKey) -> Totals:
-        """The run's effect counts, with its instances' anomalies."""
-        anomalies = sum(self.signals[k][3] for k in self._by_run.get(run, ()))
-        t = self.runs.get(run, ZERO)
-        return Totals(t.effects, t.writes, t.failed, anomalies)
-
-    def spend(self, run: RunKey) -> tuple[float, int, int]:
-        keys = self._by_run.get(run, ())
-        return (
-            sum(self.signals[k][0] for k in keys),
-            sum(self.signals[k][1] for k in keys),
-            sum(self.signals[k][2] for k in keys),
-        )
+            if (usd, tokens, calls, anomalies) != old:
+                self.signals[key] = (usd, tokens, calls, anomalies)
+                spent = (usd - old[0], tokens - old[1], calls - old[2])
+                self._grew(key.run, Totals(anomalies=anomalies - old[3]), spent)
