@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tether_server._breakers import Scope
 from tether_server._errors import InvalidArgument
-from tether_server._policy import Action, parse
+from tether_server._policy import Action, fields_of, parse
 
 DOC = """
 breakers:
@@ -85,3 +85,24 @@ def test_empty_policy_is_valid() -> None:
 def test_bad_documents_are_refused_with_where(doc: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message.replace("(", r"\(").replace("[", r"\[")):
         parse(doc)
+
+
+def test_a_rule_is_given_only_what_it_reads() -> None:
+    (rule,) = parse(
+        "rules: [{name: r, when: 'run.spend.usd > 1.0 && tenant.rates.error > 0.5'}]"
+    ).rules
+    assert rule.roots == {"run", "tenant"}
+    assert fields_of("run.spend.usd > 1.0 && run.rates.error > 0.5") == {
+        "run": frozenset({"spend", "rates"})
+    }
+    assert fields_of("size(run) > 2 || run.spend.usd > 1.0") == {"run": None}
+    context = {
+        "run": {"spend": {"usd": 2.0}, "rates": {"error": 0.0}, "effects": {}},
+        "agent": {},
+        "tenant": {"rates": {"error": 0.6}, "spend": {}},
+    }
+    assert rule.inputs(context) == {
+        "run": {"spend": {"usd": 2.0}},
+        "tenant": {"rates": {"error": 0.6}},
+    }
+    assert rule.decide(context)

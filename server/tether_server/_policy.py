@@ -57,6 +57,8 @@ class Rule:
     window: float = 60.0
     dry_run: bool = False
     roots: frozenset[str] = CONTEXT_ROOTS  # what the expression reads: only these are passed
+    # Of each root, the fields it names (``run.spend`` -> spend); None: pass the root whole.
+    fields: Mapping[str, frozenset[str] | None] = field(default_factory=dict, compare=False)
 
     def covers(self, tenant: str, agent: str, run_id: str) -> bool:
         return (
@@ -65,10 +67,18 @@ class Rule:
             and self.run_id in ("", run_id)
         )
 
+    def inputs(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        """The part of ``context`` the expression reads: converting less into CEL is faster."""
+        out = {}
+        for root in self.roots:
+            names, value = self.fields.get(root), context[root]
+            out[root] = value if names is None else {k: value[k] for k in names if k in value}
+        return out
+
     def decide(self, context: Mapping[str, Any]) -> bool:
         """True when the rule holds on ``context``; an expression that fails holds not."""
         try:
-            return self.program.execute({k: context[k] for k in self.roots}) is True
+            return self.program.execute(self.inputs(context)) is True
         except (RuntimeError, ValueError, TypeError, KeyError):
             return False
 
@@ -220,6 +230,23 @@ def roots_of(program: Any) -> frozenset[str]:
     return frozenset(v.split(".")[0] for v in program.variables()) & CONTEXT_ROOTS
 
 
+_PATH = re.compile(r"\b(run|agent|tenant)\b(\s*\.\s*(\w+))?")
+
+
+def fields_of(when: str) -> dict[str, frozenset[str] | None]:
+    """The fields of each root that ``when`` names; a root used whole (or in a way this
+    cannot see, such as ``run["spend"]``) gets None, and is passed whole."""
+    found: dict[str, set[str] | None] = {}
+    for match in _PATH.finditer(when):
+        root, name = match[1], match[3]
+        names = found.setdefault(root, set())
+        if name is None or names is None:
+            found[root] = None
+        else:
+            names.add(name)
+    return {root: None if names is None else frozenset(names) for root, names in found.items()}
+
+
 def _rule(where: str, raw: Any, seen: set[str]) -> Rule:
     r = _Reader(where, raw, _RULE_FIELDS)
     name = _name(r, seen)
@@ -241,7 +268,7 @@ def _rule(where: str, raw: Any, seen: set[str]) -> Rule:
         name, when, program, action, **r.selector(), scope=r.scope(),
         capability=capability, hard=mode == "hard", grace=r.seconds("grace", 0.0),
         window=r.seconds("window", 60.0), dry_run=r.get("dry_run", bool, False),
-        roots=roots_of(program),
+        roots=roots_of(program), fields=fields_of(when),
     )  # fmt: skip
 
 

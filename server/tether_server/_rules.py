@@ -153,7 +153,7 @@ class Decisions:
                 if not rule.covers(*run) or (rule.name, subject) in self._fired:
                     continue
                 context = level.context(run)
-                seen = {k: context[k] for k in rule.roots}
+                seen = rule.inputs(context)
                 if self._seen.get((rule, run)) == seen:
                     continue
                 self._seen[(rule, run)] = seen
