@@ -80,11 +80,16 @@ async def _round_cpu(
 
 
 async def decision_cost(etcd: EtcdProcess, agents: int, rounds: int) -> dict[str, float]:
+    """CPU per round with no policy (counts merged only), then with 10 rules, 5 breakers."""
     store = Store([etcd.endpoint])
-    evaluator = Evaluator(store, "bench", HaltTable())
-    await PolicyStore(store, AuditLog(store)).apply(POLICY, "bench")
-    await evaluator.decide(time.time())  # parse the policy once, warm the windows
-    return await _round_cpu(store, evaluator, agents, rounds)
+    out: dict[str, float] = {}
+    for name, policy in (("no policy", ""), ("10 rules, 5 breakers", POLICY)):
+        evaluator = Evaluator(store, "bench", HaltTable())
+        await PolicyStore(store, AuditLog(store)).apply(policy, "bench")
+        await evaluator.decide(time.time())  # parse the policy once, warm the windows
+        cost = await _round_cpu(store, evaluator, agents, rounds)
+        out |= {f"{name}, {label}": ms for label, ms in cost.items()}
+    return out
 
 
 def trip_latency(etcd: EtcdProcess, work: Path, trips: int) -> list[float]:
