@@ -118,7 +118,7 @@ def breaker_state(admin: tether.AdminClient, tenant: str) -> str:
 
 
 def test_policy_apply_get_history_and_audit(
-    coord: Coordinator, admin: tether.AdminClient, tenant: str
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, tmp_path: Path
 ) -> None:
     assert admin.policy().version == 0
     first = admin.apply_policy(breaker_policy(tenant, error_rate=0.3))
@@ -139,6 +139,11 @@ def test_policy_apply_get_history_and_audit(
     assert cli.returncode == 0 and "# version 2" in cli.stdout, cli.stderr
     bad = tether_cli("policy", "apply", "-f", "/nonexistent.yaml", addr=coord.addr)
     assert bad.returncode == 2 and "cannot read" in bad.stderr
+    history = tether_cli("policy", "history", "-o", "json", addr=coord.addr)
+    assert [v["version"] for v in json.loads(history.stdout)] == [1, 2], history.stderr
+    (tmp_path / "bad.yaml").write_text("rules: [{}]")
+    refused = tether_cli("policy", "apply", "-f", str(tmp_path / "bad.yaml"), addr=coord.addr)
+    assert refused.returncode == 2 and "rules[0].name" in refused.stderr, refused.stderr
 
 
 def test_error_rate_breaker_degrades_then_probes_close_it(
