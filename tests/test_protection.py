@@ -415,3 +415,18 @@ def test_drill_proves_a_breaker_trips_and_reads_go_on() -> None:
     assert "reads and the run go on" in texts and "error rate 0.50" in texts
     refused = tether_cli("drill", "--scope", "breaker", "--addr", "127.0.0.1:1")
     assert refused.returncode == 2 and "without --addr" in refused.stderr
+
+
+def test_failures_from_before_the_policy_do_not_trip_it(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    uri = f"agent://{tenant}/mailer"
+    with tether.Agent(uri, run_id="h1", target=coord.addr, capabilities=KINDS) as agent:
+        admin.apply_policy("rules: [{name: watch, when: 'run.effects.total > 19', action: notify}]")
+        run_writes(agent, 20, fail_every=2)  # history, seen by the evaluator without breakers
+        eventually(lambda: any(e.action == "would_trip" for e in admin.audit(tenant=tenant)))
+        admin.apply_policy(breaker_policy(tenant, error_rate=0.3))
+        time.sleep(1.5)  # several evaluation rounds
+        assert not agent.frozen("send_email") and admin.halts(tenant=tenant) == []
+        run_writes(agent, 20, fail_every=2)  # new failures in the window do trip it
+        eventually(lambda: agent.frozen("send_email"))

@@ -106,8 +106,10 @@ class Evaluator:
         self._fleet = FleetTotals()
         self._merged: dict[str, int] = {}  # each coordinator's counts: the revision merged
         self._series: dict[tuple[float, tuple[str, ...]], Series] = {}
-        # The first round after an election takes the totals as history; a subject first
-        # seen later started from nothing, so that its first burst counts in its window.
+        # A window starts from the subject's totals when first sampled (they are history:
+        # after an election, or when a policy names a subject that ran before it), except
+        # for a subject that first showed up in this round: it started from nothing, so its
+        # first burst counts in its window.
         self._warm = False
         self._swept = (0.0, -1)  # when, and under which policy version, all runs were seen
 
@@ -138,6 +140,7 @@ class Evaluator:
     async def decide(self, now: float) -> None:
         """One round: merge the counts, then every breaker and rule of the policy."""
         policy, version = await self._policies.policy()
+        self._fleet.next_round()
         for kv in (await self._store.range(COUNTS)).kvs:
             source = kv.key[len(COUNTS) :].decode()
             if self._merged.get(source) != kv.mod_revision:  # published anew since
@@ -161,7 +164,7 @@ class Evaluator:
         found = self._series.get((window, subject))
         if found is None:
             found = self._series[(window, subject)] = Series(window)
-            if self._warm:
+            if self._warm and self._fleet.new(subject):  # it began since the last round
                 found.add(now - EVALUATE_EVERY, Totals())
         found.add(now, totals)
         return found

@@ -97,6 +97,8 @@ class FleetTotals:
         self._spend: dict[tuple[str, ...], tuple[float, int, int]] = {}
         self._members: dict[tuple[str, ...], set[RunKey]] = {}
         self._runs: set[RunKey] = set()
+        self._born: dict[tuple[str, ...], int] = {}  # the merge that first saw a subject
+        self._merges = 0
         self.changed: set[RunKey] = set()  # runs whose figures moved since ``take_changed``
 
     def take_changed(self) -> set[RunKey]:
@@ -105,6 +107,14 @@ class FleetTotals:
 
     def known_runs(self) -> set[RunKey]:
         return set(self._runs)
+
+    def new(self, subject: tuple[str, ...]) -> bool:
+        """True when the subject first showed up in this round's merges."""
+        return self._born.get(tuple(subject), -1) == self._merges
+
+    def next_round(self) -> None:
+        """Rounds count merges: subjects born before this one are history."""
+        self._merges += 1
 
     def members_of(self, subject: tuple[str, ...]) -> set[RunKey]:
         """The runs of a tenant ``(t,)``, an agent ``(t, a)`` or a run ``(t, a, r)``."""
@@ -122,6 +132,7 @@ class FleetTotals:
             self._runs.add(run)
             for depth in (1, 2, 3):
                 self._members.setdefault(tuple(run[:depth]), set()).add(run)
+                self._born.setdefault(tuple(run[:depth]), self._merges)
         for depth in (1, 2, 3):
             prefix = tuple(run[:depth])
             self._totals[prefix] = self._totals.get(prefix, ZERO) + grew
