@@ -42,7 +42,7 @@ def test_a_sigkilled_embedded_etcd_is_restarted_and_the_coordinator_serves_again
             agent.check()
             assert not alive(first)  # reaped: no zombie left behind
             assert alive(coordinator.etcd_pid())
-        eventually(lambda: "etcd is back" in _log(coordinator))
+        eventually(lambda: "embedded etcd is back" in _log(coordinator))
         text = _log(coordinator)
         assert text.count("exited with signal SIGKILL; restarting") == 1  # said once
         assert text.count("embedded etcd is back") == 1
