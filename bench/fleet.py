@@ -157,12 +157,15 @@ class Fleet:
         chunk: int = 1000,
         concurrency: int = 32,
         tls: TlsFiles | None = None,
+        every_target: bool = False,
     ) -> Grow:
         """Add SDK agents in chunks until the fleet has ``to``, or ``deadline`` seconds pass.
 
         Returns how many were added, how long it took, and how many failed or are still
         pending (a fleet that does not converge is reported, not waited for forever).
         ``tls``: the certificate the agents present (``Coordinator.agent_tls``).
+        ``every_target``: each agent gets all ``targets`` in order (it fails over along
+        them), instead of one of them round-robin.
         """
         started = time.monotonic()
         out = Grow(target=to)
@@ -176,7 +179,8 @@ class Fleet:
             shares = split(add, len(self.workers))
             args = [
                 {"n": n, "targets": list(targets), "prefix": f"w{i}-",
-                 "concurrency": concurrency, "deadline": left, **client_kwargs(tls)}
+                 "concurrency": concurrency, "deadline": left, "all_targets": every_target,
+                 **client_kwargs(tls)}
                 for i, n in enumerate(shares)
             ]  # fmt: skip
             replies = self.each("add", args, within=left + 60)

@@ -45,6 +45,8 @@ class SdkFleet:
         self.actions: list[tuple[float, int]] = []  # (when, agent) of gated effects since arm
         self.refused = 0
         self._pending: set[asyncio.Task[None]] = set()
+        self.lost_at: list[float | None] = []
+        self._lost_watch: asyncio.Task[None] | None = None
 
     def _observer(self, idx: int) -> Callable[[tether.Verdict, bool], None]:
         """Agent ``idx``'s ``on_reply``: count the reply and mark any change of state."""
@@ -64,7 +66,8 @@ class SdkFleet:
         targets, name = list(cmd["targets"]), f"{cmd['prefix']}{i}"
         tenant, agents_per_tenant = str(cmd.get("tenant", "bench")), int(cmd.get("kinds", 16))
         config = tether.AgentConfig(
-            targets=(targets[i % len(targets)],),
+            # "all_targets": every agent is given every address, in this order (failover)
+            targets=tuple(targets) if cmd.get("all_targets") else (targets[i % len(targets)],),
             connect_timeout=float(cmd.get("connect_timeout", 60)),
             channel_options=OWN_CONNECTION,
             on_reply=self._observer(self.marks.add()),
@@ -184,3 +187,54 @@ class SdkFleet:
         times = [t for t in first if t is not None]
         ttl = self.agents[0].ttl if self.agents else None
         return {"times": times, "missing": remaining, "killed_before": killed_before, "ttl": ttl}
+
+    # -- failover (bench/phases/failover.py) --------------------------------------------------
+
+    async def watch_lost(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Start (afresh) noting when each agent's ``check()`` first raises ``TetherLost``.
+
+        Polled every ``interval`` s: a fail-closed that the SDK's own TTL timer declares
+        calls no ``on_reply``, so only ``check()`` shows it.
+        """
+        if self._lost_watch is not None:
+            self._lost_watch.cancel()
+        self.lost_at = [None] * len(self.agents)
+        interval = float(cmd.get("interval", 0.005))
+        self._lost_watch = asyncio.create_task(self._poll_lost(interval))
+        return {"watching": len(self.agents)}
+
+    async def _poll_lost(self, interval: float) -> None:
+        while True:  # ends when cancelled by the next watch_lost
+            now = time.monotonic()
+            for i, agent in enumerate(self.agents):
+                if self.lost_at[i] is None:
+                    try:
+                        agent.check()
+                    except tether.TetherLost:
+                        self.lost_at[i] = now
+                    except tether.Killed:
+                        pass
+            await asyncio.sleep(interval)
+
+    async def lost_seen(self, _: dict[str, Any]) -> dict[str, Any]:
+        """When each agent first failed closed since ``watch_lost`` (only those that did)."""
+        return {"times": [t for t in self.lost_at if t is not None]}
+
+    async def regranted(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Wait until every agent registered again after ``since`` and runs, at most ``timeout``.
+
+        Answers each such agent's moment of that registration (its ``on_reply`` stamp).
+        """
+        since, timeout = float(cmd["since"]), float(cmd["timeout"])
+        marks, deadline = self.marks, time.monotonic() + timeout
+
+        def back() -> list[float]:
+            grants = [marks.granted.get(i) for i in range(len(self.agents))]
+            return [g[0] for g in grants if g is not None and g[0] > since and g[1] == RUNNING]
+
+        while time.monotonic() < deadline:
+            if len(back()) == len(self.agents):
+                break
+            await asyncio.sleep(0.005)
+        times = back()
+        return {"times": times, "missing": len(self.agents) - len(times)}

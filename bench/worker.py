@@ -66,6 +66,9 @@ def handlers(fleet: AnyFleet) -> dict[str, Handler]:
             failclosed=fleet.failclosed,
             act=fleet.act,
             effects=fleet.effects,
+            watch_lost=fleet.watch_lost,
+            lost_seen=fleet.lost_seen,
+            regranted=fleet.regranted,
         )
     return out
 

@@ -8,7 +8,7 @@ batch's number to the ledger file, so that anyone can prove afterwards that no b
 out twice and none was skipped.
 
     python examples/email_agent.py SHARD SHARDS [--records 50000] [--batch 100] [--every 2]
-        [--ledger sent.log] [--target HOST:PORT] [--campaign campaign-42]
+        [--ledger sent.log] [--target HOST:PORT] [--campaign campaign-42] [--release 1.4.2]
 
 Exit codes: 0 the shard is done, 3 stopped by a kill (``tether.Killed``), 1 no coordinator,
 130 interrupted (Ctrl+C or SIGTERM: it says goodbye, so the instance shows EXITED).
@@ -38,6 +38,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ledger", type=Path, default=Path("sent.log"), help="batches sent")
     parser.add_argument("--target", help="coordinator(s); default TETHER_ADDR or 127.0.0.1:7700")
     parser.add_argument("--campaign", default="campaign-42", help="the run id's prefix")
+    parser.add_argument("--release", default="1.4.2", help="this build's version label")
     args = parser.parse_args(argv)
     if not 0 <= args.shard < args.shards:
         parser.error(f"SHARD must be from 0 to {args.shards - 1}")
@@ -60,9 +61,15 @@ def send(agent: tether.Agent, args: argparse.Namespace, name: str) -> None:
     print(f"[{name}] starting at batch {start} of {batches}, {sent} emails sent", flush=True)
     for batch in range(start, batches, args.shards):
         agent.check()  # raises tether.Killed when halted or fail-closed
-        with args.ledger.open("a") as out:  # "send" the batch's emails
-            out.write(f"{batch}\n")
-        sent += min(args.batch, args.records - batch * args.batch)
+        emails = min(args.batch, args.records - batch * args.batch)
+        try:
+            with agent.effect("send_email", key=f"batch-{batch}") as fx:
+                fx.undo({"batch": batch, "emails": emails})  # what `tether compensate` retracts
+                with args.ledger.open("a") as out:  # "send" the batch's emails
+                    out.write(f"{batch}\n")
+        except tether.DuplicateEffect:
+            pass  # it went out before a restart, and its checkpoint did not: never twice
+        sent += emails
         agent.report(checkpoint={"batch": batch + args.shards, "sent": sent})
         pause(agent, args.every)
 
@@ -77,7 +84,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         with tether.Agent(
-            URI, run_id=name, target=args.target, capabilities=["send_email"]
+            URI,
+            run_id=name,
+            target=args.target,
+            capabilities=["send_email"],
+            release=args.release,
         ) as agent:
             send(agent, args, name)
     except tether.Killed as stop:

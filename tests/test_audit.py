@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import queue
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import tether
 from aetcd import rpc
+from tether.v1 import agent_pb2, agent_pb2_grpc
 from tether_server._store import AUDIT, prefix_end
 
-from tests.conftest import Coordinator, Etcd
+from tests.conftest import Coordinator, Etcd, eventually
 from tests.test_cli import tether_cli
 
 
@@ -103,3 +105,24 @@ def test_a_cut_tail_is_detected_by_the_head(coord: Coordinator, etcd: Etcd, tena
         intact, count, _, problem = admin.verify_audit()
     assert (intact, count) == (False, 5)
     assert "cut off the end" in problem
+
+
+def test_an_agent_cannot_acknowledge_a_halt_it_is_not_under(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    """A KillAck names a halt; the audit takes it only for a halt the instance is under."""
+    reg = agent_pb2.Register(tenant=tenant, agent="forger", run_id="f-1", instance_id="i1")
+    outgoing: queue.Queue[agent_pb2.HeartbeatRequest | None] = queue.Queue()
+    outgoing.put(agent_pb2.HeartbeatRequest(register=reg))
+    with grpc.insecure_channel(coord.addr) as channel:
+        replies = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat(iter(outgoing.get, None))
+        next(replies)  # the grant
+        admin.kill(tether.selector(tenant=tenant), "a real kill")
+        pushed = next(r for r in replies if r.order == agent_pb2.ORDER_STOP)
+        for halt_id in ("tenant/someone-else", "made-up", pushed.halts[0].id):
+            outgoing.put(agent_pb2.HeartbeatRequest(ack=agent_pb2.KillAck(halt_id=halt_id)))
+        eventually(lambda: any(e.action == "ack" for e in admin.audit(tenant=tenant)))
+        outgoing.put(agent_pb2.HeartbeatRequest(goodbye=agent_pb2.Goodbye()))
+        outgoing.put(None)
+    acks = [e for e in admin.audit() if e.action == "ack"]
+    assert [e.halt_id for e in acks] == [f"tenant/{tenant}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import tether
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from tether.v1 import agent_pb2, agent_pb2_grpc
+from tether.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 from tether_server._canary import Canary
 from tether_server._config import ServerConfig
 from tether_server._etcd import Store
@@ -126,6 +127,7 @@ def test_the_canary_cycles_on_a_coordinator_with_mutual_tls_and_rbac(
     coordinator = CoordinatorProcess(
         f"http://{etcd.endpoint}", lease_ttl=2, tls=TlsFiles(op_cert, op_key, pki.ca)
     )
+    before = set(Path(tempfile.gettempdir()).glob("tether-canary-*/canary.sock"))
     coordinator.start(
         *("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki.ca)),
         *("--rbac", str(rbac), "--canary-interval", "0.5"),
@@ -138,5 +140,12 @@ def test_the_canary_cycles_on_a_coordinator_with_mutual_tls_and_rbac(
             canary = admin.status().canary
             assert canary.ok, canary.problem
             assert admin.agents() == []  # and it stays out of the listings
+        (socket,) = set(Path(tempfile.gettempdir()).glob("tether-canary-*/canary.sock")) - before
+        with grpc.insecure_channel(f"unix:{socket}") as channel:  # no TLS there: no admin
+            with pytest.raises(grpc.RpcError) as refused:
+                admin_pb2_grpc.AdminServiceStub(channel).ListAgents(
+                    admin_pb2.ListAgentsRequest(), timeout=5
+                )
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         coordinator.stop()

@@ -128,7 +128,7 @@ def test_kill_resume_and_reads_with_json_output(coord: Coordinator, tenant: str)
         (["kill", "--tenant", "acme"], "the following arguments are required: --reason"),
         (["kill", "--reason", "x"], "one of the arguments --global --tenant --agent --run is required"),
         (["kill", "--agent", "acme/email", "--reason", "x"], "malformed agent URI 'acme/email'"),
-        (["kill", "--tenant", "never-seen", "--reason", "x"], "has ever registered"),
+        (["kill", "--tenant", "never-seen", "--reason", "x"], "has ever registered; check the name, or add --force"),
         (["kill", "--tenant", "acme", "--label", "nolabel", "--reason", "x"], "--label 'nolabel': expected KEY=VALUE"),
         (["audit", "--since", "yesterday"], "--since 'yesterday': use an ISO time"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),

@@ -44,8 +44,9 @@ def test_the_cli_says_in_one_line_which_addresses_failed_and_why(dead: str, hung
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr == (
-        f"tether: no coordinator answered: {dead} (connection refused), "
-        f"{hung} (deadline exceeded after 2s)\n"
+        f"tether: no coordinator answered: {dead} (connection refused: is `tether serve` "
+        f"running there, on that port?), {hung} (deadline exceeded after 2s: is it reachable "
+        "from here (a firewall?), and serving (its etcd up)?)\n"
     )
 
 

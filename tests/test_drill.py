@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from tether._cli._parser import DRILL_SCOPES
+from tether._cli import build_parser
+from tether._cli._parser import DRILL_SCOPES, DRILL_SETTLE
 from tether_server._drill import SCOPES
 
 
@@ -40,7 +41,22 @@ def test_drill_passes_at_every_scope() -> None:
         assert not any(w["stopped"] for w in spared)
         assert all(w["queue_at_flip"] == w["queue_after_settle"] > 0 for w in hit)
         assert all(not w["lost"] and not w["duplicated"] for w in d["workers"])
+        texts = [c["text"] for c in d["checks"] if c["status"] == "PASS"]
+        assert any(t.startswith("ledger after resume: every effect ended") for t in texts)
     assert len(spared) == 0  # the last drill is global: nothing is spared
+    progress = result.stderr.splitlines()  # the steps, on stderr, as they happen
+    assert progress[0] == "drill: the drill's own fleet is up: etcd and two coordinators"
+    for scope in SCOPES:
+        steps = [line for line in progress if line.startswith(f"drill: {scope}: ")]
+        assert steps[0] == f"drill: {scope}: 5 workers up on 2 coordinator(s)", steps
+        assert steps[1].startswith(f"drill: {scope}: flipped "), steps
+        assert f"drill: {scope}: settling, 0s left" in steps or "settling, 1s left" in steps[2]
+        assert steps[-1] == f"drill: {scope}: PASS"
+
+
+def test_the_default_settle_is_short_and_seed_000s_is_a_flag() -> None:
+    assert DRILL_SETTLE == 10.0
+    assert build_parser().parse_args(["drill", "--settle", "60"]).settle == 60.0
 
 
 def test_global_drill_against_a_live_coordinator_needs_consent() -> None:

@@ -48,7 +48,7 @@ def test_every_admin_rpc_is_in_the_table() -> None:
     ],
 )
 def test_roles(who: str, request_: object, allowed: bool) -> None:
-    authorizer = Authorizer(GRANTS, client_certs=True)
+    authorizer = Authorizer(GRANTS, open_=False)
     method = {"KillRequest": "Kill", "ListAgentsRequest": "ListAgents"}.get(
         type(request_).__name__, type(request_).__name__.removesuffix("Request")
     )
@@ -61,10 +61,10 @@ def test_roles(who: str, request_: object, allowed: bool) -> None:
 
 def test_anonymous_callers_are_open_only_on_an_open_coordinator() -> None:
     nobody = Principal.anonymous("ipv4:127.0.0.1:1")
-    Authorizer(None, client_certs=False).check(nobody, "Kill", kill(scope=types_pb2.SCOPE_GLOBAL))
+    Authorizer(None, open_=True).check(nobody, "Kill", kill(scope=types_pb2.SCOPE_GLOBAL))
     with pytest.raises(Unauthenticated, match="kill needs an identity"):
-        Authorizer(GRANTS, client_certs=False).check(nobody, "Kill", kill("acme"))
-    Authorizer(GRANTS, client_certs=False).check(nobody, "WhoAmI", admin_pb2.WhoAmIRequest())
+        Authorizer(GRANTS, open_=False).check(nobody, "Kill", kill("acme"))
+    Authorizer(GRANTS, open_=False).check(nobody, "WhoAmI", admin_pb2.WhoAmIRequest())
 
 
 def test_spiffe_ids_of_this_trust_domain_only() -> None:
@@ -84,13 +84,19 @@ def test_spiffe_ids_of_this_trust_domain_only() -> None:
 
 def test_registration_stays_inside_the_identity() -> None:
     key = InstanceKey("acme", "mail", "r-1", "i-1")
-    check_registration(Principal("a", Kind.AGENT, "acme", "mail"), key)
-    check_registration(Principal("t", Kind.TENANT, "acme"), key)
-    check_registration(Principal.anonymous("p"), key)
+    check_registration(Principal("a", Kind.AGENT, "acme", "mail"), key, open_=False)
+    check_registration(Principal("t", Kind.TENANT, "acme"), key, open_=False)
+    check_registration(Principal.anonymous("p"), key, open_=True)
     for who in (
         Principal("a", Kind.AGENT, "acme", "other"),
         Principal("t", Kind.TENANT, "globex"),
         operator("alice"),
     ):
         with pytest.raises(PermissionDenied, match="r-1"):
-            check_registration(who, key)
+            check_registration(who, key, open_=False)
+
+
+def test_an_anonymous_registration_needs_an_open_coordinator() -> None:
+    key = InstanceKey("acme", "mail", "r-1", "i-1")
+    with pytest.raises(Unauthenticated, match="requires an agent identity"):
+        check_registration(Principal.anonymous("p"), key, open_=False)

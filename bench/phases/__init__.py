@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.phase import Phase
-from bench.phases import capacity, failure, floor, kill, memory, poll, steady
+from bench.phases import capacity, failover, failure, floor, kill, memory, poll, steady
 
 PHASES: tuple[Phase[Any, Any], ...] = (
     floor.PHASE,
@@ -21,5 +21,6 @@ PHASES: tuple[Phase[Any, Any], ...] = (
     steady.PHASE,
     memory.PHASE,
     failure.PHASE,
+    failover.PHASE,
 )
 BY_NAME = {p.name: p for p in PHASES}

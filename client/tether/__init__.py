@@ -7,8 +7,9 @@ Inside an agent::
         agent.report(checkpoint={"batch": 7})
 """
 
-from tether._admin import AdminClient, selector
+from tether._admin import AdminClient
 from tether._agent import Agent, AsyncAgent
+from tether._compensate import CompensationReport, compensate
 from tether._config import AgentConfig
 from tether._errors import (
     CapabilityFrozen,
@@ -33,6 +34,7 @@ from tether._permits import (
     PermitVerifier,
 )
 from tether._protection import BreakerStatus, PolicyVersion
+from tether._selector import selector
 from tether._types import (
     AgentEvent,
     AgentInstance,
@@ -46,10 +48,12 @@ from tether._types import (
     Selector,
     State,
 )
+from tether._undo import MAX_UNDO_BYTES
 from tether._uri import AgentRef, check_name, parse_agent_uri
 from tether._verdict import Verdict
 
 __all__ = [
+    "MAX_UNDO_BYTES",
     "PERMIT_METADATA",
     "AdminClient",
     "Agent",
@@ -62,6 +66,7 @@ __all__ = [
     "AuditEntry",
     "BreakerStatus",
     "CapabilityFrozen",
+    "CompensationReport",
     "Degraded",
     "DuplicateEffect",
     "Effect",
@@ -89,6 +94,7 @@ __all__ = [
     "Unavailable",
     "Verdict",
     "check_name",
+    "compensate",
     "parse_agent_uri",
     "selector",
 ]

@@ -14,9 +14,17 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tether._channel import ENV_TOKEN, bearer, client_tls, open_channel, tls_from_env
+from tether._channel import (
+    ENV_TOKEN,
+    bearer,
+    client_tls,
+    open_channel,
+    tls_from_env,
+    trace_from_env,
+    traced,
+)
 from tether._config import resolve_targets
-from tether._errors import InvalidArgument, from_rpc_error
+from tether._errors import from_rpc_error
 from tether._failover import Coordinators, FailoverStub
 from tether._protection import ProtectionCalls
 from tether._types import (
@@ -30,11 +38,9 @@ from tether._types import (
     EffectStatus,
     Halt,
     Principal,
-    Scope,
     Selector,
     State,
 )
-from tether._uri import parse_agent_uri
 from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 T = TypeVar("T")
@@ -49,55 +55,6 @@ def default_actor() -> str:
     except (KeyError, OSError):
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
-
-
-def selector(
-    *,
-    all: bool = False,
-    tenant: str | None = None,
-    agent: str | None = None,
-    run_id: str | None = None,
-    capability: str | None = None,
-    labels: Mapping[str, str] | None = None,
-    writes: bool = False,
-) -> Selector:
-    """Build a selector from exactly one of the CLI-style choices.
-
-    ``agent`` is a URI, ``agent://TENANT/AGENT``. ``run_id`` may be combined with
-    ``tenant`` to narrow a run kill to one tenant. ``capability`` narrows any scope to
-    one tool (a freeze); ``labels`` narrow it to instances carrying all of them.
-    ``writes`` makes it a degraded mode: every write capability frozen, reads go on.
-    """
-    sel = _selector(
-        all=all, tenant=tenant, agent=agent, run_id=run_id, capability=capability, labels=labels
-    )
-    if writes and sel.capability:
-        raise InvalidArgument("writes freezes every write capability; drop the capability")
-    return dataclasses.replace(sel, writes=True) if writes else sel
-
-
-def _selector(
-    *,
-    all: bool,
-    tenant: str | None,
-    agent: str | None,
-    run_id: str | None,
-    capability: str | None,
-    labels: Mapping[str, str] | None,
-) -> Selector:
-    cap, wanted = capability or "", dict(labels or {})
-    if agent is not None:
-        if all or tenant is not None or run_id is not None:
-            raise InvalidArgument("an agent URI already names the tenant; give it alone")
-        ref = parse_agent_uri(agent)
-        return Selector(Scope.AGENT, ref.tenant, ref.agent, "", cap, wanted)
-    if run_id is not None:
-        return Selector(Scope.RUN, tenant or "", "", run_id, cap, wanted)
-    if tenant is not None:
-        return Selector(Scope.TENANT, tenant, "", "", cap, wanted)
-    if all:
-        return Selector(Scope.GLOBAL, "", "", "", cap, wanted)
-    raise InvalidArgument("name a scope: global, tenant, agent or run")
 
 
 # Admin channels notice a dead coordinator under an open watch, and retry a restarted one soon.
@@ -149,6 +106,7 @@ class AdminClient(ProtectionCalls):
         self._timeout = timeout
         self._actor = actor or default_actor()
         self._metadata = bearer(token or environ.get(ENV_TOKEN))
+        self._trace = trace_from_env(environ)  # TRACEPARENT, when no span is active here
         files = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
         if not any(files.values()):
             files.update(tls_from_env(environ))
@@ -182,7 +140,8 @@ class AdminClient(ProtectionCalls):
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
         try:
-            return method(request, timeout=self._timeout, metadata=self._metadata)
+            metadata = traced(self._metadata, self._trace)
+            return method(request, timeout=self._timeout, metadata=metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -218,9 +177,20 @@ class AdminClient(ProtectionCalls):
         resp = self._call(self._stub.Kill, req)
         return Halt.from_pb(resp.halt), resp.already_halted
 
-    def resume(self, sel: Selector, reason: str = "") -> Halt | None:
-        """Lift the halt on ``sel``; returns it, or None when nothing was halted."""
-        req = admin_pb2.ResumeRequest(selector=sel.to_pb(), reason=reason, actor=self._actor)
+    def resume(
+        self, sel: Selector, reason: str = "", *, require_labels: Mapping[str, str] | None = None
+    ) -> Halt | None:
+        """Lift the halt on ``sel``; returns it, or None when nothing was halted.
+
+        Args:
+            require_labels: Lift it only for instances carrying all of these labels, such
+                as ``{"version": "1.4.3"}``; the rest stay halted (the returned halt
+                carries them as its ``release_gate``).
+        """
+        req = admin_pb2.ResumeRequest(
+            selector=sel.to_pb(), reason=reason, actor=self._actor,
+            require_labels=dict(require_labels or {}),
+        )  # fmt: skip
         resp = self._call(self._stub.Resume, req)
         return Halt.from_pb(resp.resumed) if resp.was_halted else None
 
@@ -261,15 +231,44 @@ class AdminClient(ProtectionCalls):
         run_id: str = "",
         since: datetime | None = None,
         status: EffectStatus | None = None,
+        until: datetime | None = None,
+        trace_id: str = "",
+        capability: str = "",
     ) -> list[EffectRecord]:
-        """The ledger: one row per gated effect, oldest first."""
-        req = admin_pb2.ListEffectsRequest(tenant=tenant, agent=agent, run_id=run_id)
+        """The ledger: one row per gated effect, oldest first.
+
+        ``run_id`` without ``agent`` looks for the run across the tenant; ``since`` and
+        ``until`` bound when effects were intended (``until`` excluded).
+        """
+        req = admin_pb2.ListEffectsRequest(
+            tenant=tenant, agent=agent, run_id=run_id, trace_id=trace_id, capability=capability
+        )
         if status is not None:
             req.status = EFFECT_STATUS_TO_PB[status]
         if since is not None:
             req.since.FromDatetime(since)
+        if until is not None:
+            req.until.FromDatetime(until)
         resp = self._call(self._stub.ListEffects, req)
         return [EffectRecord.from_pb(e) for e in resp.effects]
+
+    def record_compensation(
+        self, effect: EffectRecord, error: str = "", *, claim: bool = False
+    ) -> tuple[EffectRecord, bool]:
+        """Record that ``effect`` was compensated, or, with ``error``, that compensating it
+        failed; with ``claim``, take it before calling a handler (``FailedPrecondition``
+        while another run holds it). Returns the effect as the ledger now has it, and
+        whether it had been compensated already (then nothing was recorded)."""
+        status = types_pb2.COMPENSATION_STATUS_FAILED if error else (
+            types_pb2.COMPENSATION_STATUS_CLAIMED if claim
+            else types_pb2.COMPENSATION_STATUS_COMPENSATED
+        )  # fmt: skip
+        req = admin_pb2.RecordCompensationRequest(
+            tenant=effect.tenant, agent=effect.agent, run_id=effect.run_id,
+            effect_id=effect.effect_id, error=error, status=status,
+        )  # fmt: skip
+        resp = self._call(self._stub.RecordCompensation, req)
+        return EffectRecord.from_pb(resp.effect), resp.already_compensated
 
     def permit_key(self) -> tuple[str, str]:
         """(public key PEM, key id) that verifies effect permits."""
@@ -341,7 +340,7 @@ class AdminClient(ProtectionCalls):
     def _watch_on(
         self, req: admin_pb2.WatchAgentsRequest, stub: admin_pb2_grpc.AdminServiceStub
     ) -> Iterator[admin_pb2.AgentEvent]:
-        stream = stub.WatchAgents(req, metadata=self._metadata)
+        stream = stub.WatchAgents(req, metadata=traced(self._metadata, self._trace))
         try:
             yield from stream
         finally:

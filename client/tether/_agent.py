@@ -82,6 +82,19 @@ def _reads(capabilities: Capabilities) -> frozenset[str]:
     return frozenset(name for name, kind in capabilities.items() if kind == "read")
 
 
+def _released(labels: Mapping[str, str] | None, release: str | None) -> dict[str, str]:
+    """The labels, with ``release`` as the ``version`` label."""
+    out = dict(labels or {})
+    if release is None:
+        return out
+    if out.get("version", release) != release:
+        raise InvalidArgument(
+            f"release {release!r} and label version={out['version']!r} disagree; give one"
+        )
+    out["version"] = check_name("release", release)
+    return out
+
+
 class _Front:
     """What both front doors share: everything that only reads or replaces state."""
 
@@ -101,9 +114,10 @@ class _Front:
         tls_key: str | Path | None = None,
         token: str | None = None,
         config: AgentConfig | None = None,
+        release: str | None = None,
     ) -> None:
         """See ``Agent`` for the arguments."""
-        identity = _identity(uri, run_id, instance_id, capabilities, labels)
+        identity = _identity(uri, run_id, instance_id, capabilities, _released(labels, release))
         given = {
             "connect_timeout": connect_timeout,
             "strict_effects": strict_effects,
@@ -192,6 +206,7 @@ class _Front:
         key: str | Callable[..., str] | None = None,
         strict: bool | None = None,
         drain: bool = False,
+        undo: Mapping[str, Any] | None = None,
     ) -> Effect:
         """Gate one side effect: ``with``, ``async with``, or as a decorator.
 
@@ -201,10 +216,13 @@ class _Front:
                 ``tether.DuplicateEffect``. In decorator form, a callable of the arguments.
             strict: Ask the coordinator before the effect leaves, and get a permit.
                 Defaults to the agent's ``strict_effects``.
+            undo: What reverses the effect, for ``tether compensate``: a JSON object of at
+                most 16 KiB (``tether.MAX_UNDO_BYTES``); too big, and the effect does not
+                run. Or call ``fx.undo({...})`` inside the pass.
         """
         check_name("capability", capability)
         mode = self._strict if strict is None else strict
-        return Effect(self._core, self._strict_loop, capability, key, mode, drain=drain)
+        return Effect(self._core, self._strict_loop, capability, key, mode, drain=drain, undo=undo)
 
     @property
     def landed_keys(self) -> frozenset[str]:
@@ -228,6 +246,8 @@ class Agent(_Front):
             write), or a mapping of each to ``"read"`` or ``"write"``. A degraded mode
             freezes the writes and lets the reads go on.
         labels: Free-form labels, such as ``{"version": "2.3.1"}``.
+        release: The agent's release, recorded on every effect; the same as the label
+            ``version`` (``tether resume --require-label version=...`` waits for it).
         connect_timeout: How long ``__enter__`` waits to register before raising
             ``tether.Unavailable``. Defaults to 10 seconds.
         strict_effects: Gate effects in strict mode by default (see ``effect``).

@@ -7,6 +7,7 @@ on disk presents the new one at its next connection.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,37 @@ def tls_from_env(environ: Mapping[str, str]) -> dict[str, str]:
 def bearer(token: str | None) -> Metadata | None:
     """The ``authorization`` metadata of a bearer token; None without one."""
     return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def trace_from_env(environ: Mapping[str, str]) -> Metadata:
+    """W3C trace context handed down in ``TRACEPARENT`` and ``TRACESTATE``, as metadata.
+
+    This is how a traced script passes its trace to the ``tether`` CLI (the OpenTelemetry
+    convention for environment variables as context carriers).
+    """
+    named = (("traceparent", "TRACEPARENT"), ("tracestate", "TRACESTATE"))
+    return tuple((key, environ[var]) for key, var in named if environ.get(var))
+
+
+def traced(metadata: Metadata | None, fallback: Metadata = ()) -> Metadata | None:
+    """``metadata`` plus the W3C trace context of the active OpenTelemetry span, if any,
+    else plus ``fallback`` (see :func:`trace_from_env`)."""
+    context = _active_trace() or fallback
+    return (*(metadata or ()), *context) if context else metadata
+
+
+def _active_trace() -> Metadata:
+    # No span can be active in a process that never imported OpenTelemetry; and the SDK
+    # does not depend on it, so it is never imported here first.
+    if "opentelemetry.trace" not in sys.modules:
+        return ()
+    try:
+        from opentelemetry import propagate
+    except ImportError:
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
 
 
 def open_channel(

@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from tether._channel import bearer, open_aio_channel
+from tether._channel import bearer, open_aio_channel, traced
 from tether._config import AgentConfig
 from tether._errors import InvalidArgument, TetherLost, Unavailable, from_rpc_error, is_permanent
 from tether._gate import InFlight
@@ -234,7 +234,8 @@ class Core:
     async def _session(self, target: str) -> None:
         config = self.config
         async with open_aio_channel(target, config.tls, config.channel_options) as channel:
-            call = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat(metadata=bearer(config.token))
+            metadata = traced(bearer(config.token))  # the stream joins the caller's trace
+            call = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat(metadata=metadata)
             self._call = call
             try:
                 await call.write(self.identity.register())

@@ -40,7 +40,26 @@ _CAUSES = (
     ("ssl", "TLS handshake failed"),
     ("connection reset", "connection reset"),
     ("socket closed", "connection closed"),
+    ("failed parsing http/2", "not a gRPC server"),
 )
+# What to check, after each cause, in the one-line error a person reads.
+_HINTS = {
+    "connection refused": "is `tether serve` running there, on that port?",
+    "address not found": "check the host name in --addr or TETHER_ADDR",
+    "TLS handshake failed": "check --tls-ca (TETHER_TLS_CA), --tls-cert and --tls-key, "
+    "and that the coordinator serves TLS",
+    "connection reset": "a plaintext client to a TLS coordinator? give --tls-ca",
+    "connection closed": "a plaintext client to a TLS coordinator? give --tls-ca",
+    "not a gRPC server": "is that the coordinator's port (`tether serve --listen`)?",
+}
+_DEADLINE_HINT = "is it reachable from here (a firewall?), and serving (its etcd up)?"
+
+
+def hint(cause: str) -> str:
+    """What a person should check, given a cause from ``why``."""
+    if cause.startswith("deadline exceeded"):
+        return _DEADLINE_HINT
+    return _HINTS.get(cause, "is a tether coordinator listening there?")
 
 
 class NoCoordinator(Unavailable):
@@ -52,7 +71,7 @@ class NoCoordinator(Unavailable):
 
     def __init__(self, failures: Sequence[tuple[str, str]]) -> None:
         self.failures = tuple(failures)
-        tried = ", ".join(f"{addr} ({why})" for addr, why in self.failures)
+        tried = ", ".join(f"{addr} ({why}: {hint(why)})" for addr, why in self.failures)
         super().__init__(f"no coordinator answered: {tried}")
 
 

@@ -1,6 +1,7 @@
 """The effect gate: every side effect an agent takes passes through it and into the ledger.
 
     with agent.effect("send_email", key=f"batch-{i}") as fx:
+        fx.undo({"message_id": message_id})   # what reverses it, for `tether compensate`
         send(batch, permit=fx.permit)
 
 Local mode (the default) reads the halt state the stream keeps fresh: no round trip. Strict
@@ -25,7 +26,7 @@ import inspect
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -39,6 +40,7 @@ from tether._errors import (
     TetherLost,
 )
 from tether._types import Halt
+from tether._undo import current_trace, undo_struct
 from tether.v1 import types_pb2
 
 if TYPE_CHECKING:
@@ -127,6 +129,7 @@ class Effect:
         strict: bool,
         *,
         drain: bool = False,
+        undo: Mapping[str, Any] | None = None,
     ) -> None:
         self._core, self._loop = core, loop
         self.capability, self._key, self.strict = capability, key, strict
@@ -134,6 +137,8 @@ class Effect:
         self.key = key if isinstance(key, str) else ""
         if len(self.key.encode()) > MAX_KEY_BYTES:
             raise InvalidArgument(f"effect key is longer than {MAX_KEY_BYTES} bytes; hash it")
+        self._undo_given = undo
+        self._undo = undo_struct(undo) if undo is not None else None  # refused before it runs
         self.permit = ""
         self.record = types_pb2.Effect()
         self._claimed = False
@@ -153,6 +158,18 @@ class Effect:
             effect_id=uuid.uuid4().hex, key=self.key, capability=self.capability, strict=self.strict
         )
         _now(record.intended_at)
+        record.trace_id, record.span_id = current_trace()
+        record.release = self._core.identity.labels.get("version", "")
+        if self._undo is not None:
+            record.undo.CopyFrom(self._undo)
+
+    def undo(self, data: Mapping[str, Any]) -> None:
+        """Attach what reverses this effect (a JSON object of at most 16 KiB) to its record.
+
+        Call it before the effect leaves, or pass ``undo=`` to ``agent.effect``: oversized
+        or non-JSON data raises ``tether.InvalidArgument`` here.
+        """
+        self.record.undo.CopyFrom(undo_struct(data))
 
     def _claim(self) -> Future[None] | None:
         """Hold the key; returns the end of the pass that holds it, to wait for."""
@@ -310,8 +327,9 @@ class Effect:
         def fresh(args: Any, kwargs: Any) -> Effect:
             key = self._key(*args, **kwargs) if callable(self._key) else self._key
             return Effect(
-                self._core, self._loop, self.capability, key, self.strict, drain=self.drain
-            )
+                self._core, self._loop, self.capability, key, self.strict, drain=self.drain,
+                undo=self._undo_given,
+            )  # fmt: skip
 
         if inspect.iscoroutinefunction(fn):
 

@@ -152,6 +152,7 @@ class HaltCache:
                 sel.names(claims.tenant, claims.agent, claims.run_id)
                 and sel.capability in ("", claims.capability)
                 and not sel.labels  # labels are not in a permit: see the note in the README
+                and not halt.release_gate  # nor the release that a gated resume lets run
             ):
                 return f"{halt.reason} (halt {halt.id})"
         return None

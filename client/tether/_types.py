@@ -146,6 +146,8 @@ class Halt:
     created_at: datetime | None
     revision: int
     actor_note: str = ""
+    release_gate: dict[str, str] = field(default_factory=dict)
+    """Labels that exempt an instance: a resume waits for this release (``--require-label``)."""
 
     @classmethod
     def from_pb(cls, msg: types_pb2.Halt) -> Halt:
@@ -157,6 +159,7 @@ class Halt:
             _time(msg.created_at),
             msg.revision,
             msg.actor_note,
+            dict(msg.release_gate),
         )
 
 
@@ -240,6 +243,13 @@ _EFFECT_STATUS_FROM_PB = {
 EFFECT_STATUS_TO_PB = {v: k for k, v in _EFFECT_STATUS_FROM_PB.items()}
 
 
+_COMPENSATION = {
+    types_pb2.COMPENSATION_STATUS_COMPENSATED: "compensated",
+    types_pb2.COMPENSATION_STATUS_FAILED: "failed",
+    types_pb2.COMPENSATION_STATUS_CLAIMED: "claimed",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class EffectRecord:
     """One row of the side-effect ledger."""
@@ -258,6 +268,16 @@ class EffectRecord:
     agent: str
     run_id: str
     instance_id: str
+    undo: dict[str, Any] | None = None
+    """What reverses the effect (``fx.undo``); None when it carries none."""
+    trace_id: str = ""
+    span_id: str = ""
+    release: str = ""
+    compensation: str = ""
+    """'' (not compensated), ``compensated``, ``failed``, or ``claimed`` (a run is at it)."""
+    compensation_error: str = ""
+    compensated_at: datetime | None = None
+    compensated_by: str = ""
 
     @classmethod
     def from_pb(cls, msg: types_pb2.Effect) -> EffectRecord:
@@ -276,6 +296,14 @@ class EffectRecord:
             agent=msg.agent,
             run_id=msg.run_id,
             instance_id=msg.instance_id,
+            undo=struct_to_dict(msg.undo) if msg.HasField("undo") else None,
+            trace_id=msg.trace_id,
+            span_id=msg.span_id,
+            release=msg.release,
+            compensation=_COMPENSATION.get(msg.compensation, ""),
+            compensation_error=msg.compensation_error,
+            compensated_at=_time(msg.compensated_at),
+            compensated_by=msg.compensated_by,
         )
 
 
@@ -294,6 +322,8 @@ class AuditEntry:
     halt_id: str = ""
     instances: tuple[str, ...] = ()
     actor_note: str = ""
+    require_labels: dict[str, str] = field(default_factory=dict)
+    """A resume's condition: only instances with these labels were resumed."""
 
     @classmethod
     def from_pb(cls, msg: admin_pb2.AuditEntry) -> AuditEntry:
@@ -310,6 +340,7 @@ class AuditEntry:
             msg.halt_id,
             tuple(msg.instances),
             msg.actor_note,
+            dict(msg.require_labels),
         )
 
 

@@ -118,6 +118,10 @@ def verdict_of(
             stop = TetherLost(resp.fail_closed_reason or "coordinator ordered a stop")
         else:
             h = stopping[0]
-            stop = Killed(h.reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id)
+            reason = h.reason
+            if h.release_gate:  # a resume waits for another release: say which
+                wanted = ",".join(f"{k}={v}" for k, v in sorted(h.release_gate.items()))
+                reason += f" (resumed only for {wanted})"
+            stop = Killed(reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id)
     drain = drain and not resp.fail_closed_reason
     return Verdict(stop, confirmed_at, resp.revision, frozen, drain, degraded)

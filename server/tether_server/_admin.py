@@ -19,6 +19,7 @@ from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from tether_server._audit import AuditLog
 from tether_server._auth import Guard, caller
 from tether_server._canary import CANARY_TENANT
+from tether_server._compensations import Compensations
 from tether_server._errors import (
     ANSWERABLE,
     FailedPrecondition,
@@ -31,13 +32,12 @@ from tether_server._evaluator import list_breakers
 from tether_server._fleet import FleetReader, LastBeat
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._identity import Kind, Principal, spiffe_id
-from tether_server._ledger import LedgerReader
+from tether_server._ledger import EffectFilter, LedgerReader
 from tether_server._notify import Notifier
 from tether_server._policy_store import PolicyStore
-from tether_server._selectors import validate
+from tether_server._selectors import validate, validate_gate
 from tether_server._signer import PermitSigner
 from tether_server._status import StatusSource
-from tether_server._telemetry import tracer
 
 R = TypeVar("R")
 
@@ -69,18 +69,17 @@ def _check_names(request: Any) -> None:
 
 
 def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Trace the call, hand it the caller's principal, and turn our errors into gRPC
-    statuses with an actionable message."""
+    """Hand the call its caller's principal, and turn our errors into gRPC statuses with
+    an actionable message. (The call's span comes from the interceptor, ``_auth``.)"""
 
     @functools.wraps(method)
     async def wrapper(self: Admin, request: Any, context: Any) -> R:
-        with tracer.start_as_current_span(f"tether.v1.AdminService/{method.__name__}"):
-            try:
-                _check_names(request)
-                return await method(self, request, caller())
-            except ANSWERABLE as err:
-                await context.abort(status_of(err), str(err))
-                raise  # unreachable: abort raises
+        try:
+            _check_names(request)
+            return await method(self, request, caller())
+        except ANSWERABLE as err:
+            await context.abort(status_of(err), str(err))
+            raise  # unreachable: abort raises
 
     return wrapper
 
@@ -99,6 +98,21 @@ def _since_ns(request: Any) -> int:
     return int(request.since.ToNanoseconds()) if request.HasField("since") else 0
 
 
+def _effect_filter(request: admin_pb2.ListEffectsRequest) -> EffectFilter:
+    until = int(request.until.ToNanoseconds()) if request.HasField("until") else 0
+    if until and until <= _since_ns(request):
+        raise InvalidArgument("ListEffects: until must be later than since")
+    if request.capability:
+        check_name("capability", request.capability)
+    return EffectFilter(
+        since_ns=_since_ns(request),
+        until_ns=until,
+        status=request.status,
+        trace_id=request.trace_id,
+        capability=request.capability,
+    )
+
+
 class Admin(admin_pb2_grpc.AdminServiceServicer):
     """Checks each admin request, then hands it to the one collaborator that serves it.
 
@@ -111,6 +125,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             IssueAgentToken).
         guard: Who callers are and what they may do (WhoAmI, IssueAgentToken's subject).
         status: Answers GetStatus (what this coordinator sees, for ``tether doctor``).
+        compensations: Records compensations (RecordCompensation).
     """
 
     def __init__(
@@ -124,7 +139,9 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         guard: Guard,
         status: StatusSource | None = None,
         policy: PolicyStore | None = None,
+        compensations: Compensations | None = None,
     ) -> None:
+        self._compensations = compensations
         self._status = status
         self._policy = policy
         self._notifier = Notifier(policy.policy) if policy is not None else None
@@ -146,16 +163,17 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         status: StatusSource | None = None,
     ) -> Admin:
         """The servicer over ``store``, with its collaborators built on it."""
-        audit = AuditLog(store)
+        audit, ledger = AuditLog(store), LedgerReader(store)
         return cls(
             halts=HaltStore(store, audit),
             fleet=FleetReader(store, last_beat),
-            ledger=LedgerReader(store),
+            ledger=ledger,
             audit=audit,
             permit_key=permit_key,
             guard=guard,
             status=status,
             policy=PolicyStore(store, audit),
+            compensations=Compensations(store, ledger, audit),
         )
 
     # -- kill and resume --------------------------------------------------------------------
@@ -176,7 +194,11 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ResumeRequest, who: Principal
     ) -> admin_pb2.ResumeResponse:
         sel = validate(request.selector)
-        out = await self._halts.resume(sel, who.id, request.reason, note=request.actor)
+        if request.require_labels:
+            gate = validate_gate(request.require_labels)
+            out = await self._halts.gate(sel, gate, who.id, request.reason, note=request.actor)
+        else:
+            out = await self._halts.resume(sel, who.id, request.reason, note=request.actor)
         if out.was_halted:
             self._notify("resume", who.id, request.reason, sel)
         return out
@@ -206,13 +228,12 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def WatchAgents(
         self, request: admin_pb2.WatchAgentsRequest, context: Any
     ) -> AsyncIterator[admin_pb2.AgentEvent]:
-        with tracer.start_as_current_span("tether.v1.AdminService/WatchAgents"):
-            try:
-                _check_names(request)
-                async for event in self._fleet.watch(request):
-                    yield event
-            except ANSWERABLE as err:
-                await context.abort(status_of(err), str(err))
+        try:
+            _check_names(request)
+            async for event in self._fleet.watch(request):
+                yield event
+        except ANSWERABLE as err:
+            await context.abort(status_of(err), str(err))
 
     # -- effects, audit and the permit key --------------------------------------------------
 
@@ -222,16 +243,17 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListEffectsResponse:
         if not request.tenant:
             raise InvalidArgument("ListEffects needs tenant (and optionally agent and run_id)")
-        if request.run_id and not request.agent:
-            raise InvalidArgument("ListEffects with run_id needs agent as well")
-        effects = await self._ledger.read(
-            request.tenant,
-            request.agent,
-            request.run_id,
-            since_ns=_since_ns(request),
-            status=request.status,
-        )
+        where = _effect_filter(request)
+        effects = await self._ledger.read(request.tenant, request.agent, request.run_id, where)
         return admin_pb2.ListEffectsResponse(effects=effects)
+
+    @_rpc
+    async def RecordCompensation(
+        self, request: admin_pb2.RecordCompensationRequest, who: Principal
+    ) -> admin_pb2.RecordCompensationResponse:
+        if self._compensations is None:
+            raise FailedPrecondition("this servicer was built without a ledger to compensate in")
+        return await self._compensations.record(request, who.id)
 
     @_rpc
     async def ListAudit(

@@ -20,6 +20,7 @@ from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._store import AUDIT, AUDIT_HEAD, audit_key, from_json, put_op, range_op, to_json
+from tether_server._telemetry import emit_audit
 
 _RETRIES = 64
 
@@ -137,6 +138,7 @@ class AuditLog:
                 [range_op(AUDIT_HEAD)],
             )
             if resp.succeeded:
+                emit_audit(chained(entry, prev, changed=True))  # a log record, for a SIEM
                 return True, resp
             kvs = resp.responses[0].response_range.kvs
             if (kvs[0].mod_revision if kvs else 0) != revision:
@@ -145,6 +147,7 @@ class AuditLog:
                 [_head_is(revision)], [*failure, *self._chain(entry, prev, changed=False)]
             )
             if resp.succeeded:
+                emit_audit(chained(entry, prev, changed=False))
                 return False, resp
         raise EtcdUnavailable(f"could not append to the audit after {_RETRIES} tries (contention)")
 

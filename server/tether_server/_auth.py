@@ -6,6 +6,9 @@ is identified here and its registration decided in ``Sessions`` (it arrives on t
 by the same authorizer's ``check_registration``. Handlers read the principal with
 :func:`caller` and never see a certificate or a header. Health and reflection are left alone:
 the transport (TLS, client certificates) already guards them.
+
+Each call's one SERVER span starts here too (``_telemetry.server_span``), before the caller is
+identified, so a refused call is traced with the status it was refused with.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import grpc
 from tether_server._config import ConfigError, ServerConfig
 from tether_server._errors import ANSWERABLE, Unauthenticated, status_of
 from tether_server._identity import AdminTokens, Authenticator, Principal, SignerSource
-from tether_server._rbac import Authorizer, load_rbac
+from tether_server._rbac import Authorizer, load_rbac, open_to_anonymous
+from tether_server._telemetry import current, replies_within, server_span
 
 _SERVICES = "/tether.v1."
 _HEARTBEAT = "Heartbeat"
@@ -58,7 +62,7 @@ class Guard:
             ConfigError: a file is malformed, or ``--admin-tokens`` comes without ``--rbac``.
         """
         grants = load_rbac(config.rbac) if config.rbac else None
-        authorizer = Authorizer(grants, client_certs=config.tls_client_ca is not None)
+        authorizer = Authorizer(grants, open_=open_to_anonymous(config))
         tokens = None
         if config.admin_tokens:
             if grants is None:
@@ -102,11 +106,12 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         async def admit(request: Any, context: Any) -> Principal:
             return await self._guard.admit(name, request, context)
 
-        return _wrapped(handler, admit)
+        return _wrapped(handler, admit, method)
 
 
-def _wrapped(handler: Any, admit: Admit) -> Any:
-    """``handler`` with its behaviour run as the principal ``admit`` finds, or refused."""
+def _wrapped(handler: Any, admit: Admit, method: str) -> Any:
+    """``handler`` with its behaviour run as the principal ``admit`` finds, or refused,
+    inside the call's one SERVER span (refusals included)."""
     kinds = {
         (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
         (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -117,7 +122,7 @@ def _wrapped(handler: Any, admit: Admit) -> Any:
     behaviour = getattr(handler, field)
     wrap = _generator if inspect.isasyncgenfunction(behaviour) else _coroutine
     return build(
-        wrap(behaviour, admit),
+        wrap(behaviour, admit, method),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
@@ -130,22 +135,25 @@ async def _as_caller(request: Any, context: Any, admit: Admit) -> None:
         await context.abort(status_of(err), str(err))
 
 
-def _coroutine(behaviour: Callable[..., Awaitable[Any]], admit: Admit) -> Any:
+def _coroutine(behaviour: Callable[..., Awaitable[Any]], admit: Admit, method: str) -> Any:
     """A handler that returns its reply, or writes its replies with ``context.write``."""
 
     async def run(request: Any, context: Any) -> Any:
-        await _as_caller(request, context, admit)
-        return await behaviour(request, context)
+        with server_span(method, context) as span, current(span):
+            await _as_caller(request, context, admit)
+            return await behaviour(request, context)
 
     return run
 
 
-def _generator(behaviour: Callable[..., AsyncIterator[Any]], admit: Admit) -> Any:
+def _generator(behaviour: Callable[..., AsyncIterator[Any]], admit: Admit, method: str) -> Any:
     """A handler that yields its replies."""
 
     async def run(request: Any, context: Any) -> AsyncIterator[Any]:
-        await _as_caller(request, context, admit)
-        async for reply in behaviour(request, context):
-            yield reply
+        with server_span(method, context) as span:
+            with current(span):
+                await _as_caller(request, context, admit)
+            async for reply in replies_within(span, behaviour(request, context)):
+                yield reply
 
     return run

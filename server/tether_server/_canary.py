@@ -36,6 +36,7 @@ from tether_server._config import ServerConfig
 from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._selectors import halt_id
 from tether_server._store import InstanceKey, delete_op, halt_key, put_op, to_json
+from tether_server._telemetry import SECONDS_BUCKETS
 
 log = logging.getLogger("tether_server")
 
@@ -63,7 +64,7 @@ class Canary:
 
     Args:
         config: The coordinator's; ``canary_interval`` and ``lease_ttl`` set the pace and
-            the deadline, ``coordinator_id`` names the canary's run.
+            the deadline; ``coordinator_id`` names the canary's run (``_canary-ID``).
         store: etcd, where the canary's halt is written.
         health: Set NOT_SERVING when a cycle fails, SERVING when one works again.
         attached: Set while the coordinator holds etcd; cycles wait for it.
@@ -87,7 +88,8 @@ class Canary:
         self._secret = secrets.token_urlsafe(24)
         self._dir = Path(tempfile.mkdtemp(prefix="tether-canary-"))  # 0700: only us
         self.address = f"unix:{self._dir / 'canary.sock'}"
-        run = config.coordinator_id
+        # Outside the name rules, like the tenant: no agent can claim this run before us.
+        run = f"{CANARY_TENANT}-{config.coordinator_id}"
         self.key = InstanceKey(CANARY_TENANT, CANARY_AGENT, run, run)
         self._selector = types_pb2.Selector(
             scope=types_pb2.SCOPE_RUN, tenant=CANARY_TENANT, agent=CANARY_AGENT, run_id=run
@@ -99,6 +101,7 @@ class Canary:
             "tether.canary.kill.duration",
             unit="s",
             description="Canary: from its halt written to etcd to the stop on its stream",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
 
     def status(self) -> admin_pb2.CanaryStatus:

@@ -67,6 +67,9 @@ class ServerConfig:
     canary_interval: float = 0.0
     """Seconds between canary cycles (a synthetic instance killed and resumed through
     etcd, its kill latency recorded, health NOT_SERVING while it fails); 0: no canary."""
+    roster_retention: float = 86400.0
+    """Seconds an ended instance (EXITED, STALE, or KILLED and gone) stays listed before
+    its roster record is pruned; 0: kept for ever."""
     startup_timeout: float = 15.0
     """Seconds to wait for etcd at start before giving up with a reason."""
     shutdown_grace: float = 5.0
@@ -137,6 +140,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
         kwargs["max_checkpoint_bytes"] = int(_number("--max-checkpoint-bytes", limit, 1, 1 << 20))
     if canary := pick("canary_interval", "TETHER_CANARY_INTERVAL"):
         kwargs["canary_interval"] = canary_interval(canary)
+    if retention := pick("roster_retention", "TETHER_ROSTER_RETENTION"):
+        kwargs["roster_retention"] = roster_retention(retention)
     if startup := environ.get("TETHER_STARTUP_TIMEOUT"):
         kwargs["startup_timeout"] = _number("TETHER_STARTUP_TIMEOUT", startup, 0.1, 600.0)
     for name, var in _PATHS:
@@ -228,6 +233,22 @@ def canary_interval(raw: str) -> float:
     if seconds != 0 and not 0.2 <= seconds <= 86400:  # also refuses nan
         raise ConfigError(
             f"--canary-interval {raw!r}: give a duration from 200ms to 24h, such as 60s, or 0 (off)"
+        )
+    return seconds
+
+
+def roster_retention(raw: str) -> float:
+    """``--roster-retention``: ``24h``, ``7d``, ``30m``, ``90s`` or seconds; ``0``: for ever."""
+    text = raw.strip().lower()
+    unit = next((u for u in ("ms", "s", "m", "h", "d") if text.endswith(u)), "")
+    try:
+        seconds = float(text[: len(text) - len(unit)]) * {**_UNITS, "d": 86400.0}.get(unit, 1.0)
+    except ValueError:
+        seconds = -1.0
+    if seconds != 0 and not 1 <= seconds <= 366 * 86400:  # also refuses nan
+        raise ConfigError(
+            f"--roster-retention {raw!r}: give a duration from 1s to 366d, such as 24h, "
+            "or 0 (keep ended instances for ever)"
         )
     return seconds
 

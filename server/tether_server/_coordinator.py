@@ -23,13 +23,14 @@ from tether_server._acks import AckBook
 from tether_server._audit import AuditLog
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._config import ServerConfig
-from tether_server._etcd import EtcdUnavailable, Store
+from tether_server._etcd import EtcdUnavailable, Store, every
 from tether_server._evaluator import Evaluator
 from tether_server._freshness import Freshness
 from tether_server._gate import Gate, load_signer
 from tether_server._halts import HaltTable
 from tether_server._leases import EtcdLost, LeaseKeeper
 from tether_server._ledger import LedgerWriter
+from tether_server._prune import RosterPruner
 from tether_server._sessions import Sessions
 from tether_server._store import HALTS, coordinator_key, put_op
 from tether_server._tally import Tally
@@ -114,6 +115,7 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease = 0
         self._outage = Outage()
+        self._pruner = RosterPruner(store, config.roster_retention)
 
     async def run(self) -> None:
         """Attach to etcd and stay attached; on any loss, fail closed and try again."""
@@ -187,6 +189,9 @@ class Coordinator:
             asyncio.create_task(self.tally.publish(self.store, self._lease), name="tally"),
             asyncio.create_task(self.evaluator.run(self._lease), name="evaluator"),
         ]
+        if self._pruner.retention > 0:  # off the hot path: a pass every retention / 10
+            prune = every(self._pruner.interval, self._pruner.step, "roster pruning")
+            tasks.append(asyncio.create_task(prune, name="roster-pruning"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:

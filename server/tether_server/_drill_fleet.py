@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tether import Agent, Killed, TetherError
+from tether import Agent, DuplicateEffect, Killed, TetherError
 
 if TYPE_CHECKING:  # the launcher needs the server extra; only the drill's own fleet uses it
     from tether_server._launch import CoordinatorProcess
@@ -49,15 +49,23 @@ class Worker:
                     if self.quit.is_set():
                         return
                     try:
-                        a.check(CAPABILITY)
+                        self._send(a, item)
                     except Killed as stop:
                         self.stopped_at, self.stopped_by = time.monotonic(), str(stop)
                         return
-                    self.journal.append((item, time.monotonic()))
                     a.report({"next": item + 1})
                     time.sleep(self.tick)
         except TetherError as err:
             self.error = str(err)
+
+    def _send(self, a: Agent, item: int) -> None:
+        """One item, as a gated effect the ledger keeps with its undo data."""
+        try:
+            with a.effect(CAPABILITY, key=f"item-{item}") as fx:
+                fx.undo({"item": item})
+                self.journal.append((item, time.monotonic()))
+        except DuplicateEffect:
+            pass  # it landed before a stop outran the checkpoint: never twice
 
     def join(self, timeout: float) -> None:
         if self.thread is not None:

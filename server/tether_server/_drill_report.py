@@ -33,11 +33,11 @@ class Flip:
 
 def report(  # noqa: PLR0917 - one call site, every argument a distinct fact
     scope: str, sel: Selector, workers: list[Worker], hit: list[Worker], flip: Flip,
-    stops: dict[str, float | None], items: int, settle: float,
+    stops: dict[str, float | None], items: int, settle: float, recovery: list[Check] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The report of one drill: a row per worker, the checks, and the verdict."""
     rows = [_row(w, w in hit, stops[w.run_id], flip, items) for w in workers]
-    checks = _stop_checks(rows) + _journal_checks(rows, settle)
+    checks = _stop_checks(rows) + _journal_checks(rows, settle) + list(recovery or [])
     return {
         "scope": scope, "selector": sel.describe(), "settle_seconds": settle, "workers": rows,
         "checks": [c.__dict__ for c in checks],

@@ -135,6 +135,10 @@ class Store:
         end = prefix_end(key) if prefix else b""
         return await self._call(_RANGE, rpc.RangeRequest(key=key, range_end=end, limit=limit))
 
+    async def range_between(self, start: bytes, end: bytes, *, limit: int = 0) -> Any:
+        """The keys from ``start`` up to ``end`` (excluded), at most ``limit``: one page."""
+        return await self._call(_RANGE, rpc.RangeRequest(key=start, range_end=end, limit=limit))
+
     async def exists(self, key: bytes, *, prefix: bool = True) -> bool:
         end = prefix_end(key) if prefix else b""
         req = rpc.RangeRequest(key=key, range_end=end, limit=1, count_only=True)

@@ -28,6 +28,12 @@ from tether_server._telemetry import Metrics
 log = logging.getLogger("tether_server")
 
 
+def _news(halt: types_pb2.Halt) -> tuple[Any, ...]:
+    """What of a halt its instances must hear again when it changes: a soft halt made
+    hard, or a resume that now waits for another release (they are told why)."""
+    return (halt.id, halt.mode, tuple(sorted(halt.release_gate.items())))
+
+
 class Fanout:
     """Pushes orders and ends onto the streams that presence serves."""
 
@@ -57,10 +63,10 @@ class Fanout:
             if not matches(halt.selector, session.key, labels) or session.revision > revision:
                 continue  # registration read a newer view than this event; it stands
             halts = tuple(self._halts.matching(session.key, labels))
-            ids = tuple((h.id, h.mode) for h in halts)  # a soft halt made hard is news too
+            ids = tuple(map(_news, halts))  # a soft halt made hard is news too
             session.revision = revision
             session.order_bytes = None
-            if ids == tuple((h.id, h.mode) for h in session.halts):
+            if ids == tuple(map(_news, session.halts)):
                 continue
             was_running, session.halts = not any_stop(session.halts), halts
             payload = payloads.get(ids)

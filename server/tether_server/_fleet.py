@@ -113,6 +113,10 @@ class Fleet:
             json_format.Parse(stored, out.checkpoint)
         return out
 
+    def knows(self, key: InstanceKey) -> bool:
+        """False once an instance is gone from etcd entirely: its ended record was pruned."""
+        return key in self.roster or key in self.live
+
     def ordered(self) -> Iterator[InstanceKey]:
         yield from sorted(set(self.roster) | self.live)
 
@@ -237,6 +241,9 @@ class FleetReader:
             touched, runs = _changes(fleet, resp.events)
             fleet.revision = resp.header.revision
             for key in sorted(k for k in touched if _wanted(request, k)):
+                if not fleet.knows(key):  # pruned: forgotten, not a change of state
+                    seen.pop(key, None)
+                    continue
                 state, before = fleet.state(key), seen.get(key, 0)
                 if state != before or (progress and key.run in runs):
                     seen[key] = state

@@ -22,7 +22,7 @@ from tether.v1 import agent_pb2, types_pb2
 from tether_server._errors import InvalidArgument, check_name
 from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._halts import HaltTable
-from tether_server._ledger import LedgerWriter, landed
+from tether_server._ledger import LedgerWriter, landed, strip_compensation
 from tether_server._selectors import freezes, is_stop
 from tether_server._signer import PermitSigner
 from tether_server._store import (
@@ -42,7 +42,8 @@ from tether_server._tally import Tally
 log = logging.getLogger("tether_server")
 
 MAX_KEY_BYTES = 1024  # an idempotency key, as UTF-8; it becomes part of an etcd key
-MAX_EFFECT_BYTES = 16 * 1024  # one ledger record; etcd takes 1.5 MiB a request
+MAX_EFFECT_BYTES = 32 * 1024  # one ledger record; etcd takes 1.5 MiB a request
+MAX_UNDO_BYTES = 16 * 1024  # its undo data, as the SDK's tether.MAX_UNDO_BYTES
 LANDED = b"landed"
 
 
@@ -208,9 +209,12 @@ class Gate:
         """
         for effect in batch.effects:
             check_effect(effect.capability, effect.key, effect.ByteSize())
+            if effect.undo.ByteSize() > MAX_UNDO_BYTES:
+                raise InvalidArgument(f"an effect's undo data is over {MAX_UNDO_BYTES} bytes")
         run = key.run
         for effect in batch.effects:
             effect.tenant, effect.agent, effect.run_id, effect.instance_id = key.parts
+            strip_compensation(effect)
             if effect.key and effect.status in _ENDED:
                 landed = effect.status == types_pb2.EFFECT_STATUS_LANDED
                 if landed:

@@ -176,6 +176,40 @@ class HaltStore:
             out.resumed.CopyFrom(halt_from_kv(resp.responses[0].response_delete_range.prev_kvs[0]))
         return out
 
+    async def gate(
+        self,
+        sel: types_pb2.Selector,
+        gate: dict[str, str],
+        actor: str,
+        reason: str,
+        *,
+        note: str = "",
+    ) -> admin_pb2.ResumeResponse:
+        """Resume ``sel`` only for instances carrying every label of ``gate``: the halt stays
+        for the rest, with ``gate`` as its release gate. Audited as a resume with the gate."""
+        key = halt_key(halt_id(sel))
+        entry = new_entry(admin_pb2.AUDIT_ACTION_RESUME, sel, actor, reason, note=note)
+        entry.halt_id = halt_id(sel)
+        entry.require_labels.update(gate)
+        resp = await self._store.range(key, prefix=False)
+        if not resp.kvs:
+            await self._audit.record(entry, [present(key)])
+            return admin_pb2.ResumeResponse(was_halted=False, revision=resp.header.revision)
+        halt = halt_from_kv(resp.kvs[0])
+        halt.release_gate.clear()
+        halt.release_gate.update(gate)
+        stored = types_pb2.Halt()
+        stored.CopyFrom(halt)
+        stored.revision = 0
+        changed, done = await self._audit.record(
+            entry, [unchanged_since(key, resp.kvs[0].mod_revision)], [put_op(key, to_json(stored))]
+        )
+        if not changed:
+            raise FailedPrecondition("the halt changed while gating it; run the resume again")
+        return admin_pb2.ResumeResponse(
+            was_halted=True, resumed=halt, revision=done.header.revision
+        )
+
     async def halts(self, tenant: str = "") -> admin_pb2.ListHaltsResponse:
         """The halts in force, oldest first; with ``tenant``, those that reach it."""
         resp = await self._store.range(HALTS)

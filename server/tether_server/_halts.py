@@ -7,7 +7,7 @@ from typing import Any
 
 from tether.v1 import types_pb2
 
-from tether_server._selectors import EMPTY, is_stop, matches
+from tether_server._selectors import EMPTY, halts_instance, is_stop
 from tether_server._store import InstanceKey, from_json, halt_id_of
 
 
@@ -41,7 +41,10 @@ class HaltTable:
         return halt
 
     def matching(self, key: InstanceKey, labels: Mapping[str, str] = EMPTY) -> list[types_pb2.Halt]:
-        """The halts that apply to ``key``: whole-instance stops first, broadest scope first."""
-        found = [h for h in self.halts.values() if matches(h.selector, key, labels)]
+        """The halts that apply to ``key``: whole-instance stops first, broadest scope first.
+
+        A halt whose release gate the instance's labels pass does not apply to it.
+        """
+        found = [h for h in self.halts.values() if halts_instance(h, key, labels)]
         found.sort(key=lambda h: (not is_stop(h), h.selector.scope, h.revision))
         return found

@@ -6,13 +6,19 @@ state. Agents ship records on their stream; the coordinator buffers them per run
 writes one value per run per flush (batched into as few transactions as etcd allows),
 never one write per effect. Records are appended, never rewritten: readers fold them by
 ``effect_id``, and a final status (landed, failed, refused, duplicate) beats ``intended``.
+
+Compensations (``tether compensate``) are records of their own, one key per effect beside
+the run's chunks (``_compensations``); folding lays them over the effect's row, and a
+compensation that succeeded beats one that failed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from tether.v1 import agent_pb2, types_pb2
@@ -23,10 +29,32 @@ from tether_server._store import RunKey, from_json, ledger_chunk_key, ledger_pre
 _MAX_CHUNK = 128 * 1024  # bytes per value: several fit one transaction under etcd's limit
 
 
+def compensate(row: types_pb2.Effect, record: types_pb2.Effect) -> None:
+    """Lay a compensation record over an effect's row; compensated is final."""
+    if row.compensation == types_pb2.COMPENSATION_STATUS_COMPENSATED:
+        return
+    row.compensation = record.compensation
+    row.compensation_error = record.compensation_error
+    row.compensated_at.CopyFrom(record.compensated_at)
+    row.compensated_by = record.compensated_by
+
+
+def strip_compensation(record: types_pb2.Effect) -> None:
+    """Only the coordinator records compensations: an agent's record may not claim one."""
+    record.ClearField("compensation")
+    record.ClearField("compensation_error")
+    record.ClearField("compensated_at")
+    record.ClearField("compensated_by")
+
+
 def fold(records: Iterable[types_pb2.Effect]) -> list[types_pb2.Effect]:
     """One row per effect: its final status, in the order effects were intended."""
     rows: dict[str, types_pb2.Effect] = {}
+    compensations = []
     for record in records:
+        if record.compensation:
+            compensations.append(record)
+            continue
         row = rows.get(record.effect_id)
         if row is None:
             rows[record.effect_id] = row = types_pb2.Effect()
@@ -36,6 +64,9 @@ def fold(records: Iterable[types_pb2.Effect]) -> list[types_pb2.Effect]:
             row.CopyFrom(record)
             if intended.seconds and not record.intended_at.seconds:
                 row.intended_at.CopyFrom(intended)
+    for record in compensations:
+        if record.effect_id in rows:
+            compensate(rows[record.effect_id], record)
     return sorted(rows.values(), key=lambda e: (e.intended_at.ToNanoseconds(), e.effect_id))
 
 
@@ -97,6 +128,32 @@ class LedgerWriter:
         await every(self._interval, self.flush, "ledger flush")
 
 
+@dataclass(frozen=True, slots=True)
+class EffectFilter:
+    """What ``ListEffects`` narrows by; every field set must match. A pure predicate."""
+
+    since_ns: int = 0
+    """Intended at or after (ns since the epoch); 0: no lower bound."""
+    until_ns: int = 0
+    """Intended before; 0: no upper bound."""
+    status: int = 0
+    trace_id: str = ""
+    capability: str = ""
+    run_id: str = ""
+    """A run of any agent of the tenant (when the read names no agent)."""
+
+    def __call__(self, e: types_pb2.Effect) -> bool:
+        at = e.intended_at.ToNanoseconds()
+        return (
+            at >= self.since_ns
+            and (not self.until_ns or at < self.until_ns)
+            and (not self.status or e.status == self.status)
+            and (not self.trace_id or e.trace_id == self.trace_id)
+            and (not self.capability or e.capability == self.capability)
+            and (not self.run_id or e.run_id == self.run_id)
+        )
+
+
 class LedgerReader:
     """Reads the ledger from etcd, so that every coordinator answers the same."""
 
@@ -104,18 +161,15 @@ class LedgerReader:
         self._store = store
 
     async def read(
-        self, tenant: str, agent: str = "", run_id: str = "", *, since_ns: int = 0, status: int = 0
+        self, tenant: str, agent: str = "", run_id: str = "", where: EffectFilter | None = None
     ) -> list[types_pb2.Effect]:
-        """Every effect under the tenant, agent or run, folded to one row each.
+        """Every effect under the tenant, agent or run that ``where`` keeps, one row each.
 
-        Args:
-            tenant: Whose ledger; agent and run_id narrow it.
-            since_ns: Only effects intended at or after this time (ns since the epoch).
-            status: Only effects with this final status; 0 for every status.
+        A run with no agent is looked for across the tenant.
         """
+        keep = where or EffectFilter()
+        if run_id and not agent:
+            keep = dataclasses.replace(keep, run_id=run_id)
+            run_id = ""
         resp = await self._store.range(ledger_prefix(tenant, agent, run_id))
-        return [
-            e
-            for e in fold(decode(resp.kvs))
-            if e.intended_at.ToNanoseconds() >= since_ns and (not status or e.status == status)
-        ]
+        return [e for e in fold(decode(resp.kvs)) if keep(e)]

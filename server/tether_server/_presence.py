@@ -68,9 +68,12 @@ def txn_op(compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any
 
 
 def _not_owner(key: InstanceKey, kvs: Sequence[Any]) -> PermissionDenied:
+    """The refusal; it names the owner only to its own tenant, so that a refusal tells no
+    one which runs another tenant has."""
     tenant, agent = owner_of(bytes(kvs[0].value)) if kvs else ("?", "?")
+    owner = f"{tenant}/{agent}" if tenant == key.tenant else "another tenant"
     return PermissionDenied(
-        f"run {key.run_id!r} belongs to {tenant}/{agent}, which registered it first; "
+        f"run {key.run_id!r} belongs to {owner}, which registered it first; "
         f"{key.tenant}/{key.agent} may not register it: use a run_id of its own"
     )
 

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from tether.v1 import types_pb2
 
-from tether_server._config import ConfigError
+from tether_server._config import ConfigError, ServerConfig
 from tether_server._errors import InvalidArgument, PermissionDenied, Unauthenticated, check_name
 from tether_server._identity import Kind, Principal
 from tether_server._store import InstanceKey
@@ -90,6 +90,7 @@ CALLS: Mapping[str, Rule] = {
     "GetAgent": Rule("get an agent", Role.VIEWER),
     "WatchAgents": Rule("watch agents", Role.VIEWER),
     "ListEffects": Rule("list effects", Role.VIEWER),
+    "RecordCompensation": Rule("record a compensation", Role.OPERATOR),
     "ListAudit": Rule("read the audit", Role.VIEWER),
     "VerifyAudit": Rule("verify the audit", Role.VIEWER, scoped=False),
     "GetStatus": Rule("read the coordinator status", Role.VIEWER, scoped=False),
@@ -133,12 +134,12 @@ class Authorizer:
 
     Args:
         grants: The operators of ``--rbac``; None without the file.
-        client_certs: The coordinator requires client certificates.
+        open_: Anonymous callers may act (``open_to_anonymous``).
     """
 
-    def __init__(self, grants: Mapping[str, Grant] | None, *, client_certs: bool) -> None:
+    def __init__(self, grants: Mapping[str, Grant] | None, *, open_: bool) -> None:
         self._grants = dict(grants) if grants is not None else None
-        self.open = grants is None and not client_certs
+        self.open = open_
 
     @property
     def operators(self) -> frozenset[str]:
@@ -206,18 +207,32 @@ class Authorizer:
         )
 
 
-def check_registration(principal: Principal, key: InstanceKey) -> None:
+def open_to_anonymous(config: ServerConfig) -> bool:
+    """Whether anonymous callers may act: no ``--rbac`` and no client certificates asked for,
+    as on a trusted loopback. The one definition the authorizer and registration share."""
+    return config.rbac is None and config.tls_client_ca is None
+
+
+def check_registration(principal: Principal, key: InstanceKey, *, open_: bool) -> None:
     """Allow a registration as ``key`` by ``principal``, or raise why not.
 
-    Anonymous callers register as anything (a coordinator without client certificates;
-    run ownership still holds). Agents register only as their own tenant (and agent).
+    Anonymous callers register as anything only on an open coordinator (see
+    ``open_to_anonymous``; run ownership still holds there). Agents register only as their
+    own tenant (and agent).
 
     Raises:
+        Unauthenticated: an anonymous caller on a coordinator that is not open.
         PermissionDenied: names the identity and what it asked for.
     """
     asked = f"{key.tenant}/{key.agent} (run {key.run_id})"
     if principal.kind is Kind.ANONYMOUS:
-        return
+        if open_:
+            return
+        raise Unauthenticated(
+            f"{principal.id} may not register {asked}: this coordinator requires an agent "
+            "identity; present a client certificate (TETHER_TLS_CERT, TETHER_TLS_KEY) or an "
+            "agent token (TETHER_TOKEN, from `tether token issue`)"
+        )
     if principal.kind is Kind.OPERATOR:
         raise PermissionDenied(
             f"{principal.id} is an operator and may not register agents; it asked for "

@@ -96,6 +96,27 @@ def matches(sel: types_pb2.Selector, key: InstanceKey, labels: Mapping[str, str]
     )
 
 
+def validate_gate(labels: Mapping[str, str]) -> dict[str, str]:
+    """A release gate (``ResumeRequest.require_labels``) whose keys and values are names."""
+    for label, value in labels.items():
+        check_name("required label key", label)
+        check_name(f"required label {label}", value)
+    return dict(labels)
+
+
+def exempt(gate: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """True when a release gate lets the instance go: it carries every label of the gate."""
+    return bool(gate) and all(labels.get(k) == v for k, v in gate.items())
+
+
+def halts_instance(
+    halt: types_pb2.Halt, key: InstanceKey, labels: Mapping[str, str] = EMPTY
+) -> bool:
+    """The one decision whether ``halt`` applies to an instance: its selector matches, and
+    no release gate exempts it (a resume that waited for the instance's release)."""
+    return matches(halt.selector, key, labels) and not exempt(halt.release_gate, labels)
+
+
 def is_stop(halt: types_pb2.Halt) -> bool:
     """A halt stops the whole instance unless it only freezes one capability, or writes."""
     return not halt.selector.capability and not halt.selector.writes

@@ -54,14 +54,9 @@ def agent_handler(heartbeat: Callable[..., Awaitable[None]]) -> grpc.GenericRpcH
 
 
 def build_server(
-    coordinator: Coordinator, health: HealthServicer, canary: Canary | None = None
+    coordinator: Coordinator, health: HealthServicer, guard: Guard, canary: Canary | None = None
 ) -> grpc.aio.Server:
-    """The coordinator's services, each call identified and authorized by its ``Guard``.
-
-    Raises:
-        ConfigError: ``--rbac`` or ``--admin-tokens`` is malformed.
-    """
-    guard = Guard.create(coordinator.config, lambda: coordinator.gate.signer)
+    """The coordinator's services, each call identified and authorized by ``guard``."""
     server = grpc.aio.server(
         options=SERVER_OPTIONS, interceptors=[guard.interceptor(), MalformedRequests()]
     )
@@ -109,11 +104,11 @@ async def _serve(config: ServerConfig, store: Store) -> None:
     health = HealthServicer()
     coordinator = Coordinator(config, store, health)
     canary = _canary(coordinator) if config.canary_interval else None
-    server = build_server(coordinator, health, canary)
+    guard = Guard.create(config, lambda: coordinator.gate.signer)  # ConfigError: bad files
+    server = build_server(coordinator, health, guard, canary)
     credentials = server_credentials(config)
     bind(server, config.listen, credentials)
-    if canary is not None:
-        server.add_insecure_port(canary.address)  # a private Unix socket: see _canary
+    private = canary_server(coordinator, guard, canary) if canary is not None else None
     probes = health_server(health, config.health_listen) if config.health_listen else None
     runner = asyncio.create_task(coordinator.run(), name="coordinator")
     cycling: asyncio.Task[None] | None = None
@@ -121,8 +116,9 @@ async def _serve(config: ServerConfig, store: Store) -> None:
         await _wait_attached(coordinator, store, config.startup_timeout)
         _tune_gc()
         await server.start()
-        if probes is not None:
-            await probes.start()
+        for extra in (probes, private):
+            if extra is not None:
+                await extra.start()
         log.warning(
             "tether coordinator %s serving on %s (%s)",
             config.coordinator_id, config.listen, _transport(config),
@@ -136,12 +132,26 @@ async def _serve(config: ServerConfig, store: Store) -> None:
             canary.close()
         await health.enter_graceful_shutdown()
         await coordinator.detach()
-        if probes is not None:
-            await probes.stop(0)
+        for extra in (probes, private):
+            if extra is not None:
+                await extra.stop(0)
         await server.stop(config.shutdown_grace)
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await store.close()
+
+
+def canary_server(coordinator: Coordinator, guard: Guard, canary: Canary) -> grpc.aio.Server:
+    """The canary's private Unix socket, serving the Heartbeat stream and nothing else.
+
+    It skips TLS (the socket's directory is 0700), so it must not serve AdminService or
+    reflection, and registrations on it other than the canary's are held to the same rule as
+    anywhere: anonymous only on an open coordinator.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard.interceptor()])
+    server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat),))
+    server.add_insecure_port(canary.address)
+    return server
 
 
 def _canary(coordinator: Coordinator) -> Canary:

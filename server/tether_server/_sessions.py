@@ -36,7 +36,7 @@ from tether_server._ledger import LedgerWriter
 from tether_server._orders import any_stop, current_order, order_message, with_ack
 from tether_server._outbox import DONE, End, Outbox
 from tether_server._presence import Presence, identity_from
-from tether_server._rbac import check_registration
+from tether_server._rbac import check_registration, open_to_anonymous
 from tether_server._registry import Session
 from tether_server._store import InstanceKey
 from tether_server._telemetry import Metrics
@@ -86,6 +86,7 @@ class Sessions:
         self._keeper: LeaseKeeper | None = None
         self._serving_error = "coordinator is starting and has not reached etcd yet"
         self._config = config
+        self._open_to_anonymous = open_to_anonymous(config)
         self._max_checkpoint = config.max_checkpoint_bytes
         self._checkpoints = checkpoints
         self._gate = gate
@@ -164,7 +165,8 @@ class Sessions:
         admitted = self.admits(first.register, context.invocation_metadata())
         key = admitted or identity_from(first.register)
         if admitted is None:
-            check_registration(who, key)  # before anything is written or read for the run
+            # before anything is written or read for the run
+            check_registration(who, key, open_=self._open_to_anonymous)
         keeper = self._keeper
         if keeper is None:
             raise EtcdUnavailable(self._serving_error)
@@ -219,9 +221,7 @@ class Sessions:
                 elif kind == "permit":  # decided off the reader: it reads etcd
                     self._spawn(self._permit(session, req.permit))
                 elif kind == "ack":
-                    self._acks.add(session.key, req.ack)
-                    if req.ack.HasField("checkpoint"):
-                        self._offer_checkpoint(session, req.ack.checkpoint)
+                    self._ack(session, req.ack)
                 elif kind == "goodbye":
                     await self._goodbye(session, req.goodbye)
                     end = DONE
@@ -240,6 +240,14 @@ class Sessions:
             end = End(grpc.StatusCode.INTERNAL, f"coordinator error: {type(err).__name__}")
         return end
 
+    def _ack(self, session: Session, ack: agent_pb2.KillAck) -> None:
+        """Audit an acknowledgement only of a halt the instance is under: an agent must not
+        write stops that never happened, in its own audit or another tenant's."""
+        if any(h.id == ack.halt_id for h in session.halts):
+            self._acks.add(session.key, ack)
+        if ack.HasField("checkpoint"):
+            self._offer_checkpoint(session, ack.checkpoint)
+
     def _beat(self, session: Session, beat: agent_pb2.Beat) -> bytes:
         """Take a beat in; return its ack, which repeats the order that holds."""
         session.last_beat = time.monotonic()
@@ -250,7 +258,7 @@ class Sessions:
         return with_ack(current_order(session), beat.seq)
 
     def _pushed(self, seconds: float) -> None:
-        self._metrics.kill_push_latency.record(seconds * 1e3)
+        self._metrics.kill_push_duration.record(seconds)
 
     async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
         decision = await self._gate.decide(

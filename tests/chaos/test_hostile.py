@@ -296,13 +296,20 @@ def test_ten_thousand_labels_register_twice_and_beat_first(
     assert_alive(target)
 
 
+def _with_undo(size: int) -> types_pb2.Effect:
+    effect = types_pb2.Effect(capability="send")
+    effect.undo.update({"blob": "u" * size})
+    return effect
+
+
 @pytest.mark.parametrize(
     ("effect", "message"),
     [
         (types_pb2.Effect(capability="send email"), "capability 'send email' is not a valid"),
         (types_pb2.Effect(capability="x" * 10_240), "is not a valid name"),
         (types_pb2.Effect(capability="send", key="k" * 10_240), "longer than 1024 bytes"),
-        (types_pb2.Effect(capability="send", error="e" * 20_000), "at most 16384"),
+        (types_pb2.Effect(capability="send", error="e" * 40_000), "at most 32768"),
+        (_with_undo(20_000), "undo data is over 16384 bytes"),
     ],
 )
 def test_hostile_effect_records_and_permit_requests(
@@ -312,7 +319,7 @@ def test_hostile_effect_records_and_permit_requests(
     code, details = stream(channel, register(instance_id="fx"), records)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in details
-    if not effect.error:  # a bad permit request is refused, and the tether holds
+    if not effect.error and not effect.HasField("undo"):  # a bad permit is refused; it holds
         permit = agent_pb2.PermitRequest(request_id=7, capability=effect.capability, key=effect.key)
         decision = _permit_decision(channel, permit)
         assert not decision.granted

@@ -43,31 +43,55 @@ def print_json(value: Any) -> None:
 
 
 def print_listing(
-    output: str, found: Sequence[R], headers: list[str], row: Callable[[R], list[str]]
+    output: str,
+    found: Sequence[R],
+    headers: list[str],
+    row: Callable[[R], list[str]],
+    *,
+    no_headers: bool = False,
 ) -> None:
-    """``found`` as JSON, or as a table of one ``row`` each."""
+    """``found`` as JSON, or as a table of one ``row`` each (``-o wide`` is a table too)."""
     if output == "json":
         print_json(found)
     else:
-        print_table(headers, [row(r) for r in found])
+        print_table(headers, [row(r) for r in found], no_headers=no_headers)
 
 
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
+def print_table(headers: list[str], rows: list[list[str]], *, no_headers: bool = False) -> None:
+    """Aligned columns. ``no_headers``: rows only, and nothing at all when there are none,
+    so that scripts can count lines."""
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    for row in [headers, *rows]:
+    for row in rows if no_headers else [headers, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    if not rows:
+    if not rows and not no_headers:
         print("(none)")
 
 
-def ago(when: datetime | None) -> str:
+_UNITS = ((86400, "d"), (3600, "h"), (60, "m"))
+
+
+def ago(when: datetime | None, now: datetime | None = None) -> str:
+    """How long ago, in the largest whole unit: ``4s ago``, ``3m ago``, ``2h ago``, ``5d ago``
+    (as kubectl's AGE). Every table column of times uses it; ``-o json`` keeps timestamps."""
     if when is None:
         return "-"
-    seconds = (datetime.now(UTC) - when).total_seconds()
-    return f"{seconds:.1f}s ago" if seconds < 120 else when.isoformat(timespec="seconds")
+    seconds = int(((now or datetime.now(UTC)) - when).total_seconds())
+    if seconds < 0:
+        return "in the future"  # a clock ahead of this machine's: say so rather than "0s"
+    for size, unit in _UNITS:
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
 
 
 AGENT_HEADERS = ["TENANT", "AGENT", "RUN", "INSTANCE", "STATE", "LAST HEARTBEAT", "CHECKPOINT"]
+WIDE_AGENT_HEADERS = [*AGENT_HEADERS, "COORDINATOR", "LABELS", "CAPABILITIES"]
+
+
+def wide_agent_row(a: AgentInstance) -> list[str]:
+    """``-o wide``: also where it is served, its labels and capabilities."""
+    labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items()))
+    return [*agent_row(a), a.coordinator or "-", labels or "-", ",".join(a.capabilities) or "-"]
 
 
 def agent_row(a: AgentInstance) -> list[str]:
@@ -94,25 +118,36 @@ HALT_HEADERS = ["HALT", "SCOPE", "ACTOR", "SINCE", "REASON"]
 
 
 def halt_row(h: Halt) -> list[str]:
-    return [h.id, h.selector.describe(), actor(h.actor, h.actor_note), ago(h.created_at), h.reason]
+    reason = h.reason
+    if h.release_gate:
+        wanted = ",".join(f"{k}={v}" for k, v in sorted(h.release_gate.items()))
+        reason += f" [resumed only for {wanted}]"
+    return [h.id, h.selector.describe(), actor(h.actor, h.actor_note), ago(h.created_at), reason]
 
 
 AUDIT_HEADERS = ["AT", "ACTION", "SCOPE", "ACTOR", "CHANGED", "REASON"]
 
 
 def audit_row(e: AuditEntry) -> list[str]:
-    at = e.at.isoformat(timespec="seconds") if e.at else "-"
+    at = ago(e.at)
     who = actor(e.actor, e.actor_note)
-    return [at, e.action, e.selector.describe(), who, "yes" if e.changed else "no", e.reason]
+    reason = e.reason
+    if e.require_labels:  # a resume that waits for a release: the condition is the point
+        reason += " [only for " + ",".join(f"{k}={v}" for k, v in e.require_labels.items()) + "]"
+    return [at, e.action, e.selector.describe(), who, "yes" if e.changed else "no", reason]
 
 
-EFFECT_HEADERS = ["INTENDED", "RUN", "CAPABILITY", "KEY", "STATUS", "REFUSED BY"]
+EFFECT_HEADERS = [
+    "INTENDED", "RUN", "CAPABILITY", "KEY", "STATUS", "REFUSED BY", "COMPENSATION", "UNDO",
+]  # fmt: skip
 
 
 def effect_row(e: EffectRecord) -> list[str]:
+    undo = json.dumps(e.undo, separators=(",", ":"), sort_keys=True) if e.undo is not None else "-"
     return [
-        e.intended_at.isoformat(timespec="milliseconds") if e.intended_at else "-",
+        ago(e.intended_at),
         e.run_id, e.capability, e.key or "-", e.status.value, e.refused_by or "-",
+        e.compensation or "-", undo if len(undo) <= 60 else undo[:57] + "...",
     ]  # fmt: skip
 
 

@@ -10,12 +10,18 @@ from typing import Any, NoReturn
 from tether._admin import AUDIT_LIMIT
 from tether._cli._certs_verb import certs_args
 from tether._cli._doctor import doctor_args
+from tether._cli._help import ENVIRONMENT, epilog
 from tether._cli._output import EXIT_USAGE
 from tether._cli._protect_verbs import breakers_args, policy_args
-from tether._types import EffectStatus, State
+from tether._cli._recovery import compensate_args, effects_args
+from tether._config import DEFAULT_ADDR
+from tether._types import State
 
 # The drill's scopes, narrowest first; the drill itself lives in tether_server.
 DRILL_SCOPES = ("capability", "run", "agent", "tenant", "global")
+DEFAULT_TIMEOUT = 10.0  # seconds per call, as AdminClient's own default
+DRILL_SETTLE = 10.0  # seconds a drill watches after the flip; seed 000 used 60
+SHELLS = ("bash", "zsh", "fish")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,22 +32,57 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--addr", help="coordinator HOST:PORT (default: $TETHER_ADDR or 127.0.0.1:7700)"
-    )
-    common.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    common.add_argument("--token", help="admin bearer token (default: $TETHER_TOKEN)")
-    common.add_argument(
-        "--tls-ca", metavar="FILE",
-        help="CA of the coordinator's certificate; given, speak TLS (default: $TETHER_TLS_CA)",
-    )  # fmt: skip
-    common.add_argument(
-        "--tls-cert", metavar="FILE", help="client certificate (default: $TETHER_TLS_CERT)"
-    )
-    common.add_argument("--tls-key", metavar="FILE", help="its key (default: $TETHER_TLS_KEY)")
-    return common
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, read only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            mine = version("tether")
+        except PackageNotFoundError:
+            mine = "unknown (not installed)"
+        python = ".".join(map(str, sys.version_info[:3]))
+        print(f"tether {mine} (python {python}, grpcio {version('grpcio')})")
+        parser.exit()
+
+
+def _global_flags() -> list[tuple[tuple[str, ...], object, dict[str, Any]]]:
+    """(names, default, other keywords) of each global flag."""
+    return [
+        (("--addr",), None, {"metavar": "HOST:PORT", "help": "coordinator(s), comma-separated "
+            f"to fail over (default: $TETHER_ADDR or {DEFAULT_ADDR})"}),
+        (("-o", "--output"), "table", {"choices": ("table", "wide", "json"),
+            "help": "table, wide (more columns, where a verb has them) or json"}),
+        (("--no-headers",), False, {"action": "store_true",
+            "help": "tables without their header line"}),
+        (("--timeout",), DEFAULT_TIMEOUT, {"type": _seconds, "metavar": "SECONDS",
+            "help": f"seconds each call may take on a coordinator (default {DEFAULT_TIMEOUT:g})"}),
+        (("--token",), None, {"help": "admin bearer token (default: $TETHER_TOKEN)"}),
+        (("--tls-ca",), None, {"metavar": "FILE", "help": "CA of the coordinator's certificate; "
+            "given, speak TLS (default: $TETHER_TLS_CA)"}),
+        (("--tls-cert",), None, {"metavar": "FILE",
+            "help": "client certificate (default: $TETHER_TLS_CERT)"}),
+        (("--tls-key",), None, {"metavar": "FILE", "help": "its key (default: $TETHER_TLS_KEY)"}),
+    ]  # fmt: skip
+
+
+def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> argparse.ArgumentParser:
+    """The global flags. On the top parser they carry the defaults; on each verb they are
+    suppressed unless given, so that a flag before the verb is not reset after it."""
+    for names, default, keywords in _global_flags():
+        parser.add_argument(*names, default=argparse.SUPPRESS if suppress else default, **keywords)
+    return parser
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 3600, got {raw!r}")
+    return value
 
 
 def _positive(raw: str) -> int:
@@ -94,6 +135,10 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--rbac", metavar="FILE", help="YAML of operators, their roles and tenants")
     serve.add_argument("--trust-domain", help="SPIFFE trust domain of callers (default tether)")
     serve.add_argument(
+        "--roster-retention", metavar="DURATION",
+        help="forget EXITED and STALE instances this long after they ended (default 24h)",
+    )  # fmt: skip
+    serve.add_argument(
         "--canary-interval", metavar="DURATION",
         help="kill and resume a synthetic _canary instance this often, e.g. 60s (default off)",
     )  # fmt: skip
@@ -142,11 +187,18 @@ def _kill_args(kill: argparse.ArgumentParser) -> None:
 def _resume_args(resume: argparse.ArgumentParser) -> None:
     _scope_args(resume)
     resume.add_argument("--reason", default="", help="why; it goes into the audit")
+    resume.add_argument(
+        "--require-label", action="append", default=[], metavar="KEY=VALUE",
+        help="resume only instances with this label, e.g. version=1.4.3; the rest stay halted",
+    )  # fmt: skip
 
 
 def _agents_args(agents: argparse.ArgumentParser) -> None:
     _filter_args(agents)
     agents.add_argument("--state", choices=[s.value for s in State], type=str.upper)
+    agents.add_argument(
+        "--all", action="store_true", help="also ended instances (EXITED, STALE), until pruned"
+    )
 
 
 def _halts_args(halts: argparse.ArgumentParser) -> None:
@@ -160,12 +212,6 @@ def _audit_args(audit: argparse.ArgumentParser) -> None:
     audit.add_argument(
         "--verify", action="store_true", help="check the hash chain; exit 1 if broken"
     )
-
-
-def _effects_args(effects: argparse.ArgumentParser) -> None:
-    _filter_args(effects)
-    effects.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
-    effects.add_argument("--status", choices=[s.value for s in EffectStatus], type=str.lower)
 
 
 def _dashboard_args(dashboard: argparse.ArgumentParser) -> None:
@@ -186,10 +232,17 @@ def _no_args(_: argparse.ArgumentParser) -> None:
 
 def _drill_args(drill: argparse.ArgumentParser) -> None:
     drill.add_argument("--scope", choices=[*DRILL_SCOPES, "breaker", "all"], default="all")
-    drill.add_argument("--settle", type=float, default=60.0, help="seconds to watch after the flip")
+    drill.add_argument(
+        "--settle", type=float, default=DRILL_SETTLE,
+        help=f"seconds to watch after the flip (default {DRILL_SETTLE:g}; seed 000 used 60)",
+    )  # fmt: skip
     drill.add_argument("--items", type=int, default=200, help="queue length of each worker")
     drill.add_argument("--tick", type=float, default=0.01, help="seconds of work per item")
     drill.add_argument("--allow-global", action="store_true", help="global scope with --addr")
+
+
+def _completion_args(completion: argparse.ArgumentParser) -> None:
+    completion.add_argument("shell", choices=SHELLS, help="the shell to complete in")
 
 
 def _watch_args(watch: argparse.ArgumentParser) -> None:
@@ -208,7 +261,8 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("agents", "list agent instances", True, _agents_args),
     ("halts", "list the halts in force", True, _halts_args),
     ("audit", "every kill and resume", True, _audit_args),
-    ("effects", "the side-effect ledger", True, _effects_args),
+    ("effects", "the side-effect ledger", True, effects_args),
+    ("compensate", "reverse landed effects with a handler, newest first", True, compensate_args),
     ("permit-key", "the public key that verifies permits", True, _no_args),
     ("token", "issue a signed agent token (admins)", True, _token_args),
     ("whoami", "who the coordinator takes you to be, and your role", True, _no_args),
@@ -219,14 +273,29 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
     ("policy", "the protection policy: apply -f FILE, get, history", True, policy_args),
     ("breakers", "every breaker's state and figures", True, breakers_args),
+    ("completion", "a shell completion script: bash, zsh or fish", False, _completion_args),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``tether`` parser: one subcommand per verb; ``args.verb`` names the one given."""
-    common = _common()
-    parser = _Parser(prog="tether", description="Kill switch for fleets of AI agents.")
+    """The ``tether`` parser: one subcommand per verb; ``args.verb`` names the one given.
+
+    The global flags (``--addr``, ``-o``, ``--timeout``, ...) go before or after the verb.
+    """
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="tether", description="Kill switch for fleets of AI agents.", epilog=ENVIRONMENT,
+        formatter_class=raw,
+    )  # fmt: skip
+    parser.add_argument("--version", nargs=0, action=_Version, help="print the version and exit")
+    _common(parser, suppress=False)
+    common = _common(argparse.ArgumentParser(add_help=False), suppress=True)
     verbs: Any = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     for name, help_text, takes_common, arguments in _VERBS:
-        arguments(verbs.add_parser(name, parents=[common] if takes_common else [], help=help_text))
+        arguments(
+            verbs.add_parser(
+                name, parents=[common] if takes_common else [], help=help_text,
+                description=help_text, epilog=epilog(name), formatter_class=raw,
+            )
+        )  # fmt: skip
     return parser

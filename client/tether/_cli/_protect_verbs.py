@@ -56,7 +56,8 @@ def policy(client: AdminClient, args: argparse.Namespace) -> int:
             print("# no policy applied: nothing trips automatically")
     else:
         history = client.policy_history()
-        print_listing(args.output, history, ["VERSION", "BY", "APPLIED", "SIZE"], _version_row)
+        headers = ["VERSION", "BY", "APPLIED", "SIZE"]
+        print_listing(args.output, history, headers, _version_row, no_headers=args.no_headers)
     return EXIT_OK
 
 
@@ -69,9 +70,10 @@ def breakers(client: AdminClient, args: argparse.Namespace) -> int:
     if args.output == "json":
         print_json({"configured": configured, "breakers": found})
         return EXIT_OK
-    print_listing("table", found, ["BREAKER", "SUBJECT", "STATE", "SINCE", "REASON"], _breaker_row)
+    headers = ["BREAKER", "SUBJECT", "STATE", "SINCE", "REASON"]
+    print_listing("table", found, headers, _breaker_row, no_headers=args.no_headers)
     tripped = {b.name for b in found}
     for name in configured:
-        if name not in tripped:
+        if name not in tripped and not args.no_headers:  # --no-headers: the rows only
             print(f"{name}: CLOSED everywhere")
     return EXIT_OK

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from collections.abc import Callable
 from types import ModuleType
 
 from tether._cli._output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail, print_json
@@ -50,6 +52,22 @@ def serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _progress() -> Callable[[str], None]:
+    """A drill's steps on stderr; on a terminal, the settle countdown overwrites itself."""
+    tty = sys.stderr.isatty()
+    counting = False
+
+    def say(text: str) -> None:
+        nonlocal counting
+        countdown = tty and "settling," in text
+        end = "" if countdown else "\n"
+        start = "\r\033[K" if counting else ""
+        print(f"{start}drill: {text}", end=end, file=sys.stderr, flush=True)
+        counting = countdown
+
+    return say
+
+
 def drill(args: argparse.Namespace) -> int:
     if args.addr and args.scope in ("global", "all") and not args.allow_global:
         raise InvalidArgument(
@@ -61,8 +79,9 @@ def drill(args: argparse.Namespace) -> int:
     if isinstance(tether_server, int):
         return tether_server
     reports = tether_server.run_drills(
-        args.scope, args.addr, settle=args.settle, items=args.items, tick=args.tick
-    )
+        args.scope, args.addr, settle=args.settle, items=args.items, tick=args.tick,
+        progress=_progress(),
+    )  # fmt: skip
     verdict = "FAIL" if any(r["verdict"] == "FAIL" for r in reports) else "PASS"
     if args.output == "json":
         print_json({"verdict": verdict, "drills": reports})

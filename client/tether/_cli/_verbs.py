@@ -3,48 +3,70 @@
 from __future__ import annotations
 
 import argparse
-import re
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from tether._admin import AdminClient, selector
+from tether._admin import AdminClient
 from tether._cli._output import (
     AGENT_HEADERS,
     AUDIT_HEADERS,
-    EFFECT_HEADERS,
     EXIT_ERROR,
     EXIT_OK,
     HALT_HEADERS,
+    WIDE_AGENT_HEADERS,
     agent_row,
     audit_row,
-    effect_row,
     fail,
     halt_row,
     print_event,
     print_json,
     print_listing,
+    wide_agent_row,
 )
 from tether._cli._protect_verbs import breakers, policy
-from tether._errors import InvalidArgument
-from tether._types import EffectStatus, State
+from tether._cli._recovery import AGE, compensate, effects, when
+from tether._config import resolve_targets
+from tether._errors import FailedPrecondition, InvalidArgument
+from tether._selector import selector
+from tether._types import Halt, Scope, Selector, State
 from tether._uri import parse_agent_uri
+
+_ENDED = (State.EXITED, State.STALE)  # listed by `tether agents` only with --all or --state
+
+
+def check_addr(raw: str | None, environ: Mapping[str, str]) -> None:
+    """Refuse a coordinator address without a port, rather than let gRPC dial 443."""
+    source = "--addr" if raw else "TETHER_ADDR"
+    for target in resolve_targets(raw, environ):
+        host, sep, port = target.rpartition(":")
+        bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+        if not sep or not host or bare_v6 or not port.isdigit() or not 0 < int(port) < 65536:
+            example = f"[{target}]:7700" if ":" in target else f"{target.rstrip(':')}:7700"
+            raise InvalidArgument(
+                f"{source} {target!r} needs HOST:PORT with a port, e.g. {example} "
+                "(7700 is tether serve's default)"
+            )
 
 
 def _selector(args: argparse.Namespace) -> Any:
     if args.in_tenant and not args.run:
         raise InvalidArgument("--in-tenant goes with --run")
-    labels = {}
-    for item in args.label:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidArgument(f"--label {item!r}: expected KEY=VALUE, e.g. feature=beta")
-        labels[key] = value
+    labels = _labels("--label", args.label)
     tenant = args.in_tenant if args.run else args.tenant
     return selector(
         all=args.all, tenant=tenant, agent=args.agent, run_id=args.run,
         capability=args.capability, labels=labels, writes=getattr(args, "writes", False),
     )  # fmt: skip
+
+
+def _labels(flag: str, items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"{flag} {item!r}: expected KEY=VALUE, e.g. version=1.4.3")
+        labels[key] = value
+    return labels
 
 
 def _agent_filter(args: argparse.Namespace) -> dict[str, str]:
@@ -54,33 +76,18 @@ def _agent_filter(args: argparse.Namespace) -> dict[str, str]:
     return {"tenant": tenant, "agent": agent, "run_id": args.run}
 
 
-_AGE = re.compile(r"^(\d+)([smhd])$")
-
-
-def _since(raw: str | None) -> datetime | None:
-    if not raw:
-        return None
-    if match := _AGE.match(raw):
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
-        return datetime.now(UTC) - timedelta(**{unit: int(match[1])})
-    try:
-        parsed = datetime.fromisoformat(raw)
-    except ValueError:
-        raise InvalidArgument(
-            f"--since {raw!r}: use an ISO time or an age such as 30m, 2h, 1d"
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def kill(client: AdminClient, args: argparse.Namespace) -> int:
     if args.grace is not None and args.mode != "soft":
         raise InvalidArgument("--grace goes with --mode soft")
     if args.grace is not None and not 0 <= args.grace <= 3600:  # also refuses nan and inf
         raise InvalidArgument(f"--grace {args.grace}: give seconds between 0 and 3600")
-    halt, already = client.kill(
-        _selector(args), args.reason, force=args.force, soft=args.mode == "soft",
-        grace=args.grace, drain=args.queue == "drain",
-    )  # fmt: skip
+    try:
+        halt, already = client.kill(
+            _selector(args), args.reason, force=args.force, soft=args.mode == "soft",
+            grace=args.grace, drain=args.queue == "drain",
+        )  # fmt: skip
+    except FailedPrecondition as err:  # the coordinator speaks of the wire's field
+        raise FailedPrecondition(str(err).replace("pass force", "add --force")) from err
     if args.output == "json":
         print_json({"halt": halt, "already_halted": already})
     else:
@@ -91,31 +98,75 @@ def kill(client: AdminClient, args: argparse.Namespace) -> int:
 
 def resume(client: AdminClient, args: argparse.Namespace) -> int:
     sel = _selector(args)
-    halt = client.resume(sel, args.reason)
+    required = _labels("--require-label", args.require_label)
+    halt = client.resume(sel, args.reason, require_labels=required)
+    narrower = [] if halt else narrower_halts(sel, client.halts(tenant=sel.tenant))
     if args.output == "json":
-        print_json({"resumed": halt, "was_halted": halt is not None})
+        print_json({"resumed": halt, "was_halted": halt is not None, "narrower": narrower})
+    elif halt:
+        only = " only for " + ",".join(f"{k}={v}" for k, v in required.items()) if required else ""
+        print(f"resumed {sel.describe()}{only}")
+    elif narrower:
+        names = "; ".join(
+            f"{h.selector.describe()} (`{resume_command(h.selector)}`)" for h in narrower
+        )
+        print(f"{sel.describe()} was not halted; these narrower halts remain: {names}; "
+              "resume them by name")  # fmt: skip
     else:
-        print(f"resumed {sel.describe()}" if halt else f"{sel.describe()} was not halted")
+        print(f"{sel.describe()} was not halted")
     return EXIT_OK
+
+
+def narrower_halts(sel: Selector, found: list[Halt]) -> list[Halt]:
+    """The halts inside ``sel``'s scope, other than ``sel`` itself: what a user who resumed
+    ``sel`` and found it not halted most likely meant."""
+    return [
+        h for h in found
+        if h.selector != sel
+        and sel.names(h.selector.tenant, h.selector.agent, h.selector.run_id)
+        and sel.capability in ("", h.selector.capability)
+        and all(h.selector.labels.get(k) == v for k, v in sel.labels.items())
+    ]  # fmt: skip
+
+
+def resume_command(sel: Selector) -> str:
+    """The ``tether resume`` that lifts exactly ``sel``."""
+    words = ["tether resume"]
+    if sel.scope is Scope.GLOBAL:
+        words.append("--global")
+    elif sel.scope is Scope.TENANT:
+        words.append(f"--tenant {sel.tenant}")
+    elif sel.scope is Scope.AGENT:
+        words.append(f"--agent agent://{sel.tenant}/{sel.agent}")
+    else:
+        words.append(f"--run {sel.run_id}" + (f" --in-tenant {sel.tenant}" if sel.tenant else ""))
+    if sel.capability:
+        words.append(f"--capability {sel.capability}")
+    words.extend(f"--label {k}={v}" for k, v in sorted(sel.labels.items()))
+    return " ".join(words)
 
 
 def agents(client: AdminClient, args: argparse.Namespace) -> int:
     found = client.agents(**_agent_filter(args), state=State(args.state) if args.state else None)
-    print_listing(args.output, found, AGENT_HEADERS, agent_row)
+    if not (args.all or args.state):
+        found = [a for a in found if a.state not in _ENDED]
+    headers, row = (WIDE_AGENT_HEADERS, wide_agent_row) if args.output == "wide" else (
+        AGENT_HEADERS, agent_row)  # fmt: skip
+    print_listing(args.output, found, headers, row, no_headers=args.no_headers)
     return EXIT_OK
 
 
 def halts(client: AdminClient, args: argparse.Namespace) -> int:
     found = client.halts(tenant=args.tenant)
-    print_listing(args.output, found, HALT_HEADERS, halt_row)
+    print_listing(args.output, found, HALT_HEADERS, halt_row, no_headers=args.no_headers)
     return EXIT_OK
 
 
 def audit(client: AdminClient, args: argparse.Namespace) -> int:
     if args.verify:
         return _verify_audit(client, args)
-    entries = client.audit(tenant=args.tenant, since=_since(args.since), limit=args.limit)
-    print_listing(args.output, entries, AUDIT_HEADERS, audit_row)
+    entries = client.audit(tenant=args.tenant, since=when("--since", args.since), limit=args.limit)
+    print_listing(args.output, entries, AUDIT_HEADERS, audit_row, no_headers=args.no_headers)
     return EXIT_OK
 
 
@@ -140,21 +191,9 @@ def watch(client: AdminClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def effects(client: AdminClient, args: argparse.Namespace) -> int:
-    where = _agent_filter(args)
-    if not where["tenant"]:
-        raise InvalidArgument("tether effects needs --tenant or --agent agent://TENANT/AGENT")
-    rows = client.effects(
-        where["tenant"], agent=where["agent"], run_id=where["run_id"], since=_since(args.since),
-        status=EffectStatus(args.status) if args.status else None,
-    )  # fmt: skip
-    print_listing(args.output, rows, EFFECT_HEADERS, effect_row)
-    return EXIT_OK
-
-
 def _seconds(flag: str, raw: str) -> float:
     """``30m``, ``24h``, ``7d``, ``90s`` or plain seconds."""
-    if match := _AGE.match(raw):
+    if match := AGE.match(raw):
         return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
     try:
         return float(raw)
@@ -202,6 +241,7 @@ ADMIN_VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
     "audit": audit,
     "watch": watch,
     "effects": effects,
+    "compensate": compensate,
     "permit-key": permit_key,
     "token": token,
     "whoami": whoami,

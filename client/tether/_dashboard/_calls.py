@@ -162,9 +162,6 @@ def audit(client: AdminClient, tenant: str, limit: int) -> dict[str, Any]:
 def effects(client: AdminClient, query: EffectsQuery) -> list[dict[str, Any]]:
     rows = client.effects(
         query.tenant, agent=query.agent, run_id=query.run_id, since=query.since,
-        status=query.status,
+        until=query.until, status=query.status,
     )  # fmt: skip
-    if query.until is not None:
-        until = query.until
-        rows = [r for r in rows if r.intended_at is None or r.intended_at <= until]
-    return [plain(r) for r in rows]
+    return [plain(r) for r in rows]  # each with its undo data, trace and compensation

@@ -66,9 +66,11 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     """instances acknowledged a kill"""
     AUDIT_ACTION_ESCALATE: _AuditAction.ValueType  # 5
     """a soft kill's grace timed out; in-flight work was cancelled"""
-    AUDIT_ACTION_POLICY: _AuditAction.ValueType  # 6
+    AUDIT_ACTION_COMPENSATE: _AuditAction.ValueType  # 6
+    """an effect was compensated, or its compensation failed"""
+    AUDIT_ACTION_POLICY: _AuditAction.ValueType  # 7
     """a policy was applied; the reason names its version"""
-    AUDIT_ACTION_WOULD_TRIP: _AuditAction.ValueType  # 7
+    AUDIT_ACTION_WOULD_TRIP: _AuditAction.ValueType  # 8
     """a dry-run rule held: nothing was halted"""
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper): ...
@@ -82,9 +84,11 @@ AUDIT_ACTION_ACK: AuditAction.ValueType  # 4
 """instances acknowledged a kill"""
 AUDIT_ACTION_ESCALATE: AuditAction.ValueType  # 5
 """a soft kill's grace timed out; in-flight work was cancelled"""
-AUDIT_ACTION_POLICY: AuditAction.ValueType  # 6
+AUDIT_ACTION_COMPENSATE: AuditAction.ValueType  # 6
+"""an effect was compensated, or its compensation failed"""
+AUDIT_ACTION_POLICY: AuditAction.ValueType  # 7
 """a policy was applied; the reason names its version"""
-AUDIT_ACTION_WOULD_TRIP: AuditAction.ValueType  # 7
+AUDIT_ACTION_WOULD_TRIP: AuditAction.ValueType  # 8
 """a dry-run rule held: nothing was halted"""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
@@ -600,13 +604,25 @@ class ListEffectsRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """required"""
     agent: _builtins.str
     run_id: _builtins.str
     status: _types_pb2.EffectStatus.ValueType
+    trace_id: _builtins.str
+    """only effects of this OpenTelemetry trace"""
+    capability: _builtins.str
     @_builtins.property
-    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """intended at or after"""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """intended before"""
+
     def __init__(
         self,
         *,
@@ -615,14 +631,83 @@ class ListEffectsRequest(_message.Message):
         run_id: _builtins.str = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
         status: _types_pb2.EffectStatus.ValueType = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        trace_id: _builtins.str = ...,
+        capability: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "run_id", b"run_id", "since", b"since", "status", b"status", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capability", b"capability", "run_id", b"run_id", "since", b"since", "status", b"status", "tenant", b"tenant", "trace_id", b"trace_id", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEffectsRequest: _TypeAlias = ListEffectsRequest  # noqa: Y015
+
+@_typing.final
+class RecordCompensationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    EFFECT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """required, with agent and run_id: the effect's run"""
+    agent: _builtins.str
+    run_id: _builtins.str
+    effect_id: _builtins.str
+    """required"""
+    status: _types_pb2.CompensationStatus.ValueType
+    """CLAIMED before calling the handler (refused with FAILED_PRECONDITION while another
+    run holds a fresh claim), then COMPENSATED or FAILED, which ends the claim.
+    """
+    error: _builtins.str
+    """FAILED: what the handler raised"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        effect_id: _builtins.str = ...,
+        status: _types_pb2.CompensationStatus.ValueType = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "effect_id", b"effect_id", "error", b"error", "run_id", b"run_id", "status", b"status", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordCompensationRequest: _TypeAlias = RecordCompensationRequest  # noqa: Y015
+
+@_typing.final
+class RecordCompensationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EFFECT_FIELD_NUMBER: _builtins.int
+    ALREADY_COMPENSATED_FIELD_NUMBER: _builtins.int
+    already_compensated: _builtins.bool
+    """it was compensated before; nothing was recorded"""
+    @_builtins.property
+    def effect(self) -> _types_pb2.Effect:
+        """the effect as the ledger now folds it"""
+
+    def __init__(
+        self,
+        *,
+        effect: _types_pb2.Effect | None = ...,
+        already_compensated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effect", b"effect"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_compensated", b"already_compensated", "effect", b"effect"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordCompensationResponse: _TypeAlias = RecordCompensationResponse  # noqa: Y015
 
 @_typing.final
 class ListEffectsResponse(_message.Message):
@@ -722,23 +807,51 @@ Global___KillResponse: _TypeAlias = KillResponse  # noqa: Y015
 class ResumeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class RequireLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SELECTOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    REQUIRE_LABELS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     actor: _builtins.str
     @_builtins.property
     def selector(self) -> _types_pb2.Selector: ...
+    @_builtins.property
+    def require_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Resume only instances carrying every one of these labels (e.g. version=1.4.3): the
+        halt stays for the rest, with this as its release gate.
+        """
+
     def __init__(
         self,
         *,
         selector: _types_pb2.Selector | None = ...,
         reason: _builtins.str = ...,
         actor: _builtins.str = ...,
+        require_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "require_labels", b"require_labels", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -965,6 +1078,26 @@ Global___AgentEvent: _TypeAlias = AgentEvent  # noqa: Y015
 class AuditEntry(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class RequireLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
@@ -979,6 +1112,7 @@ class AuditEntry(_message.Message):
     HALT_ID_FIELD_NUMBER: _builtins.int
     INSTANCES_FIELD_NUMBER: _builtins.int
     ACTOR_NOTE_FIELD_NUMBER: _builtins.int
+    REQUIRE_LABELS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     action: Global___AuditAction.ValueType
     actor: _builtins.str
@@ -1003,6 +1137,10 @@ class AuditEntry(_message.Message):
     def instances(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """for acknowledgements and escalations"""
 
+    @_builtins.property
+    def require_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """a resume's release gate (ResumeRequest)"""
+
     def __init__(
         self,
         *,
@@ -1020,10 +1158,11 @@ class AuditEntry(_message.Message):
         halt_id: _builtins.str = ...,
         instances: _abc.Iterable[_builtins.str] | None = ...,
         actor_note: _builtins.str = ...,
+        require_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "actor_note", b"actor_note", "at", b"at", "changed", b"changed", "halt_id", b"halt_id", "hash", b"hash", "id", b"id", "instances", b"instances", "mode", b"mode", "prev_hash", b"prev_hash", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "actor_note", b"actor_note", "at", b"at", "changed", b"changed", "halt_id", b"halt_id", "hash", b"hash", "id", b"id", "instances", b"instances", "mode", b"mode", "prev_hash", b"prev_hash", "reason", b"reason", "require_labels", b"require_labels", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

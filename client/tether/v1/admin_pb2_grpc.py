@@ -81,6 +81,11 @@ class AdminServiceStub:
                 request_serializer=tether_dot_v1_dot_admin__pb2.ListEffectsRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_admin__pb2.ListEffectsResponse.FromString,
                 _registered_method=True)
+        self.RecordCompensation = channel.unary_unary(
+                '/tether.v1.AdminService/RecordCompensation',
+                request_serializer=tether_dot_v1_dot_admin__pb2.RecordCompensationRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.RecordCompensationResponse.FromString,
+                _registered_method=True)
         self.GetPermitKey = channel.unary_unary(
                 '/tether.v1.AdminService/GetPermitKey',
                 request_serializer=tether_dot_v1_dot_admin__pb2.GetPermitKeyRequest.SerializeToString,
@@ -178,6 +183,14 @@ class AdminServiceServicer:
 
     def ListEffects(self, request, context):
         """The side-effect ledger: what landed before a kill, and what was refused after it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordCompensation(self, request, context):
+        """Record that an effect was compensated (or that its compensation failed); audited.
+        An effect compensated once is never recorded as compensated again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -289,6 +302,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListEffects,
                     request_deserializer=tether_dot_v1_dot_admin__pb2.ListEffectsRequest.FromString,
                     response_serializer=tether_dot_v1_dot_admin__pb2.ListEffectsResponse.SerializeToString,
+            ),
+            'RecordCompensation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordCompensation,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.RecordCompensationRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.RecordCompensationResponse.SerializeToString,
             ),
             'GetPermitKey': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPermitKey,
@@ -575,6 +593,33 @@ class AdminService:
             '/tether.v1.AdminService/ListEffects',
             tether_dot_v1_dot_admin__pb2.ListEffectsRequest.SerializeToString,
             tether_dot_v1_dot_admin__pb2.ListEffectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordCompensation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/RecordCompensation',
+            tether_dot_v1_dot_admin__pb2.RecordCompensationRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.RecordCompensationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,10 @@ class AdminServiceStub:
     """Walk the whole audit hash chain and say whether it is intact."""
     ListEffects: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEffectsRequest, _admin_pb2.ListEffectsResponse]
     """The side-effect ledger: what landed before a kill, and what was refused after it."""
+    RecordCompensation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RecordCompensationRequest, _admin_pb2.RecordCompensationResponse]
+    """Record that an effect was compensated (or that its compensation failed); audited.
+    An effect compensated once is never recorded as compensated again.
+    """
     GetPermitKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPermitKeyRequest, _admin_pb2.PermitKey]
     """The public key that verifies effect permits, for downstream tools."""
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_admin_pb2.WhoAmIRequest, _admin_pb2.Principal]
@@ -84,6 +88,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Walk the whole audit hash chain and say whether it is intact."""
     ListEffects: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEffectsRequest, _admin_pb2.ListEffectsResponse]  # type: ignore[assignment]
     """The side-effect ledger: what landed before a kill, and what was refused after it."""
+    RecordCompensation: _aio.UnaryUnaryMultiCallable[_admin_pb2.RecordCompensationRequest, _admin_pb2.RecordCompensationResponse]  # type: ignore[assignment]
+    """Record that an effect was compensated (or that its compensation failed); audited.
+    An effect compensated once is never recorded as compensated again.
+    """
     GetPermitKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPermitKeyRequest, _admin_pb2.PermitKey]  # type: ignore[assignment]
     """The public key that verifies effect permits, for downstream tools."""
     WhoAmI: _aio.UnaryUnaryMultiCallable[_admin_pb2.WhoAmIRequest, _admin_pb2.Principal]  # type: ignore[assignment]
@@ -174,6 +182,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListEffectsResponse, _abc.Awaitable[_admin_pb2.ListEffectsResponse]]:
         """The side-effect ledger: what landed before a kill, and what was refused after it."""
+
+    @_abc_1.abstractmethod
+    def RecordCompensation(
+        self,
+        request: _admin_pb2.RecordCompensationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecordCompensationResponse, _abc.Awaitable[_admin_pb2.RecordCompensationResponse]]:
+        """Record that an effect was compensated (or that its compensation failed); audited.
+        An effect compensated once is never recorded as compensated again.
+        """
 
     @_abc_1.abstractmethod
     def GetPermitKey(

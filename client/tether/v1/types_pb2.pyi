@@ -181,6 +181,37 @@ EFFECT_STATUS_CANCELLED: EffectStatus.ValueType  # 7
 """in flight when a hard kill (or an expired grace) cancelled it"""
 Global___EffectStatus: _TypeAlias = EffectStatus  # noqa: Y015
 
+class _CompensationStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CompensationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CompensationStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPENSATION_STATUS_UNSPECIFIED: _CompensationStatus.ValueType  # 0
+    """not compensated"""
+    COMPENSATION_STATUS_COMPENSATED: _CompensationStatus.ValueType  # 1
+    """the handler reversed it; never run again"""
+    COMPENSATION_STATUS_FAILED: _CompensationStatus.ValueType  # 2
+    """the handler raised; a later run tries again"""
+    COMPENSATION_STATUS_CLAIMED: _CompensationStatus.ValueType  # 3
+    """A run is calling the handler now (RecordCompensation claims it before the call, so
+    that two runs at once never both reverse it); a claim older than 5 minutes lapses.
+    """
+
+class CompensationStatus(_CompensationStatus, metaclass=_CompensationStatusEnumTypeWrapper): ...
+
+COMPENSATION_STATUS_UNSPECIFIED: CompensationStatus.ValueType  # 0
+"""not compensated"""
+COMPENSATION_STATUS_COMPENSATED: CompensationStatus.ValueType  # 1
+"""the handler reversed it; never run again"""
+COMPENSATION_STATUS_FAILED: CompensationStatus.ValueType  # 2
+"""the handler raised; a later run tries again"""
+COMPENSATION_STATUS_CLAIMED: CompensationStatus.ValueType  # 3
+"""A run is calling the handler now (RecordCompensation claims it before the call, so
+that two runs at once never both reverse it); a claim older than 5 minutes lapses.
+"""
+Global___CompensationStatus: _TypeAlias = CompensationStatus  # noqa: Y015
+
 @_typing.final
 class Selector(_message.Message):
     """Selector names the instances a halt applies to. Every non-empty field must
@@ -264,6 +295,26 @@ class Halt(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ReleaseGateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
@@ -274,6 +325,7 @@ class Halt(_message.Message):
     GRACE_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
     ACTOR_NOTE_FIELD_NUMBER: _builtins.int
+    RELEASE_GATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """stable key of the selector"""
     reason: _builtins.str
@@ -295,6 +347,12 @@ class Halt(_message.Message):
     def grace(self) -> _duration_pb2.Duration:
         """soft kills: how long in-flight work may go on"""
 
+    @_builtins.property
+    def release_gate(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """A resume that waits for a good release: instances carrying every one of these labels
+        (e.g. version=1.4.3) are exempt; the rest stay halted. Empty: no exemption.
+        """
+
     def __init__(
         self,
         *,
@@ -308,10 +366,11 @@ class Halt(_message.Message):
         grace: _duration_pb2.Duration | None = ...,
         queue: Global___QueuePolicy.ValueType = ...,
         actor_note: _builtins.str = ...,
+        release_gate: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "grace", b"grace", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "actor_note", b"actor_note", "created_at", b"created_at", "grace", b"grace", "id", b"id", "mode", b"mode", "queue", b"queue", "reason", b"reason", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "actor_note", b"actor_note", "created_at", b"created_at", "grace", b"grace", "id", b"id", "mode", b"mode", "queue", b"queue", "reason", b"reason", "release_gate", b"release_gate", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -333,11 +392,19 @@ class Effect(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
     PERMIT_REVISION_FIELD_NUMBER: _builtins.int
-    ANOMALY_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    UNDO_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    COMPENSATION_FIELD_NUMBER: _builtins.int
+    COMPENSATION_ERROR_FIELD_NUMBER: _builtins.int
+    COMPENSATED_AT_FIELD_NUMBER: _builtins.int
+    COMPENSATED_BY_FIELD_NUMBER: _builtins.int
+    ANOMALY_FIELD_NUMBER: _builtins.int
     effect_id: _builtins.str
     """unique, chosen by the SDK"""
     key: _builtins.str
@@ -350,17 +417,36 @@ class Effect(_message.Message):
     strict: _builtins.bool
     permit_revision: _builtins.int
     """strict: the revision the permit was granted at"""
-    anomaly: _builtins.str
-    """flagged by the agent (fx.anomaly): why it deviates"""
     tenant: _builtins.str
     """Set by the coordinator from the stream's registration."""
     agent: _builtins.str
     run_id: _builtins.str
     instance_id: _builtins.str
+    trace_id: _builtins.str
+    """OpenTelemetry trace id current at the gate (32 hex), if any"""
+    span_id: _builtins.str
+    """and its span id (16 hex)"""
+    release: _builtins.str
+    """the agent's release: its `version` label"""
+    compensation: Global___CompensationStatus.ValueType
+    """Set by the coordinator when `tether compensate` records a compensation."""
+    compensation_error: _builtins.str
+    compensated_by: _builtins.str
+    """the principal that ran the compensation"""
+    anomaly: _builtins.str
+    """flagged by the agent (fx.anomaly): why it deviates"""
     @_builtins.property
     def intended_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def ended_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def undo(self) -> _struct_pb2.Struct:
+        """Rollback state (fx.undo): what reverses the effect, such as the previous value, the
+        message id or the charge id. A JSON object of at most 16 KiB (encoded).
+        """
+
+    @_builtins.property
+    def compensated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -374,15 +460,23 @@ class Effect(_message.Message):
         error: _builtins.str = ...,
         strict: _builtins.bool = ...,
         permit_revision: _builtins.int = ...,
-        anomaly: _builtins.str = ...,
         tenant: _builtins.str = ...,
         agent: _builtins.str = ...,
         run_id: _builtins.str = ...,
         instance_id: _builtins.str = ...,
+        undo: _struct_pb2.Struct | None = ...,
+        trace_id: _builtins.str = ...,
+        span_id: _builtins.str = ...,
+        release: _builtins.str = ...,
+        compensation: Global___CompensationStatus.ValueType = ...,
+        compensation_error: _builtins.str = ...,
+        compensated_at: _timestamp_pb2.Timestamp | None = ...,
+        compensated_by: _builtins.str = ...,
+        anomaly: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "intended_at", b"intended_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compensated_at", b"compensated_at", "ended_at", b"ended_at", "intended_at", b"intended_at", "undo", b"undo"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "anomaly", b"anomaly", "capability", b"capability", "effect_id", b"effect_id", "ended_at", b"ended_at", "error", b"error", "instance_id", b"instance_id", "intended_at", b"intended_at", "key", b"key", "permit_revision", b"permit_revision", "refused_by", b"refused_by", "run_id", b"run_id", "status", b"status", "strict", b"strict", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "anomaly", b"anomaly", "capability", b"capability", "compensated_at", b"compensated_at", "compensated_by", b"compensated_by", "compensation", b"compensation", "compensation_error", b"compensation_error", "effect_id", b"effect_id", "ended_at", b"ended_at", "error", b"error", "instance_id", b"instance_id", "intended_at", b"intended_at", "key", b"key", "permit_revision", b"permit_revision", "refused_by", b"refused_by", "release", b"release", "run_id", b"run_id", "span_id", b"span_id", "status", b"status", "strict", b"strict", "tenant", b"tenant", "trace_id", b"trace_id", "undo", b"undo"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
