@@ -83,6 +83,7 @@ def test_kill_resume_and_reads_with_json_output(coord: Coordinator, tenant: str)
             "run_id": "",
             "capability": "",
             "labels": {},
+            "writes": False,
         }
         assert killed["halt"]["actor"].startswith("anonymous@")  # the principal
         assert killed["halt"]["actor_note"].startswith("oncall@")  # what the CLI said

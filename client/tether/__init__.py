@@ -14,12 +14,13 @@ import os as _os
 # value the process set itself wins. It must be set before grpc is first imported.
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from tether._admin import AdminClient, selector
+from tether._admin import AdminClient
 from tether._agent import Agent, AsyncAgent
 from tether._compensate import CompensationReport, compensate
 from tether._config import AgentConfig
 from tether._errors import (
     CapabilityFrozen,
+    Degraded,
     FailedPrecondition,
     InvalidArgument,
     Killed,
@@ -39,6 +40,8 @@ from tether._permits import (
     PermitInterceptor,
     PermitVerifier,
 )
+from tether._protection import BreakerStatus, PolicyVersion
+from tether._selector import selector
 from tether._types import (
     AgentEvent,
     AgentInstance,
@@ -68,8 +71,10 @@ __all__ = [
     "AgentToken",
     "AsyncAgent",
     "AuditEntry",
+    "BreakerStatus",
     "CapabilityFrozen",
     "CompensationReport",
+    "Degraded",
     "DuplicateEffect",
     "Effect",
     "EffectRecord",
@@ -85,6 +90,7 @@ __all__ = [
     "PermitClaims",
     "PermitInterceptor",
     "PermitVerifier",
+    "PolicyVersion",
     "Principal",
     "Scope",
     "Selector",

@@ -24,8 +24,9 @@ from tether._channel import (
     traced,
 )
 from tether._config import resolve_targets
-from tether._errors import InvalidArgument, from_rpc_error
+from tether._errors import from_rpc_error
 from tether._failover import Coordinators, FailoverStub
+from tether._protection import ProtectionCalls
 from tether._types import (
     EFFECT_STATUS_TO_PB,
     STATE_TO_PB,
@@ -37,11 +38,9 @@ from tether._types import (
     EffectStatus,
     Halt,
     Principal,
-    Scope,
     Selector,
     State,
 )
-from tether._uri import parse_agent_uri
 from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 T = TypeVar("T")
@@ -58,36 +57,6 @@ def default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def selector(
-    *,
-    all: bool = False,
-    tenant: str | None = None,
-    agent: str | None = None,
-    run_id: str | None = None,
-    capability: str | None = None,
-    labels: Mapping[str, str] | None = None,
-) -> Selector:
-    """Build a selector from exactly one of the CLI-style choices.
-
-    ``agent`` is a URI, ``agent://TENANT/AGENT``. ``run_id`` may be combined with
-    ``tenant`` to narrow a run kill to one tenant. ``capability`` narrows any scope to
-    one tool (a freeze); ``labels`` narrow it to instances carrying all of them.
-    """
-    cap, wanted = capability or "", dict(labels or {})
-    if agent is not None:
-        if all or tenant is not None or run_id is not None:
-            raise InvalidArgument("an agent URI already names the tenant; give it alone")
-        ref = parse_agent_uri(agent)
-        return Selector(Scope.AGENT, ref.tenant, ref.agent, "", cap, wanted)
-    if run_id is not None:
-        return Selector(Scope.RUN, tenant or "", "", run_id, cap, wanted)
-    if tenant is not None:
-        return Selector(Scope.TENANT, tenant, "", "", cap, wanted)
-    if all:
-        return Selector(Scope.GLOBAL, "", "", "", cap, wanted)
-    raise InvalidArgument("name a scope: global, tenant, agent or run")
-
-
 # Admin channels notice a dead coordinator under an open watch, and retry a restarted one soon.
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 10_000),
@@ -96,7 +65,7 @@ CHANNEL_OPTIONS = (
 )
 
 
-class AdminClient:
+class AdminClient(ProtectionCalls):
     """Talks to the coordinators' AdminService. Every coordinator answers the same.
 
     Given several addresses, it fails over: see ``tether._failover``. A Kill retried on

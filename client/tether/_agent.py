@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import math
 import os
 import socket
 import threading
@@ -23,6 +25,9 @@ from tether._verdict import Identity
 from tether._work import Timer, WorkQueue, retry
 
 T = TypeVar("T")
+# A list of capabilities (each a write), or a mapping of each to "read" or "write".
+Capabilities = Iterable[str] | Mapping[str, str]
+log = logging.getLogger("tether")
 
 
 def _settings(
@@ -51,7 +56,7 @@ def _identity(
     uri: str,
     run_id: str | None,
     instance_id: str | None,
-    capabilities: Iterable[str],
+    capabilities: Capabilities,
     labels: Mapping[str, str] | None,
 ) -> Identity:
     ref = parse_agent_uri(uri)
@@ -63,7 +68,18 @@ def _identity(
         instance_id=check_name("instance_id", instance),
         capabilities=tuple(capabilities),
         labels=dict(labels or {}),
+        reads=_reads(capabilities),
     )
+
+
+def _reads(capabilities: Capabilities) -> frozenset[str]:
+    """The capabilities declared ``"read"``; a plain list declares every one a write."""
+    if not isinstance(capabilities, Mapping):
+        return frozenset()
+    for name, kind in capabilities.items():
+        if kind not in ("read", "write"):
+            raise InvalidArgument(f'capability {name} is of kind {kind!r}: use "read" or "write"')
+    return frozenset(name for name, kind in capabilities.items() if kind == "read")
 
 
 def _released(labels: Mapping[str, str] | None, release: str | None) -> dict[str, str]:
@@ -89,7 +105,7 @@ class _Front:
         run_id: str | None = None,
         target: str | None = None,
         instance_id: str | None = None,
-        capabilities: Iterable[str] = (),
+        capabilities: Capabilities = (),
         labels: Mapping[str, str] | None = None,
         connect_timeout: float | None = None,
         strict_effects: bool | None = None,
@@ -169,6 +185,20 @@ class _Front:
         """Store the newest checkpoint; the stream sends it. Never blocks."""
         self._core.report(checkpoint)
 
+    def spend(self, *, usd: float = 0.0, tokens: int = 0, calls: int = 0) -> None:
+        """Add to the run's spend; the next heartbeat carries it. Never blocks.
+
+        Spend rules of the policy (``run.spend.usd > 50.0``) trip on it.
+        """
+        if usd < 0 or tokens < 0 or calls < 0 or math.isnan(usd):
+            raise InvalidArgument("spend adds: usd, tokens and calls must be 0 or more")
+        self._core.out.add_signals(usd=float(usd), tokens=int(tokens), calls=int(calls))
+
+    def anomaly(self, reason: str) -> None:
+        """Flag an anomaly outside any effect; anomaly-rate breakers count it. Never blocks."""
+        log.info("tether: anomaly flagged: %s", reason[:500])
+        self._core.out.add_signals(anomalies=1)
+
     def effect(
         self,
         capability: str,
@@ -212,7 +242,9 @@ class Agent(_Front):
         target: ``HOST:PORT`` of a coordinator, or a comma-separated list to fail over
             across. Defaults to ``TETHER_ADDR``, then ``127.0.0.1:7700``.
         instance_id: Unique per process; generated when omitted.
-        capabilities: The tools or effects this instance may use.
+        capabilities: The tools or effects this instance may use: a list (each one a
+            write), or a mapping of each to ``"read"`` or ``"write"``. A degraded mode
+            freezes the writes and lets the reads go on.
         labels: Free-form labels, such as ``{"version": "2.3.1"}``.
         release: The agent's release, recorded on every effect; the same as the label
             ``version`` (``tether resume --require-label version=...`` waits for it).

@@ -8,6 +8,7 @@ value swapped in whole, and the newest checkpoint simply replaces the last.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -83,8 +84,10 @@ class Core:
             raise verdict.stop
         if time.monotonic() - verdict.confirmed_at > self.ttl:
             raise TetherLost(f"no confirmed heartbeat reply within the lease TTL ({self.ttl:g}s)")
-        if capability is not None and (frozen := verdict.frozen.get(capability)) is not None:
-            raise frozen
+        if capability is not None:
+            blocked = verdict.blocks(capability, self.identity.reads)
+            if blocked is not None:
+                raise blocked
 
     def verdict_drains(self) -> bool:
         """True when every halt stopping this instance lets queued work drain."""
@@ -189,7 +192,7 @@ class Core:
                 lost = TetherLost(
                     f"no confirmed heartbeat reply within the lease TTL ({self.ttl:g}s)"
                 )
-                self.verdict = Verdict(lost, before.confirmed_at, before.revision, before.frozen)
+                self.verdict = dataclasses.replace(before, stop=lost)
                 self.stops.on_order(before, self.verdict, [])
 
     async def _task_done(self) -> None:
@@ -255,6 +258,7 @@ class Core:
         self.max_checkpoint_bytes = grant.max_checkpoint_bytes or DEFAULT_MAX_CHECKPOINT_BYTES
         self._shape = None  # a grant is always applied in full
         self.out.reported = None  # the new coordinator gets the newest checkpoint at once
+        self.out.signals_sent = None  # and the running totals
         registering = self._registered is not None and not self._registered.done()
         if registering:
             # The stored checkpoint is handed over once, at the first registration; later
@@ -293,9 +297,7 @@ class Core:
         if before is not None and before is self._applied and shape == self._shape:
             # The same order again (most replies are acks): only the confirmation is new.
             # A coordinator's order at one etcd revision is always the same order.
-            self.verdict = self._applied = Verdict(
-                before.stop, confirmed_at, before.revision, before.frozen, before.drain
-            )
+            self.verdict = self._applied = dataclasses.replace(before, confirmed_at=confirmed_at)
             return
         self.halts = tuple(Halt.from_pb(h) for h in resp.halts)
         self.verdict = self._applied = verdict_of(resp, self.halts, confirmed_at)

@@ -68,6 +68,21 @@ class CapabilityFrozen(Killed):
         self.args = (f"capability {capability} frozen ({scope}) by {actor}: {reason}",)
 
 
+class Degraded(CapabilityFrozen):
+    """Degraded mode: every write capability is frozen, reads go on.
+
+    A breaker or a policy rule puts it (its actor is ``breaker:NAME`` or ``policy:NAME``,
+    and the reason carries the figures that tripped it), or an operator does; ``tether
+    resume`` lifts it like any halt.
+    """
+
+    def __init__(
+        self, capability: str, reason: str, *, scope: str, actor: str, halt_id: str
+    ) -> None:
+        super().__init__(capability, reason, scope=scope, actor=actor, halt_id=halt_id)
+        self.args = (f"degraded ({scope}) by {actor}: write {capability} blocked: {reason}",)
+
+
 class TetherLost(Killed):
     """Fail closed: no confirmed heartbeat reply within the lease TTL, or the
     coordinator said it can no longer know the halt state."""

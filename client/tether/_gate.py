@@ -31,7 +31,14 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from tether._errors import CapabilityFrozen, InvalidArgument, Killed, TetherError, TetherLost
+from tether._errors import (
+    CapabilityFrozen,
+    Degraded,
+    InvalidArgument,
+    Killed,
+    TetherError,
+    TetherLost,
+)
 from tether._types import Halt
 from tether._undo import current_trace, undo_struct
 from tether.v1 import types_pb2
@@ -136,6 +143,14 @@ class Effect:
         self.record = types_pb2.Effect()
         self._claimed = False
 
+    def anomaly(self, reason: str) -> None:
+        """Flag this effect as deviating from the baseline; anomaly-rate breakers count it.
+
+        Never blocks. The reason goes into the effect's ledger record.
+        """
+        self.record.anomaly = reason[:500]
+        self._core.out.add_signals(anomalies=1)
+
     # -- the pass -----------------------------------------------------------------------------
 
     def _begin(self) -> None:
@@ -209,6 +224,10 @@ class Effect:
             halt = Halt.from_pb(decision.refused_by)
             self._refuse(halt.id)
             scope = halt.selector.scope.value
+            if halt.selector.writes:
+                raise Degraded(
+                    self.capability, halt.reason, scope=scope, actor=halt.actor, halt_id=halt.id
+                )
             if halt.selector.capability:
                 raise CapabilityFrozen(
                     self.capability, halt.reason, scope=scope, actor=halt.actor, halt_id=halt.id

@@ -19,6 +19,7 @@ from tether._errors import TetherLost
 from tether.v1 import agent_pb2, types_pb2
 
 _BEATS_KEPT = 64  # beats awaiting their reply before old ones are forgotten
+_SIGNALS_LOCK = threading.Lock()  # additions come from any thread; held for one tuple swap
 
 
 class Outbound:
@@ -36,6 +37,8 @@ class Outbound:
         "ledger",
         "permits",
         "reported",
+        "signals",
+        "signals_sent",
         "wake",
     )
 
@@ -52,6 +55,10 @@ class Outbound:
         self._permit_seq = 0
         self._seq = 0
         self.beats_sent: dict[int, float] = {}  # seq -> when sent, of beats awaiting a reply
+        # This instance's running totals (usd, tokens, calls, anomalies): one tuple, replaced
+        # whole, so that a beat never reads half an update from another thread.
+        self.signals: tuple[float, int, int, int] = (0.0, 0, 0, 0)
+        self.signals_sent: tuple[float, int, int, int] | None = None  # on this stream
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake-ups go to ``loop``, the running loop of the stream's writer."""
@@ -117,6 +124,14 @@ class Outbound:
         if waiter is not None and not waiter.done():
             waiter.set_result(decision)
 
+    def add_signals(
+        self, usd: float = 0.0, tokens: int = 0, calls: int = 0, anomalies: int = 0
+    ) -> None:
+        """Add to the running totals; the next beat carries them. Never blocks."""
+        with _SIGNALS_LOCK:
+            u, t, c, a = self.signals
+            self.signals = (u + usd, t + tokens, c + calls, a + anomalies)
+
     # -- what the writer takes ------------------------------------------------------------
 
     async def write_queued(self, call: Any) -> None:
@@ -159,6 +174,12 @@ class Outbound:
         if latest is not None and latest is not self.reported:
             beat.checkpoint.CopyFrom(latest)
             self.reported = latest
+        signals = self.signals
+        if signals != self.signals_sent:
+            usd, tokens, calls, anomalies = signals
+            beat.signals.usd, beat.signals.tokens = usd, tokens
+            beat.signals.calls, beat.signals.anomalies = calls, anomalies
+            self.signals_sent = signals
         sent = self.beats_sent
         sent[self._seq] = now
         if len(sent) > _BEATS_KEPT:  # replies that never came: forget them, in place

@@ -57,6 +57,7 @@ class Selector:
     run_id: str = ""
     capability: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    writes: bool = False  # degraded mode: every write capability is frozen
 
     def to_pb(self) -> types_pb2.Selector:
         return types_pb2.Selector(
@@ -66,6 +67,7 @@ class Selector:
             run_id=self.run_id,
             capability=self.capability,
             labels=dict(self.labels),
+            writes=self.writes,
         )
 
     def names(self, tenant: str, agent: str, run_id: str) -> bool:
@@ -84,6 +86,8 @@ class Selector:
         text = self._base()
         if self.labels:
             text += " [" + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())) + "]"
+        if self.writes:
+            return f"writes in {text}"
         return f"{self.capability} in {text}" if self.capability else text
 
     def _base(self) -> str:
@@ -98,7 +102,9 @@ class Selector:
 
 def selector_from_pb(msg: types_pb2.Selector) -> Selector:
     scope = _SCOPE_FROM_PB.get(msg.scope, Scope.GLOBAL)
-    return Selector(scope, msg.tenant, msg.agent, msg.run_id, msg.capability, dict(msg.labels))
+    return Selector(
+        scope, msg.tenant, msg.agent, msg.run_id, msg.capability, dict(msg.labels), msg.writes
+    )
 
 
 def _time(ts: timestamp_pb2.Timestamp) -> datetime | None:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from tether._errors import CapabilityFrozen, Killed, TetherLost
+from tether._errors import CapabilityFrozen, Degraded, Killed, TetherLost
 from tether._types import Halt
 from tether.v1 import agent_pb2, types_pb2
 
@@ -14,6 +14,9 @@ from tether.v1 import agent_pb2, types_pb2
 class _Scope(Protocol):
     @property
     def capability(self) -> str: ...
+
+    @property
+    def writes(self) -> bool: ...
 
 
 class _Halted(Protocol):
@@ -29,7 +32,7 @@ def stops(halts: Iterable[H]) -> list[H]:
 
     Works on the wire's halts and on their ``tether.Halt`` conversions alike.
     """
-    return [h for h in halts if not h.selector.capability]
+    return [h for h in halts if not h.selector.capability and not h.selector.writes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,7 @@ class Identity:
     instance_id: str
     capabilities: tuple[str, ...]
     labels: Mapping[str, str]
+    reads: frozenset[str] = frozenset()  # the capabilities that only read
 
     def register(self) -> agent_pb2.HeartbeatRequest:
         """The stream's first message: register this instance."""
@@ -52,6 +56,7 @@ class Identity:
             instance_id=self.instance_id,
             capabilities=self.capabilities,
             labels=dict(self.labels),
+            read_capabilities=sorted(self.reads),
         )
         return agent_pb2.HeartbeatRequest(register=reg)
 
@@ -68,6 +73,7 @@ class Verdict:
         revision: The coordinator's etcd revision of the halt state.
         frozen: Each frozen capability with its ``tether.CapabilityFrozen``.
         drain: True when every stopping halt lets queued work drain.
+        degraded: The degraded-mode halt in force (every write frozen), if any.
     """
 
     stop: Killed | None
@@ -75,6 +81,19 @@ class Verdict:
     revision: int = 0
     frozen: Mapping[str, CapabilityFrozen] = field(default_factory=dict)
     drain: bool = False
+    degraded: Halt | None = None
+
+    def blocks(self, capability: str, reads: frozenset[str]) -> CapabilityFrozen | None:
+        """The error using ``capability`` raises now, or None when it may go."""
+        frozen = self.frozen.get(capability)
+        if frozen is not None:
+            return frozen
+        h = self.degraded
+        if h is None or capability in reads:
+            return None
+        return Degraded(
+            capability, h.reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id
+        )
 
 
 def verdict_of(
@@ -89,6 +108,7 @@ def verdict_of(
         for h in reversed(halts)  # the broadest freeze of a capability wins
         if h.selector.capability
     }  # fmt: skip
+    degraded = next((h for h in halts if h.selector.writes), None)
     stop: Killed | None = None
     policies = [h.queue for h in stops(resp.halts)]
     drain = bool(policies) and all(q == types_pb2.QUEUE_POLICY_DRAIN for q in policies)
@@ -104,4 +124,4 @@ def verdict_of(
                 reason += f" (resumed only for {wanted})"
             stop = Killed(reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id)
     drain = drain and not resp.fail_closed_reason
-    return Verdict(stop, confirmed_at, resp.revision, frozen, drain)
+    return Verdict(stop, confirmed_at, resp.revision, frozen, drain, degraded)

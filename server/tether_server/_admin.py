@@ -28,10 +28,13 @@ from tether_server._errors import (
     status_of,
 )
 from tether_server._etcd import Store
+from tether_server._evaluator import list_breakers
 from tether_server._fleet import FleetReader, LastBeat
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._identity import Kind, Principal, spiffe_id
 from tether_server._ledger import EffectFilter, LedgerReader
+from tether_server._notify import Notifier
+from tether_server._policy_store import PolicyStore
 from tether_server._selectors import validate, validate_gate
 from tether_server._signer import PermitSigner
 from tether_server._status import StatusSource
@@ -135,10 +138,13 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         permit_key: PermitKey,
         guard: Guard,
         status: StatusSource | None = None,
+        policy: PolicyStore | None = None,
         compensations: Compensations | None = None,
     ) -> None:
         self._compensations = compensations
         self._status = status
+        self._policy = policy
+        self._notifier = Notifier(policy.policy) if policy is not None else None
         self._halts = halts
         self._fleet = fleet
         self._ledger = ledger
@@ -166,6 +172,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             permit_key=permit_key,
             guard=guard,
             status=status,
+            policy=PolicyStore(store, audit),
             compensations=Compensations(store, ledger, audit),
         )
 
@@ -177,7 +184,10 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         if not request.reason.strip():
             raise InvalidArgument("reason is required: say why, it goes into the audit")
         halt = halt_from(request, sel, who.id)
-        return await self._halts.kill(halt, force=request.force)
+        out = await self._halts.kill(halt, force=request.force)
+        if not out.already_halted:
+            self._notify(_event_of(sel), who.id, request.reason, sel)
+        return out
 
     @_rpc
     async def Resume(
@@ -186,8 +196,12 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         sel = validate(request.selector)
         if request.require_labels:
             gate = validate_gate(request.require_labels)
-            return await self._halts.gate(sel, gate, who.id, request.reason, note=request.actor)
-        return await self._halts.resume(sel, who.id, request.reason, note=request.actor)
+            out = await self._halts.gate(sel, gate, who.id, request.reason, note=request.actor)
+        else:
+            out = await self._halts.resume(sel, who.id, request.reason, note=request.actor)
+        if out.was_halted:
+            self._notify("resume", who.id, request.reason, sel)
+        return out
 
     @_rpc
     async def ListHalts(
@@ -303,3 +317,51 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         if self._status is None:
             raise FailedPrecondition("this servicer was built without a coordinator to report on")
         return await self._status()
+
+    # -- automatic protection ---------------------------------------------------------------
+
+    def _notify(self, event: str, actor: str, reason: str, sel: types_pb2.Selector) -> None:
+        if self._notifier is not None:
+            self._notifier.emit(event, actor, reason, sel)
+
+    def _policies(self) -> PolicyStore:
+        if self._policy is None:
+            raise FailedPrecondition("this servicer was built without a policy store")
+        return self._policy
+
+    @_rpc
+    async def ApplyPolicy(
+        self, request: admin_pb2.ApplyPolicyRequest, who: Principal
+    ) -> admin_pb2.PolicyVersion:
+        version = await self._policies().apply(request.yaml, who.id, request.actor)
+        reason = f"policy version {version.version} applied"
+        self._notify("policy", who.id, reason, types_pb2.Selector())
+        return version
+
+    @_rpc
+    async def GetPolicy(
+        self, request: admin_pb2.GetPolicyRequest, who: Principal
+    ) -> admin_pb2.PolicyVersion:
+        return await self._policies().get(request.version)
+
+    @_rpc
+    async def ListPolicyHistory(
+        self, request: admin_pb2.ListPolicyHistoryRequest, who: Principal
+    ) -> admin_pb2.ListPolicyHistoryResponse:
+        return admin_pb2.ListPolicyHistoryResponse(versions=await self._policies().history())
+
+    @_rpc
+    async def ListBreakers(
+        self, request: admin_pb2.ListBreakersRequest, who: Principal
+    ) -> admin_pb2.ListBreakersResponse:
+        policy, _ = await self._policies().policy()
+        out = await list_breakers(self._policies().store, request.tenant)
+        out.configured.extend(b.name for b in policy.breakers)
+        return out
+
+
+def _event_of(sel: types_pb2.Selector) -> str:
+    """The webhook event a manual halt makes."""
+    if sel.writes:
+        return "degrade"
+    return "freeze" if sel.capability else "kill"

@@ -24,6 +24,7 @@ from tether_server._audit import AuditLog
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._config import ServerConfig
 from tether_server._etcd import EtcdUnavailable, Store, every
+from tether_server._evaluator import Evaluator
 from tether_server._freshness import Freshness
 from tether_server._gate import Gate, load_signer
 from tether_server._halts import HaltTable
@@ -32,6 +33,7 @@ from tether_server._ledger import LedgerWriter
 from tether_server._prune import RosterPruner
 from tether_server._sessions import Sessions
 from tether_server._store import HALTS, coordinator_key, put_op
+from tether_server._tally import Tally
 from tether_server._telemetry import Metrics
 from tether_server._watch import ResumingWatch, WatchBroken, prove_fresh
 
@@ -104,6 +106,11 @@ class Coordinator:
             acks=self.acks,
             metrics=Metrics(),
         )
+        # Automatic protection: counts of what this coordinator sees, and its campaign to
+        # be the one evaluator that decides breakers and rules for the fleet.
+        self.tally = Tally(config.coordinator_id)
+        self.gate.tally = self.tally
+        self.evaluator = Evaluator(store, config.coordinator_id, self.halts)
         self.attached = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease = 0
@@ -179,6 +186,8 @@ class Coordinator:
             asyncio.create_task(self._ledger.run(), name="ledger"),
             asyncio.create_task(self.acks.run(), name="acks"),
             asyncio.create_task(self.sessions.watch_silence(), name="silence"),
+            asyncio.create_task(self.tally.publish(self.store, self._lease), name="tally"),
+            asyncio.create_task(self.evaluator.run(self._lease), name="evaluator"),
         ]
         if self._pruner.retention > 0:  # off the hot path: a pass every retention / 10
             prune = every(self._pruner.interval, self._pruner.step, "roster pruning")

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from tether import AdminClient, EffectStatus, Selector, selector
+from tether import AdminClient, EffectStatus, InvalidArgument, Selector, selector
 
+from tether_server._drill_breaker import drill_breaker
 from tether_server._drill_fleet import CAPABILITY, DrillFleet, Worker, own_fleet
 from tether_server._drill_recovery import Window, recovery_checks
 from tether_server._drill_report import Flip, report
@@ -166,7 +167,7 @@ def run_drills(
     """Drill at ``scope``, or at every scope in turn for ``"all"``; return the reports.
 
     Args:
-        scope: one of ``SCOPES``, or ``"all"``.
+        scope: one of ``SCOPES``, ``"breaker"`` (own fleet only), or ``"all"``.
         addr: coordinators ``HOST:PORT[,...]`` to drill; none: a fleet of the drill's own.
         settle: seconds to watch the stopped runs after the flip.
         items: queue length of each worker.
@@ -177,10 +178,16 @@ def run_drills(
         tether.TetherError: the fleet did not come up, or a call to it failed.
     """
     scopes = list(SCOPES) if scope == "all" else [scope]
+    if scope == "breaker" and addr:
+        raise InvalidArgument(
+            "the breaker drill applies a policy of its own; run it without --addr"
+        )
     fleet = DrillFleet([a for a in addr.split(",") if a]) if addr else own_fleet(2.0)
     if not addr:
         progress("the drill's own fleet is up: etcd and two coordinators")
     try:
+        if scope == "breaker":
+            return [drill_breaker(fleet.targets)]
         return [
             drill(s, fleet, settle=settle, items=items, tick=tick, progress=progress)
             for s in scopes

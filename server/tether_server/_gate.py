@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tether_server._errors import InvalidArgument, check_name
 from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._halts import HaltTable
 from tether_server._ledger import LedgerWriter, landed, strip_compensation
-from tether_server._selectors import is_stop
+from tether_server._selectors import freezes, is_stop
 from tether_server._signer import PermitSigner
 from tether_server._store import (
     HALTS,
@@ -37,6 +37,7 @@ from tether_server._store import (
     put_op,
     range_op,
 )
+from tether_server._tally import Tally
 
 log = logging.getLogger("tether_server")
 
@@ -176,6 +177,7 @@ class Gate:
         self._fresh = FreshHalts(store)
         self._claims = Claims(store)
         self._landed: dict[RunKey, set[str]] = {}
+        self.tally: Tally | None = None  # automatic protection counts what ended, if set
 
     @property
     def signer(self) -> PermitSigner | None:
@@ -197,7 +199,9 @@ class Gate:
         self._landed.pop(run, None)
         self._claims.release(run)
 
-    def record(self, key: InstanceKey, batch: agent_pb2.EffectBatch) -> None:
+    def record(
+        self, key: InstanceKey, batch: agent_pb2.EffectBatch, reads: Collection[str] = ()
+    ) -> None:
         """Take an instance's effect records into the ledger.
 
         Raises:
@@ -217,9 +221,15 @@ class Gate:
                     self._landed.setdefault(run, set()).add(effect.key)
                 self._claims.settle(key, effect.key, landed)
         self._ledger.add(run, batch.effects)
+        if self.tally is not None:
+            self.tally.effects(key, batch.effects, reads)
 
     async def decide(
-        self, key: InstanceKey, labels: Mapping[str, str], req: agent_pb2.PermitRequest
+        self,
+        key: InstanceKey,
+        labels: Mapping[str, str],
+        req: agent_pb2.PermitRequest,
+        reads: Collection[str] = (),
     ) -> agent_pb2.PermitDecision:
         """Refuse if a halt in etcd, read after the request arrived, stops it, or if the
         request's key already landed or is in flight for this run, or if the request
@@ -237,7 +247,7 @@ class Gate:
             return decision  # fail closed
         decision.revision = halts.revision
         for halt in halts.matching(key, labels):
-            frozen = halt.selector.capability == req.capability
+            frozen = freezes(halt, req.capability, reads)
             draining = req.drain and halt.queue == types_pb2.QUEUE_POLICY_DRAIN
             if frozen or (is_stop(halt) and not draining):
                 decision.refused_by.CopyFrom(halt)

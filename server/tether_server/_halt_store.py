@@ -98,7 +98,11 @@ class HaltStore:
         if not force:
             await self._check_known(sel)
         key = halt_key(halt.id)
-        action = admin_pb2.AUDIT_ACTION_FREEZE if sel.capability else admin_pb2.AUDIT_ACTION_KILL
+        action = (
+            admin_pb2.AUDIT_ACTION_FREEZE
+            if sel.capability or sel.writes
+            else admin_pb2.AUDIT_ACTION_KILL
+        )
         entry = new_entry(action, sel, halt.actor, halt.reason, halt.mode, note=halt.actor_note)
         entry.halt_id = halt.id
         changed, resp = await self._audit.record(

@@ -7,7 +7,7 @@ from typing import Any
 
 from tether.v1 import types_pb2
 
-from tether_server._selectors import EMPTY, halts_instance
+from tether_server._selectors import EMPTY, halts_instance, is_stop
 from tether_server._store import InstanceKey, from_json, halt_id_of
 
 
@@ -46,5 +46,5 @@ class HaltTable:
         A halt whose release gate the instance's labels pass does not apply to it.
         """
         found = [h for h in self.halts.values() if halts_instance(h, key, labels)]
-        found.sort(key=lambda h: (bool(h.selector.capability), h.selector.scope, h.revision))
+        found.sort(key=lambda h: (not is_stop(h), h.selector.scope, h.revision))
         return found

@@ -98,6 +98,9 @@ def identity_from(reg: agent_pb2.Register) -> InstanceKey:
         raise InvalidArgument("register needs run_id and instance_id")
     for cap in reg.capabilities:
         check_name("capability", cap)
+    for cap in reg.read_capabilities:
+        if cap not in reg.capabilities:
+            raise InvalidArgument(f"read capability {cap} is not in register.capabilities")
     for label, value in reg.labels.items():  # as selectors name them, or no halt could match
         check_name("label key", label)
         check_name(f"label {label}", value)

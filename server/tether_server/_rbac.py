@@ -97,6 +97,10 @@ CALLS: Mapping[str, Rule] = {
     "IssueAgentToken": Rule("issue an agent token", Role.ADMIN),
     "GetPermitKey": Rule("read the permit key", None),
     "WhoAmI": Rule("whoami", None),
+    "ApplyPolicy": Rule("change the policy", Role.ADMIN, scoped=False),
+    "GetPolicy": Rule("read the policy", Role.VIEWER, scoped=False),
+    "ListPolicyHistory": Rule("read the policy history", Role.VIEWER, scoped=False),
+    "ListBreakers": Rule("list breakers", Role.VIEWER),
 }
 _GLOBAL_ORDERS = frozenset({"Kill", "Resume"})
 

@@ -23,6 +23,7 @@ class Session:
         "leave_presence",
         "order_bytes",
         "outbox",
+        "reads",
         "record",
         "revision",
         "session_id",
@@ -37,6 +38,7 @@ class Session:
         self.checkpoint_key = checkpoint_key(key.run)
         self.last_beat = time.monotonic()
         self.outbox = outbox
+        self.reads: frozenset[str] = frozenset()  # capabilities registered as reads
         self.halts: tuple[types_pb2.Halt, ...] = ()  # the order last sent: these halts match
         self.revision = 0  # the etcd revision that order reflects
         self.order_bytes: bytes | None = None  # that order serialised; None when it changed

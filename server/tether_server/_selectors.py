@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from tether.v1 import types_pb2
 
@@ -39,6 +39,8 @@ def validate(sel: types_pb2.Selector) -> types_pb2.Selector:
         )
     if sel.capability:
         check_name("selector.capability", sel.capability)
+    if sel.writes and sel.capability:
+        raise InvalidArgument("selector.writes freezes every write; drop selector.capability")
     for label, value in sel.labels.items():
         check_name("label key", label)
         check_name(f"label {label}", value)
@@ -74,6 +76,8 @@ def halt_id(sel: types_pb2.Selector) -> str:
     name = "/".join(parts)
     if sel.capability:
         name += f"#{sel.capability}"
+    if sel.writes:
+        name += "#*writes"  # ``*`` is no name character: never a capability's freeze
     for label in sorted(sel.labels):
         name += f"+{label}={sel.labels[label]}"
     return name
@@ -114,8 +118,15 @@ def halts_instance(
 
 
 def is_stop(halt: types_pb2.Halt) -> bool:
-    """A halt stops the whole instance unless it only freezes one capability."""
-    return not halt.selector.capability
+    """A halt stops the whole instance unless it only freezes one capability, or writes."""
+    return not halt.selector.capability and not halt.selector.writes
+
+
+def freezes(halt: types_pb2.Halt, capability: str, reads: Collection[str]) -> bool:
+    """True when ``halt`` freezes ``capability`` of an instance that registered ``reads``."""
+    if halt.selector.writes:
+        return capability not in reads
+    return halt.selector.capability == capability
 
 
 def scope_name(scope: int) -> str:

@@ -177,6 +177,7 @@ class Sessions:
         async with self._registering:
             stored, halts, effects = await self._presence.claim(key, record, session_id, lease)
         session = Session(key, session_id, record, Outbox(context, self._pushed))
+        session.reads = frozenset(first.register.read_capabilities)
         landed = self._gate.seed(key.run, effects)
         session.halts = tuple(halts.matching(key, record.labels))
         session.revision = halts.revision
@@ -252,19 +253,23 @@ class Sessions:
         session.last_beat = time.monotonic()
         if beat.HasField("checkpoint"):
             self._offer_checkpoint(session, beat.checkpoint)
+        if beat.HasField("signals") and self._gate.tally is not None:
+            self._gate.tally.signal(session.key, beat.signals)
         return with_ack(current_order(session), beat.seq)
 
     def _pushed(self, seconds: float) -> None:
         self._metrics.kill_push_duration.record(seconds)
 
     async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
-        decision = await self._gate.decide(session.key, session.record.labels, request)
+        decision = await self._gate.decide(
+            session.key, session.record.labels, request, session.reads
+        )
         resp = order_message(session.halts, session.revision)
         resp.permit.CopyFrom(decision)
         session.outbox.post(resp)
 
     def _effects(self, session: Session, batch: agent_pb2.EffectBatch) -> None:
-        self._gate.record(session.key, batch)
+        self._gate.record(session.key, batch, session.reads)
         if any_stop(session.halts):  # what left before the kill, and what it refused: now
             self._flush.soon()
 

@@ -16,6 +16,12 @@ Everything Tether knows lives under ``/tether/``. What WatchAgents needs sits un
     /tether/audit-head                               the hash of the newest audit entry
     /tether/keys/permit-ed25519                      the shared permit key, unless --permit-key
     /tether/coordinators/<id>                        on the coordinator's own lease
+    /tether/protect/policy                           the policy in force (PolicyVersion JSON)
+    /tether/protect/policy-history/<version>         every policy applied (PolicyVersion JSON)
+    /tether/protect/counts/<coordinator id>          its running totals, on its lease
+    /tether/protect/evaluator                        the elected evaluator, on its lease
+    /tether/protect/breakers/<name>/<subject>        a breaker's state for one subject
+    /tether/protect/fired/<rule>/<subject>           a rule that acted, and under which version
 
 Keys are built and parsed only here, by the typed functions below. Talking to etcd is
 ``_etcd``'s job.
@@ -44,6 +50,13 @@ AUDIT_HEAD = ROOT + b"audit-head"
 KEYS = ROOT + b"keys/"
 PERMIT_KEY = KEYS + b"permit-ed25519"
 COORDINATORS = ROOT + b"coordinators/"
+PROTECT = ROOT + b"protect/"
+POLICY = PROTECT + b"policy"
+POLICY_HISTORY = PROTECT + b"policy-history/"
+COUNTS = PROTECT + b"counts/"
+EVALUATOR = PROTECT + b"evaluator"
+BREAKERS = PROTECT + b"breakers/"
+FIRED = PROTECT + b"fired/"
 
 M = TypeVar("M", bound=Message)
 log = logging.getLogger("tether_server")
@@ -167,6 +180,23 @@ def audit_key(entry_id: str) -> bytes:
 
 def coordinator_key(coordinator_id: str) -> bytes:
     return _join(COORDINATORS, coordinator_id)
+
+
+def policy_version_key(version: int) -> bytes:
+    return POLICY_HISTORY + f"{version:012d}".encode()
+
+
+def counts_key(coordinator_id: str) -> bytes:
+    return _join(COUNTS, coordinator_id)
+
+
+def breaker_key(name: str, subject: tuple[str, ...]) -> bytes:
+    """A breaker's state for a subject: ``tenant``, ``tenant/agent`` or ``tenant/agent/run``."""
+    return _join(BREAKERS, name, *subject)
+
+
+def fired_key(rule: str, subject: tuple[str, ...]) -> bytes:
+    return _join(FIRED, rule, *subject)
 
 
 def prefix_end(prefix: bytes) -> bytes:

@@ -37,7 +37,8 @@ EXAMPLES: dict[str, str] = {
     "kill": """\
   tether kill --agent agent://acme/email-campaign --reason "sending to the wrong list"
   tether kill --tenant acme --capability send_email --reason "freeze email, keep the rest"
-  tether kill --run campaign-42 --mode soft --grace 10 --reason "finish the batch, then stop\"""",
+  tether kill --run campaign-42 --mode soft --grace 10 --reason "finish the batch, then stop"
+  tether kill --agent agent://acme/email-campaign --writes --reason "degraded: reads only\"""",
     "resume": """\
   tether resume --agent agent://acme/email-campaign --reason "list fixed"
   tether resume --tenant acme --capability send_email""",
@@ -68,7 +69,8 @@ EXAMPLES: dict[str, str] = {
   tether whoami --tls-cert alice.pem --tls-key alice.key --tls-ca ca.pem""",
     "drill": """\
   tether drill                        # every scope, on a fleet of the drill's own
-  tether drill --scope run --settle 60""",
+  tether drill --scope run --settle 60
+  tether drill --scope breaker        # a breaker trips by itself (own fleet only)""",
     "watch": """\
   tether watch --tenant acme
   tether watch -o json --no-snapshot --count 10""",
@@ -79,6 +81,13 @@ EXAMPLES: dict[str, str] = {
   tether certs operator alice --dir pki""",
     "dashboard": """\
   tether dashboard --listen 127.0.0.1:7780 --addr 127.0.0.1:7700""",
+    "policy": """\
+  tether policy apply -f policy.yaml
+  tether policy get --version 3
+  tether policy history -o json""",
+    "breakers": """\
+  tether breakers
+  tether breakers --tenant acme -o json""",
     "completion": """\
   source <(tether completion bash)
   tether completion zsh > "${fpath[1]}/_tether"

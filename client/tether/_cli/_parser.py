@@ -12,6 +12,7 @@ from tether._cli._certs_verb import certs_args
 from tether._cli._doctor import doctor_args
 from tether._cli._help import ENVIRONMENT, epilog
 from tether._cli._output import EXIT_USAGE
+from tether._cli._protect_verbs import breakers_args, policy_args
 from tether._cli._recovery import compensate_args, effects_args
 from tether._config import DEFAULT_ADDR
 from tether._types import State
@@ -104,6 +105,9 @@ def _scope_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--run", metavar="RUN_ID", help="every instance serving one run")
     parser.add_argument("--in-tenant", metavar="T", help="with --run: only that tenant's run")
     parser.add_argument("--capability", help="freeze only this capability within the scope")
+    parser.add_argument(
+        "--writes", action="store_true", help="degraded mode: freeze every write capability"
+    )
     parser.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE",
         help="only instances with this label (repeatable), e.g. feature=beta",
@@ -227,7 +231,7 @@ def _no_args(_: argparse.ArgumentParser) -> None:
 
 
 def _drill_args(drill: argparse.ArgumentParser) -> None:
-    drill.add_argument("--scope", choices=[*DRILL_SCOPES, "all"], default="all")
+    drill.add_argument("--scope", choices=[*DRILL_SCOPES, "breaker", "all"], default="all")
     drill.add_argument(
         "--settle", type=float, default=DRILL_SETTLE,
         help=f"seconds to watch after the flip (default {DRILL_SETTLE:g}; seed 000 used 60)",
@@ -267,6 +271,8 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("doctor", "check every coordinator of --addr and what they agree on", True, doctor_args),
     ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
     ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
+    ("policy", "the protection policy: apply -f FILE, get, history", True, policy_args),
+    ("breakers", "every breaker's state and figures", True, breakers_args),
     ("completion", "a shell completion script: bash, zsh or fish", False, _completion_args),
 )
 

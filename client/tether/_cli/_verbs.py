@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tether._admin import AdminClient, selector
+from tether._admin import AdminClient
 from tether._cli._output import (
     AGENT_HEADERS,
     AUDIT_HEADERS,
@@ -23,9 +23,11 @@ from tether._cli._output import (
     print_listing,
     wide_agent_row,
 )
+from tether._cli._protect_verbs import breakers, policy
 from tether._cli._recovery import AGE, compensate, effects, when
 from tether._config import resolve_targets
 from tether._errors import FailedPrecondition, InvalidArgument
+from tether._selector import selector
 from tether._types import Halt, Scope, Selector, State
 from tether._uri import parse_agent_uri
 
@@ -53,7 +55,7 @@ def _selector(args: argparse.Namespace) -> Any:
     tenant = args.in_tenant if args.run else args.tenant
     return selector(
         all=args.all, tenant=tenant, agent=args.agent, run_id=args.run,
-        capability=args.capability, labels=labels,
+        capability=args.capability, labels=labels, writes=getattr(args, "writes", False),
     )  # fmt: skip
 
 
@@ -243,4 +245,6 @@ ADMIN_VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
     "permit-key": permit_key,
     "token": token,
     "whoami": whoami,
+    "policy": policy,
+    "breakers": breakers,
 }

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tether._admin import selector
 from tether._errors import InvalidArgument
+from tether._selector import selector
 from tether._types import EffectStatus, Selector
 from tether._uri import check_name
 

@@ -68,6 +68,10 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     """a soft kill's grace timed out; in-flight work was cancelled"""
     AUDIT_ACTION_COMPENSATE: _AuditAction.ValueType  # 6
     """an effect was compensated, or its compensation failed"""
+    AUDIT_ACTION_POLICY: _AuditAction.ValueType  # 7
+    """a policy was applied; the reason names its version"""
+    AUDIT_ACTION_WOULD_TRIP: _AuditAction.ValueType  # 8
+    """a dry-run rule held: nothing was halted"""
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper): ...
 
@@ -82,7 +86,210 @@ AUDIT_ACTION_ESCALATE: AuditAction.ValueType  # 5
 """a soft kill's grace timed out; in-flight work was cancelled"""
 AUDIT_ACTION_COMPENSATE: AuditAction.ValueType  # 6
 """an effect was compensated, or its compensation failed"""
+AUDIT_ACTION_POLICY: AuditAction.ValueType  # 7
+"""a policy was applied; the reason names its version"""
+AUDIT_ACTION_WOULD_TRIP: AuditAction.ValueType  # 8
+"""a dry-run rule held: nothing was halted"""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
+
+@_typing.final
+class ApplyPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YAML_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    yaml: _builtins.str
+    """the whole document; an empty one removes every breaker and rule"""
+    actor: _builtins.str
+    """what the caller says of itself (a note)"""
+    def __init__(
+        self,
+        *,
+        yaml: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "yaml", b"yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyPolicyRequest: _TypeAlias = ApplyPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """0: the policy in force"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyRequest: _TypeAlias = GetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class PolicyVersion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    YAML_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    APPLIED_AT_FIELD_NUMBER: _builtins.int
+    ACTOR_NOTE_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """1, 2, 3, ...; 0: no policy was ever applied"""
+    yaml: _builtins.str
+    actor: _builtins.str
+    """the principal that applied it"""
+    actor_note: _builtins.str
+    @_builtins.property
+    def applied_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        yaml: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        applied_at: _timestamp_pb2.Timestamp | None = ...,
+        actor_note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "actor_note", b"actor_note", "applied_at", b"applied_at", "version", b"version", "yaml", b"yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyVersion: _TypeAlias = PolicyVersion  # noqa: Y015
+
+@_typing.final
+class ListPolicyHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPolicyHistoryRequest: _TypeAlias = ListPolicyHistoryRequest  # noqa: Y015
+
+@_typing.final
+class ListPolicyHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyVersion]:
+        """oldest first"""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___PolicyVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPolicyHistoryResponse: _TypeAlias = ListPolicyHistoryResponse  # noqa: Y015
+
+@_typing.final
+class ListBreakersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """only breakers on this tenant's subjects; empty: every one"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBreakersRequest: _TypeAlias = ListBreakersRequest  # noqa: Y015
+
+@_typing.final
+class BreakerStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    subject: _builtins.str
+    """what a trip degrades: tenant, tenant/agent or tenant/agent/run"""
+    state: _builtins.str
+    """closed | open | half_open"""
+    reason: _builtins.str
+    """the figures of the last trip"""
+    tenant: _builtins.str
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "since", b"since", "state", b"state", "subject", b"subject", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BreakerStatus: _TypeAlias = BreakerStatus  # noqa: Y015
+
+@_typing.final
+class ListBreakersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BREAKERS_FIELD_NUMBER: _builtins.int
+    CONFIGURED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def breakers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BreakerStatus]: ...
+    @_builtins.property
+    def configured(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the breakers of the policy in force, by name"""
+
+    def __init__(
+        self,
+        *,
+        breakers: _abc.Iterable[Global___BreakerStatus] | None = ...,
+        configured: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers", b"breakers", "configured", b"configured"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBreakersResponse: _TypeAlias = ListBreakersResponse  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):

@@ -106,6 +106,26 @@ class AdminServiceStub:
                 request_serializer=tether_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_admin__pb2.CoordinatorStatus.FromString,
                 _registered_method=True)
+        self.ApplyPolicy = channel.unary_unary(
+                '/tether.v1.AdminService/ApplyPolicy',
+                request_serializer=tether_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.PolicyVersion.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/tether.v1.AdminService/GetPolicy',
+                request_serializer=tether_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.PolicyVersion.FromString,
+                _registered_method=True)
+        self.ListPolicyHistory = channel.unary_unary(
+                '/tether.v1.AdminService/ListPolicyHistory',
+                request_serializer=tether_dot_v1_dot_admin__pb2.ListPolicyHistoryRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.ListPolicyHistoryResponse.FromString,
+                _registered_method=True)
+        self.ListBreakers = channel.unary_unary(
+                '/tether.v1.AdminService/ListBreakers',
+                request_serializer=tether_dot_v1_dot_admin__pb2.ListBreakersRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.ListBreakersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -206,6 +226,35 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyPolicy(self, request, context):
+        """Automatic protection. The policy (breakers, rules, webhooks) is one YAML
+        document, stored in etcd and versioned; applying one is audited with the
+        principal (admins only). A malformed document, or a rule whose CEL does not
+        compile, is refused with INVALID_ARGUMENT and the policy in force stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicyHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBreakers(self, request, context):
+        """Every breaker that has left CLOSED, per subject, with its state and figures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -278,6 +327,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=tether_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
                     response_serializer=tether_dot_v1_dot_admin__pb2.CoordinatorStatus.SerializeToString,
+            ),
+            'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyPolicy,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.ApplyPolicyRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.PolicyVersion.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.PolicyVersion.SerializeToString,
+            ),
+            'ListPolicyHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicyHistory,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.ListPolicyHistoryRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.ListPolicyHistoryResponse.SerializeToString,
+            ),
+            'ListBreakers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBreakers,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.ListBreakersRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.ListBreakersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -659,6 +728,114 @@ class AdminService:
             '/tether.v1.AdminService/GetStatus',
             tether_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
             tether_dot_v1_dot_admin__pb2.CoordinatorStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/ApplyPolicy',
+            tether_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.PolicyVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/GetPolicy',
+            tether_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.PolicyVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicyHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/ListPolicyHistory',
+            tether_dot_v1_dot_admin__pb2.ListPolicyHistoryRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.ListPolicyHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBreakers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/ListBreakers',
+            tether_dot_v1_dot_admin__pb2.ListBreakersRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.ListBreakersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,16 @@ class AdminServiceStub:
     """This coordinator's own view, for `tether doctor`: its etcd cluster, how fresh its
     halt view is, its permit key, TLS, wall clock and canary. A viewer's read.
     """
+    ApplyPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ApplyPolicyRequest, _admin_pb2.PolicyVersion]
+    """Automatic protection. The policy (breakers, rules, webhooks) is one YAML
+    document, stored in etcd and versioned; applying one is audited with the
+    principal (admins only). A malformed document, or a rule whose CEL does not
+    compile, is refused with INVALID_ARGUMENT and the policy in force stays.
+    """
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.PolicyVersion]
+    ListPolicyHistory: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPolicyHistoryRequest, _admin_pb2.ListPolicyHistoryResponse]
+    ListBreakers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListBreakersRequest, _admin_pb2.ListBreakersResponse]
+    """Every breaker that has left CLOSED, per subject, with its state and figures."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -94,6 +104,16 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """This coordinator's own view, for `tether doctor`: its etcd cluster, how fresh its
     halt view is, its permit key, TLS, wall clock and canary. A viewer's read.
     """
+    ApplyPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.ApplyPolicyRequest, _admin_pb2.PolicyVersion]  # type: ignore[assignment]
+    """Automatic protection. The policy (breakers, rules, webhooks) is one YAML
+    document, stored in etcd and versioned; applying one is audited with the
+    principal (admins only). A malformed document, or a rule whose CEL does not
+    compile, is refused with INVALID_ARGUMENT and the policy in force stays.
+    """
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.PolicyVersion]  # type: ignore[assignment]
+    ListPolicyHistory: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPolicyHistoryRequest, _admin_pb2.ListPolicyHistoryResponse]  # type: ignore[assignment]
+    ListBreakers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListBreakersRequest, _admin_pb2.ListBreakersResponse]  # type: ignore[assignment]
+    """Every breaker that has left CLOSED, per subject, with its state and figures."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is the operator's side: kill, resume, and see the fleet."""
@@ -208,5 +228,39 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """This coordinator's own view, for `tether doctor`: its etcd cluster, how fresh its
         halt view is, its permit key, TLS, wall clock and canary. A viewer's read.
         """
+
+    @_abc_1.abstractmethod
+    def ApplyPolicy(
+        self,
+        request: _admin_pb2.ApplyPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PolicyVersion, _abc.Awaitable[_admin_pb2.PolicyVersion]]:
+        """Automatic protection. The policy (breakers, rules, webhooks) is one YAML
+        document, stored in etcd and versioned; applying one is audited with the
+        principal (admins only). A malformed document, or a rule whose CEL does not
+        compile, is refused with INVALID_ARGUMENT and the policy in force stays.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _admin_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PolicyVersion, _abc.Awaitable[_admin_pb2.PolicyVersion]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPolicyHistory(
+        self,
+        request: _admin_pb2.ListPolicyHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPolicyHistoryResponse, _abc.Awaitable[_admin_pb2.ListPolicyHistoryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListBreakers(
+        self,
+        request: _admin_pb2.ListBreakersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListBreakersResponse, _abc.Awaitable[_admin_pb2.ListBreakersResponse]]:
+        """Every breaker that has left CLOSED, per subject, with its state and figures."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

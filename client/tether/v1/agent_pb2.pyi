@@ -301,6 +301,7 @@ class Register(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     AGENT_URI_FIELD_NUMBER: _builtins.int
+    READ_CAPABILITIES_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """required unless agent_uri is given"""
     agent: _builtins.str
@@ -321,6 +322,12 @@ class Register(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Matched exactly by halts with Selector.labels, such as feature=beta."""
 
+    @_builtins.property
+    def read_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The capabilities (of `capabilities`) that only read; every other one is a
+        write, which a degraded mode (Selector.writes) freezes.
+        """
+
     def __init__(
         self,
         *,
@@ -331,14 +338,49 @@ class Register(_message.Message):
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         agent_uri: _builtins.str = ...,
+        read_capabilities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_uri", b"agent_uri", "capabilities", b"capabilities", "instance_id", b"instance_id", "labels", b"labels", "run_id", b"run_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_uri", b"agent_uri", "capabilities", b"capabilities", "instance_id", b"instance_id", "labels", b"labels", "read_capabilities", b"read_capabilities", "run_id", b"run_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Register: _TypeAlias = Register  # noqa: Y015
+
+@_typing.final
+class Signals(_message.Message):
+    """What the agent reports of itself: running totals of this instance (never
+    deltas, so a lost beat loses nothing). Sent with a beat when they changed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USD_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    ANOMALIES_FIELD_NUMBER: _builtins.int
+    usd: _builtins.float
+    """spend in US dollars (agent.spend(usd=...))"""
+    tokens: _builtins.int
+    calls: _builtins.int
+    anomalies: _builtins.int
+    """flagged anomalies, inside effects or out (agent.anomaly)"""
+    def __init__(
+        self,
+        *,
+        usd: _builtins.float = ...,
+        tokens: _builtins.int = ...,
+        calls: _builtins.int = ...,
+        anomalies: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalies", b"anomalies", "calls", b"calls", "tokens", b"tokens", "usd", b"usd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Signals: _TypeAlias = Signals  # noqa: Y015
 
 @_typing.final
 class Beat(_message.Message):
@@ -351,6 +393,7 @@ class Beat(_message.Message):
 
     SEQ_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    SIGNALS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """1 for the first beat, then one more for each: every reply to this beat
     carries it as ack_seq. Never 0, because ack_seq 0 marks a push, so a beat
@@ -368,15 +411,22 @@ class Beat(_message.Message):
         instance is halted and at Goodbye.
         """
 
+    @_builtins.property
+    def signals(self) -> Global___Signals:
+        """Set when the totals changed since the last beat this stream carried (a new
+        stream sends them with its first beat).
+        """
+
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         checkpoint: _struct_pb2.Struct | None = ...,
+        signals: Global___Signals | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "signals", b"signals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "seq", b"seq", "signals", b"signals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

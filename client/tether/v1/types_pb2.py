@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/types.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x01\n\x08Selector\x12\x1f\n\x05scope\x18\x01 \x01(\x0e\x32\x10.tether.v1.Scope\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x12\n\ncapability\x18\x05 \x01(\t\x12/\n\x06labels\x18\x06 \x03(\x0b\x32\x1f.tether.v1.Selector.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x03\n\x04Halt\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x08selector\x18\x02 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12!\n\x04mode\x18\x07 \x01(\x0e\x32\x13.tether.v1.KillMode\x12(\n\x05grace\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05queue\x18\t \x01(\x0e\x32\x16.tether.v1.QueuePolicy\x12\x12\n\nactor_note\x18\n \x01(\t\x12\x36\n\x0crelease_gate\x18\x0b \x03(\x0b\x32 .tether.v1.Halt.ReleaseGateEntry\x1a\x32\n\x10ReleaseGateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcc\x04\n\x06\x45\x66\x66\x65\x63t\x12\x11\n\teffect_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x12\n\ncapability\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.tether.v1.EffectStatus\x12/\n\x0bintended_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrefused_by\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0e\n\x06strict\x18\t \x01(\x08\x12\x17\n\x0fpermit_revision\x18\n \x01(\x03\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\r\n\x05\x61gent\x18\x0c \x01(\t\x12\x0e\n\x06run_id\x18\r \x01(\t\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\x12%\n\x04undo\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08trace_id\x18\x10 \x01(\t\x12\x0f\n\x07span_id\x18\x11 \x01(\t\x12\x0f\n\x07release\x18\x12 \x01(\t\x12\x33\n\x0c\x63ompensation\x18\x13 \x01(\x0e\x32\x1d.tether.v1.CompensationStatus\x12\x1a\n\x12\x63ompensation_error\x18\x14 \x01(\t\x12\x32\n\x0e\x63ompensated_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63ompensated_by\x18\x16 \x01(\t\"\xee\x03\n\rAgentInstance\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.tether.v1.InstanceState\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.tether.v1.AgentInstance.LabelsEntry\x12\x13\n\x0b\x63oordinator\x18\x08 \x01(\t\x12\x31\n\rregistered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\ncheckpoint\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1e\n\x05halts\x18\x0c \x03(\x0b\x32\x0f.tether.v1.Halt\x12,\n\x08\x65nded_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*b\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_GLOBAL\x10\x01\x12\x10\n\x0cSCOPE_TENANT\x10\x02\x12\x0f\n\x0bSCOPE_AGENT\x10\x03\x12\r\n\tSCOPE_RUN\x10\x04*M\n\x08KillMode\x12\x19\n\x15KILL_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eKILL_MODE_HARD\x10\x01\x12\x12\n\x0eKILL_MODE_SOFT\x10\x02*]\n\x0bQueuePolicy\x12\x1c\n\x18QUEUE_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14QUEUE_POLICY_DISCARD\x10\x01\x12\x16\n\x12QUEUE_POLICY_DRAIN\x10\x02*\x9a\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15INSTANCE_STATE_ACTIVE\x10\x01\x12\x19\n\x15INSTANCE_STATE_KILLED\x10\x02\x12\x18\n\x14INSTANCE_STATE_STALE\x10\x03\x12\x19\n\x15INSTANCE_STATE_EXITED\x10\x04*\xf1\x01\n\x0c\x45\x66\x66\x65\x63tStatus\x12\x1d\n\x19\x45\x46\x46\x45\x43T_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45\x46\x46\x45\x43T_STATUS_INTENDED\x10\x01\x12\x18\n\x14\x45\x46\x46\x45\x43T_STATUS_LANDED\x10\x02\x12\x18\n\x14\x45\x46\x46\x45\x43T_STATUS_FAILED\x10\x03\x12\x19\n\x15\x45\x46\x46\x45\x43T_STATUS_REFUSED\x10\x04\x12\x1b\n\x17\x45\x46\x46\x45\x43T_STATUS_DUPLICATE\x10\x05\x12\x1d\n\x19\x45\x46\x46\x45\x43T_STATUS_NOT_STARTED\x10\x06\x12\x1b\n\x17\x45\x46\x46\x45\x43T_STATUS_CANCELLED\x10\x07*\x9f\x01\n\x12\x43ompensationStatus\x12#\n\x1f\x43OMPENSATION_STATUS_UNSPECIFIED\x10\x00\x12#\n\x1f\x43OMPENSATION_STATUS_COMPENSATED\x10\x01\x12\x1e\n\x1a\x43OMPENSATION_STATUS_FAILED\x10\x02\x12\x1f\n\x1b\x43OMPENSATION_STATUS_CLAIMED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/types.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x08Selector\x12\x1f\n\x05scope\x18\x01 \x01(\x0e\x32\x10.tether.v1.Scope\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x12\n\ncapability\x18\x05 \x01(\t\x12/\n\x06labels\x18\x06 \x03(\x0b\x32\x1f.tether.v1.Selector.LabelsEntry\x12\x0e\n\x06writes\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x03\n\x04Halt\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x08selector\x18\x02 \x01(\x0b\x32\x13.tether.v1.Selector\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12!\n\x04mode\x18\x07 \x01(\x0e\x32\x13.tether.v1.KillMode\x12(\n\x05grace\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05queue\x18\t \x01(\x0e\x32\x16.tether.v1.QueuePolicy\x12\x12\n\nactor_note\x18\n \x01(\t\x12\x36\n\x0crelease_gate\x18\x0b \x03(\x0b\x32 .tether.v1.Halt.ReleaseGateEntry\x1a\x32\n\x10ReleaseGateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdd\x04\n\x06\x45\x66\x66\x65\x63t\x12\x11\n\teffect_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x12\n\ncapability\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.tether.v1.EffectStatus\x12/\n\x0bintended_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrefused_by\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0e\n\x06strict\x18\t \x01(\x08\x12\x17\n\x0fpermit_revision\x18\n \x01(\x03\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\r\n\x05\x61gent\x18\x0c \x01(\t\x12\x0e\n\x06run_id\x18\r \x01(\t\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\x12%\n\x04undo\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08trace_id\x18\x10 \x01(\t\x12\x0f\n\x07span_id\x18\x11 \x01(\t\x12\x0f\n\x07release\x18\x12 \x01(\t\x12\x33\n\x0c\x63ompensation\x18\x13 \x01(\x0e\x32\x1d.tether.v1.CompensationStatus\x12\x1a\n\x12\x63ompensation_error\x18\x14 \x01(\t\x12\x32\n\x0e\x63ompensated_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63ompensated_by\x18\x16 \x01(\t\x12\x0f\n\x07\x61nomaly\x18\x17 \x01(\t\"\xee\x03\n\rAgentInstance\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.tether.v1.InstanceState\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.tether.v1.AgentInstance.LabelsEntry\x12\x13\n\x0b\x63oordinator\x18\x08 \x01(\t\x12\x31\n\rregistered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\ncheckpoint\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1e\n\x05halts\x18\x0c \x03(\x0b\x32\x0f.tether.v1.Halt\x12,\n\x08\x65nded_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*b\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_GLOBAL\x10\x01\x12\x10\n\x0cSCOPE_TENANT\x10\x02\x12\x0f\n\x0bSCOPE_AGENT\x10\x03\x12\r\n\tSCOPE_RUN\x10\x04*M\n\x08KillMode\x12\x19\n\x15KILL_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eKILL_MODE_HARD\x10\x01\x12\x12\n\x0eKILL_MODE_SOFT\x10\x02*]\n\x0bQueuePolicy\x12\x1c\n\x18QUEUE_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14QUEUE_POLICY_DISCARD\x10\x01\x12\x16\n\x12QUEUE_POLICY_DRAIN\x10\x02*\x9a\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15INSTANCE_STATE_ACTIVE\x10\x01\x12\x19\n\x15INSTANCE_STATE_KILLED\x10\x02\x12\x18\n\x14INSTANCE_STATE_STALE\x10\x03\x12\x19\n\x15INSTANCE_STATE_EXITED\x10\x04*\xf1\x01\n\x0c\x45\x66\x66\x65\x63tStatus\x12\x1d\n\x19\x45\x46\x46\x45\x43T_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45\x46\x46\x45\x43T_STATUS_INTENDED\x10\x01\x12\x18\n\x14\x45\x46\x46\x45\x43T_STATUS_LANDED\x10\x02\x12\x18\n\x14\x45\x46\x46\x45\x43T_STATUS_FAILED\x10\x03\x12\x19\n\x15\x45\x46\x46\x45\x43T_STATUS_REFUSED\x10\x04\x12\x1b\n\x17\x45\x46\x46\x45\x43T_STATUS_DUPLICATE\x10\x05\x12\x1d\n\x19\x45\x46\x46\x45\x43T_STATUS_NOT_STARTED\x10\x06\x12\x1b\n\x17\x45\x46\x46\x45\x43T_STATUS_CANCELLED\x10\x07*\x9f\x01\n\x12\x43ompensationStatus\x12#\n\x1f\x43OMPENSATION_STATUS_UNSPECIFIED\x10\x00\x12#\n\x1f\x43OMPENSATION_STATUS_COMPENSATED\x10\x01\x12\x1e\n\x1a\x43OMPENSATION_STATUS_FAILED\x10\x02\x12\x1f\n\x1b\x43OMPENSATION_STATUS_CLAIMED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,30 +40,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HALT_RELEASEGATEENTRY']._serialized_options = b'8\001'
   _globals['_AGENTINSTANCE_LABELSENTRY']._loaded_options = None
   _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_SCOPE']._serialized_start=1829
-  _globals['_SCOPE']._serialized_end=1927
-  _globals['_KILLMODE']._serialized_start=1929
-  _globals['_KILLMODE']._serialized_end=2006
-  _globals['_QUEUEPOLICY']._serialized_start=2008
-  _globals['_QUEUEPOLICY']._serialized_end=2101
-  _globals['_INSTANCESTATE']._serialized_start=2104
-  _globals['_INSTANCESTATE']._serialized_end=2258
-  _globals['_EFFECTSTATUS']._serialized_start=2261
-  _globals['_EFFECTSTATUS']._serialized_end=2502
-  _globals['_COMPENSATIONSTATUS']._serialized_start=2505
-  _globals['_COMPENSATIONSTATUS']._serialized_end=2664
+  _globals['_SCOPE']._serialized_start=1862
+  _globals['_SCOPE']._serialized_end=1960
+  _globals['_KILLMODE']._serialized_start=1962
+  _globals['_KILLMODE']._serialized_end=2039
+  _globals['_QUEUEPOLICY']._serialized_start=2041
+  _globals['_QUEUEPOLICY']._serialized_end=2134
+  _globals['_INSTANCESTATE']._serialized_start=2137
+  _globals['_INSTANCESTATE']._serialized_end=2291
+  _globals['_EFFECTSTATUS']._serialized_start=2294
+  _globals['_EFFECTSTATUS']._serialized_end=2535
+  _globals['_COMPENSATIONSTATUS']._serialized_start=2538
+  _globals['_COMPENSATIONSTATUS']._serialized_end=2697
   _globals['_SELECTOR']._serialized_start=132
-  _globals['_SELECTOR']._serialized_end=338
-  _globals['_SELECTOR_LABELSENTRY']._serialized_start=293
-  _globals['_SELECTOR_LABELSENTRY']._serialized_end=338
-  _globals['_HALT']._serialized_start=341
-  _globals['_HALT']._serialized_end=739
-  _globals['_HALT_RELEASEGATEENTRY']._serialized_start=689
-  _globals['_HALT_RELEASEGATEENTRY']._serialized_end=739
-  _globals['_EFFECT']._serialized_start=742
-  _globals['_EFFECT']._serialized_end=1330
-  _globals['_AGENTINSTANCE']._serialized_start=1333
-  _globals['_AGENTINSTANCE']._serialized_end=1827
-  _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_start=293
-  _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_end=338
+  _globals['_SELECTOR']._serialized_end=354
+  _globals['_SELECTOR_LABELSENTRY']._serialized_start=309
+  _globals['_SELECTOR_LABELSENTRY']._serialized_end=354
+  _globals['_HALT']._serialized_start=357
+  _globals['_HALT']._serialized_end=755
+  _globals['_HALT_RELEASEGATEENTRY']._serialized_start=705
+  _globals['_HALT_RELEASEGATEENTRY']._serialized_end=755
+  _globals['_EFFECT']._serialized_start=758
+  _globals['_EFFECT']._serialized_end=1363
+  _globals['_AGENTINSTANCE']._serialized_start=1366
+  _globals['_AGENTINSTANCE']._serialized_end=1860
+  _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_start=309
+  _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_end=354
 # @@protoc_insertion_point(module_scope)

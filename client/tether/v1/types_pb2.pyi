@@ -248,6 +248,7 @@ class Selector(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     CAPABILITY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    WRITES_FIELD_NUMBER: _builtins.int
     scope: Global___Scope.ValueType
     tenant: _builtins.str
     agent: _builtins.str
@@ -257,6 +258,11 @@ class Selector(_message.Message):
     """A capability freeze: the matching instances keep running (their order
     stays ORDER_RUN) but must not use this capability (Register.capabilities).
     Audited as AUDIT_ACTION_FREEZE. Works with any scope.
+    """
+    writes: _builtins.bool
+    """Degraded mode: freeze every capability the matching instances registered as a
+    write (all of Register.capabilities not in Register.read_capabilities); reads
+    and the instance itself go on. Not with `capability`. Breakers set it.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -273,10 +279,11 @@ class Selector(_message.Message):
         run_id: _builtins.str = ...,
         capability: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        writes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capability", b"capability", "labels", b"labels", "run_id", b"run_id", "scope", b"scope", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capability", b"capability", "labels", b"labels", "run_id", b"run_id", "scope", b"scope", "tenant", b"tenant", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,6 +404,7 @@ class Effect(_message.Message):
     COMPENSATION_ERROR_FIELD_NUMBER: _builtins.int
     COMPENSATED_AT_FIELD_NUMBER: _builtins.int
     COMPENSATED_BY_FIELD_NUMBER: _builtins.int
+    ANOMALY_FIELD_NUMBER: _builtins.int
     effect_id: _builtins.str
     """unique, chosen by the SDK"""
     key: _builtins.str
@@ -425,6 +433,8 @@ class Effect(_message.Message):
     compensation_error: _builtins.str
     compensated_by: _builtins.str
     """the principal that ran the compensation"""
+    anomaly: _builtins.str
+    """flagged by the agent (fx.anomaly): why it deviates"""
     @_builtins.property
     def intended_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -462,10 +472,11 @@ class Effect(_message.Message):
         compensation_error: _builtins.str = ...,
         compensated_at: _timestamp_pb2.Timestamp | None = ...,
         compensated_by: _builtins.str = ...,
+        anomaly: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compensated_at", b"compensated_at", "ended_at", b"ended_at", "intended_at", b"intended_at", "undo", b"undo"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capability", b"capability", "compensated_at", b"compensated_at", "compensated_by", b"compensated_by", "compensation", b"compensation", "compensation_error", b"compensation_error", "effect_id", b"effect_id", "ended_at", b"ended_at", "error", b"error", "instance_id", b"instance_id", "intended_at", b"intended_at", "key", b"key", "permit_revision", b"permit_revision", "refused_by", b"refused_by", "release", b"release", "run_id", b"run_id", "span_id", b"span_id", "status", b"status", "strict", b"strict", "tenant", b"tenant", "trace_id", b"trace_id", "undo", b"undo"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "anomaly", b"anomaly", "capability", b"capability", "compensated_at", b"compensated_at", "compensated_by", b"compensated_by", "compensation", b"compensation", "compensation_error", b"compensation_error", "effect_id", b"effect_id", "ended_at", b"ended_at", "error", b"error", "instance_id", b"instance_id", "intended_at", b"intended_at", "key", b"key", "permit_revision", b"permit_revision", "refused_by", b"refused_by", "release", b"release", "run_id", b"run_id", "span_id", b"span_id", "status", b"status", "strict", b"strict", "tenant", b"tenant", "trace_id", b"trace_id", "undo", b"undo"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

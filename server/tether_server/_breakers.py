@@ -1,0 +1,228 @@
+"""Circuit breakers as a pure state machine: given counts and the time, a decision.
+
+Nothing here reads etcd or a clock. The evaluator (``_evaluator``) samples the fleet's
+running totals into a ``Series`` per subject, asks ``step`` what a breaker does now, and
+acts at the edge: a trip writes a degraded-mode halt, HALF_OPEN lifts it so that probes
+go through, a failed probe writes it again.
+
+    CLOSED --(a rate over its threshold, on at least min_calls effects)--> OPEN
+    OPEN --(cooldown elapsed)--> HALF_OPEN
+    HALF_OPEN --(probes writes all landed)--> CLOSED
+    HALF_OPEN --(a probe failed)--> OPEN
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass, field, replace
+
+BASELINE_WINDOWS = 5  # the volume baseline: effects per window over this many windows before
+
+
+class State(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class Scope(enum.StrEnum):
+    """What one trip degrades: the run it happened in, its whole agent, or its tenant."""
+
+    RUN = "run"
+    AGENT = "agent"
+    TENANT = "tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Running totals of one subject; windows are differences of two of them."""
+
+    effects: int = 0  # finished effects, reads and writes
+    writes: int = 0  # finished write effects
+    failed: int = 0  # write effects that failed
+    anomalies: int = 0  # flagged by the agent, in effects or out
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(
+            self.effects + other.effects,
+            self.writes + other.writes,
+            self.failed + other.failed,
+            self.anomalies + other.anomalies,
+        )
+
+    def __sub__(self, other: Totals) -> Totals:
+        return Totals(
+            self.effects - other.effects,
+            self.writes - other.writes,
+            self.failed - other.failed,
+            self.anomalies - other.anomalies,
+        )
+
+
+ZERO = Totals()
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSpec:
+    """One breaker of the policy, validated (see ``_policy``)."""
+
+    name: str
+    tenant: str = ""  # the selector, as a kill takes it: empty matches any
+    agent: str = ""
+    run_id: str = ""
+    scope: Scope = Scope.RUN
+    window: float = 60.0
+    min_calls: int = 20
+    error_rate: float | None = None
+    anomaly_rate: float | None = None
+    volume_factor: float | None = None
+    cooldown: float = 120.0
+    probes: int = 3
+
+    def covers(self, tenant: str, agent: str, run_id: str) -> bool:
+        return (
+            self.tenant in ("", tenant)
+            and self.agent in ("", agent)
+            and self.run_id in ("", run_id)
+        )
+
+    def subject(self, tenant: str, agent: str, run_id: str) -> tuple[str, ...]:
+        """What one trip degrades, for an effect of this run."""
+        if self.scope is Scope.TENANT:
+            return (tenant,)
+        if self.scope is Scope.AGENT:
+            return (tenant, agent)
+        return (tenant, agent, run_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What a breaker decides on: the current window, and the volume baseline."""
+
+    window: float
+    current: Totals
+    baseline: float | None = None  # effects per window before it; None: not known yet
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        c = self.current
+        return {
+            "window_s": self.window,
+            "effects": c.effects,
+            "writes": c.writes,
+            "failed": c.failed,
+            "anomalies": c.anomalies,
+            "baseline": self.baseline,
+        }
+
+
+def trip_reason(spec: BreakerSpec, fig: Figures) -> str:
+    """Why ``spec`` trips on ``fig``, with the figures; "" when it does not."""
+    c, w = fig.current, f"{fig.window:g}s"
+    if c.effects < spec.min_calls:
+        return ""  # no verdict on fewer calls
+    if spec.error_rate is not None and c.writes:
+        rate = c.failed / c.writes
+        if rate > spec.error_rate:
+            return f"error rate {rate:.2f} over {w} ({c.failed}/{c.writes}) > {spec.error_rate:g}"
+    if spec.anomaly_rate is not None:
+        rate = c.anomalies / c.effects
+        if rate > spec.anomaly_rate:
+            return (
+                f"anomaly rate {rate:.2f} over {w} ({c.anomalies}/{c.effects}) "
+                f"> {spec.anomaly_rate:g}"
+            )
+    if spec.volume_factor is not None and fig.baseline is not None:
+        base = max(fig.baseline, 1.0)
+        if c.effects > spec.volume_factor * base:
+            return (
+                f"volume {c.effects} effects over {w} is {c.effects / base:.1f}x "
+                f"the baseline {fig.baseline:.1f} > {spec.volume_factor:g}x"
+            )
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerState:
+    """Where one breaker stands for one subject. Stored in etcd, so it outlives evaluators."""
+
+    state: State = State.CLOSED
+    since: float = 0.0  # wall time of the last transition
+    reason: str = ""  # the figures of the last trip
+    probe_base: Totals = field(default_factory=Totals)  # totals when HALF_OPEN began
+
+
+class Event(enum.StrEnum):
+    NONE = ""
+    TRIP = "trip"
+    HALF_OPEN = "half_open"
+    CLOSE = "close"
+    REOPEN = "reopen"
+
+
+def step(
+    spec: BreakerSpec, st: BreakerState, fig: Figures, totals: Totals, now: float
+) -> tuple[BreakerState, Event]:
+    """The breaker's next state, and what the edge must do about it.
+
+    ``totals`` are the subject's running totals now: probes are counted from them.
+    """
+    if st.state is State.CLOSED:
+        reason = trip_reason(spec, fig)
+        if not reason:
+            return st, Event.NONE
+        return BreakerState(State.OPEN, now, reason), Event.TRIP
+    if st.state is State.OPEN:
+        if now - st.since < spec.cooldown:
+            return st, Event.NONE
+        return replace(st, state=State.HALF_OPEN, since=now, probe_base=totals), Event.HALF_OPEN
+    probes = totals - st.probe_base
+    if probes.failed:
+        reason = f"{probes.failed} of {probes.writes} probe writes failed in HALF_OPEN"
+        return BreakerState(State.OPEN, now, reason), Event.REOPEN
+    if probes.writes >= spec.probes:
+        return BreakerState(State.CLOSED, now), Event.CLOSE
+    return st, Event.NONE
+
+
+class Series:
+    """A subject's running totals over time, as a step function: a sample only when they
+    changed. Enough history for the window and the volume baseline is kept."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._times: list[float] = []
+        self._values: list[Totals] = []
+
+    def add(self, now: float, totals: Totals) -> None:
+        if self._values and self._values[-1] == totals:
+            return  # unchanged: the step goes on
+        self._times.append(now)
+        self._values.append(totals)
+        horizon = now - self.window * (BASELINE_WINDOWS + 1) - 1
+        old = bisect.bisect_right(self._times, horizon) - 1  # keep the value at the horizon
+        if old > 0:
+            del self._times[:old]
+            del self._values[:old]
+
+    def latest(self) -> Totals:
+        return self._values[-1] if self._values else ZERO
+
+    def _at(self, when: float) -> Totals:
+        """The totals at ``when``; the earliest known when ``when`` is before them."""
+        return self._values[max(bisect.bisect_right(self._times, when) - 1, 0)]
+
+    def figures(self, now: float, not_before: float = 0.0) -> Figures:
+        """The window up to ``now``, starting no earlier than ``not_before`` (a breaker that
+        closed counts afresh from then)."""
+        if not self._values:
+            return Figures(self.window, ZERO)
+        start_t = max(now - self.window, not_before)
+        start = self._at(start_t)
+        current = self.latest() - start
+        history = max(self._times[0], now - self.window * (BASELINE_WINDOWS + 1))
+        span = start_t - history
+        if span < self.window:  # less than one whole window of history before this one
+            return Figures(self.window, current)
+        baseline = (start - self._at(history)).effects * self.window / span
+        return Figures(self.window, current, baseline)

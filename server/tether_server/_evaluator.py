@@ -1,0 +1,221 @@
+"""One decision for the fleet: an evaluator elected through etcd decides every trip.
+
+Every coordinator publishes its counts (``_tally``) and campaigns: it creates the
+evaluator key on its own lease, guarded by ``create_revision == 0``. The one that holds
+the key reads every coordinator's counts a few times a second, runs the breakers
+(``_breakers.step``) and rules (``_policy``) over the fleet-wide figures, and writes the
+halt, with its audit entry, as ``breaker:NAME`` or ``policy:NAME``. When it dies its
+lease lapses, the key goes with it, and another coordinator takes over within the lease
+TTL; the breakers' states live in etcd, so an OPEN breaker stays OPEN across the change,
+and a rule that acted is marked, so it acts once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from tether.v1 import admin_pb2, types_pb2
+
+from tether_server._audit import AuditLog
+from tether_server._breakers import BreakerSpec, BreakerState, Event, Series, State, Totals, step
+from tether_server._etcd import EtcdUnavailable, Store
+from tether_server._halt_store import HaltStore, halt_from
+from tether_server._halts import HaltTable
+from tether_server._notify import Notifier
+from tether_server._policy_store import PolicyStore
+from tether_server._rules import RuleRunner, selector_of
+from tether_server._selectors import halt_id
+from tether_server._store import (
+    BREAKERS,
+    COUNTS,
+    EVALUATOR,
+    RunKey,
+    absent,
+    breaker_key,
+    put_op,
+    range_op,
+)
+from tether_server._tally import FleetTotals
+
+log = logging.getLogger("tether_server")
+EVALUATE_EVERY = 0.25  # seconds between decisions while elected
+# Between sweeps only runs whose figures moved are decided on (and breakers not CLOSED);
+# a sweep decides on every run, for windows that slid with no new activity.
+FULL_SWEEP = 5.0
+
+
+def state_json(st: BreakerState, figures: dict[str, Any]) -> bytes:
+    pb = st.probe_base
+    return json.dumps(
+        {
+            "state": st.state.value,
+            "since": st.since,
+            "reason": st.reason,
+            "probe_base": [pb.effects, pb.writes, pb.failed, pb.anomalies],
+            "figures": figures,
+        }
+    ).encode()
+
+
+def state_of(raw: bytes) -> BreakerState:
+    doc = json.loads(raw)
+    return BreakerState(
+        State(doc["state"]), doc["since"], doc["reason"], Totals(*doc["probe_base"])
+    )
+
+
+async def list_breakers(store: Store, tenant: str = "") -> admin_pb2.ListBreakersResponse:
+    """Every breaker state stored, per subject; with ``tenant``, that tenant's."""
+    out = admin_pb2.ListBreakersResponse()
+    for kv in (await store.range(BREAKERS)).kvs:
+        name, _, subject = kv.key[len(BREAKERS) :].decode().partition("/")
+        if tenant and subject.split("/")[0] != tenant:
+            continue
+        doc = json.loads(kv.value)
+        item = out.breakers.add(
+            name=name, subject=subject, state=doc["state"], reason=doc["reason"]
+        )
+        item.tenant = subject.split("/")[0]
+        item.since.FromNanoseconds(int(doc["since"] * 1e9))
+    return out
+
+
+class Evaluator:
+    """Campaigns for the evaluator key; while it holds it, decides for the fleet."""
+
+    def __init__(
+        self, store: Store, coordinator_id: str, halts: HaltTable, notifier: Notifier | None = None
+    ) -> None:
+        self._store = store
+        self._me = coordinator_id
+        audit = AuditLog(store)
+        self._halt_store = HaltStore(store, audit)
+        self._policies = PolicyStore(store, audit)
+        self._halts = halts
+        self.notifier = notifier or Notifier(self._policies.policy)
+        self._rules = RuleRunner(self._halt_store, audit, store, self.notifier)
+        self.leading = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._fleet = FleetTotals()
+        self._merged: dict[str, int] = {}  # each coordinator's counts: the revision merged
+        self._series: dict[tuple[float, tuple[str, ...]], Series] = {}
+        # A window starts from the subject's totals when first sampled (they are history:
+        # after an election, or when a policy names a subject that ran before it), except
+        # for a subject that first showed up in this round: it started from nothing, so its
+        # first burst counts in its window.
+        self._warm = False
+        self._swept = (0.0, -1)  # when, and under which policy version, all runs were seen
+
+    async def run(self, lease: int) -> None:
+        """Campaign and, while elected, decide; errors are logged, never end the loop."""
+        value = f"{self._me}:{lease:x}".encode()
+        while True:
+            try:
+                await self._round(value, lease)
+            except EtcdUnavailable as err:
+                log.warning("protection evaluator: %s", err)
+            except Exception:
+                log.exception("protection evaluator failed a round")
+            await asyncio.sleep(EVALUATE_EVERY)
+
+    async def _round(self, value: bytes, lease: int) -> None:
+        resp = await self._store.txn(
+            [absent(EVALUATOR)], [put_op(EVALUATOR, value, lease)], [range_op(EVALUATOR)]
+        )
+        leading = resp.succeeded or resp.responses[0].response_range.kvs[0].value == value
+        if leading and not self.leading:
+            log.info("coordinator %s is the protection evaluator", self._me)
+            self._reset()  # windows restart with the new evaluator's own samples
+        self.leading = leading
+        if leading:
+            await self.decide(time.time())
+
+    async def decide(self, now: float) -> None:
+        """One round: merge the counts, then every breaker and rule of the policy."""
+        policy, version = await self._policies.policy()
+        self._fleet.next_round()
+        for kv in (await self._store.range(COUNTS)).kvs:
+            source = kv.key[len(COUNTS) :].decode()
+            if self._merged.get(source) != kv.mod_revision:  # published anew since
+                self._merged[source] = kv.mod_revision
+                self._fleet.merge(source, json.loads(kv.value))
+        changed = self._fleet.take_changed()
+        if now - self._swept[0] >= FULL_SWEEP or version != self._swept[1]:
+            changed, self._swept = self._fleet.known_runs(), (now, version)
+        states = {kv.key: state_of(kv.value) for kv in (await self._store.range(BREAKERS)).kvs}
+        for spec in policy.breakers:
+            for subject in _due(spec, changed, states):
+                await self._breaker(spec, subject, states, now)
+        if policy.rules:
+            due = self._rules.decisions.due
+            decided = due(policy.rules, version, self._fleet, self.series, now, changed=changed)
+            await self._rules.act(decided, version)
+        self._warm = True
+
+    def series(self, window: float, subject: tuple[str, ...], totals: Totals, now: float) -> Series:
+        """The subject's samples over ``window``, with ``totals`` added at ``now``."""
+        found = self._series.get((window, subject))
+        if found is None:
+            found = self._series[(window, subject)] = Series(window)
+            if self._warm and self._fleet.new(subject):  # it began since the last round
+                found.add(now - EVALUATE_EVERY, Totals())
+        found.add(now, totals)
+        return found
+
+    async def _breaker(
+        self,
+        spec: BreakerSpec,
+        subject: tuple[str, ...],
+        states: dict[bytes, BreakerState],
+        now: float,
+    ) -> None:
+        totals = self._fleet.totals(subject)
+        key = breaker_key(spec.name, subject)
+        before = states.get(key, BreakerState())
+        fig = self.series(spec.window, subject, totals, now).figures(now, before.since)
+        sel = selector_of(spec.scope, subject, writes=True)
+        if before.state is State.OPEN and halt_id(sel) not in self._halts.halts:
+            st, event = BreakerState(State.CLOSED, now, "resumed by an operator"), Event.CLOSE
+        else:
+            st, event = step(spec, before, fig, totals, now)
+        if event is Event.NONE:
+            return
+        await self._store.txn((), [put_op(key, state_json(st, fig.as_dict()))])
+        await self._act(spec, sel, st, event, fig.as_dict())
+
+    async def _act(
+        self,
+        spec: BreakerSpec,
+        sel: types_pb2.Selector,
+        st: BreakerState,
+        event: Event,
+        figures: dict[str, Any],
+    ) -> None:
+        actor = f"breaker:{spec.name}"
+        if event in (Event.TRIP, Event.REOPEN):
+            request = admin_pb2.KillRequest(reason=st.reason)
+            await self._halt_store.kill(halt_from(request, sel, actor), force=True)
+            self.notifier.emit("trip", actor, st.reason, sel, figures)
+        elif event is Event.HALF_OPEN:
+            reason = f"half-open after {spec.cooldown:g}s: {spec.probes} probe writes go through"
+            await self._halt_store.resume(sel, actor, reason)
+        log.info("breaker %s on %s: %s %s", spec.name, halt_id(sel), event.value, st.reason)
+
+
+def _due(
+    spec: BreakerSpec, changed: Iterable[RunKey], states: dict[bytes, BreakerState]
+) -> set[tuple[str, ...]]:
+    """The subjects to decide on: those with a run that moved, and those not CLOSED."""
+    due = {spec.subject(*run) for run in changed if spec.covers(*run)}
+    prefix = breaker_key(spec.name, ()) + b"/"
+    for key, st in states.items():
+        if st.state is not State.CLOSED and key.startswith(prefix):
+            due.add(tuple(key[len(prefix) :].decode().split("/")))
+    return due

@@ -1,0 +1,311 @@
+"""The policy document: breakers, rules and notifications, parsed and checked, pure.
+
+One YAML document (``tether policy apply -f``). Everything wrong with it is found here,
+before it is stored, and said with its place in the document: the policy in force stays.
+Rules are CEL (``common-expression-language``): compiled once, here, then only evaluated.
+
+The context a rule sees, per run (every figure is fleet-wide; ``effects`` and ``rates``
+over the rule's ``window``, spend since the run began)::
+
+    run     {tenant, agent, run_id, spend: {usd, tokens, calls},
+             effects: {total, writes, failed, anomalies}, rates: {error, anomaly}}
+    agent   the same figures for the run's agent, summed over its runs (no run_id)
+    tenant  the same for the run's tenant (no agent, no run_id)
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cel
+import yaml
+
+from tether_server._breakers import BreakerSpec, Scope
+from tether_server._errors import InvalidArgument, check_name
+
+MAX_POLICY_BYTES = 256 * 1024
+CONTEXT_ROOTS = frozenset({"run", "agent", "tenant"})
+EVENTS = frozenset({"kill", "resume", "freeze", "degrade", "trip", "policy"})
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class Action(enum.StrEnum):
+    KILL = "kill"
+    FREEZE = "freeze"  # needs `capability`
+    DEGRADE = "degrade"  # every write frozen
+    NOTIFY = "notify"  # only the webhooks hear of it
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    when: str
+    program: Any = field(compare=False, repr=False)  # the compiled CEL
+    action: Action = Action.KILL
+    tenant: str = ""
+    agent: str = ""
+    run_id: str = ""
+    scope: Scope = Scope.RUN
+    capability: str = ""
+    hard: bool = True
+    grace: float = 0.0
+    window: float = 60.0
+    dry_run: bool = False
+    roots: frozenset[str] = CONTEXT_ROOTS  # what the expression reads: only these are passed
+    # Of each root, the fields it names (``run.spend`` -> spend); None: pass the root whole.
+    fields: Mapping[str, frozenset[str] | None] = field(default_factory=dict, compare=False)
+
+    def covers(self, tenant: str, agent: str, run_id: str) -> bool:
+        return (
+            self.tenant in ("", tenant)
+            and self.agent in ("", agent)
+            and self.run_id in ("", run_id)
+        )
+
+    def inputs(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        """The part of ``context`` the expression reads: converting less into CEL is faster."""
+        out = {}
+        for root in self.roots:
+            names, value = self.fields.get(root), context[root]
+            out[root] = value if names is None else {k: value[k] for k in names if k in value}
+        return out
+
+    def decide(self, context: Mapping[str, Any]) -> bool:
+        """True when the rule holds on ``context``; an expression that fails holds not."""
+        try:
+            return self.program.execute(self.inputs(context)) is True
+        except (RuntimeError, ValueError, TypeError, KeyError):
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    url: str
+    events: frozenset[str] = EVENTS
+    format: str = "json"  # json | slack
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    breakers: tuple[BreakerSpec, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    notify: tuple[Webhook, ...] = ()
+
+
+EMPTY = Policy()
+
+
+class _Reader:
+    """Reads one mapping of the document, saying where a bad value is."""
+
+    def __init__(self, where: str, raw: Any, known: frozenset[str]) -> None:
+        if not isinstance(raw, dict):
+            raise InvalidArgument(f"{where}: expected a mapping")
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise InvalidArgument(f"{where}: unknown field {unknown[0]!r}")
+        self.where, self.raw = where, raw
+
+    def get(self, name: str, kind: type, default: Any = None) -> Any:
+        value = self.raw.get(name, default)
+        if value is None:
+            return None
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise InvalidArgument(f"{self.where}.{name}: expected {kind.__name__}, got {value!r}")
+        return value
+
+    def rate(self, name: str) -> float | None:
+        value = self.get(name, float)
+        if value is not None and not 0 < value <= 1:
+            raise InvalidArgument(f"{self.where}.{name}: a rate in (0, 1], got {value}")
+        return value  # type: ignore[no-any-return]
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.raw.get(name, default)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise InvalidArgument(f"{self.where}.{name}: a duration such as 60s, got {value!r}")
+        return float(match[1]) * _UNITS[match[2]]
+
+    def selector(self) -> dict[str, str]:
+        sel = self.raw.get("selector") or {}
+        if not isinstance(sel, dict) or set(sel) - {"tenant", "agent", "run_id"}:
+            raise InvalidArgument(f"{self.where}.selector: a mapping of tenant, agent, run_id")
+        return {k: check_name(f"{self.where}.selector.{k}", str(v)) for k, v in sel.items()}
+
+    def scope(self) -> Scope:
+        value = self.raw.get("scope", "run")
+        try:
+            return Scope(value)
+        except ValueError:
+            raise InvalidArgument(
+                f"{self.where}.scope: run, agent or tenant, got {value!r}"
+            ) from None
+
+
+_BREAKER_FIELDS = frozenset(
+    [
+        "name",
+        "selector",
+        "scope",
+        "window",
+        "min_calls",
+        "error_rate",
+        "anomaly_rate",
+        "volume_factor",
+        "cooldown",
+        "probes",
+    ]
+)
+_RULE_FIELDS = frozenset(
+    [
+        "name",
+        "selector",
+        "scope",
+        "when",
+        "action",
+        "capability",
+        "mode",
+        "grace",
+        "window",
+        "dry_run",
+    ]
+)
+
+
+def _name(r: _Reader, seen: set[str]) -> str:
+    name = check_name(f"{r.where}.name", str(r.raw.get("name", "")))
+    if name in seen:
+        raise InvalidArgument(f"{r.where}.name: {name} is used twice")
+    seen.add(name)
+    return name
+
+
+def _breaker(where: str, raw: Any, seen: set[str]) -> BreakerSpec:
+    r = _Reader(where, raw, _BREAKER_FIELDS)
+    spec = BreakerSpec(
+        name=_name(r, seen),
+        **r.selector(),
+        scope=r.scope(),
+        window=r.seconds("window", 60.0),
+        min_calls=r.get("min_calls", int, 20),
+        error_rate=r.rate("error_rate"),
+        anomaly_rate=r.rate("anomaly_rate"),
+        volume_factor=r.get("volume_factor", float),
+        cooldown=r.seconds("cooldown", 120.0),
+        probes=r.get("probes", int, 3),
+    )
+    if spec.error_rate is None and spec.anomaly_rate is None and spec.volume_factor is None:
+        raise InvalidArgument(f"{where}: name error_rate, anomaly_rate or volume_factor")
+    if spec.window <= 0 or spec.probes < 1 or spec.min_calls < 1:
+        raise InvalidArgument(f"{where}: window, probes and min_calls must be positive")
+    return spec
+
+
+def compile_rule(where: str, when: str) -> Any:
+    """Compile ``when``; refuse one that does not compile or names an unknown variable."""
+    try:
+        program = cel.compile(when)
+    except (ValueError, RuntimeError) as err:
+        raise InvalidArgument(f"{where}.when does not compile: {err}") from None
+    unknown = sorted({v.split(".")[0] for v in program.variables()} - CONTEXT_ROOTS)
+    if unknown:
+        raise InvalidArgument(
+            f"{where}.when names {unknown[0]!r}: the context has only run, agent and tenant"
+        )
+    return program
+
+
+def roots_of(program: Any) -> frozenset[str]:
+    """The context roots an expression reads (``run``, ``agent``, ``tenant``)."""
+    return frozenset(v.split(".")[0] for v in program.variables()) & CONTEXT_ROOTS
+
+
+_PATH = re.compile(r"\b(run|agent|tenant)\b(\s*\.\s*(\w+))?")
+
+
+def fields_of(when: str) -> dict[str, frozenset[str] | None]:
+    """The fields of each root that ``when`` names; a root used whole (or in a way this
+    cannot see, such as ``run["spend"]``) gets None, and is passed whole."""
+    found: dict[str, set[str] | None] = {}
+    for match in _PATH.finditer(when):
+        root, name = match[1], match[3]
+        names = found.setdefault(root, set())
+        if name is None or names is None:
+            found[root] = None
+        else:
+            names.add(name)
+    return {root: None if names is None else frozenset(names) for root, names in found.items()}
+
+
+def _rule(where: str, raw: Any, seen: set[str]) -> Rule:
+    r = _Reader(where, raw, _RULE_FIELDS)
+    name = _name(r, seen)
+    when = r.get("when", str)
+    if not when:
+        raise InvalidArgument(f"{where}.when: a CEL expression is required")
+    try:
+        action = Action(r.raw.get("action", "kill"))
+    except ValueError:
+        raise InvalidArgument(f"{where}.action: kill, freeze, degrade or notify") from None
+    capability = r.get("capability", str, "")
+    if (action is Action.FREEZE) != bool(capability):
+        raise InvalidArgument(f"{where}: action freeze, and only it, takes a capability")
+    mode = r.get("mode", str, "hard")
+    if mode not in ("hard", "soft"):
+        raise InvalidArgument(f"{where}.mode: hard or soft, got {mode!r}")
+    program = compile_rule(where, when)
+    return Rule(
+        name, when, program, action, **r.selector(), scope=r.scope(),
+        capability=capability, hard=mode == "hard", grace=r.seconds("grace", 0.0),
+        window=r.seconds("window", 60.0), dry_run=r.get("dry_run", bool, False),
+        roots=roots_of(program), fields=fields_of(when),
+    )  # fmt: skip
+
+
+def _webhook(where: str, raw: Any) -> Webhook:
+    r = _Reader(where, raw, frozenset({"url", "events", "format"}))
+    url = r.get("url", str, "")
+    if not url.startswith(("http://", "https://")):
+        raise InvalidArgument(f"{where}.url: an http:// or https:// URL, got {url!r}")
+    events = r.get("events", list, sorted(EVENTS))
+    unknown = sorted(set(map(str, events)) - EVENTS)
+    if unknown:
+        raise InvalidArgument(f"{where}.events: {unknown[0]!r} is not one of {sorted(EVENTS)}")
+    fmt = r.get("format", str, "json")
+    if fmt not in ("json", "slack"):
+        raise InvalidArgument(f"{where}.format: json or slack, got {fmt!r}")
+    return Webhook(url, frozenset(map(str, events)), fmt)
+
+
+def parse(text: str) -> Policy:
+    """The policy a YAML document states.
+
+    Raises:
+        InvalidArgument: what is wrong, and where; nothing of it is applied.
+    """
+    if len(text.encode()) > MAX_POLICY_BYTES:
+        raise InvalidArgument(f"a policy is at most {MAX_POLICY_BYTES} bytes")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise InvalidArgument(f"the policy is not valid YAML: {err}") from None
+    top = _Reader("policy", raw, frozenset({"breakers", "rules", "notify"}))
+    seen: set[str] = set()
+    lists = {k: top.get(k, list, []) for k in ("breakers", "rules", "notify")}
+    return Policy(
+        breakers=tuple(
+            _breaker(f"breakers[{i}]", b, seen) for i, b in enumerate(lists["breakers"])
+        ),
+        rules=tuple(_rule(f"rules[{i}]", r, seen) for i, r in enumerate(lists["rules"])),
+        notify=tuple(_webhook(f"notify[{i}]", n) for i, n in enumerate(lists["notify"])),
+    )

@@ -1,0 +1,221 @@
+"""Policy rules at the edge: the context a rule sees, and what it does when it holds.
+
+The decision is the rule's compiled CEL over ``context`` (pure); acting writes the halt
+with its audit entry as ``policy:NAME``, or, for a ``dry_run`` rule, only an audit entry
+and a notification that it would have tripped. A rule acts once per subject and policy
+version: the mark under ``/tether/protect/fired/`` says it did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from google.protobuf import duration_pb2
+from tether.v1 import admin_pb2, types_pb2
+
+from tether_server._audit import AuditLog, new_entry
+from tether_server._breakers import Scope, Series, Totals
+from tether_server._etcd import Store
+from tether_server._halt_store import HaltStore, halt_from
+from tether_server._notify import Notifier
+from tether_server._policy import Action, Rule
+from tether_server._store import RunKey, fired_key, put_op
+from tether_server._tally import FleetTotals
+
+SeriesOf = Callable[[float, tuple[str, ...], Totals, float], Series]
+_SCOPES = {
+    Scope.RUN: types_pb2.SCOPE_RUN,
+    Scope.AGENT: types_pb2.SCOPE_AGENT,
+    Scope.TENANT: types_pb2.SCOPE_TENANT,
+}
+
+
+def selector_of(
+    scope: Scope, subject: tuple[str, ...], *, writes: bool = False
+) -> types_pb2.Selector:
+    """The selector that halts a subject: ``(tenant,)``, ``(tenant, agent)`` or a run.
+
+    A run's is its tenant and run id, as ``tether kill --run R --in-tenant T`` names it,
+    so that the same command lifts it (a run id belongs to one agent anyway).
+    """
+    sel = types_pb2.Selector(scope=_SCOPES[scope], writes=writes, tenant=subject[0])
+    if scope is Scope.AGENT:
+        sel.agent = subject[1]
+    elif scope is Scope.RUN:
+        sel.run_id = subject[2]
+    return sel
+
+
+def figures(totals: Totals, spend: tuple[float, int, int]) -> dict[str, Any]:
+    """One level of the rule context: spend, effects in the window, and rates."""
+    writes, effects = totals.writes, totals.effects
+    return {
+        "spend": {"usd": float(spend[0]), "tokens": spend[1], "calls": spend[2]},
+        "effects": {
+            "total": effects, "writes": writes, "failed": totals.failed,
+            "anomalies": totals.anomalies,
+        },
+        "rates": {
+            "error": totals.failed / writes if writes else 0.0,
+            "anomaly": totals.anomalies / effects if effects else 0.0,
+        },
+    }  # fmt: skip
+
+
+def subject_of(scope: Scope, run: RunKey) -> tuple[str, ...]:
+    return {Scope.RUN: tuple(run), Scope.AGENT: run[:2], Scope.TENANT: run[:1]}[scope]
+
+
+class RuleRunner:
+    """Evaluates the rules over every known run, and acts on those that hold."""
+
+    def __init__(self, halts: HaltStore, audit: AuditLog, store: Store, notifier: Notifier) -> None:
+        self._halts = halts
+        self._audit = audit
+        self._store = store
+        self._notifier = notifier
+        self.decisions = Decisions()
+
+    async def act(
+        self, decided: Iterable[tuple[Rule, tuple[str, ...], dict[str, Any]]], version: int
+    ) -> None:
+        """Act on the rules that hold, once each: a subject already marked is left alone."""
+        mark = b"%d" % version
+        for rule, subject, context in decided:
+            key = fired_key(rule.name, subject)
+            resp = await self._store.range(key, prefix=False)
+            if resp.kvs and resp.kvs[0].value == mark:
+                continue  # it acted already, under an earlier evaluator
+            await self._act(rule, subject, context["run"])
+            await self._store.txn((), [put_op(key, mark)])
+
+    async def _act(self, rule: Rule, subject: tuple[str, ...], run: dict[str, Any]) -> None:
+        actor = f"policy:{rule.name}"
+        spend = run["spend"]
+        reason = (
+            f"{rule.when} held: run {run['run_id']} spent ${spend['usd']:.2f}, "
+            f"{spend['tokens']} tokens, {spend['calls']} calls; {run['effects']['total']} "
+            f"effects, error rate {run['rates']['error']:.2f}"
+        )
+        sel = selector_of(rule.scope, subject, writes=rule.action is Action.DEGRADE)
+        if rule.action is Action.FREEZE:
+            sel.capability = rule.capability
+        if rule.dry_run or rule.action is Action.NOTIFY:
+            reason = f"would trip ({rule.action.value}): {reason}" if rule.dry_run else reason
+            entry = new_entry(admin_pb2.AUDIT_ACTION_WOULD_TRIP, sel, actor, reason)
+            await self._audit.record(entry)
+            self._notifier.emit("trip", actor, reason, sel, run)
+            return
+        request = admin_pb2.KillRequest(reason=reason)
+        if not rule.hard:
+            request.mode = types_pb2.KILL_MODE_SOFT
+            request.grace.CopyFrom(duration_pb2.Duration(seconds=int(rule.grace)))
+        await self._halts.kill(halt_from(request, sel, actor), force=True)
+        event = {Action.KILL: "kill", Action.FREEZE: "freeze"}.get(rule.action, "degrade")
+        self._notifier.emit(event, actor, reason, sel, run)
+
+
+class Decisions:
+    """Which rules hold, on which subjects: pure, given the fleet's figures."""
+
+    def __init__(self) -> None:
+        # What each rule last saw of each run: CEL is pure, so the same context gives the
+        # same answer, and a run whose figures did not move costs a comparison, not a run.
+        self._seen: dict[tuple[Rule, RunKey], dict[str, Any]] = {}
+        self._fired: set[tuple[str, tuple[str, ...]]] = set()
+        self._version = -1
+
+    def due(
+        self,
+        rules: Iterable[Rule],
+        version: int,
+        fleet: FleetTotals,
+        series: SeriesOf,
+        now: float,
+        *,
+        changed: set[RunKey],
+    ) -> list[tuple[Rule, tuple[str, ...], dict[str, Any]]]:
+        """The rules that hold now, on runs whose figures (or whose agent's or tenant's,
+        for a rule that reads them) moved, and that have not acted on their subject."""
+        if version != self._version:
+            self._seen.clear()  # a policy applied again acts again
+            self._fired.clear()
+            self._version = version
+        levels: dict[float, _Levels] = {}
+        found = []
+        for rule in rules:
+            level = levels.get(rule.window) or levels.setdefault(
+                rule.window, _Levels(fleet, series, rule.window, now)
+            )
+            for run in _candidates(rule, changed, fleet):
+                subject = subject_of(rule.scope, run)
+                if not rule.covers(*run) or (rule.name, subject) in self._fired:
+                    continue
+                context = level.context(run)
+                seen = rule.inputs(context)
+                if self._seen.get((rule, run)) == seen:
+                    continue
+                self._seen[(rule, run)] = seen
+                if rule.decide(context):
+                    self._fired.add((rule.name, subject))
+                    found.append((rule, subject, context))
+        return found
+
+
+def _candidates(rule: Rule, changed: set[RunKey], fleet: FleetTotals) -> set[RunKey]:
+    """The runs whose context may differ: those that moved, and their agent's or tenant's
+    other runs when the rule reads ``agent`` or ``tenant``."""
+    depth = 1 if "tenant" in rule.roots else 2 if "agent" in rule.roots else 3
+    if depth == 3:
+        return changed
+    found: set[RunKey] = set()
+    for run in changed:
+        found |= fleet.members_of(tuple(run[:depth]))
+    return found
+
+
+class _Levels:
+    """The run, agent and tenant figures of one rule's window, each computed once."""
+
+    def __init__(self, fleet: FleetTotals, series: SeriesOf, window: float, now: float) -> None:
+        self._fleet, self._series, self._window, self._now = fleet, series, window, now
+        self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._contexts: dict[RunKey, dict[str, Any]] = {}
+
+    def _level(self, subject: tuple[str, ...]) -> dict[str, Any]:
+        found = self._cache.get(subject)
+        if found is None:
+            totals, spend = self._fleet.totals(subject), self._fleet.spend(subject)
+            current = self._series(self._window, subject, totals, self._now).figures(self._now)
+            found = self._cache[subject] = figures(current.current, spend)
+        return found
+
+    def context(self, run: RunKey) -> dict[str, Any]:
+        """The run's context; each of run, agent and tenant is built on first reading."""
+        found = self._contexts.get(run)
+        if found is None:
+            found = self._contexts[run] = _Context(self, run)
+        return found
+
+    def root(self, run: RunKey, name: str) -> dict[str, Any]:
+        tenant, agent, run_id = run
+        if name == "run":
+            return {**self._level(tuple(run)), "tenant": tenant, "agent": agent, "run_id": run_id}
+        if name == "agent":
+            return {**self._level((tenant, agent)), "tenant": tenant, "agent": agent}
+        if name == "tenant":
+            return {**self._level((tenant,)), "tenant": tenant}
+        raise KeyError(name)
+
+
+class _Context(dict[str, Any]):
+    """A rule context whose roots are computed when an expression first reads them."""
+
+    def __init__(self, levels: _Levels, run: RunKey) -> None:
+        super().__init__()
+        self._levels, self._run = levels, run
+
+    def __missing__(self, name: str) -> dict[str, Any]:
+        value = self[name] = self._levels.root(self._run, name)
+        return value
