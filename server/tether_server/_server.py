@@ -103,8 +103,8 @@ async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -
 async def _serve(config: ServerConfig, store: Store) -> None:
     health = HealthServicer()
     coordinator = Coordinator(config, store, health)
-    canary = _canary(coordinator) if config.canary_interval else None
     guard = Guard.create(config, lambda: coordinator.gate.signer)  # ConfigError: bad files
+    canary = _canary(coordinator) if config.canary_interval else None
     server = build_server(coordinator, health, guard, canary)
     credentials = server_credentials(config)
     bind(server, config.listen, credentials)
