@@ -80,18 +80,18 @@ async def _next(queue: asyncio.Queue[Message], shutdown: anyio.Event) -> Message
 
 
 class Dashboard:
-    """The routes, over one fleet watch and one set of coordinator clients."""
+    """The routes, over one fleet watch and one client of the coordinators."""
 
     def __init__(self, config: DashboardConfig, connect: Callable[[str], AdminClient]) -> None:
         self.config = config
         self.sessions = Sessions()
         self.fleet = Fleet()
         self.watcher = Watcher(self.fleet, connect, config.targets, config.tenant)
-        self.coordinators = _calls.Coordinators(config, connect)
+        self.client = connect(",".join(config.targets))  # it fails over between them
         self._page = (STATIC / "index.html").read_text()
 
     async def _call(self, use: Callable[[AdminClient], Any]) -> Any:
-        return await run_in_threadpool(self.coordinators.call, use)
+        return await run_in_threadpool(use, self.client)
 
     async def index(self, request: Request) -> Response:
         session = request.cookies.get(COOKIE) or self.sessions.new_session()
@@ -157,7 +157,7 @@ class Dashboard:
             yield
         finally:
             await run_in_threadpool(self.watcher.stop)
-            self.coordinators.close()
+            self.client.close()
 
 
 async def _healthz(request: Request) -> Response:

@@ -1,10 +1,9 @@
-"""The dashboard's side of the Admin API: its own credentials, failover, JSON-ready answers."""
+"""The dashboard's side of the Admin API: its own credentials and JSON-ready answers."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -15,7 +14,6 @@ from tether._dashboard._requests import EffectsQuery, KillOrder
 from tether._errors import InvalidArgument, NotFound, PermissionDenied, TetherError, Unavailable
 from tether._types import AuditEntry, Halt
 
-T = TypeVar("T")
 ACTING_ROLES = frozenset({"operator", "admin"})
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
@@ -61,41 +59,6 @@ def connector(config: DashboardConfig) -> Callable[[str], AdminClient]:
         )  # fmt: skip
 
     return connect
-
-
-class Coordinators:
-    """One client per coordinator; a call moves on to the next when one is unavailable."""
-
-    def __init__(self, config: DashboardConfig, connect: Callable[[str], AdminClient]) -> None:
-        self._targets, self._connect = config.targets, connect
-        self._clients: dict[str, AdminClient] = {}
-        self._lock = threading.Lock()
-        self._first = 0
-
-    def call(self, use: Callable[[AdminClient], T]) -> T:
-        for attempt in range(len(self._targets)):
-            index = (self._first + attempt) % len(self._targets)
-            try:
-                result = use(self._client(self._targets[index]))
-            except Unavailable:
-                if attempt == len(self._targets) - 1:
-                    raise
-                continue
-            self._first = index
-            return result
-        raise AssertionError("unreachable: there is always at least one target")
-
-    def _client(self, target: str) -> AdminClient:
-        with self._lock:
-            if target not in self._clients:
-                self._clients[target] = self._connect(target)
-            return self._clients[target]
-
-    def close(self) -> None:
-        with self._lock:
-            for client in self._clients.values():
-                client.close()
-            self._clients.clear()
 
 
 def whoami(client: AdminClient) -> dict[str, Any]:
