@@ -24,21 +24,36 @@ from tether._types import EffectStatus
 from tether._uri import parse_agent_uri
 
 AGE = re.compile(r"^(\d+)([smhd])$")  # 30s, 15m, 2h, 7d: ages and durations
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _TIME_HELP = "ISO time, or an age such as 30m, 2h, 1d"
+
+
+def age(raw: str) -> timedelta | None:
+    """``30s``, ``15m``, ``2h`` or ``7d`` as a duration; None for anything else."""
+    match = AGE.match(raw)
+    return timedelta(**{_UNITS[match[2]]: int(match[1])}) if match else None
+
+
+def time_or_age(raw: str, now: datetime) -> datetime:
+    """An ISO time (UTC unless it says), or an age back from ``now``.
+
+    Raises:
+        ValueError: ``raw`` is neither; each caller says so in its own words.
+    """
+    if (back := age(raw)) is not None:
+        return now - back
+    parsed = datetime.fromisoformat(raw)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def when(flag: str, raw: str | None) -> datetime | None:
     """``--since``/``--until``: an ISO time (UTC unless it says), or an age before now."""
     if not raw:
         return None
-    if match := AGE.match(raw):
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
-        return datetime.now(UTC) - timedelta(**{unit: int(match[1])})
     try:
-        parsed = datetime.fromisoformat(raw)
+        return time_or_age(raw, datetime.now(UTC))
     except ValueError:
         raise InvalidArgument(f"{flag} {raw!r}: use an {_TIME_HELP}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def window_args(parser: argparse.ArgumentParser) -> None:

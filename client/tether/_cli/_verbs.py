@@ -24,7 +24,7 @@ from tether._cli._output import (
     wide_agent_row,
 )
 from tether._cli._protect_verbs import breakers, policy
-from tether._cli._recovery import AGE, compensate, effects, when
+from tether._cli._recovery import age, compensate, effects, when
 from tether._config import resolve_targets
 from tether._errors import FailedPrecondition, InvalidArgument
 from tether._selector import selector
@@ -193,8 +193,8 @@ def watch(client: AdminClient, args: argparse.Namespace) -> int:
 
 def _seconds(flag: str, raw: str) -> float:
     """``30m``, ``24h``, ``7d``, ``90s`` or plain seconds."""
-    if match := AGE.match(raw):
-        return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    if (duration := age(raw)) is not None:
+        return duration.total_seconds()
     try:
         return float(raw)
     except ValueError:

@@ -7,12 +7,12 @@ Pure functions: each takes the decoded body or query and returns a typed order, 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
+from tether._cli._recovery import time_or_age
 from tether._errors import InvalidArgument
 from tether._selector import selector
 from tether._types import EffectStatus, Selector
@@ -20,8 +20,6 @@ from tether._uri import check_name
 
 SCOPES = ("global", "tenant", "agent", "run")
 MAX_GRACE = 3600.0  # the coordinator's own ceiling for a soft kill's grace
-_AGE = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 class BadRequest(Exception):
@@ -140,15 +138,12 @@ def parse_when(raw: str, name: str, now: datetime) -> datetime | None:
     raw = raw.strip()
     if not raw:
         return None
-    if match := _AGE.match(raw):
-        return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
     try:
-        when = datetime.fromisoformat(raw)
+        return time_or_age(raw, now)
     except ValueError:
         raise BadRequest(
             f"{name} {raw!r}: give an ISO time or an age such as 30m, 2h, 1d"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def effects_query(params: Mapping[str, str], now: datetime) -> EffectsQuery:
