@@ -6,7 +6,6 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tether._channel import tls_from_env
 from tether._config import resolve_targets
 from tether._errors import InvalidArgument
 
@@ -25,11 +24,13 @@ class DashboardConfig:
     targets: tuple[str, ...] = ("127.0.0.1:7700",)
     """Coordinators as ``HOST:PORT``; the next one is asked when one stops answering."""
     token: str | None = None
-    """Admin bearer token the dashboard presents: its own credentials, not the browser's."""
+    """Admin bearer token the dashboard presents: its own credentials, not the browser's.
+    None: ``TETHER_TOKEN``, as ``AdminClient`` reads it."""
     tenant: str = ""
     """Show and act on one tenant only, for a principal whose role covers only that tenant."""
     tls_ca: str | None = None
-    """PEM CA that verifies the coordinators; with it the dashboard dials TLS."""
+    """PEM CA that verifies the coordinators; with it the dashboard dials TLS. With none of
+    the three files given, ``AdminClient`` takes ``TETHER_TLS_CA``/``_CERT``/``_KEY``."""
     tls_cert: str | None = None
     """PEM client certificate: its URI SAN is the dashboard's operator identity."""
     tls_key: str | None = None
@@ -69,19 +70,17 @@ def load_config(
     tls: Mapping[str, str | None],
     environ: Mapping[str, str],
 ) -> DashboardConfig:
-    """The dashboard's settings from its flags, then ``TETHER_ADDR``, ``TETHER_TOKEN`` and
-    ``TETHER_TLS_CA``/``_CERT``/``_KEY`` (``tls`` maps tls_ca, tls_cert, tls_key to flags)."""
+    """The dashboard's settings from its flags, then ``TETHER_ADDR`` (``tls`` maps tls_ca,
+    tls_cert, tls_key to flags). Token and TLS files stay as given: ``AdminClient`` falls
+    back to ``TETHER_TOKEN`` and ``TETHER_TLS_CA``/``_CERT``/``_KEY`` for those left None."""
     host, port = parse_listen(listen or DEFAULT_LISTEN)
-    files: dict[str, str | None] = {k: tls.get(k) for k in ("tls_ca", "tls_cert", "tls_key")}
-    if not any(files.values()):
-        files = {**dict.fromkeys(files), **tls_from_env(environ)}
     return DashboardConfig(
         host=host,
         port=port,
         targets=tuple(resolve_targets(addr, environ)),
-        token=token or environ.get("TETHER_TOKEN") or None,
+        token=token or None,
         tenant=tenant or "",
-        tls_ca=files["tls_ca"] or None,
-        tls_cert=files["tls_cert"] or None,
-        tls_key=files["tls_key"] or None,
+        tls_ca=tls.get("tls_ca") or None,
+        tls_cert=tls.get("tls_cert") or None,
+        tls_key=tls.get("tls_key") or None,
     )
