@@ -86,6 +86,7 @@ async function loadMe() {
 // ---- the fleet, live -------------------------------------------------------------------
 
 function fleetRow(row) {
+  const checkpoint = row.checkpoint ? JSON.stringify(row.checkpoint) : "";
   const cells = [
     el("td", { text: row.tenant }),
     el("td", { text: row.agent }),
@@ -93,8 +94,7 @@ function fleetRow(row) {
     el("td", { class: "mono", text: row.instance_id }),
     el("td", {}, el("span", { class: `state ${row.state}`, text: row.state })),
     el("td", { class: "age", "data-at": row.last_heartbeat || "", text: age(row.last_heartbeat) }),
-    el("td", { class: "mono checkpoint", text: row.checkpoint ? JSON.stringify(row.checkpoint) : "",
-               title: row.checkpoint ? JSON.stringify(row.checkpoint) : "" }),
+    el("td", { class: "mono checkpoint", text: checkpoint, title: checkpoint }),
     el("td", { text: (row.halts || []).join("; ") }),
   ];
   const act = el("td", { class: "act" });
@@ -104,6 +104,13 @@ function fleetRow(row) {
   }
   return el("tr", { class: `row-${row.state}`, "data-key": row.key, "data-state": row.state },
             ...cells, act);
+}
+
+let renderPending = false;
+function renderSoon() {   // many events, one render per frame
+  if (renderPending) return;
+  renderPending = true;
+  requestAnimationFrame(() => { renderPending = false; renderFleet(); });
 }
 
 function renderFleet() {
@@ -139,14 +146,14 @@ function listen() {
     fleet.clear();
     for (const row of data.rows) fleet.set(row.key, row);
     showLink(data.link);
-    renderFleet();
+    renderSoon();
     refreshSoon();
   });
   events.addEventListener("agent", (e) => {
     const row = JSON.parse(e.data);
     const before = fleet.get(row.key);
     fleet.set(row.key, row);
-    renderFleet();
+    renderSoon();
     if (!before || before.state !== row.state) refreshSoon();
   });
   events.addEventListener("link", (e) => showLink(JSON.parse(e.data)));
