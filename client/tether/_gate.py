@@ -31,16 +31,10 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from tether._errors import (
-    CapabilityFrozen,
-    Degraded,
-    InvalidArgument,
-    Killed,
-    TetherError,
-    TetherLost,
-)
+from tether._errors import InvalidArgument, Killed, TetherError, TetherLost
 from tether._types import Halt
 from tether._undo import current_trace, undo_struct
+from tether._verdict import refusal
 from tether.v1 import types_pb2
 
 if TYPE_CHECKING:
@@ -223,15 +217,9 @@ class Effect:
         if not decision.granted:
             halt = Halt.from_pb(decision.refused_by)
             self._refuse(halt.id)
+            if halt.selector.writes or halt.selector.capability:
+                raise refusal(halt, self.capability)
             scope = halt.selector.scope.value
-            if halt.selector.writes:
-                raise Degraded(
-                    self.capability, halt.reason, scope=scope, actor=halt.actor, halt_id=halt.id
-                )
-            if halt.selector.capability:
-                raise CapabilityFrozen(
-                    self.capability, halt.reason, scope=scope, actor=halt.actor, halt_id=halt.id
-                )
             raise Killed(halt.reason or "refused", scope=scope, actor=halt.actor, halt_id=halt.id)
         self.permit = decision.permit
         self.record.permit_revision = decision.revision

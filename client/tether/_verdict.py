@@ -27,6 +27,13 @@ class _Halted(Protocol):
 H = TypeVar("H", bound=_Halted)
 
 
+def refusal(halt: Halt, capability: str) -> CapabilityFrozen:
+    """What using ``capability`` raises under ``halt``, a degraded-mode or capability halt."""
+    kind = Degraded if halt.selector.writes else CapabilityFrozen
+    scope = halt.selector.scope.value
+    return kind(capability, halt.reason, scope=scope, actor=halt.actor, halt_id=halt.id)
+
+
 def stops(halts: Iterable[H]) -> list[H]:
     """The halts that stop the whole instance: those that freeze no single capability.
 
@@ -88,12 +95,9 @@ class Verdict:
         frozen = self.frozen.get(capability)
         if frozen is not None:
             return frozen
-        h = self.degraded
-        if h is None or capability in reads:
+        if self.degraded is None or capability in reads:
             return None
-        return Degraded(
-            capability, h.reason, scope=h.selector.scope.value, actor=h.actor, halt_id=h.id
-        )
+        return refusal(self.degraded, capability)
 
 
 def verdict_of(
@@ -101,13 +105,10 @@ def verdict_of(
 ) -> Verdict:
     """The verdict a reply makes, given the reply's halts already converted."""
     frozen = {
-        h.selector.capability: CapabilityFrozen(
-            h.selector.capability, h.reason, scope=h.selector.scope.value, actor=h.actor,
-            halt_id=h.id,
-        )
+        h.selector.capability: refusal(h, h.selector.capability)
         for h in reversed(halts)  # the broadest freeze of a capability wins
         if h.selector.capability
-    }  # fmt: skip
+    }
     degraded = next((h for h in halts if h.selector.writes), None)
     stop: Killed | None = None
     policies = [h.queue for h in stops(resp.halts)]
