@@ -84,13 +84,16 @@ class Outbound:
         stream already carried is not sent again: the coordinator holds it and stores it
         at the kill.
         """
-        latest = self.latest
-        if latest is not self.reported:
-            self.reported = latest
-            if latest is not None:
-                ack.checkpoint.CopyFrom(latest)
+        self._carry_checkpoint(ack)
         self.acks.append(ack)
         self.wake_soon()
+
+    def _carry_checkpoint(self, message: agent_pb2.KillAck | agent_pb2.Beat) -> None:
+        """Put the newest checkpoint on ``message`` if this stream has not carried it yet."""
+        latest = self.latest
+        if latest is not None and latest is not self.reported:
+            message.checkpoint.CopyFrom(latest)
+            self.reported = latest
 
     def record(self, effect: types_pb2.Effect) -> None:
         """Queue a ledger record. Safe from any thread; never blocks."""
@@ -170,10 +173,7 @@ class Outbound:
         """The next beat, carrying the newest checkpoint if this stream has not yet."""
         self._seq += 1
         beat = agent_pb2.Beat(seq=self._seq)
-        latest = self.latest
-        if latest is not None and latest is not self.reported:
-            beat.checkpoint.CopyFrom(latest)
-            self.reported = latest
+        self._carry_checkpoint(beat)
         signals = self.signals
         if signals != self.signals_sent:
             usd, tokens, calls, anomalies = signals
