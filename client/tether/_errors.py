@@ -102,7 +102,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TetherError]] = {
 }
 
 
-def _status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+def rpc_status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     """Code and details of a blocking (``grpc.Call``) or asyncio (``AioRpcError``) error."""
     if isinstance(err, grpc.Call | grpc.aio.AioRpcError):
         return err.code(), err.details() or ""
@@ -111,7 +111,7 @@ def _status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
 
 def from_rpc_error(err: grpc.RpcError) -> TetherError:
     """Translate a gRPC error at the transport boundary: ``raise from_rpc_error(e) from e``."""
-    code, details = _status(err)
+    code, details = rpc_status(err)
     cls = _BY_CODE.get(code, TetherError)
     return cls(details or code.name)
 
@@ -119,7 +119,7 @@ def from_rpc_error(err: grpc.RpcError) -> TetherError:
 def is_permanent(err: grpc.RpcError) -> bool:
     """True for errors that retrying the same request cannot fix: a malformed registration,
     or one the coordinator refuses for who the caller is."""
-    return _status(err)[0] in (
+    return rpc_status(err)[0] in (
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.PERMISSION_DENIED,

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from tether._errors import Unavailable
+from tether._errors import Unavailable, rpc_status
 
 S = TypeVar("S")
 T = TypeVar("T")
@@ -77,10 +77,10 @@ class NoCoordinator(Unavailable):
 
 def why(err: grpc.RpcError, timeout: float | None) -> str:
     """A few words on why a coordinator did not answer, from a retried error."""
-    code = err.code() if isinstance(err, grpc.Call) else None
+    code, details = rpc_status(err)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"deadline exceeded after {timeout:g}s" if timeout else "deadline exceeded"
-    details = (err.details() if isinstance(err, grpc.Call) else str(err)) or "unavailable"
+    details = details or "unavailable"
     lowered = details.lower()
     for found, said in _CAUSES:
         if found in lowered:
