@@ -23,6 +23,17 @@ def resolve_targets(target: str | None, environ: Mapping[str, str]) -> list[str]
     return targets
 
 
+def host_port(raw: str) -> tuple[str, int] | None:
+    """``raw`` split at its last colon into host and port; None without a port in 1..65535.
+
+    The host is as written (brackets and all): each caller checks it its own way.
+    """
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     """How one agent instance reaches its coordinators and what it tells its owner.

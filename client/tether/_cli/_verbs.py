@@ -25,7 +25,7 @@ from tether._cli._output import (
 )
 from tether._cli._protect_verbs import breakers, policy
 from tether._cli._recovery import age, compensate, effects, when
-from tether._config import resolve_targets
+from tether._config import host_port, resolve_targets
 from tether._errors import FailedPrecondition, InvalidArgument
 from tether._selector import selector
 from tether._types import Halt, Scope, Selector, State
@@ -38,9 +38,9 @@ def check_addr(raw: str | None, environ: Mapping[str, str]) -> None:
     """Refuse a coordinator address without a port, rather than let gRPC dial 443."""
     source = "--addr" if raw else "TETHER_ADDR"
     for target in resolve_targets(raw, environ):
-        host, sep, port = target.rpartition(":")
+        host = found[0] if (found := host_port(target)) else ""
         bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
-        if not sep or not host or bare_v6 or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or bare_v6:
             example = f"[{target}]:7700" if ":" in target else f"{target.rstrip(':')}:7700"
             raise InvalidArgument(
                 f"{source} {target!r} needs HOST:PORT with a port, e.g. {example} "

@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tether._config import resolve_targets
+from tether._config import host_port, resolve_targets
 from tether._errors import InvalidArgument
 
 DEFAULT_LISTEN = "127.0.0.1:7780"
@@ -54,11 +54,10 @@ class DashboardConfig:
 
 def parse_listen(raw: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` as (host, port); anything else says what to give."""
-    host, sep, port = raw.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    found = host_port(raw)
+    if found is None or not (host := found[0].removeprefix("[").removesuffix("]")):
         raise InvalidArgument(f"--listen {raw!r}: give HOST:PORT, e.g. {DEFAULT_LISTEN}")
-    return host, int(port)
+    return host, found[1]
 
 
 def load_config(
