@@ -75,12 +75,17 @@ class Rule:
             out[root] = value if names is None else {k: value[k] for k in names if k in value}
         return out
 
-    def decide(self, context: Mapping[str, Any]) -> bool:
-        """True when the rule holds on ``context``; an expression that fails holds not."""
+    def holds(self, inputs: Mapping[str, Any]) -> bool:
+        """True when the rule holds on ``inputs`` (see ``inputs``); an expression that
+        fails holds not."""
         try:
-            return self.program.execute(self.inputs(context)) is True
+            return self.program.execute(inputs) is True
         except (RuntimeError, ValueError, TypeError, KeyError):
             return False
+
+    def decide(self, context: Mapping[str, Any]) -> bool:
+        """True when the rule holds on ``context``."""
+        return self.holds(self.inputs(context))
 
 
 @dataclass(frozen=True, slots=True)

@@ -157,7 +157,7 @@ class Decisions:
                 if self._seen.get((rule, run)) == seen:
                     continue
                 self._seen[(rule, run)] = seen
-                if rule.decide(context):
+                if rule.holds(seen):
                     self._fired.add((rule.name, subject))
                     found.append((rule, subject, context))
         return found
