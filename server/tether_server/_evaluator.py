@@ -22,7 +22,17 @@ from typing import Any
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._audit import AuditLog
-from tether_server._breakers import BreakerSpec, BreakerState, Event, Series, State, Totals, step
+from tether_server._breakers import (
+    BreakerSpec,
+    BreakerState,
+    Event,
+    Series,
+    State,
+    Totals,
+    covers,
+    step,
+    subject_of,
+)
 from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._halts import HaltTable
@@ -213,7 +223,7 @@ def _due(
     spec: BreakerSpec, changed: Iterable[RunKey], states: dict[bytes, BreakerState]
 ) -> set[tuple[str, ...]]:
     """The subjects to decide on: those with a run that moved, and those not CLOSED."""
-    due = {spec.subject(*run) for run in changed if spec.covers(*run)}
+    due = {subject_of(spec.scope, run) for run in changed if covers(spec, run)}
     prefix = breaker_key(spec.name, ()) + b"/"
     for key, st in states.items():
         if st.state is not State.CLOSED and key.startswith(prefix):

@@ -60,13 +60,6 @@ class Rule:
     # Of each root, the fields it names (``run.spend`` -> spend); None: pass the root whole.
     fields: Mapping[str, frozenset[str] | None] = field(default_factory=dict, compare=False)
 
-    def covers(self, tenant: str, agent: str, run_id: str) -> bool:
-        return (
-            self.tenant in ("", tenant)
-            and self.agent in ("", agent)
-            and self.run_id in ("", run_id)
-        )
-
     def inputs(self, context: Mapping[str, Any]) -> dict[str, Any]:
         """The part of ``context`` the expression reads: converting less into CEL is faster."""
         out = {}
