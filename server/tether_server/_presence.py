@@ -30,6 +30,7 @@ from tether_server._halts import HaltTable
 from tether_server._ledger import decode
 from tether_server._outbox import End
 from tether_server._registry import Registry, Session
+from tether_server._selectors import check_labels
 from tether_server._store import (
     HALTS,
     InstanceKey,
@@ -101,9 +102,7 @@ def identity_from(reg: agent_pb2.Register) -> InstanceKey:
     for cap in reg.read_capabilities:
         if cap not in reg.capabilities:
             raise InvalidArgument(f"read capability {cap} is not in register.capabilities")
-    for label, value in reg.labels.items():  # as selectors name them, or no halt could match
-        check_name("label key", label)
-        check_name(f"label {label}", value)
+    check_labels(reg.labels)  # as selectors name them, or no halt could match
     return InstanceKey(
         tenant,
         agent,
