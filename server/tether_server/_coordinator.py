@@ -94,7 +94,10 @@ class Coordinator:
         self.halts = HaltTable()
         self.checkpoints = CheckpointWriter(store, config.checkpoint_flush_interval)
         self._ledger = LedgerWriter(store, config.coordinator_id, config.checkpoint_flush_interval)
-        self.gate = Gate(self._ledger, store)
+        # Automatic protection: counts of what this coordinator sees, and its campaign to
+        # be the one evaluator that decides breakers and rules for the fleet.
+        self.tally = Tally(config.coordinator_id)
+        self.gate = Gate(self._ledger, store, self.tally)
         self.acks = AckBook(AuditLog(store), self.halts)
         self.sessions = Sessions(
             config,
@@ -103,13 +106,10 @@ class Coordinator:
             checkpoints=self.checkpoints,
             ledger=self._ledger,
             gate=self.gate,
+            tally=self.tally,
             acks=self.acks,
             metrics=Metrics(),
         )
-        # Automatic protection: counts of what this coordinator sees, and its campaign to
-        # be the one evaluator that decides breakers and rules for the fleet.
-        self.tally = Tally(config.coordinator_id)
-        self.gate.tally = self.tally
         self.evaluator = Evaluator(store, config.coordinator_id, self.halts)
         self.attached = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()

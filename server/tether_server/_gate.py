@@ -171,13 +171,13 @@ class Claims:
 class Gate:
     """Takes effect records into the ledger and decides strict permits."""
 
-    def __init__(self, ledger: LedgerWriter, store: Store) -> None:
+    def __init__(self, ledger: LedgerWriter, store: Store, tally: Tally) -> None:
         self._ledger = ledger
         self._signer: PermitSigner | None = None
         self._fresh = FreshHalts(store)
         self._claims = Claims(store)
         self._landed: dict[RunKey, set[str]] = {}
-        self.tally: Tally | None = None  # automatic protection counts what ended, if set
+        self._tally = tally  # automatic protection counts what ended
 
     @property
     def signer(self) -> PermitSigner | None:
@@ -221,8 +221,7 @@ class Gate:
                     self._landed.setdefault(run, set()).add(effect.key)
                 self._claims.settle(key, effect.key, landed)
         self._ledger.add(run, batch.effects)
-        if self.tally is not None:
-            self.tally.effects(key, batch.effects, reads)
+        self._tally.effects(key, batch.effects, reads)
 
     async def decide(
         self,

@@ -39,6 +39,7 @@ from tether_server._presence import Presence, identity_from
 from tether_server._rbac import check_registration, open_to_anonymous
 from tether_server._registry import Session
 from tether_server._store import InstanceKey
+from tether_server._tally import Tally
 from tether_server._telemetry import Metrics
 from tether_server._wire import malformed
 
@@ -62,6 +63,7 @@ class Sessions:
         checkpoints: CheckpointWriter,
         ledger: LedgerWriter,
         gate: Gate,
+        tally: Tally,
         acks: AckBook,
         metrics: Metrics,
     ) -> None:
@@ -90,6 +92,7 @@ class Sessions:
         self._max_checkpoint = config.max_checkpoint_bytes
         self._checkpoints = checkpoints
         self._gate = gate
+        self._tally = tally
         self._acks = acks
         self._metrics = metrics
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -253,8 +256,8 @@ class Sessions:
         session.last_beat = time.monotonic()
         if beat.HasField("checkpoint"):
             self._offer_checkpoint(session, beat.checkpoint)
-        if beat.HasField("signals") and self._gate.tally is not None:
-            self._gate.tally.signal(session.key, beat.signals)
+        if beat.HasField("signals"):
+            self._tally.signal(session.key, beat.signals)
         return with_ack(current_order(session), beat.seq)
 
     def _pushed(self, seconds: float) -> None:
