@@ -98,17 +98,15 @@ async def list_breakers(store: Store, tenant: str = "") -> admin_pb2.ListBreaker
 class Evaluator:
     """Campaigns for the evaluator key; while it holds it, decides for the fleet."""
 
-    def __init__(
-        self, store: Store, coordinator_id: str, halts: HaltTable, notifier: Notifier | None = None
-    ) -> None:
+    def __init__(self, store: Store, coordinator_id: str, halts: HaltTable) -> None:
         self._store = store
         self._me = coordinator_id
         audit = AuditLog(store)
         self._halt_store = HaltStore(store, audit)
         self._policies = PolicyStore(store, audit)
         self._halts = halts
-        self.notifier = notifier or Notifier(self._policies.policy)
-        self._rules = RuleRunner(self._halt_store, audit, store, self.notifier)
+        self._notifier = Notifier(self._policies.policy)
+        self._rules = RuleRunner(self._halt_store, audit, store, self._notifier)
         self.leading = False
         self._reset()
 
@@ -212,7 +210,7 @@ class Evaluator:
         if event in (Event.TRIP, Event.REOPEN):
             request = admin_pb2.KillRequest(reason=st.reason)
             await self._halt_store.kill(halt_from(request, sel, actor), force=True)
-            self.notifier.emit("trip", actor, st.reason, sel, figures)
+            self._notifier.emit("trip", actor, st.reason, sel, figures)
         elif event is Event.HALF_OPEN:
             reason = f"half-open after {spec.cooldown:g}s: {spec.probes} probe writes go through"
             await self._halt_store.resume(sel, actor, reason)
