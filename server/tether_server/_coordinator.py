@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -23,7 +22,7 @@ from tether_server._acks import AckBook
 from tether_server._audit import AuditLog
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._config import ServerConfig
-from tether_server._etcd import EtcdUnavailable, Store, every
+from tether_server._etcd import EtcdUnavailable, Store, every, spawn
 from tether_server._evaluator import Evaluator
 from tether_server._freshness import Freshness
 from tether_server._gate import Gate, load_signer
@@ -214,12 +213,7 @@ class Coordinator:
         self.attached.clear()
         self.sessions.lose(reason)
         for service in SERVICES:
-            self._spawn_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    def _spawn_health(self, service: str, status: Any) -> None:
-        task = asyncio.get_running_loop().create_task(self.health.set(service, status))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            spawn(self._tasks, self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING))
 
     async def detach(self) -> None:
         """Shutdown: let sessions go, flush checkpoints, drop the coordinator's own lease."""

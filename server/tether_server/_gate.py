@@ -20,7 +20,7 @@ from typing import Any
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._errors import InvalidArgument, check_name
-from tether_server._etcd import EtcdUnavailable, Store
+from tether_server._etcd import EtcdUnavailable, Store, spawn
 from tether_server._halts import HaltTable
 from tether_server._ledger import LedgerWriter, landed, strip_compensation
 from tether_server._selectors import freezes, is_stop
@@ -163,9 +163,7 @@ class Claims:
             except EtcdUnavailable as err:  # the claim lapses with this coordinator's lease
                 log.warning("could not settle an effect key claim: %s", err)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, run())
 
 
 class Gate:

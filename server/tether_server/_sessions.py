@@ -26,7 +26,7 @@ from tether_server._auth import caller
 from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._config import ServerConfig
 from tether_server._errors import ANSWERABLE, InvalidArgument, status_of
-from tether_server._etcd import EtcdUnavailable, Store
+from tether_server._etcd import EtcdUnavailable, Store, spawn
 from tether_server._fanout import Fanout
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
@@ -151,7 +151,7 @@ class Sessions:
             await session.outbox.close()
         finally:
             if end is not DONE:
-                self._spawn(self._presence.declare_stale(session))
+                spawn(self._cleanups, self._presence.declare_stale(session))
 
     async def _open(self, requests: AsyncIterator[Any], context: Any, who: Principal) -> Session:
         try:
@@ -193,7 +193,7 @@ class Sessions:
         try:
             await session.outbox.first(grant)
         except BaseException:  # the agent went away mid-registration: do not keep its session
-            self._spawn(self._presence.declare_stale(session))
+            spawn(self._cleanups, self._presence.declare_stale(session))
             raise
         return session
 
@@ -222,7 +222,7 @@ class Sessions:
                 elif kind == "effects":
                     self._effects(session, req.effects)
                 elif kind == "permit":  # decided off the reader: it reads etcd
-                    self._spawn(self._permit(session, req.permit))
+                    spawn(self._cleanups, self._permit(session, req.permit))
                 elif kind == "ack":
                     self._ack(session, req.ack)
                 elif kind == "goodbye":
@@ -306,8 +306,3 @@ class Sessions:
         session.record.ended_at.GetCurrentTime()
         self._presence.forget_locally(session)
         await self._presence.write_final(session)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
