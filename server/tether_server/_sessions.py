@@ -38,7 +38,7 @@ from tether_server._outbox import DONE, End, Outbox
 from tether_server._presence import Presence, identity_from
 from tether_server._rbac import check_registration, open_to_anonymous
 from tether_server._registry import Session
-from tether_server._store import InstanceKey
+from tether_server._store import InstanceKey, to_json
 from tether_server._tally import Tally
 from tether_server._telemetry import Metrics
 from tether_server._wire import malformed
@@ -285,7 +285,7 @@ class Sessions:
                 "the last accepted checkpoint is kept"
             )
         try:
-            value = json_format.MessageToJson(checkpoint, indent=None, sort_keys=True).encode()
+            value = to_json(checkpoint)
         except ValueError as err:
             raise InvalidArgument(
                 f"checkpoint is not valid JSON ({err}); it was not stored"
