@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
-from aetcd import rpc
 from google.protobuf import timestamp_pb2
 from tether.v1 import agent_pb2, types_pb2
 
@@ -47,6 +46,7 @@ from tether_server._store import (
     run_owner,
     run_owner_key,
     to_json,
+    txn_op,
 )
 from tether_server._telemetry import Metrics
 
@@ -60,12 +60,6 @@ def now_timestamp() -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.GetCurrentTime()
     return ts
-
-
-def txn_op(compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]) -> Any:
-    """A transaction nested in another: the claim's second chance, in the same round trip."""
-    request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
-    return rpc.RequestOp(request_txn=request)
 
 
 def _not_owner(key: InstanceKey, kvs: Sequence[Any]) -> PermissionDenied:
@@ -184,6 +178,7 @@ class Presence:
             put_op(roster_key(key), to_json(record)),
         ]
         owner, mine = run_owner_key(key.run_id), run_owner(key.run)
+        # The claim's second chance, in the same round trip: a nested transaction.
         first_time = txn_op(
             [absent(owner)], [*reads, *writes, put_op(owner, mine)], [range_op(owner)]
         )

@@ -30,6 +30,7 @@ Keys are built and parsed only here, by the typed functions below. Talking to et
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from aetcd import rpc
@@ -224,6 +225,12 @@ def delete_op(key: bytes, *, prev_kv: bool = False) -> Any:
 def range_op(key: bytes, *, prefix: bool = False) -> Any:
     end = prefix_end(key) if prefix else b""
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end))
+
+
+def txn_op(compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]) -> Any:
+    """A transaction nested in another (a second chance, in the same round trip)."""
+    request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+    return rpc.RequestOp(request_txn=request)
 
 
 def absent(key: bytes) -> Any:
