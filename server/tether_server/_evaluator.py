@@ -195,8 +195,9 @@ class Evaluator:
             st, event = step(spec, before, fig, totals, now)
         if event is Event.NONE:
             return
-        await self._store.txn((), [put_op(key, state_json(st, fig.as_dict()))])
-        await self._act(spec, sel, st, event, fig.as_dict())
+        figures = fig.as_dict()
+        await self._store.txn((), [put_op(key, state_json(st, figures))])
+        await self._act(spec, sel, st, event, figures)
 
     async def _act(
         self,
