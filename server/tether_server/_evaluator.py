@@ -47,6 +47,8 @@ from tether_server._store import (
     RunKey,
     absent,
     breaker_key,
+    breaker_of,
+    counts_source,
     put_op,
     range_op,
 )
@@ -83,14 +85,14 @@ async def list_breakers(store: Store, tenant: str = "") -> admin_pb2.ListBreaker
     """Every breaker state stored, per subject; with ``tenant``, that tenant's."""
     out = admin_pb2.ListBreakersResponse()
     for kv in (await store.range(BREAKERS)).kvs:
-        name, _, subject = kv.key[len(BREAKERS) :].decode().partition("/")
-        if tenant and subject.split("/")[0] != tenant:
+        name, subject = breaker_of(kv.key)
+        if tenant and subject[0] != tenant:
             continue
         doc = json.loads(kv.value)
         item = out.breakers.add(
-            name=name, subject=subject, state=doc["state"], reason=doc["reason"]
+            name=name, subject="/".join(subject), state=doc["state"], reason=doc["reason"]
         )
-        item.tenant = subject.split("/")[0]
+        item.tenant = subject[0]
         item.since.FromNanoseconds(int(doc["since"] * 1e9))
     return out
 
@@ -150,7 +152,7 @@ class Evaluator:
         policy, version = await self._policies.policy()
         self._fleet.next_round()
         for kv in (await self._store.range(COUNTS)).kvs:
-            source = kv.key[len(COUNTS) :].decode()
+            source = counts_source(kv.key)
             if self._merged.get(source) != kv.mod_revision:  # published anew since
                 self._merged[source] = kv.mod_revision
                 self._fleet.merge(source, json.loads(kv.value))
@@ -223,8 +225,9 @@ def _due(
 ) -> set[tuple[str, ...]]:
     """The subjects to decide on: those with a run that moved, and those not CLOSED."""
     due = {subject_of(spec.scope, run) for run in changed if covers(spec, run)}
-    prefix = breaker_key(spec.name, ()) + b"/"
     for key, st in states.items():
-        if st.state is not State.CLOSED and key.startswith(prefix):
-            due.add(tuple(key[len(prefix) :].decode().split("/")))
+        if st.state is not State.CLOSED:
+            name, subject = breaker_of(key)
+            if name == spec.name:
+                due.add(subject)
     return due

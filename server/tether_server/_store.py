@@ -191,9 +191,20 @@ def counts_key(coordinator_id: str) -> bytes:
     return _join(COUNTS, coordinator_id)
 
 
+def counts_source(raw: bytes) -> str:
+    """The coordinator whose counts a ``counts_key`` holds."""
+    return raw[len(COUNTS) :].decode()
+
+
 def breaker_key(name: str, subject: tuple[str, ...]) -> bytes:
     """A breaker's state for a subject: ``tenant``, ``tenant/agent`` or ``tenant/agent/run``."""
     return _join(BREAKERS, name, *subject)
+
+
+def breaker_of(raw: bytes) -> tuple[str, tuple[str, ...]]:
+    """The breaker name and the subject a ``breaker_key`` names."""
+    name, _, subject = raw[len(BREAKERS) :].decode().partition("/")
+    return name, tuple(subject.split("/"))
 
 
 def fired_key(rule: str, subject: tuple[str, ...]) -> bytes:
