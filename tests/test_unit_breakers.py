@@ -11,7 +11,9 @@ from tether_server._breakers import (
     Series,
     State,
     Totals,
+    covers,
     step,
+    subject_of,
     trip_reason,
 )
 from tether_server._tally import FleetTotals
@@ -95,10 +97,10 @@ def test_series_without_history_has_no_baseline() -> None:
 
 def test_subjects_and_selectors() -> None:
     spec = BreakerSpec("b", tenant="acme", agent="mail", scope=Scope.AGENT)
-    assert spec.covers("acme", "mail", "r1") and not spec.covers("acme", "crm", "r1")
-    assert spec.subject("acme", "mail", "r1") == ("acme", "mail")
-    assert BreakerSpec("t", scope=Scope.TENANT).subject("acme", "mail", "r1") == ("acme",)
-    assert SPEC.subject("acme", "mail", "r1") == ("acme", "mail", "r1")
+    assert covers(spec, ("acme", "mail", "r1")) and not covers(spec, ("acme", "crm", "r1"))
+    assert subject_of(spec.scope, ("acme", "mail", "r1")) == ("acme", "mail")
+    assert subject_of(Scope.TENANT, ("acme", "mail", "r1")) == ("acme",)
+    assert subject_of(SPEC.scope, ("acme", "mail", "r1")) == ("acme", "mail", "r1")
 
 
 def test_a_closed_breaker_counts_afresh() -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import bisect
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 BASELINE_WINDOWS = 5  # the volume baseline: effects per window over this many windows before
 
@@ -63,6 +65,32 @@ class Totals:
 ZERO = Totals()
 
 
+class Selected(Protocol):
+    """A selector as a kill takes it (a breaker's, a rule's): empty matches any."""
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def agent(self) -> str: ...
+    @property
+    def run_id(self) -> str: ...
+
+
+def covers(sel: Selected, run: Sequence[str]) -> bool:
+    """Whether ``sel`` selects the run ``(tenant, agent, run_id)``."""
+    tenant, agent, run_id = run
+    return sel.tenant in ("", tenant) and sel.agent in ("", agent) and sel.run_id in ("", run_id)
+
+
+_DEPTH = {Scope.TENANT: 1, Scope.AGENT: 2, Scope.RUN: 3}
+
+
+def subject_of(scope: Scope, run: Sequence[str]) -> tuple[str, ...]:
+    """What one trip degrades (or one rule acts on) for the run ``(tenant, agent, run_id)``:
+    the run itself, its agent or its tenant."""
+    return tuple(run[: _DEPTH[scope]])
+
+
 @dataclass(frozen=True, slots=True)
 class BreakerSpec:
     """One breaker of the policy, validated (see ``_policy``)."""
@@ -79,21 +107,6 @@ class BreakerSpec:
     volume_factor: float | None = None
     cooldown: float = 120.0
     probes: int = 3
-
-    def covers(self, tenant: str, agent: str, run_id: str) -> bool:
-        return (
-            self.tenant in ("", tenant)
-            and self.agent in ("", agent)
-            and self.run_id in ("", run_id)
-        )
-
-    def subject(self, tenant: str, agent: str, run_id: str) -> tuple[str, ...]:
-        """What one trip degrades, for an effect of this run."""
-        if self.scope is Scope.TENANT:
-            return (tenant,)
-        if self.scope is Scope.AGENT:
-            return (tenant, agent)
-        return (tenant, agent, run_id)
 
 
 @dataclass(frozen=True, slots=True)

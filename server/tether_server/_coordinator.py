@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -23,7 +22,7 @@ from tether_server._acks import AckBook
 from tether_server._audit import AuditLog
 from tether_server._checkpoints import CheckpointWriter
 from tether_server._config import ServerConfig
-from tether_server._etcd import EtcdUnavailable, Store, every
+from tether_server._etcd import EtcdUnavailable, Store, every, spawn
 from tether_server._evaluator import Evaluator
 from tether_server._freshness import Freshness
 from tether_server._gate import Gate, load_signer
@@ -94,7 +93,10 @@ class Coordinator:
         self.halts = HaltTable()
         self.checkpoints = CheckpointWriter(store, config.checkpoint_flush_interval)
         self._ledger = LedgerWriter(store, config.coordinator_id, config.checkpoint_flush_interval)
-        self.gate = Gate(self._ledger, store)
+        # Automatic protection: counts of what this coordinator sees, and its campaign to
+        # be the one evaluator that decides breakers and rules for the fleet.
+        self.tally = Tally(config.coordinator_id)
+        self.gate = Gate(self._ledger, store, self.tally)
         self.acks = AckBook(AuditLog(store), self.halts)
         self.sessions = Sessions(
             config,
@@ -103,13 +105,10 @@ class Coordinator:
             checkpoints=self.checkpoints,
             ledger=self._ledger,
             gate=self.gate,
+            tally=self.tally,
             acks=self.acks,
             metrics=Metrics(),
         )
-        # Automatic protection: counts of what this coordinator sees, and its campaign to
-        # be the one evaluator that decides breakers and rules for the fleet.
-        self.tally = Tally(config.coordinator_id)
-        self.gate.tally = self.tally
         self.evaluator = Evaluator(store, config.coordinator_id, self.halts)
         self.attached = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -214,12 +213,7 @@ class Coordinator:
         self.attached.clear()
         self.sessions.lose(reason)
         for service in SERVICES:
-            self._spawn_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    def _spawn_health(self, service: str, status: Any) -> None:
-        task = asyncio.get_running_loop().create_task(self.health.set(service, status))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            spawn(self._tasks, self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING))
 
     async def detach(self) -> None:
         """Shutdown: let sessions go, flush checkpoints, drop the coordinator's own lease."""

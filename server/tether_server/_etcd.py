@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import operator
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from aetcd import rpc
@@ -19,6 +19,7 @@ from tether_server._errors import Unavailable
 from tether_server._store import prefix_end
 
 log = logging.getLogger("tether_server")
+T = TypeVar("T")
 
 # etcd's defaults: --max-txn-ops 128 and --max-request-bytes 1.5 MiB. Batched writes are
 # split to fit both, with room for the transaction's own framing.
@@ -195,6 +196,14 @@ _GRANT, _REVOKE = operator.attrgetter("lease.LeaseGrant"), operator.attrgetter("
 def _detail(err: BaseException) -> str:
     details = getattr(err, "details", None)  # both gRPC APIs' errors carry details()
     return str(details() if callable(details) else err)
+
+
+def spawn(tasks: set[asyncio.Task[T]], coro: Coroutine[Any, Any, T]) -> None:
+    """Run ``coro`` as a task, held in ``tasks`` until it is done (the loop keeps only a
+    weak reference: a task nobody holds may be collected before it finishes)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 async def every(interval: float, step: Callable[[], Awaitable[None]], what: str) -> None:

@@ -22,7 +22,17 @@ from typing import Any
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._audit import AuditLog
-from tether_server._breakers import BreakerSpec, BreakerState, Event, Series, State, Totals, step
+from tether_server._breakers import (
+    BreakerSpec,
+    BreakerState,
+    Event,
+    Series,
+    State,
+    Totals,
+    covers,
+    step,
+    subject_of,
+)
 from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._halts import HaltTable
@@ -37,6 +47,8 @@ from tether_server._store import (
     RunKey,
     absent,
     breaker_key,
+    breaker_of,
+    counts_source,
     put_op,
     range_op,
 )
@@ -73,14 +85,14 @@ async def list_breakers(store: Store, tenant: str = "") -> admin_pb2.ListBreaker
     """Every breaker state stored, per subject; with ``tenant``, that tenant's."""
     out = admin_pb2.ListBreakersResponse()
     for kv in (await store.range(BREAKERS)).kvs:
-        name, _, subject = kv.key[len(BREAKERS) :].decode().partition("/")
-        if tenant and subject.split("/")[0] != tenant:
+        name, subject = breaker_of(kv.key)
+        if tenant and subject[0] != tenant:
             continue
         doc = json.loads(kv.value)
         item = out.breakers.add(
-            name=name, subject=subject, state=doc["state"], reason=doc["reason"]
+            name=name, subject="/".join(subject), state=doc["state"], reason=doc["reason"]
         )
-        item.tenant = subject.split("/")[0]
+        item.tenant = subject[0]
         item.since.FromNanoseconds(int(doc["since"] * 1e9))
     return out
 
@@ -88,17 +100,15 @@ async def list_breakers(store: Store, tenant: str = "") -> admin_pb2.ListBreaker
 class Evaluator:
     """Campaigns for the evaluator key; while it holds it, decides for the fleet."""
 
-    def __init__(
-        self, store: Store, coordinator_id: str, halts: HaltTable, notifier: Notifier | None = None
-    ) -> None:
+    def __init__(self, store: Store, coordinator_id: str, halts: HaltTable) -> None:
         self._store = store
         self._me = coordinator_id
         audit = AuditLog(store)
         self._halt_store = HaltStore(store, audit)
         self._policies = PolicyStore(store, audit)
         self._halts = halts
-        self.notifier = notifier or Notifier(self._policies.policy)
-        self._rules = RuleRunner(self._halt_store, audit, store, self.notifier)
+        self._notifier = Notifier(self._policies.policy)
+        self._rules = RuleRunner(self._halt_store, audit, store, self._notifier)
         self.leading = False
         self._reset()
 
@@ -142,7 +152,7 @@ class Evaluator:
         policy, version = await self._policies.policy()
         self._fleet.next_round()
         for kv in (await self._store.range(COUNTS)).kvs:
-            source = kv.key[len(COUNTS) :].decode()
+            source = counts_source(kv.key)
             if self._merged.get(source) != kv.mod_revision:  # published anew since
                 self._merged[source] = kv.mod_revision
                 self._fleet.merge(source, json.loads(kv.value))
@@ -187,8 +197,9 @@ class Evaluator:
             st, event = step(spec, before, fig, totals, now)
         if event is Event.NONE:
             return
-        await self._store.txn((), [put_op(key, state_json(st, fig.as_dict()))])
-        await self._act(spec, sel, st, event, fig.as_dict())
+        figures = fig.as_dict()
+        await self._store.txn((), [put_op(key, state_json(st, figures))])
+        await self._act(spec, sel, st, event, figures)
 
     async def _act(
         self,
@@ -202,7 +213,7 @@ class Evaluator:
         if event in (Event.TRIP, Event.REOPEN):
             request = admin_pb2.KillRequest(reason=st.reason)
             await self._halt_store.kill(halt_from(request, sel, actor), force=True)
-            self.notifier.emit("trip", actor, st.reason, sel, figures)
+            self._notifier.emit("trip", actor, st.reason, sel, figures)
         elif event is Event.HALF_OPEN:
             reason = f"half-open after {spec.cooldown:g}s: {spec.probes} probe writes go through"
             await self._halt_store.resume(sel, actor, reason)
@@ -213,9 +224,10 @@ def _due(
     spec: BreakerSpec, changed: Iterable[RunKey], states: dict[bytes, BreakerState]
 ) -> set[tuple[str, ...]]:
     """The subjects to decide on: those with a run that moved, and those not CLOSED."""
-    due = {spec.subject(*run) for run in changed if spec.covers(*run)}
-    prefix = breaker_key(spec.name, ()) + b"/"
+    due = {subject_of(spec.scope, run) for run in changed if covers(spec, run)}
     for key, st in states.items():
-        if st.state is not State.CLOSED and key.startswith(prefix):
-            due.add(tuple(key[len(prefix) :].decode().split("/")))
+        if st.state is not State.CLOSED:
+            name, subject = breaker_of(key)
+            if name == spec.name:
+                due.add(subject)
     return due

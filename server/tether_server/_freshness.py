@@ -38,7 +38,6 @@ class Freshness:
     def __init__(self, deadline: float, proven_at: float) -> None:
         self.deadline = deadline
         self.proven_at = proven_at
-        self.delivered = 0
         self._asks: deque[tuple[float, int]] = deque(maxlen=_MAX_ASKS)
 
     def asked(self, at: float, revision: int) -> None:
@@ -48,7 +47,6 @@ class Freshness:
     def reached(self, revision: int) -> None:
         """The watch delivered everything up to ``revision``: an event's revision, or the
         header revision of a progress notification."""
-        self.delivered = max(self.delivered, revision)
         while self._asks and self._asks[0][1] <= revision:
             at, _ = self._asks.popleft()
             self.proven_at = max(self.proven_at, at)

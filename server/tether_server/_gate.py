@@ -20,7 +20,7 @@ from typing import Any
 from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._errors import InvalidArgument, check_name
-from tether_server._etcd import EtcdUnavailable, Store
+from tether_server._etcd import EtcdUnavailable, Store, spawn
 from tether_server._halts import HaltTable
 from tether_server._ledger import LedgerWriter, landed, strip_compensation
 from tether_server._selectors import freezes, is_stop
@@ -163,21 +163,19 @@ class Claims:
             except EtcdUnavailable as err:  # the claim lapses with this coordinator's lease
                 log.warning("could not settle an effect key claim: %s", err)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, run())
 
 
 class Gate:
     """Takes effect records into the ledger and decides strict permits."""
 
-    def __init__(self, ledger: LedgerWriter, store: Store) -> None:
+    def __init__(self, ledger: LedgerWriter, store: Store, tally: Tally) -> None:
         self._ledger = ledger
         self._signer: PermitSigner | None = None
         self._fresh = FreshHalts(store)
         self._claims = Claims(store)
         self._landed: dict[RunKey, set[str]] = {}
-        self.tally: Tally | None = None  # automatic protection counts what ended, if set
+        self._tally = tally  # automatic protection counts what ended
 
     @property
     def signer(self) -> PermitSigner | None:
@@ -221,8 +219,7 @@ class Gate:
                     self._landed.setdefault(run, set()).add(effect.key)
                 self._claims.settle(key, effect.key, landed)
         self._ledger.add(run, batch.effects)
-        if self.tally is not None:
-            self.tally.effects(key, batch.effects, reads)
+        self._tally.effects(key, batch.effects, reads)
 
     async def decide(
         self,

@@ -19,6 +19,7 @@ from typing import Any
 
 from tether.v1 import types_pb2
 
+from tether_server._etcd import spawn
 from tether_server._policy import Policy, Webhook
 from tether_server._selectors import halt_id
 
@@ -93,9 +94,7 @@ class Notifier:
     ) -> None:
         """Queue one event; returns at once."""
         data = payload(event, actor, reason, sel, figures or {})
-        task = asyncio.get_running_loop().create_task(self._deliver(event, data))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, self._deliver(event, data))
 
     async def _deliver(self, event: str, data: dict[str, Any]) -> None:
         try:

@@ -60,13 +60,6 @@ class Rule:
     # Of each root, the fields it names (``run.spend`` -> spend); None: pass the root whole.
     fields: Mapping[str, frozenset[str] | None] = field(default_factory=dict, compare=False)
 
-    def covers(self, tenant: str, agent: str, run_id: str) -> bool:
-        return (
-            self.tenant in ("", tenant)
-            and self.agent in ("", agent)
-            and self.run_id in ("", run_id)
-        )
-
     def inputs(self, context: Mapping[str, Any]) -> dict[str, Any]:
         """The part of ``context`` the expression reads: converting less into CEL is faster."""
         out = {}
@@ -75,12 +68,17 @@ class Rule:
             out[root] = value if names is None else {k: value[k] for k in names if k in value}
         return out
 
-    def decide(self, context: Mapping[str, Any]) -> bool:
-        """True when the rule holds on ``context``; an expression that fails holds not."""
+    def holds(self, inputs: Mapping[str, Any]) -> bool:
+        """True when the rule holds on ``inputs`` (see ``inputs``); an expression that
+        fails holds not."""
         try:
-            return self.program.execute(self.inputs(context)) is True
+            return self.program.execute(inputs) is True
         except (RuntimeError, ValueError, TypeError, KeyError):
             return False
+
+    def decide(self, context: Mapping[str, Any]) -> bool:
+        """True when the rule holds on ``context``."""
+        return self.holds(self.inputs(context))
 
 
 @dataclass(frozen=True, slots=True)

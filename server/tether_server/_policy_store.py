@@ -37,14 +37,13 @@ class PolicyStore:
 
     def __init__(self, store: Store, audit: AuditLog) -> None:
         self.store = store
-        self._store = store
         self._audit = audit
         # The last policy parsed, by the etcd revision of its key: each is parsed once.
         self._parsed: tuple[int, Policy] = (0, EMPTY)
 
     async def current(self) -> tuple[admin_pb2.PolicyVersion, int]:
         """The policy in force (version 0 when none was applied), and its etcd revision."""
-        resp = await self._store.range(POLICY, prefix=False)
+        resp = await self.store.range(POLICY, prefix=False)
         if not resp.kvs:
             return admin_pb2.PolicyVersion(), 0
         kv = resp.kvs[0]
@@ -92,11 +91,11 @@ class PolicyStore:
     async def get(self, version: int = 0) -> admin_pb2.PolicyVersion:
         if version == 0:
             return (await self.current())[0]
-        resp = await self._store.range(policy_version_key(version), prefix=False)
+        resp = await self.store.range(policy_version_key(version), prefix=False)
         if not resp.kvs:
             raise NotFound(f"no policy version {version}; see tether policy history")
         return from_json(resp.kvs[0].value, admin_pb2.PolicyVersion())
 
     async def history(self) -> list[admin_pb2.PolicyVersion]:
-        resp = await self._store.range(POLICY_HISTORY)
+        resp = await self.store.range(POLICY_HISTORY)
         return [from_json(kv.value, admin_pb2.PolicyVersion()) for kv in resp.kvs]

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
-from aetcd import rpc
 from google.protobuf import timestamp_pb2
 from tether.v1 import agent_pb2, types_pb2
 
@@ -30,6 +29,7 @@ from tether_server._halts import HaltTable
 from tether_server._ledger import decode
 from tether_server._outbox import End
 from tether_server._registry import Registry, Session
+from tether_server._selectors import check_labels
 from tether_server._store import (
     HALTS,
     InstanceKey,
@@ -46,6 +46,7 @@ from tether_server._store import (
     run_owner,
     run_owner_key,
     to_json,
+    txn_op,
 )
 from tether_server._telemetry import Metrics
 
@@ -59,12 +60,6 @@ def now_timestamp() -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.GetCurrentTime()
     return ts
-
-
-def txn_op(compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]) -> Any:
-    """A transaction nested in another: the claim's second chance, in the same round trip."""
-    request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
-    return rpc.RequestOp(request_txn=request)
 
 
 def _not_owner(key: InstanceKey, kvs: Sequence[Any]) -> PermissionDenied:
@@ -101,9 +96,7 @@ def identity_from(reg: agent_pb2.Register) -> InstanceKey:
     for cap in reg.read_capabilities:
         if cap not in reg.capabilities:
             raise InvalidArgument(f"read capability {cap} is not in register.capabilities")
-    for label, value in reg.labels.items():  # as selectors name them, or no halt could match
-        check_name("label key", label)
-        check_name(f"label {label}", value)
+    check_labels(reg.labels)  # as selectors name them, or no halt could match
     return InstanceKey(
         tenant,
         agent,
@@ -185,6 +178,7 @@ class Presence:
             put_op(roster_key(key), to_json(record)),
         ]
         owner, mine = run_owner_key(key.run_id), run_owner(key.run)
+        # The claim's second chance, in the same round trip: a nested transaction.
         first_time = txn_op(
             [absent(owner)], [*reads, *writes, put_op(owner, mine)], [range_op(owner)]
         )

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._audit import AuditLog, new_entry
-from tether_server._breakers import Scope, Series, Totals
+from tether_server._breakers import Scope, Series, Totals, covers, subject_of
 from tether_server._etcd import Store
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._notify import Notifier
@@ -61,10 +61,6 @@ def figures(totals: Totals, spend: tuple[float, int, int]) -> dict[str, Any]:
             "anomaly": totals.anomalies / effects if effects else 0.0,
         },
     }  # fmt: skip
-
-
-def subject_of(scope: Scope, run: RunKey) -> tuple[str, ...]:
-    return {Scope.RUN: tuple(run), Scope.AGENT: run[:2], Scope.TENANT: run[:1]}[scope]
 
 
 class RuleRunner:
@@ -150,14 +146,14 @@ class Decisions:
             )
             for run in _candidates(rule, changed, fleet):
                 subject = subject_of(rule.scope, run)
-                if not rule.covers(*run) or (rule.name, subject) in self._fired:
+                if not covers(rule, run) or (rule.name, subject) in self._fired:
                     continue
                 context = level.context(run)
                 seen = rule.inputs(context)
                 if self._seen.get((rule, run)) == seen:
                     continue
                 self._seen[(rule, run)] = seen
-                if rule.decide(context):
+                if rule.holds(seen):
                     self._fired.add((rule.name, subject))
                     found.append((rule, subject, context))
         return found

@@ -41,9 +41,7 @@ def validate(sel: types_pb2.Selector) -> types_pb2.Selector:
         check_name("selector.capability", sel.capability)
     if sel.writes and sel.capability:
         raise InvalidArgument("selector.writes freezes every write; drop selector.capability")
-    for label, value in sel.labels.items():
-        check_name("label key", label)
-        check_name(f"label {label}", value)
+    check_labels(sel.labels)
     scope, rules = _SCOPE_NAMES[sel.scope], _FIELDS[sel.scope]
     for name in ("tenant", "agent", "run_id"):
         value = getattr(sel, name)
@@ -59,6 +57,13 @@ def validate(sel: types_pb2.Selector) -> types_pb2.Selector:
     if sel.agent and not sel.tenant:
         raise InvalidArgument("selector.agent needs selector.tenant as well")
     return sel
+
+
+def check_labels(labels: Mapping[str, str], prefix: str = "") -> None:
+    """Refuse a label whose key or value is not a name (``prefix`` begins the message)."""
+    for label, value in labels.items():
+        check_name(f"{prefix}label key", label)
+        check_name(f"{prefix}label {label}", value)
 
 
 def halt_id(sel: types_pb2.Selector) -> str:
@@ -98,9 +103,7 @@ def matches(sel: types_pb2.Selector, key: InstanceKey, labels: Mapping[str, str]
 
 def validate_gate(labels: Mapping[str, str]) -> dict[str, str]:
     """A release gate (``ResumeRequest.require_labels``) whose keys and values are names."""
-    for label, value in labels.items():
-        check_name("required label key", label)
-        check_name(f"required label {label}", value)
+    check_labels(labels, prefix="required ")
     return dict(labels)
 
 

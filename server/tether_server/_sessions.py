@@ -26,7 +26,7 @@ from tether_server._auth import caller
 from tether_server._checkpoints import CheckpointWriter, RunFlush
 from tether_server._config import ServerConfig
 from tether_server._errors import ANSWERABLE, InvalidArgument, status_of
-from tether_server._etcd import EtcdUnavailable, Store
+from tether_server._etcd import EtcdUnavailable, Store, spawn
 from tether_server._fanout import Fanout
 from tether_server._gate import Gate
 from tether_server._halts import HaltTable
@@ -38,7 +38,8 @@ from tether_server._outbox import DONE, End, Outbox
 from tether_server._presence import Presence, identity_from
 from tether_server._rbac import check_registration, open_to_anonymous
 from tether_server._registry import Session
-from tether_server._store import InstanceKey
+from tether_server._store import InstanceKey, to_json
+from tether_server._tally import Tally
 from tether_server._telemetry import Metrics
 from tether_server._wire import malformed
 
@@ -62,6 +63,7 @@ class Sessions:
         checkpoints: CheckpointWriter,
         ledger: LedgerWriter,
         gate: Gate,
+        tally: Tally,
         acks: AckBook,
         metrics: Metrics,
     ) -> None:
@@ -90,6 +92,7 @@ class Sessions:
         self._max_checkpoint = config.max_checkpoint_bytes
         self._checkpoints = checkpoints
         self._gate = gate
+        self._tally = tally
         self._acks = acks
         self._metrics = metrics
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -148,7 +151,7 @@ class Sessions:
             await session.outbox.close()
         finally:
             if end is not DONE:
-                self._spawn(self._presence.declare_stale(session))
+                spawn(self._cleanups, self._presence.declare_stale(session))
 
     async def _open(self, requests: AsyncIterator[Any], context: Any, who: Principal) -> Session:
         try:
@@ -190,7 +193,7 @@ class Sessions:
         try:
             await session.outbox.first(grant)
         except BaseException:  # the agent went away mid-registration: do not keep its session
-            self._spawn(self._presence.declare_stale(session))
+            spawn(self._cleanups, self._presence.declare_stale(session))
             raise
         return session
 
@@ -219,7 +222,7 @@ class Sessions:
                 elif kind == "effects":
                     self._effects(session, req.effects)
                 elif kind == "permit":  # decided off the reader: it reads etcd
-                    self._spawn(self._permit(session, req.permit))
+                    spawn(self._cleanups, self._permit(session, req.permit))
                 elif kind == "ack":
                     self._ack(session, req.ack)
                 elif kind == "goodbye":
@@ -253,8 +256,8 @@ class Sessions:
         session.last_beat = time.monotonic()
         if beat.HasField("checkpoint"):
             self._offer_checkpoint(session, beat.checkpoint)
-        if beat.HasField("signals") and self._gate.tally is not None:
-            self._gate.tally.signal(session.key, beat.signals)
+        if beat.HasField("signals"):
+            self._tally.signal(session.key, beat.signals)
         return with_ack(current_order(session), beat.seq)
 
     def _pushed(self, seconds: float) -> None:
@@ -282,7 +285,7 @@ class Sessions:
                 "the last accepted checkpoint is kept"
             )
         try:
-            value = json_format.MessageToJson(checkpoint, indent=None, sort_keys=True).encode()
+            value = to_json(checkpoint)
         except ValueError as err:
             raise InvalidArgument(
                 f"checkpoint is not valid JSON ({err}); it was not stored"
@@ -303,8 +306,3 @@ class Sessions:
         session.record.ended_at.GetCurrentTime()
         self._presence.forget_locally(session)
         await self._presence.write_final(session)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)

@@ -30,6 +30,7 @@ Keys are built and parsed only here, by the typed functions below. Talking to et
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from aetcd import rpc
@@ -190,9 +191,20 @@ def counts_key(coordinator_id: str) -> bytes:
     return _join(COUNTS, coordinator_id)
 
 
+def counts_source(raw: bytes) -> str:
+    """The coordinator whose counts a ``counts_key`` holds."""
+    return raw[len(COUNTS) :].decode()
+
+
 def breaker_key(name: str, subject: tuple[str, ...]) -> bytes:
     """A breaker's state for a subject: ``tenant``, ``tenant/agent`` or ``tenant/agent/run``."""
     return _join(BREAKERS, name, *subject)
+
+
+def breaker_of(raw: bytes) -> tuple[str, tuple[str, ...]]:
+    """The breaker name and the subject a ``breaker_key`` names."""
+    name, _, subject = raw[len(BREAKERS) :].decode().partition("/")
+    return name, tuple(subject.split("/"))
 
 
 def fired_key(rule: str, subject: tuple[str, ...]) -> bytes:
@@ -224,6 +236,12 @@ def delete_op(key: bytes, *, prev_kv: bool = False) -> Any:
 def range_op(key: bytes, *, prefix: bool = False) -> Any:
     end = prefix_end(key) if prefix else b""
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end))
+
+
+def txn_op(compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]) -> Any:
+    """A transaction nested in another (a second chance, in the same round trip)."""
+    request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+    return rpc.RequestOp(request_txn=request)
 
 
 def absent(key: bytes) -> Any:
