@@ -15,11 +15,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aetcd import rpc
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._etcd import EtcdUnavailable, Store
-from tether_server._store import AUDIT, AUDIT_HEAD, audit_key, from_json, put_op, range_op, to_json
+from tether_server._store import (
+    AUDIT,
+    AUDIT_HEAD,
+    audit_key,
+    from_json,
+    put_op,
+    range_op,
+    to_json,
+    unchanged_since,
+)
 from tether_server._telemetry import emit_audit
 
 _RETRIES = 64
@@ -103,13 +111,6 @@ def _head_hash(kvs: Sequence[Any]) -> str:
     return str(json.loads(kvs[0].value)["hash"]) if kvs else ""
 
 
-def _head_is(revision: int) -> Any:
-    target = rpc.Compare.MOD
-    return rpc.Compare(
-        key=AUDIT_HEAD, result=rpc.Compare.EQUAL, target=target, mod_revision=revision
-    )
-
-
 class AuditLog:
     """Appends entries onto the chain, lists them in chain order, and verifies the chain."""
 
@@ -133,7 +134,7 @@ class AuditLog:
             prev = _head_hash(head.kvs)
             revision = head.kvs[0].mod_revision if head.kvs else 0
             resp = await self._store.txn(
-                [_head_is(revision), *compare],
+                [unchanged_since(AUDIT_HEAD, revision), *compare],
                 [*success, *self._chain(entry, prev, changed=True)],
                 [range_op(AUDIT_HEAD)],
             )
@@ -144,7 +145,8 @@ class AuditLog:
             if (kvs[0].mod_revision if kvs else 0) != revision:
                 continue  # another append won the head; chain onto the new one
             resp = await self._store.txn(
-                [_head_is(revision)], [*failure, *self._chain(entry, prev, changed=False)]
+                [unchanged_since(AUDIT_HEAD, revision)],
+                [*failure, *self._chain(entry, prev, changed=False)],
             )
             if resp.succeeded:
                 emit_audit(chained(entry, prev, changed=False))
