@@ -111,6 +111,12 @@ def _head_hash(kvs: Sequence[Any]) -> str:
     return str(json.loads(kvs[0].value)["hash"]) if kvs else ""
 
 
+def _chain_ops(record: admin_pb2.AuditEntry) -> list[Any]:
+    """Put ``record`` (already chained) and make it the head."""
+    head = json.dumps({"id": record.id, "hash": record.hash}).encode()
+    return [put_op(audit_key(record.id), to_json(record)), put_op(AUDIT_HEAD, head)]
+
+
 class AuditLog:
     """Appends entries onto the chain, lists them in chain order, and verifies the chain."""
 
@@ -133,30 +139,26 @@ class AuditLog:
             head = await self._store.range(AUDIT_HEAD, prefix=False)
             prev = _head_hash(head.kvs)
             revision = head.kvs[0].mod_revision if head.kvs else 0
+            record = chained(entry, prev, changed=True)
             resp = await self._store.txn(
                 [unchanged_since(AUDIT_HEAD, revision), *compare],
-                [*success, *self._chain(entry, prev, changed=True)],
+                [*success, *_chain_ops(record)],
                 [range_op(AUDIT_HEAD)],
             )
             if resp.succeeded:
-                emit_audit(chained(entry, prev, changed=True))  # a log record, for a SIEM
+                emit_audit(record)  # a log record, for a SIEM
                 return True, resp
             kvs = resp.responses[0].response_range.kvs
             if (kvs[0].mod_revision if kvs else 0) != revision:
                 continue  # another append won the head; chain onto the new one
+            record = chained(entry, prev, changed=False)
             resp = await self._store.txn(
-                [unchanged_since(AUDIT_HEAD, revision)],
-                [*failure, *self._chain(entry, prev, changed=False)],
+                [unchanged_since(AUDIT_HEAD, revision)], [*failure, *_chain_ops(record)]
             )
             if resp.succeeded:
-                emit_audit(chained(entry, prev, changed=False))
+                emit_audit(record)
                 return False, resp
         raise EtcdUnavailable(f"could not append to the audit after {_RETRIES} tries (contention)")
-
-    def _chain(self, entry: admin_pb2.AuditEntry, prev: str, *, changed: bool) -> list[Any]:
-        record = chained(entry, prev, changed=changed)
-        head = json.dumps({"id": record.id, "hash": record.hash}).encode()
-        return [put_op(audit_key(record.id), to_json(record)), put_op(AUDIT_HEAD, head)]
 
     async def entries(self) -> list[admin_pb2.AuditEntry]:
         """Every entry, in the order it was committed (etcd revision order)."""
