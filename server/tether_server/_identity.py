@@ -18,17 +18,17 @@ from __future__ import annotations
 import enum
 import functools
 import hmac
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tether
+
 from tether_server._config import ConfigError
 from tether_server._errors import InvalidArgument, Unauthenticated, Unavailable, check_name
 from tether_server._signer import AGENT_TOKEN_PREFIX, PermitSigner
 
-_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
 MIN_TOKEN_LENGTH = 16
 
 
@@ -68,17 +68,18 @@ class Principal:
 
 
 def check_trust_domain(domain: str) -> str:
-    """``domain`` if it is a SPIFFE trust domain (lowercase letters, digits, dots, dashes).
+    """``tether.check_trust_domain``, raised as a configuration error.
 
     Raises:
-        ConfigError: it is not.
+        ConfigError: ``domain`` is not a trust domain.
     """
-    if not _DOMAIN.match(domain):
+    try:
+        return tether.check_trust_domain(domain)
+    except tether.InvalidArgument:
         raise ConfigError(
             f"--trust-domain {domain!r} is not a trust domain: use lowercase letters, "
             "digits, '.' and '-', e.g. tether or prod.example.com"
-        )
-    return domain
+        ) from None
 
 
 def spiffe_forms(trust_domain: str) -> str:
