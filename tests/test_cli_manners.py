@@ -286,7 +286,10 @@ def test_only_ended_records_older_than_the_retention_expire() -> None:
     ]
     live = {LIVE + b"t/a/r/live-old-record"}
     found = expired(kvs, live, cutoff_ns=500 * 10**9)
-    assert found == [(ROSTER + b"t/a/r/exited-long-ago", 7), (ROSTER + b"t/a/r/stale-long-ago", 7)]
+    assert found == [
+        (ROSTER + b"t/a/r/exited-long-ago", 7, LIVE + b"t/a/r/exited-long-ago"),
+        (ROSTER + b"t/a/r/stale-long-ago", 7, LIVE + b"t/a/r/stale-long-ago"),
+    ]
 
 
 def test_roster_retention_is_a_duration() -> None:

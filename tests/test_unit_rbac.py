@@ -68,10 +68,8 @@ def test_anonymous_callers_are_open_only_on_an_open_coordinator() -> None:
 
 
 def test_spiffe_ids_of_this_trust_domain_only() -> None:
-    agent = principal_of_spiffe("spiffe://tether/tenant/acme/agent/mail", "tether", "certificate")
-    assert agent == Principal(
-        "spiffe://tether/tenant/acme/agent/mail", Kind.AGENT, "acme", "mail", via="certificate"
-    )
+    agent = principal_of_spiffe("spiffe://tether/tenant/acme/agent/mail", "tether")
+    assert agent == Principal("spiffe://tether/tenant/acme/agent/mail", Kind.AGENT, "acme", "mail")
     for uri in (
         "spiffe://other/tenant/acme",
         "spiffe://tether/tenant/acme/agent",
@@ -79,7 +77,7 @@ def test_spiffe_ids_of_this_trust_domain_only() -> None:
         "spiffe://tether/coordinator/x",
         "https://tether/operator/alice",
     ):
-        assert principal_of_spiffe(uri, "tether", "certificate") is None, uri
+        assert principal_of_spiffe(uri, "tether") is None, uri
 
 
 def test_registration_stays_inside_the_identity() -> None:

@@ -16,6 +16,7 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from tether._admin import AdminClient
 from tether._agent import Agent, AsyncAgent
+from tether._certs import check_trust_domain
 from tether._compensate import CompensationReport, compensate
 from tether._config import AgentConfig
 from tether._errors import (
@@ -101,6 +102,7 @@ __all__ = [
     "Unavailable",
     "Verdict",
     "check_name",
+    "check_trust_domain",
     "compensate",
     "parse_agent_uri",
     "selector",

@@ -19,8 +19,8 @@ from tether._errors import InvalidArgument
 from tether._uri import check_name
 
 DEFAULT_TRUST_DOMAIN = "tether"
-# SPIFFE: a trust domain is lowercase letters, digits, dots, dashes and underscores.
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+# A trust domain: lowercase letters, digits, dots and dashes, a letter or digit at each end.
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?")
 # A DNS name of letters, digits and dashes per label; a leading "*." for a wildcard.
 _DNS_NAME = re.compile(
     r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
@@ -30,9 +30,10 @@ _DNS_NAME = re.compile(
 
 def check_trust_domain(value: str) -> str:
     """Return ``value`` if it is a SPIFFE trust domain, such as ``tether`` or ``acme.corp``."""
-    if not _TRUST_DOMAIN.match(value):
+    if not _TRUST_DOMAIN.fullmatch(value):  # fullmatch: "$" alone lets a trailing newline in
         raise InvalidArgument(
-            f"trust domain {value!r} is not valid: use lowercase letters, digits and . _ -"
+            f"trust domain {value!r} is not valid: use lowercase letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit"
         )
     return value
 

@@ -125,6 +125,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             IssueAgentToken).
         guard: Who callers are and what they may do (WhoAmI, IssueAgentToken's subject).
         status: Answers GetStatus (what this coordinator sees, for ``tether doctor``).
+        policy: The policy in etcd (ApplyPolicy, GetPolicy, ListPolicyHistory, ListBreakers).
         compensations: Records compensations (RecordCompensation).
     """
 
@@ -137,14 +138,14 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         audit: AuditLog,
         permit_key: PermitKey,
         guard: Guard,
-        status: StatusSource | None = None,
-        policy: PolicyStore | None = None,
-        compensations: Compensations | None = None,
+        status: StatusSource,
+        policy: PolicyStore,
+        compensations: Compensations,
     ) -> None:
         self._compensations = compensations
         self._status = status
         self._policy = policy
-        self._notifier = Notifier(policy.policy) if policy is not None else None
+        self._notifier = Notifier(policy.policy)
         self._halts = halts
         self._fleet = fleet
         self._ledger = ledger
@@ -160,7 +161,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         last_beat: LastBeat,
         permit_key: PermitKey,
         guard: Guard,
-        status: StatusSource | None = None,
+        status: StatusSource,
     ) -> Admin:
         """The servicer over ``store``, with its collaborators built on it."""
         audit, ledger = AuditLog(store), LedgerReader(store)
@@ -186,7 +187,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         halt = halt_from(request, sel, who.id)
         out = await self._halts.kill(halt, force=request.force)
         if not out.already_halted:
-            self._notify(_event_of(sel), who.id, request.reason, sel)
+            self._notifier.emit(_event_of(sel), who.id, request.reason, sel)
         return out
 
     @_rpc
@@ -200,7 +201,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         else:
             out = await self._halts.resume(sel, who.id, request.reason, note=request.actor)
         if out.was_halted:
-            self._notify("resume", who.id, request.reason, sel)
+            self._notifier.emit("resume", who.id, request.reason, sel)
         return out
 
     @_rpc
@@ -251,8 +252,6 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def RecordCompensation(
         self, request: admin_pb2.RecordCompensationRequest, who: Principal
     ) -> admin_pb2.RecordCompensationResponse:
-        if self._compensations is None:
-            raise FailedPrecondition("this servicer was built without a ledger to compensate in")
         return await self._compensations.record(request, who.id)
 
     @_rpc
@@ -314,48 +313,37 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def GetStatus(
         self, request: admin_pb2.GetStatusRequest, who: Principal
     ) -> admin_pb2.CoordinatorStatus:
-        if self._status is None:
-            raise FailedPrecondition("this servicer was built without a coordinator to report on")
         return await self._status()
 
     # -- automatic protection ---------------------------------------------------------------
-
-    def _notify(self, event: str, actor: str, reason: str, sel: types_pb2.Selector) -> None:
-        if self._notifier is not None:
-            self._notifier.emit(event, actor, reason, sel)
-
-    def _policies(self) -> PolicyStore:
-        if self._policy is None:
-            raise FailedPrecondition("this servicer was built without a policy store")
-        return self._policy
 
     @_rpc
     async def ApplyPolicy(
         self, request: admin_pb2.ApplyPolicyRequest, who: Principal
     ) -> admin_pb2.PolicyVersion:
-        version = await self._policies().apply(request.yaml, who.id, request.actor)
+        version = await self._policy.apply(request.yaml, who.id, request.actor)
         reason = f"policy version {version.version} applied"
-        self._notify("policy", who.id, reason, types_pb2.Selector())
+        self._notifier.emit("policy", who.id, reason, types_pb2.Selector())
         return version
 
     @_rpc
     async def GetPolicy(
         self, request: admin_pb2.GetPolicyRequest, who: Principal
     ) -> admin_pb2.PolicyVersion:
-        return await self._policies().get(request.version)
+        return await self._policy.get(request.version)
 
     @_rpc
     async def ListPolicyHistory(
         self, request: admin_pb2.ListPolicyHistoryRequest, who: Principal
     ) -> admin_pb2.ListPolicyHistoryResponse:
-        return admin_pb2.ListPolicyHistoryResponse(versions=await self._policies().history())
+        return admin_pb2.ListPolicyHistoryResponse(versions=await self._policy.history())
 
     @_rpc
     async def ListBreakers(
         self, request: admin_pb2.ListBreakersRequest, who: Principal
     ) -> admin_pb2.ListBreakersResponse:
-        policy, _ = await self._policies().policy()
-        out = await list_breakers(self._policies().store, request.tenant)
+        policy, _ = await self._policy.policy()
+        out = await list_breakers(self._policy.store, request.tenant)
         out.configured.extend(b.name for b in policy.breakers)
         return out
 

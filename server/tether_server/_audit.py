@@ -15,11 +15,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aetcd import rpc
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._etcd import EtcdUnavailable, Store
-from tether_server._store import AUDIT, AUDIT_HEAD, audit_key, from_json, put_op, range_op, to_json
+from tether_server._store import (
+    AUDIT,
+    AUDIT_HEAD,
+    audit_key,
+    from_json,
+    put_op,
+    range_op,
+    to_json,
+    unchanged_since,
+)
 from tether_server._telemetry import emit_audit
 
 _RETRIES = 64
@@ -103,11 +111,10 @@ def _head_hash(kvs: Sequence[Any]) -> str:
     return str(json.loads(kvs[0].value)["hash"]) if kvs else ""
 
 
-def _head_is(revision: int) -> Any:
-    target = rpc.Compare.MOD
-    return rpc.Compare(
-        key=AUDIT_HEAD, result=rpc.Compare.EQUAL, target=target, mod_revision=revision
-    )
+def _chain_ops(record: admin_pb2.AuditEntry) -> list[Any]:
+    """Put ``record`` (already chained) and make it the head."""
+    head = json.dumps({"id": record.id, "hash": record.hash}).encode()
+    return [put_op(audit_key(record.id), to_json(record)), put_op(AUDIT_HEAD, head)]
 
 
 class AuditLog:
@@ -132,29 +139,26 @@ class AuditLog:
             head = await self._store.range(AUDIT_HEAD, prefix=False)
             prev = _head_hash(head.kvs)
             revision = head.kvs[0].mod_revision if head.kvs else 0
+            record = chained(entry, prev, changed=True)
             resp = await self._store.txn(
-                [_head_is(revision), *compare],
-                [*success, *self._chain(entry, prev, changed=True)],
+                [unchanged_since(AUDIT_HEAD, revision), *compare],
+                [*success, *_chain_ops(record)],
                 [range_op(AUDIT_HEAD)],
             )
             if resp.succeeded:
-                emit_audit(chained(entry, prev, changed=True))  # a log record, for a SIEM
+                emit_audit(record)  # a log record, for a SIEM
                 return True, resp
             kvs = resp.responses[0].response_range.kvs
             if (kvs[0].mod_revision if kvs else 0) != revision:
                 continue  # another append won the head; chain onto the new one
+            record = chained(entry, prev, changed=False)
             resp = await self._store.txn(
-                [_head_is(revision)], [*failure, *self._chain(entry, prev, changed=False)]
+                [unchanged_since(AUDIT_HEAD, revision)], [*failure, *_chain_ops(record)]
             )
             if resp.succeeded:
-                emit_audit(chained(entry, prev, changed=False))
+                emit_audit(record)
                 return False, resp
         raise EtcdUnavailable(f"could not append to the audit after {_RETRIES} tries (contention)")
-
-    def _chain(self, entry: admin_pb2.AuditEntry, prev: str, *, changed: bool) -> list[Any]:
-        record = chained(entry, prev, changed=changed)
-        head = json.dumps({"id": record.id, "hash": record.hash}).encode()
-        return [put_op(audit_key(record.id), to_json(record)), put_op(AUDIT_HEAD, head)]
 
     async def entries(self) -> list[admin_pb2.AuditEntry]:
         """Every entry, in the order it was committed (etcd revision order)."""

@@ -10,7 +10,7 @@ from typing import Self, cast
 import grpc
 from aetcd import rpc
 
-from tether_server._launch import EtcdProcess, LaunchError, wait_until
+from tether_server._launch import EtcdProcess, wait_until
 
 
 class EtcdCluster:
@@ -91,14 +91,6 @@ class EtcdCluster:
             if status.leader and status.leader == status.header.member_id:
                 return member
         return None
-
-    def follower(self) -> EtcdProcess:
-        """A running member that does not lead."""
-        leader = self.leader()
-        for member in self.running():
-            if member is not leader:
-                return member
-        raise LaunchError("no running etcd member besides the leader")
 
     def stop(self) -> None:
         """Stop every member (SIGTERM, then SIGKILL if it lingers)."""

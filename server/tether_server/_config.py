@@ -218,18 +218,23 @@ def is_loopback(hostport: str) -> bool:
         return False
 
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}  # "ms" first: it ends in "s"
+_UNITS_AND_DAYS = {**_UNITS, "d": 86400.0}
+
+
+def _duration(raw: str, units: dict[str, float]) -> float:
+    """``raw`` in seconds: a number, bare or with one of ``units``; -1.0 if it is not one."""
+    text = raw.strip().lower()
+    unit = next((u for u in units if text.endswith(u)), "")
+    try:
+        return float(text[: len(text) - len(unit)]) * units.get(unit, 1.0)
+    except ValueError:
+        return -1.0
 
 
 def canary_interval(raw: str) -> float:
     """``--canary-interval``: ``60s``, ``500ms``, ``5m``, ``1h`` or seconds; ``0`` is off."""
-    text = raw.strip().lower()
-    unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
-    number = text[: len(text) - len(unit)]
-    try:
-        seconds = float(number) * _UNITS.get(unit, 1.0)
-    except ValueError:
-        seconds = -1.0
+    seconds = _duration(raw, _UNITS)
     if seconds != 0 and not 0.2 <= seconds <= 86400:  # also refuses nan
         raise ConfigError(
             f"--canary-interval {raw!r}: give a duration from 200ms to 24h, such as 60s, or 0 (off)"
@@ -239,12 +244,7 @@ def canary_interval(raw: str) -> float:
 
 def roster_retention(raw: str) -> float:
     """``--roster-retention``: ``24h``, ``7d``, ``30m``, ``90s`` or seconds; ``0``: for ever."""
-    text = raw.strip().lower()
-    unit = next((u for u in ("ms", "s", "m", "h", "d") if text.endswith(u)), "")
-    try:
-        seconds = float(text[: len(text) - len(unit)]) * {**_UNITS, "d": 86400.0}.get(unit, 1.0)
-    except ValueError:
-        seconds = -1.0
+    seconds = _duration(raw, _UNITS_AND_DAYS)
     if seconds != 0 and not 1 <= seconds <= 366 * 86400:  # also refuses nan
         raise ConfigError(
             f"--roster-retention {raw!r}: give a duration from 1s to 366d, such as 24h, "

@@ -21,7 +21,7 @@ from typing import Any
 from tether import AdminClient, EffectStatus, InvalidArgument, Selector, selector
 
 from tether_server._drill_breaker import drill_breaker
-from tether_server._drill_fleet import CAPABILITY, DrillFleet, Worker, own_fleet
+from tether_server._drill_fleet import CAPABILITY, DrillFleet, Worker, own_fleet, wait
 from tether_server._drill_recovery import Window, recovery_checks
 from tether_server._drill_report import Flip, report
 
@@ -88,7 +88,7 @@ def drill(
 
     with AdminClient(",".join(fleet.targets), actor="tether-drill") as admin:
         with _running(workers):
-            up = _wait(lambda: all(w.done >= items // 4 for w in workers), 30)
+            up = wait(lambda: all(w.done >= items // 4 for w in workers), 30)
             say(f"{len(workers)} workers up on {len(fleet.targets)} coordinator(s)" if up else
                 "workers slow to start; flipping anyway")  # fmt: skip
             sent = time.monotonic()
@@ -97,7 +97,7 @@ def drill(
             hit = [w for w in workers if targeted(sel, w)]
             say(f"flipped {sel.describe()} in {(flipped - sent) * 1000:.0f} ms; "
                 f"{len(hit)} of {len(workers)} workers targeted")  # fmt: skip
-            _wait(lambda: all(w.stopped_at is not None or w.error for w in hit), 10)
+            wait(lambda: all(w.stopped_at is not None or w.error for w in hit), 10)
             at_flip = {w.run_id: w.done for w in workers}
             _settle(settle, say)
             after_settle = {w.run_id: w.done for w in workers}
@@ -108,8 +108,8 @@ def drill(
         admin.resume(sel, "drill over")
         say("resumed; every run finishes its queue from its checkpoint")
         with _running(workers):  # every run finishes its queue, from its checkpoint
-            _wait(lambda: all(w.done >= items or w.error for w in workers), 60 + items * tick * 4)
-        _wait(lambda: _settled(admin, workers), 10)
+            wait(lambda: all(w.done >= items or w.error for w in workers), 60 + items * tick * 4)
+        wait(lambda: _settled(admin, workers), 10)
         recovery = recovery_checks(admin, workers, hit, window)
     found = report(scope, sel, workers, hit, flip, stops, items, settle, recovery)
     say(found["verdict"])
@@ -144,15 +144,6 @@ def _running(workers: list[Worker]) -> Iterator[None]:
             w.quit.set()
         for w in workers:
             w.join(15)
-
-
-def _wait(probe: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if probe():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def run_drills(

@@ -14,6 +14,9 @@ from typing import Any
 
 from tether import AdminClient, Agent, CapabilityFrozen, selector
 
+from tether_server._drill_fleet import wait
+from tether_server._drill_report import Check, check, verdict
+
 POLICY = """
 breakers:
   - name: drill-errors
@@ -28,14 +31,6 @@ KINDS = {"send": "write", "lookup": "read"}
 TRIP_TIMEOUT = 15.0
 
 
-class _Check:
-    def __init__(self) -> None:
-        self.rows: list[dict[str, str]] = []
-
-    def __call__(self, ok: bool, text: str) -> None:
-        self.rows.append({"status": "PASS" if ok else "FAIL", "text": text})
-
-
 def _failing_writes(agent: Agent, n: int) -> float:
     """``n`` writes, every other one failing; returns when the last one ended."""
     for i in range(n):
@@ -48,37 +43,31 @@ def _failing_writes(agent: Agent, n: int) -> float:
     return time.monotonic()
 
 
-def _wait(probe: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if probe():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def drill_breaker(targets: list[str]) -> dict[str, Any]:
     """Run the breaker drill on ``targets`` (the drill's own coordinators); the report."""
     tenant = f"drill-{uuid.uuid4().hex[:6]}"
-    check = _Check()
+    checks: list[Check] = []
     with AdminClient(",".join(targets), actor="tether-drill") as admin:
         admin.apply_policy(POLICY.format(tenant=tenant))
         uri = f"agent://{tenant}/alpha"
         with Agent(uri, run_id=f"{tenant}.r0", target=targets[0], capabilities=KINDS) as agent:
             crossed = _failing_writes(agent, 20)
-            tripped = _wait(lambda: agent.frozen("send"), TRIP_TIMEOUT)
+            tripped = wait(lambda: agent.frozen("send"), TRIP_TIMEOUT)
             ms = (time.monotonic() - crossed) * 1e3
-            check(tripped, f"the breaker degraded the run by itself ({ms:.0f} ms after the writes)")
+            said = f"the breaker degraded the run by itself ({ms:.0f} ms after the writes)"
+            checks.append(check(tripped, said))
             halts = admin.halts(tenant=tenant)
             named = bool(halts) and halts[0].actor == "breaker:drill-errors"
             reason = halts[0].reason if halts else "no halt"
-            check(named, f"the halt names the breaker and its figures: {reason}")
-            check(not agent.frozen("lookup") and not agent.killed, "reads and the run go on")
+            checks.append(check(named, f"the halt names the breaker and its figures: {reason}"))
+            go_on = not agent.frozen("lookup") and not agent.killed
+            checks.append(check(go_on, "reads and the run go on"))
             admin.resume(selector(run_id=agent.run_id, tenant=tenant, writes=True), "drill over")
-            check(_wait(lambda: not agent.frozen("send"), 10), "a resume lifts degraded mode")
+            lifted = wait(lambda: not agent.frozen("send"), 10)
+            checks.append(check(lifted, "a resume lifts degraded mode"))
         admin.apply_policy("", note="drill over")
     return {
         "scope": "breaker", "selector": f"breaker drill-errors on tenant {tenant}",
-        "checks": check.rows,
-        "verdict": "FAIL" if any(c["status"] == "FAIL" for c in check.rows) else "PASS",
+        "checks": [c.__dict__ for c in checks],
+        "verdict": verdict(checks),
     }  # fmt: skip

@@ -92,6 +92,16 @@ class DrillFleet:
             fn()
 
 
+def wait(probe: Callable[[], object], timeout: float) -> bool:
+    """Poll ``probe`` until it is truthy (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe():
+            return True
+        time.sleep(0.005)
+    return False
+
+
 def own_fleet(lease_ttl: float) -> DrillFleet:
     """An etcd and two coordinators of the drill's own, on free loopback ports.
 

@@ -41,8 +41,13 @@ def report(  # noqa: PLR0917 - one call site, every argument a distinct fact
     return {
         "scope": scope, "selector": sel.describe(), "settle_seconds": settle, "workers": rows,
         "checks": [c.__dict__ for c in checks],
-        "verdict": "FAIL" if any(c.status == "FAIL" for c in checks) else "PASS",
+        "verdict": verdict(checks),
     }  # fmt: skip
+
+
+def verdict(checks: list[Check]) -> str:
+    """FAIL if any check failed, else PASS (a warning does not fail a drill)."""
+    return "FAIL" if any(c.status == "FAIL" for c in checks) else "PASS"
 
 
 def _row(
@@ -75,7 +80,7 @@ def _stop_checks(rows: list[dict[str, Any]]) -> list[Check]:
     spared = [r for r in rows if not r["targeted"]]
     times = [r["time_to_stop_ms"] for r in hit if r["time_to_stop_ms"] is not None]
     out = [
-        _check(
+        check(
             all(r["stopped"] for r in hit),
             f"every targeted worker stopped ({len(times)}/{len(hit)})",
         )
@@ -89,7 +94,7 @@ def _stop_checks(rows: list[dict[str, Any]]) -> list[Check]:
             )
         )
     out.append(
-        _check(
+        check(
             not any(r["stopped"] for r in spared),
             f"bystanders kept working ({len(spared)} untouched)",
         )
@@ -102,7 +107,7 @@ def _journal_checks(rows: list[dict[str, Any]], settle: float) -> list[Check]:
     hit = [r for r in rows if r["targeted"]]
     moved = [r["run_id"] for r in hit if r["queue_after_settle"] != r["queue_at_flip"]]
     out = [
-        _check(
+        check(
             not moved,
             f"queues of stopped runs unchanged over {settle:g}s settle"
             + (f"; moved: {moved}" if moved else ""),
@@ -117,7 +122,7 @@ def _journal_checks(rows: list[dict[str, Any]], settle: float) -> list[Check]:
     )
     broken = [r["run_id"] for r in rows if r["duplicated"] or r["lost"]]
     out.append(
-        _check(
+        check(
             not broken,
             "journal consistent after resume: none lost, none duplicated"
             + (f"; broken: {broken}" if broken else ""),
@@ -129,7 +134,8 @@ def _journal_checks(rows: list[dict[str, Any]], settle: float) -> list[Check]:
     return out
 
 
-def _check(ok: bool, text: str) -> Check:
+def check(ok: bool, text: str) -> Check:
+    """PASS if ``ok``, else FAIL."""
     return Check("PASS" if ok else "FAIL", text)
 
 

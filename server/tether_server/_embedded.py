@@ -153,7 +153,6 @@ class EmbeddedEtcd:
         self.ready_timeout = ready_timeout
         self.client_port = 0
         self.peer_port = 0
-        self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._dir_lock: IO[str] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -230,7 +229,6 @@ class EmbeddedEtcd:
             )  # fmt: skip
             down = asyncio.get_running_loop().time()
             await self._restart(down)
-            self.restarts += 1
             log.warning(
                 "embedded etcd is back (pid %d) after %.1fs",
                 self.pid, asyncio.get_running_loop().time() - down,

@@ -88,10 +88,20 @@ class Fleet:
                 self.roster.pop(key, None)
         return {key}
 
+    def _matching(
+        self, key: InstanceKey, record: types_pb2.AgentInstance | None
+    ) -> list[types_pb2.Halt]:
+        return self.halts.matching(key, record.labels if record is not None else EMPTY)
+
     def state(self, key: InstanceKey) -> int:
         record = self.roster.get(key)
+        return self._state(key, record, self._matching(key, record) if key in self.live else [])
+
+    def _state(
+        self, key: InstanceKey, record: types_pb2.AgentInstance | None, halts: list[types_pb2.Halt]
+    ) -> int:
+        """The instance's state, given the halts that apply to it (needed only while live)."""
         if key in self.live:
-            halts = self.halts.matching(key, record.labels if record is not None else EMPTY)
             halted = any_stop(halts)
             return types_pb2.INSTANCE_STATE_KILLED if halted else types_pb2.INSTANCE_STATE_ACTIVE
         if record is not None and record.state in _ENDED:
@@ -102,12 +112,14 @@ class Fleet:
         self, key: InstanceKey, *, with_checkpoint: bool = True
     ) -> types_pb2.AgentInstance:
         out = types_pb2.AgentInstance()
-        if (record := self.roster.get(key)) is not None:
+        record = self.roster.get(key)
+        if record is not None:
             out.CopyFrom(record)
         else:  # presence without roster: registered by a coordinator mid-write
             out.tenant, out.agent, out.run_id, out.instance_id = key.parts
-        out.state = self.state(key)  # type: ignore[assignment]
-        out.halts.extend(self.halts.matching(key, out.labels))
+        halts = self._matching(key, record)
+        out.state = self._state(key, record, halts)  # type: ignore[assignment]
+        out.halts.extend(halts)
         stored = self.checkpoints.get(key.run)
         if with_checkpoint and stored is not None:
             json_format.Parse(stored, out.checkpoint)

@@ -14,7 +14,7 @@ from tether_server._canary import hidden
 from tether_server._errors import FailedPrecondition, InvalidArgument
 from tether_server._etcd import Store
 from tether_server._halts import halt_from_kv
-from tether_server._selectors import halt_id, scope_name
+from tether_server._selectors import halt_id, is_stop, scope_name
 from tether_server._store import (
     HALTS,
     absent,
@@ -81,6 +81,14 @@ def halt_from(
     return halt
 
 
+def _stored(halt: types_pb2.Halt) -> bytes:
+    """``halt`` as its key holds it: without the revision, which etcd keeps."""
+    stored = types_pb2.Halt()
+    stored.CopyFrom(halt)
+    stored.revision = 0
+    return to_json(stored)
+
+
 class HaltStore:
     """Puts, escalates and removes halts in etcd, each in one transaction with its audit entry."""
 
@@ -98,11 +106,7 @@ class HaltStore:
         if not force:
             await self._check_known(sel)
         key = halt_key(halt.id)
-        action = (
-            admin_pb2.AUDIT_ACTION_FREEZE
-            if sel.capability or sel.writes
-            else admin_pb2.AUDIT_ACTION_KILL
-        )
+        action = admin_pb2.AUDIT_ACTION_KILL if is_stop(halt) else admin_pb2.AUDIT_ACTION_FREEZE
         entry = new_entry(action, sel, halt.actor, halt.reason, halt.mode, note=halt.actor_note)
         entry.halt_id = halt.id
         changed, resp = await self._audit.record(
@@ -130,11 +134,8 @@ class HaltStore:
             note=asked.actor_note,
         )  # fmt: skip
         entry.halt_id = existing.id
-        stored = types_pb2.Halt()
-        stored.CopyFrom(existing)
-        stored.revision = 0
         await self._audit.record(
-            entry, [unchanged_since(key, revision)], [put_op(key, to_json(stored))]
+            entry, [unchanged_since(key, revision)], [put_op(key, _stored(existing))]
         )
         return admin_pb2.KillResponse(halt=existing, already_halted=True)
 
@@ -165,9 +166,9 @@ class HaltStore:
 
         ``actor`` is the principal; ``note`` what the caller said of itself.
         """
-        key = halt_key(halt_id(sel))
         entry = new_entry(admin_pb2.AUDIT_ACTION_RESUME, sel, actor, reason, note=note)
         entry.halt_id = halt_id(sel)
+        key = halt_key(entry.halt_id)
         changed, resp = await self._audit.record(
             entry, [present(key)], [delete_op(key, prev_kv=True)]
         )
@@ -187,9 +188,9 @@ class HaltStore:
     ) -> admin_pb2.ResumeResponse:
         """Resume ``sel`` only for instances carrying every label of ``gate``: the halt stays
         for the rest, with ``gate`` as its release gate. Audited as a resume with the gate."""
-        key = halt_key(halt_id(sel))
         entry = new_entry(admin_pb2.AUDIT_ACTION_RESUME, sel, actor, reason, note=note)
         entry.halt_id = halt_id(sel)
+        key = halt_key(entry.halt_id)
         entry.require_labels.update(gate)
         resp = await self._store.range(key, prefix=False)
         if not resp.kvs:
@@ -198,11 +199,8 @@ class HaltStore:
         halt = halt_from_kv(resp.kvs[0])
         halt.release_gate.clear()
         halt.release_gate.update(gate)
-        stored = types_pb2.Halt()
-        stored.CopyFrom(halt)
-        stored.revision = 0
         changed, done = await self._audit.record(
-            entry, [unchanged_since(key, resp.kvs[0].mod_revision)], [put_op(key, to_json(stored))]
+            entry, [unchanged_since(key, resp.kvs[0].mod_revision)], [put_op(key, _stored(halt))]
         )
         if not changed:
             raise FailedPrecondition("the halt changed while gating it; run the resume again")

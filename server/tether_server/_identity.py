@@ -18,17 +18,17 @@ from __future__ import annotations
 import enum
 import functools
 import hmac
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tether
+
 from tether_server._config import ConfigError
 from tether_server._errors import InvalidArgument, Unauthenticated, Unavailable, check_name
 from tether_server._signer import AGENT_TOKEN_PREFIX, PermitSigner
 
-_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
 MIN_TOKEN_LENGTH = 16
 
 
@@ -54,8 +54,6 @@ class Principal:
     tenant: str = ""
     agent: str = ""
     operator: str = ""
-    via: str = ""
-    """``certificate``, ``agent token``, ``admin token``, or '' for anonymous."""
 
     @classmethod
     def anonymous(cls, peer: str) -> Principal:
@@ -68,17 +66,18 @@ class Principal:
 
 
 def check_trust_domain(domain: str) -> str:
-    """``domain`` if it is a SPIFFE trust domain (lowercase letters, digits, dots, dashes).
+    """``tether.check_trust_domain``, raised as a configuration error.
 
     Raises:
-        ConfigError: it is not.
+        ConfigError: ``domain`` is not a trust domain.
     """
-    if not _DOMAIN.match(domain):
+    try:
+        return tether.check_trust_domain(domain)
+    except tether.InvalidArgument:
         raise ConfigError(
             f"--trust-domain {domain!r} is not a trust domain: use lowercase letters, "
             "digits, '.' and '-', e.g. tether or prod.example.com"
-        )
-    return domain
+        ) from None
 
 
 def spiffe_forms(trust_domain: str) -> str:
@@ -93,7 +92,7 @@ def spiffe_id(trust_domain: str, tenant: str, agent: str = "") -> str:
     return f"spiffe://{trust_domain}/tenant/{tenant}{tail}"
 
 
-def principal_of_spiffe(uri: str, trust_domain: str, via: str) -> Principal | None:
+def principal_of_spiffe(uri: str, trust_domain: str) -> Principal | None:
     """The principal a Tether SPIFFE ID of ``trust_domain`` names; None for any other URI."""
     prefix = f"spiffe://{trust_domain}/"
     if not uri.startswith(prefix):
@@ -101,14 +100,14 @@ def principal_of_spiffe(uri: str, trust_domain: str, via: str) -> Principal | No
     parts = uri[len(prefix) :].split("/")
     try:
         if len(parts) == 2 and parts[0] == "operator":
-            return Principal(uri, Kind.OPERATOR, operator=check_name("operator", parts[1]), via=via)
+            return Principal(uri, Kind.OPERATOR, operator=check_name("operator", parts[1]))
         if len(parts) in (2, 4) and parts[0] == "tenant":
             tenant = check_name("tenant", parts[1])
             if len(parts) == 2:
-                return Principal(uri, Kind.TENANT, tenant=tenant, via=via)
+                return Principal(uri, Kind.TENANT, tenant=tenant)
             if parts[2] == "agent":
                 agent = check_name("agent", parts[3])
-                return Principal(uri, Kind.AGENT, tenant=tenant, agent=agent, via=via)
+                return Principal(uri, Kind.AGENT, tenant=tenant, agent=agent)
     except InvalidArgument:
         return None
     return None
@@ -132,7 +131,7 @@ def certificate_principal(pem: bytes, trust_domain: str) -> Principal:
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
-    found = [p for p in (principal_of_spiffe(u, trust_domain, "certificate") for u in uris) if p]
+    found = [p for p in (principal_of_spiffe(u, trust_domain) for u in uris) if p]
     if len(found) == 1:
         return found[0]
     seen = ", ".join(uris) if uris else "no URI SAN"
@@ -249,7 +248,7 @@ class Authenticator:
             if signer is None:
                 raise Unavailable("the coordinator has not loaded its signing key yet; retry")
             claims = signer.verify_agent_token(token, self.trust_domain)
-            spiffe = principal_of_spiffe(claims.subject, self.trust_domain, "agent token")
+            spiffe = principal_of_spiffe(claims.subject, self.trust_domain)
             if spiffe is None:  # signed by us, so only a bug gets here
                 raise Unauthenticated(f"agent token names {claims.subject!r}, not an agent")
             return spiffe
@@ -259,7 +258,7 @@ class Authenticator:
                 "the bearer token is neither an agent token signed by these coordinators nor "
                 "an admin token of --admin-tokens; check --token / TETHER_TOKEN"
             )
-        return Principal(f"operator:{name}", Kind.OPERATOR, operator=name, via="admin token")
+        return Principal(f"operator:{name}", Kind.OPERATOR, operator=name)
 
 
 def _peer_certificate(context: Any) -> bytes | None:

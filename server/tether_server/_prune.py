@@ -16,11 +16,20 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from aetcd import rpc
 from tether.v1 import types_pb2
 
 from tether_server._etcd import EtcdUnavailable, Store
-from tether_server._store import LIVE, ROSTER, from_json, instance_of, live_key, prefix_end
+from tether_server._store import (
+    LIVE,
+    ROSTER,
+    absent,
+    delete_op,
+    from_json,
+    instance_of,
+    live_key,
+    prefix_end,
+    unchanged_since,
+)
 
 log = logging.getLogger("tether_server")
 
@@ -37,33 +46,20 @@ def ended_ns(record: types_pb2.AgentInstance) -> int:
     return 0
 
 
-def expired(kvs: Iterable[Any], live: set[bytes], cutoff_ns: int) -> list[tuple[bytes, int]]:
-    """``(key, mod_revision)`` of the roster records whose instance has no presence and
-    ended before ``cutoff_ns`` (nanoseconds since the epoch)."""
+Expired = tuple[bytes, int, bytes]  # roster key, its mod_revision, the presence key
+
+
+def expired(kvs: Iterable[Any], live: set[bytes], cutoff_ns: int) -> list[Expired]:
+    """``(key, mod_revision, presence key)`` of the roster records whose instance has no
+    presence and ended before ``cutoff_ns`` (nanoseconds since the epoch)."""
     found = []
     for kv in kvs:
         key = instance_of(kv.key)
-        if key is None or live_key(key) in live:
+        if key is None or (presence := live_key(key)) in live:
             continue
         if ended_ns(from_json(kv.value, types_pb2.AgentInstance())) < cutoff_ns:
-            found.append((bytes(kv.key), int(kv.mod_revision)))
+            found.append((bytes(kv.key), int(kv.mod_revision), presence))
     return found
-
-
-def _unchanged(key: bytes, revision: int) -> Any:
-    return rpc.Compare(
-        key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=revision
-    )
-
-
-def _absent(key: bytes) -> Any:
-    return rpc.Compare(
-        key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=0
-    )
-
-
-def _delete(key: bytes) -> Any:
-    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
 
 
 class RosterPruner:
@@ -99,7 +95,7 @@ class RosterPruner:
         resp = await self._store.range(LIVE)
         return {bytes(kv.key) for kv in resp.kvs}
 
-    async def _delete(self, batch: list[tuple[bytes, int]]) -> int:
+    async def _delete(self, batch: list[Expired]) -> int:
         """All of ``batch`` in one transaction; one by one if any changed meanwhile."""
         if await self._try(batch):
             return len(batch)
@@ -107,10 +103,10 @@ class RosterPruner:
             return 0
         return sum([await self._delete([one]) for one in batch])
 
-    async def _try(self, batch: list[tuple[bytes, int]]) -> bool:
-        compares = [_unchanged(key, rev) for key, rev in batch]
-        compares += [_absent(LIVE + key[len(ROSTER) :]) for key, _ in batch]
-        resp = await self._store.txn(compares, [_delete(key) for key, _ in batch])
+    async def _try(self, batch: list[Expired]) -> bool:
+        compares = [unchanged_since(key, rev) for key, rev, _ in batch]
+        compares += [absent(presence) for _, _, presence in batch]
+        resp = await self._store.txn(compares, [delete_op(key) for key, _, _ in batch])
         return bool(resp.succeeded)
 
     async def step(self) -> None:

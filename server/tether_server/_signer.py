@@ -74,8 +74,9 @@ class PermitSigner:
 
     def __init__(self, private_key: Any, ttl: float = 5.0) -> None:
         self._key = private_key
+        self._public = private_key.public_key()
         self.ttl = ttl
-        self.key_id = key_id(private_key.public_key())
+        self.key_id = key_id(self._public)
 
     @classmethod
     def from_raw(cls, raw: bytes, ttl: float = 5.0) -> PermitSigner:
@@ -89,7 +90,7 @@ class PermitSigner:
 
     def public_pem(self) -> str:
         """The public key as PEM (SubjectPublicKeyInfo), for ``tether permit-key``."""
-        pem: bytes = self._key.public_key().public_bytes(
+        pem: bytes = self._public.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         return pem.decode()
@@ -145,7 +146,7 @@ class PermitSigner:
                 f"malformed agent token: expected {AGENT_TOKEN_PREFIX}.CLAIMS.SIGNATURE"
             ) from None
         try:
-            self._key.public_key().verify(signature, _AGENT_TOKEN_CONTEXT + payload)
+            self._public.verify(signature, _AGENT_TOKEN_CONTEXT + payload)
             return AgentTokenClaims(**json.loads(payload))
         except Exception:
             raise Unauthenticated(
