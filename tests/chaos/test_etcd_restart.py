@@ -65,7 +65,13 @@ def test_the_coordinator_reattaches_to_an_etcd_restarted_on_its_data_dir_and_not
         store.start()  # the same data directory and ports
         eventually(coordinator.serving, timeout=30)
         serving = time.monotonic() - crashed_at
-        back = until(agents, crashed_at, lambda s: s["counts"][RUNNING] == AGENTS - 1)
+        # Every run but run-0 runs again, and run-0, back from losing its tether, is told
+        # of its halt: wait for both, since run-0 may re-register a moment after the rest.
+        back = until(
+            agents,
+            crashed_at,
+            lambda s: s["counts"][RUNNING] == AGENTS - 1 and s["counts"][HALTED] == 1,
+        )
         ran = max(t for t in back["ran"] if t is not None) - crashed_at
         report(f"etcd SIGKILL + restart: coordinator serving {serving:.1f}s, "
                f"{AGENTS - 1} agents running {ran:.1f}s after the crash")  # fmt: skip
