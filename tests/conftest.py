@@ -22,6 +22,14 @@ from tether_server._store import KEYS, ROOT, prefix_end
 LEASE_TTL = 2  # etcd's floor: keeps STALE and fail-closed tests short
 T = TypeVar("T")
 
+ALICE, BOB, CAROL = "alice-token-0123456789", "bob-token-0123456789", "carol-token-0123456789"
+RBAC = """
+operators:
+  alice: {role: admin, tenants: ["*"]}
+  bob:   {role: operator, tenants: [acme]}
+  carol: {role: viewer, tenants: [acme, globex]}
+"""
+
 
 def eventually(probe: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:
     """Poll ``probe`` until it returns something truthy; a bounded wait, not a timing claim."""
@@ -133,6 +141,27 @@ def settled_effects(
         return rows
 
     return eventually(settled)
+
+
+def write_rbac(directory: Path) -> tuple[Path, Path]:
+    """(rbac, tokens) files of alice (admin), bob (operator of acme), carol (viewer)."""
+    rbac, tokens = directory / "rbac.yaml", directory / "tokens"
+    rbac.write_text(RBAC)
+    tokens.write_text(f"# who is who\n{ALICE} alice\n{BOB} bob\n{CAROL} carol\n")
+    return rbac, tokens
+
+
+@pytest.fixture(scope="module")
+def guarded(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
+    """A coordinator with roles (``write_rbac``): alice admin, bob operates acme, carol views
+    acme and globex; one per module that asks for it."""
+    directory = tmp_path_factory.mktemp("rbac")
+    rbac, tokens = write_rbac(directory)
+    coordinator = Coordinator(etcd).start(
+        directory, "--rbac", str(rbac), "--admin-tokens", str(tokens)
+    )
+    yield coordinator
+    coordinator.stop()
 
 
 class Pki:

@@ -22,16 +22,9 @@ from tether_server import CoordinatorProcess, TlsFiles
 from tether_server._signer import PermitSigner
 from tether_server._store import LIVE, PERMIT_KEY, ROSTER, RUNS
 
-from tests.conftest import LEASE_TTL, Coordinator, Etcd, Pki, settled_effects
+from tests.conftest import LEASE_TTL, RBAC, Coordinator, Etcd, Pki, settled_effects
 from tests.test_cli import tether_cli
 from tests.test_tls import GRPCURL, run
-
-RBAC = """
-operators:
-  alice: {role: admin, tenants: ["*"]}
-  bob:   {role: operator, tenants: [acme]}
-  carol: {role: viewer, tenants: [acme, globex]}
-"""
 
 
 def _keys(etcd: Etcd, prefix: bytes) -> list[bytes]:
