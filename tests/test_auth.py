@@ -127,7 +127,7 @@ def test_only_an_admin_issues_agent_tokens(guarded: Coordinator) -> None:
 def test_a_malformed_rbac_or_tokens_file_is_bad_usage(
     etcd: Etcd, tmp_path: Path, rbac: str | None, tokens: str | None, message: str
 ) -> None:
-    flags = ["serve", "--listen", "127.0.0.1:0", "--etcd", f"http://{etcd.endpoint}"]
+    flags = ["serve", "--listen", "127.0.0.1:0", "--etcd", etcd.url]
     if rbac is not None:
         (tmp_path / "rbac.yaml").write_text(rbac)
         flags += ["--rbac", str(tmp_path / "rbac.yaml")]

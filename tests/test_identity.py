@@ -18,13 +18,13 @@ import grpc
 import pytest
 import tether
 from aetcd import rpc
-from tether_server import CoordinatorProcess, TlsFiles
+from tether_server import CoordinatorProcess
 from tether_server._signer import PermitSigner
 from tether_server._store import LIVE, PERMIT_KEY, ROSTER, RUNS
 
 from tests.conftest import LEASE_TTL, RBAC, Coordinator, Etcd, Pki, settled_effects
 from tests.test_cli import tether_cli
-from tests.test_tls import GRPCURL, run
+from tests.test_tls import GRPCURL, launch, run, serve_flags
 
 
 def _keys(etcd: Etcd, prefix: bytes) -> list[bytes]:
@@ -209,22 +209,12 @@ class Secure:
         )
 
 
-def _launch(etcd: Etcd, pki: Pki, directory: Path, *flags: str) -> CoordinatorProcess:
-    cert, key = pki.coordinator()
-    alice, alice_key = pki.operator("alice")
-    proc = CoordinatorProcess(
-        etcd.url, lease_ttl=LEASE_TTL, log=directory / "coordinator.log",
-        tls=TlsFiles(alice, alice_key, pki.ca),
-    )  # fmt: skip
-    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki.ca)]
-    return proc.start(*tls, *flags, timeout=20)
-
-
 @pytest.fixture(scope="module")
 def secure(etcd: Etcd, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     directory = tmp_path_factory.mktemp("secure")
     (directory / "rbac.yaml").write_text(RBAC)
-    proc = _launch(etcd, pki, directory, "--rbac", str(directory / "rbac.yaml"))
+    rbac = ("--rbac", str(directory / "rbac.yaml"))
+    proc = launch(etcd.url, pki, directory / "coordinator.log", *serve_flags(pki), *rbac)
     yield Secure(proc.addr, pki)
     proc.stop()
 
@@ -336,7 +326,7 @@ def test_grpcurl_and_the_cli_see_the_certificate_s_principal(secure: Secure, pki
 
 
 def test_without_rbac_operator_certificates_only_read(etcd: Etcd, pki: Pki, tmp_path: Path) -> None:
-    proc = _launch(etcd, pki, tmp_path)
+    proc = launch(etcd.url, pki, tmp_path / "coordinator.log", *serve_flags(pki))
     try:
         with Secure(proc.addr, pki).admin("alice") as alice:
             assert alice.whoami().role == "viewer"
@@ -354,7 +344,7 @@ def test_with_rbac_an_anonymous_agent_may_not_register(
     calls, or leaving a token out would give more than sending one."""
     rbac = tmp_path / "rbac.yaml"
     rbac.write_text('operators:\n  alice: {role: admin, tenants: ["*"]}\n')
-    proc = CoordinatorProcess(f"http://{etcd.endpoint}", lease_ttl=LEASE_TTL)
+    proc = CoordinatorProcess(etcd.url, lease_ttl=LEASE_TTL)
     proc.start("--rbac", str(rbac))
     try:
         config = tether.AgentConfig(targets=(proc.addr,), connect_timeout=5)
