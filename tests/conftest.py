@@ -17,7 +17,7 @@ import pytest
 import tether
 from aetcd import rpc
 from tether_server import CoordinatorProcess, EtcdProcess, LaunchError, ProcessExited, wait_until
-from tether_server._store import KEYS, ROOT, prefix_end
+from tether_server._store import KEYS, PERMIT_KEY, ROOT, prefix_end
 
 LEASE_TTL = 2  # etcd's floor: keeps STALE and fail-closed tests short
 T = TypeVar("T")
@@ -53,6 +53,19 @@ class Etcd(EtcdProcess):
             kv = rpc.KVStub(channel)
             for start, end in ((ROOT, KEYS), (prefix_end(KEYS), prefix_end(ROOT))):
                 kv.DeleteRange(rpc.DeleteRangeRequest(key=start, range_end=end))
+
+    def keys(self, prefix: bytes) -> list[bytes]:
+        """Every key that starts with ``prefix``."""
+        with grpc.insecure_channel(self.endpoint) as channel:
+            request = rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix))
+            resp = rpc.KVStub(channel).Range(request, timeout=5)
+        return [kv.key for kv in resp.kvs]
+
+    def permit_key(self) -> bytes:
+        """The coordinators' shared signing key (stored hex at ``PERMIT_KEY``)."""
+        with grpc.insecure_channel(self.endpoint) as channel:
+            resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=PERMIT_KEY), timeout=5)
+        return bytes.fromhex(resp.kvs[0].value.decode())
 
 
 class Coordinator:

@@ -15,11 +15,9 @@ from typing import Any
 import grpc
 import pytest
 import tether
-from aetcd import rpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from tether_server._signer import PermitSigner
-from tether_server._store import PERMIT_KEY
 
 from tests.conftest import Coordinator, Etcd, eventually, settled_effects
 from tests.test_cli import tether_cli
@@ -214,12 +212,6 @@ def test_local_mode_effects_after_the_flip_are_measured(
     assert rows[-1].status is tether.EffectStatus.REFUSED  # and then the gate shut
 
 
-def _permit_key(etcd: Etcd) -> bytes:
-    with grpc.insecure_channel(etcd.endpoint) as channel:
-        resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=PERMIT_KEY), timeout=5)
-    return bytes.fromhex(resp.kvs[0].value.decode())
-
-
 def test_permits_verify_and_are_rejected_when_killed_expired_or_forged(
     coord: Coordinator, etcd: Etcd, admin: tether.AdminClient, tenant: str
 ) -> None:
@@ -251,7 +243,7 @@ def test_permits_verify_and_are_rejected_when_killed_expired_or_forged(
         fake, _ = PermitSigner.from_raw(b"\x01" * 32).sign(**other)  # an impostor's key
         with pytest.raises(tether.InvalidPermit, match="forged"):
             verifier.verify(fake)
-        expired, _ = PermitSigner.from_raw(_permit_key(etcd), ttl=-1).sign(**other)
+        expired, _ = PermitSigner.from_raw(etcd.permit_key(), ttl=-1).sign(**other)
         with pytest.raises(tether.InvalidPermit, match="expired"):
             verifier.verify(expired)
 

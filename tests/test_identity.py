@@ -14,30 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import tether
-from aetcd import rpc
 from tether_server import CoordinatorProcess
 from tether_server._signer import PermitSigner
-from tether_server._store import LIVE, PERMIT_KEY, ROSTER, RUNS
+from tether_server._store import LIVE, ROSTER, RUNS
 
 from tests.conftest import LEASE_TTL, RBAC, Coordinator, Etcd, Pki, settled_effects
 from tests.test_cli import tether_cli
 from tests.test_tls import GRPCURL, launch, run, serve_flags
-
-
-def _keys(etcd: Etcd, prefix: bytes) -> list[bytes]:
-    with grpc.insecure_channel(etcd.endpoint) as channel:
-        end = prefix[:-1] + bytes([prefix[-1] + 1])
-        resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=prefix, range_end=end), timeout=5)
-    return [kv.key for kv in resp.kvs]
-
-
-def _signing_key(etcd: Etcd) -> bytes:
-    with grpc.insecure_channel(etcd.endpoint) as channel:
-        resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=PERMIT_KEY), timeout=5)
-    return bytes.fromhex(resp.kvs[0].value.decode())
 
 
 def _register(uri: str, run_id: str, config: tether.AgentConfig) -> None:
@@ -80,9 +65,9 @@ def test_a_run_belongs_to_whoever_registered_it_first(
         with pytest.raises(tether.PermissionDenied, match=f"run 'r-owned' belongs to {owner}"):
             _register(uri, "r-owned", plain)
     assert admin.agents(tenant=other) == []
-    assert not _keys(etcd, ROSTER + f"{other}/".encode())
-    assert not _keys(etcd, LIVE + f"{other}/".encode())
-    assert [k for k in _keys(etcd, ROSTER + f"{tenant}/".encode()) if b"/other/" in k] == []
+    assert not etcd.keys(ROSTER + f"{other}/".encode())
+    assert not etcd.keys(LIVE + f"{other}/".encode())
+    assert [k for k in etcd.keys(ROSTER + f"{tenant}/".encode()) if b"/other/" in k] == []
     _unchanged(admin, tenant, "r-owned", plain, victim)
 
 
@@ -128,7 +113,7 @@ def test_expired_forged_and_foreign_tokens_are_unauthenticated(
 ) -> None:
     good = admin.issue_agent_token(tenant, agent="x").token
     subject = f"spiffe://tether/tenant/{tenant}/agent/x"
-    ours = PermitSigner.from_raw(_signing_key(etcd))
+    ours = PermitSigner.from_raw(etcd.permit_key())
     expired, _ = ours.sign_agent_token(subject, tenant, "x", "tether", ttl=-1)
     stranger = PermitSigner.from_raw(bytes(range(32)))
     foreign, _ = stranger.sign_agent_token(subject, tenant, "x", "tether", ttl=60)
@@ -238,8 +223,8 @@ def test_a_certificate_registers_only_as_what_it_names(secure: Secure, etcd: Etc
         pass
     with pytest.raises(tether.PermissionDenied, match="may register only as acme/\\*"):
         _register("agent://globex/other", "r-3", host)
-    assert not _keys(etcd, ROSTER + b"globex/")
-    assert _keys(etcd, RUNS + b"r-3") == []
+    assert not etcd.keys(ROSTER + b"globex/")
+    assert etcd.keys(RUNS + b"r-3") == []
     with secure.admin("alice") as alice:
         _unchanged(alice, "acme", "r-1", mailer, "agent://acme/email-campaign")
 
@@ -350,6 +335,6 @@ def test_with_rbac_an_anonymous_agent_may_not_register(
         config = tether.AgentConfig(targets=(proc.addr,), connect_timeout=5)
         with pytest.raises(tether.Unauthenticated, match="requires an agent identity"):
             _register(f"agent://{tenant}/mail", "r-anon", config)
-        assert _keys(etcd, LIVE) == [] and _keys(etcd, RUNS + b"r-anon") == []
+        assert etcd.keys(LIVE) == [] and etcd.keys(RUNS + b"r-anon") == []
     finally:
         proc.stop()
