@@ -6,17 +6,19 @@ Tests that break things (SIGKILL a coordinator, stop etcd) start their own.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 import tether
 from aetcd import rpc
 from tether_server import CoordinatorProcess, EtcdProcess, LaunchError, ProcessExited, wait_until
+from tether_server._signer import _b64, _unb64
 from tether_server._store import KEYS, PERMIT_KEY, ROOT, prefix_end
 
 LEASE_TTL = 2  # etcd's floor: keeps STALE and fail-closed tests short
@@ -154,6 +156,14 @@ def settled_effects(
         return rows
 
     return eventually(settled)
+
+
+def forged(token: str, **changes: Any) -> str:
+    """``token`` (``[PREFIX.]CLAIMS.SIGNATURE``) with ``changes`` made to its claims and the
+    signature kept: what a forger can make without the key."""
+    *head, claims, signature = token.split(".")
+    body = {**json.loads(_unb64(claims)), **changes}
+    return ".".join([*head, _b64(json.dumps(body).encode()), signature])
 
 
 def write_rbac(directory: Path) -> tuple[Path, Path]:

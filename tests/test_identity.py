@@ -7,7 +7,6 @@ that serves mutual TLS with ``--rbac``.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from tether_server import CoordinatorProcess
 from tether_server._signer import PermitSigner
 from tether_server._store import LIVE, ROSTER, RUNS
 
-from tests.conftest import LEASE_TTL, RBAC, Coordinator, Etcd, Pki, settled_effects
+from tests.conftest import LEASE_TTL, RBAC, Coordinator, Etcd, Pki, forged, settled_effects
 from tests.test_cli import tether_cli
 from tests.test_tls import GRPCURL, launch, run, serve_flags
 
@@ -100,14 +99,6 @@ def test_an_agent_token_registers_only_as_what_it_names(
             as_agent.agents(tenant=tenant)
 
 
-def _forged(token: str, **changes: str) -> str:
-    prefix, claims, signature = token.split(".")
-    body = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
-    body.update(changes)
-    raw = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
-    return f"{prefix}.{raw}.{signature}"
-
-
 def test_expired_forged_and_foreign_tokens_are_unauthenticated(
     coord: Coordinator, admin: tether.AdminClient, etcd: Etcd, tenant: str
 ) -> None:
@@ -119,7 +110,7 @@ def test_expired_forged_and_foreign_tokens_are_unauthenticated(
     foreign, _ = stranger.sign_agent_token(subject, tenant, "x", "tether", ttl=60)
     cases = {
         expired: f"agent token for {subject} expired at",
-        _forged(good, tenant=f"{tenant}-globex"): "forged agent token",
+        forged(good, tenant=f"{tenant}-globex"): "forged agent token",
         foreign: "forged agent token",
         "tether-agent-v1.nonsense": "malformed agent token",
     }
