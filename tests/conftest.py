@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -164,6 +167,33 @@ def forged(token: str, **changes: Any) -> str:
     *head, claims, signature = token.split(".")
     body = {**json.loads(_unb64(claims)), **changes}
     return ".".join([*head, _b64(json.dumps(body).encode()), signature])
+
+
+BIN = Path(sys.executable).parent
+GRPCURL = shutil.which("grpcurl", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def tether_cli(
+    *args: str, addr: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``tether ARGS...`` in a subprocess, as user ``oncall`` (``TETHER_ADDR=addr`` if given)."""
+    env = {**os.environ, "USER": "oncall"}
+    if addr is not None:
+        env["TETHER_ADDR"] = addr
+    return subprocess.run(
+        [sys.executable, "-m", "tether._cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that must have succeeded."""
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def write_rbac(directory: Path) -> tuple[Path, Path]:

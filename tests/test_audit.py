@@ -12,8 +12,7 @@ from aetcd import rpc
 from tether.v1 import agent_pb2, agent_pb2_grpc
 from tether_server._store import AUDIT, prefix_end
 
-from tests.conftest import Coordinator, Etcd, eventually
-from tests.test_cli import tether_cli
+from tests.conftest import Coordinator, Etcd, eventually, tether_cli
 
 
 def _audit_kvs(etcd: Etcd) -> list[tuple[bytes, bytes]]:

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import tether
 
-from tests.conftest import ALICE, BOB, CAROL, RBAC, Coordinator, Etcd
-from tests.test_cli import tether_cli
+from tests.conftest import ALICE, BOB, CAROL, RBAC, Coordinator, Etcd, tether_cli
 
 
 def client(addr: str, token: str | None, actor: str = "pytest") -> tether.AdminClient:

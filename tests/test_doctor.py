@@ -17,8 +17,7 @@ from tether._cli._doctor import Seen, diagnose
 from tether.v1 import admin_pb2, agent_pb2, agent_pb2_grpc
 from tether_server import free_port
 
-from tests.conftest import Coordinator, Etcd, eventually
-from tests.test_cli import tether_cli
+from tests.conftest import Coordinator, Etcd, eventually, tether_cli
 
 
 def _pair(coordinators: tuple[Coordinator, Coordinator]) -> str:

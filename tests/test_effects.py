@@ -18,8 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from tether_server._signer import PermitSigner
 
-from tests.conftest import Coordinator, Etcd, eventually, forged, settled_effects
-from tests.test_cli import tether_cli
+from tests.conftest import Coordinator, Etcd, eventually, forged, settled_effects, tether_cli
 
 
 def test_local_gate_records_landed_failed_and_refused(

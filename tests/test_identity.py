@@ -19,9 +19,18 @@ from tether_server import CoordinatorProcess
 from tether_server._signer import PermitSigner
 from tether_server._store import LIVE, ROSTER, RUNS
 
-from tests.conftest import LEASE_TTL, RBAC, Coordinator, Etcd, Pki, forged, settled_effects
-from tests.test_cli import tether_cli
-from tests.test_tls import GRPCURL, launch, run, serve_flags
+from tests.conftest import (
+    GRPCURL,
+    LEASE_TTL,
+    RBAC,
+    Coordinator,
+    Etcd,
+    Pki,
+    forged,
+    settled_effects,
+    tether_cli,
+)
+from tests.test_tls import launch, run, serve_flags
 
 
 def _register(uri: str, run_id: str, config: tether.AgentConfig) -> None:

@@ -17,9 +17,8 @@ import tether
 from aetcd import rpc
 from tether_server._store import EVALUATOR
 
-from tests.conftest import ALICE, BOB, CAROL, Coordinator, Etcd, eventually
+from tests.conftest import ALICE, BOB, CAROL, Coordinator, Etcd, eventually, tether_cli
 from tests.test_auth import client
-from tests.test_cli import tether_cli
 
 KINDS = {"send_email": "write", "crm_lookup": "read"}
 
