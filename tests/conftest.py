@@ -147,6 +147,15 @@ def admin(coord: Coordinator) -> Iterator[tether.AdminClient]:
         yield client
 
 
+def audited(admin: tether.AdminClient, tenant: str, action: str) -> tether.AuditEntry:
+    """The tenant's first audit entry of ``action``, once there is one."""
+
+    def found() -> list[tether.AuditEntry]:
+        return [e for e in admin.audit(tenant=tenant) if e.action == action]
+
+    return eventually(found)[0]
+
+
 def settled_effects(
     admin: tether.AdminClient, tenant: str, n: int = 1
 ) -> list[tether.EffectRecord]:
