@@ -24,6 +24,7 @@ from bench.md import Row, fmt, table, verdict
 from bench.phase import Flag, Phase, Results, floats
 from bench.record import load
 from bench.stats import Summary, summary
+from bench.tls import TENANT
 
 POLL_S = 0.005  # the worker polls every agent's verdict this often in the fail-closed runs
 
@@ -43,7 +44,7 @@ class StaleWatch:
 
     def _run(self) -> None:
         try:
-            for event in self._admin.watch(tenant="bench"):
+            for event in self._admin.watch(tenant=TENANT):
                 now = time.monotonic()
                 if event.snapshot:
                     self.snapshot += 1
