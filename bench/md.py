@@ -6,7 +6,6 @@ import math
 from collections.abc import Iterable
 
 KB = 1024.0
-MIB = 2**20
 
 Row = list[str]
 

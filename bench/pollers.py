@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from bench.marks import HALTED, RUNNING, Transitions
+from bench.sdk_agents import OWN_CONNECTION
 
 
 class PollFleet:
@@ -30,7 +31,7 @@ class PollFleet:
         interval, action = float(cmd.get("interval", 0.1)), float(cmd.get("action_every", 1.0))
         if not self._channels:
             self._channels = [
-                grpc.aio.insecure_channel(endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
+                grpc.aio.insecure_channel(endpoint, options=OWN_CONNECTION)
                 for _ in range(int(cmd.get("channels", 16)))
             ]
         stubs = [rpc.KVStub(c) for c in self._channels]

@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 
+from bench.sdk_agents import OWN_CONNECTION
+
 
 class RawFleet:
     """Heartbeat streams that beat as fast as the coordinator acks, to find saturation."""
@@ -36,11 +38,7 @@ class RawFleet:
         loop = asyncio.get_running_loop()
         for i in range(len(self._tasks), len(self._tasks) + n):
             if i % per_channel == 0:
-                self._channels.append(
-                    grpc.aio.insecure_channel(
-                        target, options=[("grpc.use_local_subchannel_pool", 1)]
-                    )
-                )
+                self._channels.append(grpc.aio.insecure_channel(target, options=OWN_CONNECTION))
             method = self._channels[-1].stream_stream("/tether.v1.AgentService/Heartbeat")
             name = f"{prefix}{i}"
             register = agent_pb2.HeartbeatRequest(

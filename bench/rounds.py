@@ -17,8 +17,8 @@ from bench.harness import cpu_percent, log_lines, say
 from bench.infra import Coordinator
 from bench.record import OMIT
 from bench.stats import Summary, summary
+from bench.tls import TENANT
 
-TENANT = "bench"
 LOST_ETCD = "coordinator lost etcd"
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import tether
 
 from bench.marks import HALTED, LOST, RUNNING, Transitions
+from bench.tls import TENANT
 
 OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 
@@ -64,7 +65,7 @@ class SdkFleet:
 
     def _agent(self, cmd: dict[str, Any], i: int) -> tether.AsyncAgent:
         targets, name = list(cmd["targets"]), f"{cmd['prefix']}{i}"
-        tenant, agents_per_tenant = str(cmd.get("tenant", "bench")), int(cmd.get("kinds", 16))
+        tenant, agents_per_tenant = str(cmd.get("tenant", TENANT)), int(cmd.get("kinds", 16))
         config = tether.AgentConfig(
             # "all_targets": every agent is given every address, in this order (failover)
             targets=tuple(targets) if cmd.get("all_targets") else (targets[i % len(targets)],),

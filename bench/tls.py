@@ -19,7 +19,7 @@ from typing import Any
 from tether._certs import issue, new_ca, spiffe_id
 from tether_server import TlsFiles
 
-TENANT = "bench"
+TENANT = "bench"  # every bench agent's tenant (and its certificate's)
 OPERATOR = "bench"
 RBAC = f'operators:\n  {OPERATOR}: {{role: admin, tenants: ["*"]}}\n'
 

@@ -6,21 +6,34 @@ Tests that break things (SIGKILL a coordinator, stop etcd) start their own.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 import tether
 from aetcd import rpc
 from tether_server import CoordinatorProcess, EtcdProcess, LaunchError, ProcessExited, wait_until
-from tether_server._store import KEYS, ROOT, prefix_end
+from tether_server._signer import _b64, _unb64
+from tether_server._store import KEYS, PERMIT_KEY, ROOT, prefix_end
 
 LEASE_TTL = 2  # etcd's floor: keeps STALE and fail-closed tests short
 T = TypeVar("T")
+
+ALICE, BOB, CAROL = "alice-token-0123456789", "bob-token-0123456789", "carol-token-0123456789"
+RBAC = """
+operators:
+  alice: {role: admin, tenants: ["*"]}
+  bob:   {role: operator, tenants: [acme]}
+  carol: {role: viewer, tenants: [acme, globex]}
+"""
 
 
 def eventually(probe: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:
@@ -45,6 +58,19 @@ class Etcd(EtcdProcess):
             kv = rpc.KVStub(channel)
             for start, end in ((ROOT, KEYS), (prefix_end(KEYS), prefix_end(ROOT))):
                 kv.DeleteRange(rpc.DeleteRangeRequest(key=start, range_end=end))
+
+    def keys(self, prefix: bytes) -> list[bytes]:
+        """Every key that starts with ``prefix``."""
+        with grpc.insecure_channel(self.endpoint) as channel:
+            request = rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix))
+            resp = rpc.KVStub(channel).Range(request, timeout=5)
+        return [kv.key for kv in resp.kvs]
+
+    def permit_key(self) -> bytes:
+        """The coordinators' shared signing key (stored hex at ``PERMIT_KEY``)."""
+        with grpc.insecure_channel(self.endpoint) as channel:
+            resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=PERMIT_KEY), timeout=5)
+        return bytes.fromhex(resp.kvs[0].value.decode())
 
 
 class Coordinator:
@@ -121,6 +147,15 @@ def admin(coord: Coordinator) -> Iterator[tether.AdminClient]:
         yield client
 
 
+def audited(admin: tether.AdminClient, tenant: str, action: str) -> tether.AuditEntry:
+    """The tenant's first audit entry of ``action``, once there is one."""
+
+    def found() -> list[tether.AuditEntry]:
+        return [e for e in admin.audit(tenant=tenant) if e.action == action]
+
+    return eventually(found)[0]
+
+
 def settled_effects(
     admin: tether.AdminClient, tenant: str, n: int = 1
 ) -> list[tether.EffectRecord]:
@@ -133,6 +168,62 @@ def settled_effects(
         return rows
 
     return eventually(settled)
+
+
+def forged(token: str, **changes: Any) -> str:
+    """``token`` (``[PREFIX.]CLAIMS.SIGNATURE``) with ``changes`` made to its claims and the
+    signature kept: what a forger can make without the key."""
+    *head, claims, signature = token.split(".")
+    body = {**json.loads(_unb64(claims)), **changes}
+    return ".".join([*head, _b64(json.dumps(body).encode()), signature])
+
+
+BIN = Path(sys.executable).parent
+GRPCURL = shutil.which("grpcurl", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def tether_cli(
+    *args: str, addr: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``tether ARGS...`` in a subprocess, as user ``oncall`` (``TETHER_ADDR=addr`` if given)."""
+    env = {**os.environ, "USER": "oncall"}
+    if addr is not None:
+        env["TETHER_ADDR"] = addr
+    return subprocess.run(
+        [sys.executable, "-m", "tether._cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that must have succeeded."""
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def write_rbac(directory: Path) -> tuple[Path, Path]:
+    """(rbac, tokens) files of alice (admin), bob (operator of acme), carol (viewer)."""
+    rbac, tokens = directory / "rbac.yaml", directory / "tokens"
+    rbac.write_text(RBAC)
+    tokens.write_text(f"# who is who\n{ALICE} alice\n{BOB} bob\n{CAROL} carol\n")
+    return rbac, tokens
+
+
+@pytest.fixture(scope="module")
+def guarded(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
+    """A coordinator with roles (``write_rbac``): alice admin, bob operates acme, carol views
+    acme and globex; one per module that asks for it."""
+    directory = tmp_path_factory.mktemp("rbac")
+    rbac, tokens = write_rbac(directory)
+    coordinator = Coordinator(etcd).start(
+        directory, "--rbac", str(rbac), "--admin-tokens", str(tokens)
+    )
+    yield coordinator
+    coordinator.stop()
 
 
 class Pki:

@@ -12,8 +12,7 @@ from aetcd import rpc
 from tether.v1 import agent_pb2, agent_pb2_grpc
 from tether_server._store import AUDIT, prefix_end
 
-from tests.conftest import Coordinator, Etcd, eventually
-from tests.test_cli import tether_cli
+from tests.conftest import Coordinator, Etcd, audited, tether_cli
 
 
 def _audit_kvs(etcd: Etcd) -> list[tuple[bytes, bytes]]:
@@ -121,7 +120,7 @@ def test_an_agent_cannot_acknowledge_a_halt_it_is_not_under(
         pushed = next(r for r in replies if r.order == agent_pb2.ORDER_STOP)
         for halt_id in ("tenant/someone-else", "made-up", pushed.halts[0].id):
             outgoing.put(agent_pb2.HeartbeatRequest(ack=agent_pb2.KillAck(halt_id=halt_id)))
-        eventually(lambda: any(e.action == "ack" for e in admin.audit(tenant=tenant)))
+        audited(admin, tenant, "ack")
         outgoing.put(agent_pb2.HeartbeatRequest(goodbye=agent_pb2.Goodbye()))
         outgoing.put(None)
     acks = [e for e in admin.audit() if e.action == "ack"]

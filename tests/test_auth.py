@@ -6,41 +6,12 @@ certificate path of the same roles is in tests/test_identity.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tether
 
-from tests.conftest import Coordinator, Etcd
-from tests.test_cli import tether_cli
-
-ALICE, BOB, CAROL = "alice-token-0123456789", "bob-token-0123456789", "carol-token-0123456789"
-RBAC = """
-operators:
-  alice: {role: admin, tenants: ["*"]}
-  bob:   {role: operator, tenants: [acme]}
-  carol: {role: viewer, tenants: [acme, globex]}
-"""
-
-
-def write_rbac(directory: Path) -> tuple[Path, Path]:
-    """(rbac, tokens) files of alice (admin), bob (operator of acme), carol (viewer)."""
-    rbac, tokens = directory / "rbac.yaml", directory / "tokens"
-    rbac.write_text(RBAC)
-    tokens.write_text(f"# who is who\n{ALICE} alice\n{BOB} bob\n{CAROL} carol\n")
-    return rbac, tokens
-
-
-@pytest.fixture(scope="module")
-def guarded(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
-    directory = tmp_path_factory.mktemp("rbac")
-    rbac, tokens = write_rbac(directory)
-    coordinator = Coordinator(etcd).start(
-        directory, "--rbac", str(rbac), "--admin-tokens", str(tokens)
-    )
-    yield coordinator
-    coordinator.stop()
+from tests.conftest import ALICE, BOB, CAROL, RBAC, Coordinator, Etcd, tether_cli
 
 
 def client(addr: str, token: str | None, actor: str = "pytest") -> tether.AdminClient:
@@ -155,7 +126,7 @@ def test_only_an_admin_issues_agent_tokens(guarded: Coordinator) -> None:
 def test_a_malformed_rbac_or_tokens_file_is_bad_usage(
     etcd: Etcd, tmp_path: Path, rbac: str | None, tokens: str | None, message: str
 ) -> None:
-    flags = ["serve", "--listen", "127.0.0.1:0", "--etcd", f"http://{etcd.endpoint}"]
+    flags = ["serve", "--listen", "127.0.0.1:0", "--etcd", etcd.url]
     if rbac is not None:
         (tmp_path / "rbac.yaml").write_text(rbac)
         flags += ["--rbac", str(tmp_path / "rbac.yaml")]

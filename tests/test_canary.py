@@ -21,6 +21,7 @@ from tether_server._config import ServerConfig
 from tether_server._etcd import Store
 
 from tests.conftest import Coordinator, Etcd, Pki, eventually
+from tests.test_tls import serve_flags
 
 
 @pytest.fixture
@@ -120,18 +121,12 @@ def test_the_canary_cycles_on_a_coordinator_with_mutual_tls_and_rbac(
     """The canary's own stream needs no certificate and passes no role check."""
     from tether_server import CoordinatorProcess, TlsFiles
 
-    cert, key = pki.coordinator()
     op_cert, op_key = pki.operator("alice")
     rbac = tmp_path / "rbac.yaml"
     rbac.write_text('operators:\n  alice: {role: viewer, tenants: ["*"]}\n')
-    coordinator = CoordinatorProcess(
-        f"http://{etcd.endpoint}", lease_ttl=2, tls=TlsFiles(op_cert, op_key, pki.ca)
-    )
+    coordinator = CoordinatorProcess(etcd.url, lease_ttl=2, tls=TlsFiles(op_cert, op_key, pki.ca))
     before = set(Path(tempfile.gettempdir()).glob("tether-canary-*/canary.sock"))
-    coordinator.start(
-        *("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki.ca)),
-        *("--rbac", str(rbac), "--canary-interval", "0.5"),
-    )
+    coordinator.start(*serve_flags(pki), *("--rbac", str(rbac), "--canary-interval", "0.5"))
     try:
         with tether.AdminClient(
             coordinator.addr, tls_ca=pki.ca, tls_cert=op_cert, tls_key=op_key

@@ -21,24 +21,13 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.conftest import eventually
+from tests.conftest import eventually, ok, tether_cli
 
 OPENSSL = shutil.which("openssl")
 
 
 def certs(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tether._cli", "certs", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=60,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return tether_cli("certs", *args, cwd=cwd)
 
 
 def load(path: Path) -> x509.Certificate:

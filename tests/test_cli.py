@@ -3,36 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import tether
 
-from tests.conftest import Coordinator, eventually
-
-BIN = Path(sys.executable).parent
-
-
-def tether_cli(*args: str, addr: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "USER": "oncall"}
-    if addr is not None:
-        env["TETHER_ADDR"] = addr
-    return subprocess.run(
-        [sys.executable, "-m", "tether._cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+from tests.conftest import GRPCURL, Coordinator, eventually, ok, tether_cli
 
 
 def test_kill_resume_and_reads_with_json_output(coord: Coordinator, tenant: str) -> None:
@@ -158,8 +134,6 @@ def test_serve_rejects_a_malformed_etcd_url() -> None:
 
 
 # -- grpcurl -------------------------------------------------------------------------------
-
-GRPCURL = shutil.which("grpcurl", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def grpcurl(addr: str, *args: str, data: object = None) -> str:

@@ -19,8 +19,7 @@ from tether._cli import build_parser
 from tether._cli._output import ago
 from tether._cli._parser import _VERBS
 
-from tests.conftest import Coordinator, Etcd, Pki, eventually
-from tests.test_cli import ok, tether_cli
+from tests.conftest import Coordinator, Etcd, Pki, eventually, ok, tether_cli
 
 
 def test_version() -> None:

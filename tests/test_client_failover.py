@@ -15,8 +15,7 @@ import tether
 from tether._failover import NoCoordinator
 from tether_server import free_port
 
-from tests.conftest import Coordinator, Etcd, eventually
-from tests.test_cli import ok, tether_cli
+from tests.conftest import Coordinator, Etcd, eventually, ok, tether_cli
 
 
 @pytest.fixture

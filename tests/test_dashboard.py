@@ -22,8 +22,7 @@ import tether
 from tether._dashboard._requests import BadRequest, effects_query, kill_order
 from tether_server import free_port
 
-from tests.conftest import Coordinator, Etcd, eventually
-from tests.test_auth import BOB, CAROL, write_rbac
+from tests.conftest import BOB, CAROL, Coordinator, eventually
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -174,18 +173,6 @@ def test_resume_button_lifts_the_halt(
         expect(halt).to_have_count(0)
         assert not admin.halts(tenant=tenant)
         page.close()
-
-
-@pytest.fixture(scope="module")
-def guarded(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
-    """A coordinator with roles: carol views acme and globex, bob operates acme."""
-    directory = tmp_path_factory.mktemp("rbac")
-    rbac, tokens = write_rbac(directory)
-    coordinator = Coordinator(etcd).start(
-        directory, "--rbac", str(rbac), "--admin-tokens", str(tokens)
-    )
-    yield coordinator
-    coordinator.stop()
 
 
 @needs_chromium

@@ -17,8 +17,7 @@ from tether._cli._doctor import Seen, diagnose
 from tether.v1 import admin_pb2, agent_pb2, agent_pb2_grpc
 from tether_server import free_port
 
-from tests.conftest import Coordinator, Etcd, eventually
-from tests.test_cli import tether_cli
+from tests.conftest import Coordinator, Etcd, audited, eventually, tether_cli
 
 
 def _pair(coordinators: tuple[Coordinator, Coordinator]) -> str:
@@ -100,7 +99,7 @@ def test_an_agent_that_never_acknowledged_a_kill_is_named(
         eventually(lambda: len(admin.agents(tenant=tenant)) == 2)
         admin.kill(tether.selector(tenant=tenant), "stop everything")
         eventually(lambda: agent.killed)
-        eventually(lambda: any(e.action == "ack" for e in admin.audit(tenant=tenant)))
+        audited(admin, tenant, "ack")
         time.sleep(1.0)  # past the slack given below
         result = tether_cli("doctor", "--ack-slack", "0.5", "--addr", coord.addr)
     assert result.returncode == 1, result.stdout

@@ -7,44 +7,30 @@ that serves mutual TLS with ``--rbac``.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import tether
-from aetcd import rpc
-from tether_server import CoordinatorProcess, TlsFiles
+from tether_server import CoordinatorProcess
 from tether_server._signer import PermitSigner
-from tether_server._store import LIVE, PERMIT_KEY, ROSTER, RUNS
+from tether_server._store import LIVE, ROSTER, RUNS
 
-from tests.conftest import LEASE_TTL, Coordinator, Etcd, Pki, settled_effects
-from tests.test_cli import tether_cli
-from tests.test_tls import GRPCURL, run
-
-RBAC = """
-operators:
-  alice: {role: admin, tenants: ["*"]}
-  bob:   {role: operator, tenants: [acme]}
-  carol: {role: viewer, tenants: [acme, globex]}
-"""
-
-
-def _keys(etcd: Etcd, prefix: bytes) -> list[bytes]:
-    with grpc.insecure_channel(etcd.endpoint) as channel:
-        end = prefix[:-1] + bytes([prefix[-1] + 1])
-        resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=prefix, range_end=end), timeout=5)
-    return [kv.key for kv in resp.kvs]
-
-
-def _signing_key(etcd: Etcd) -> bytes:
-    with grpc.insecure_channel(etcd.endpoint) as channel:
-        resp = rpc.KVStub(channel).Range(rpc.RangeRequest(key=PERMIT_KEY), timeout=5)
-    return bytes.fromhex(resp.kvs[0].value.decode())
+from tests.conftest import (
+    GRPCURL,
+    LEASE_TTL,
+    RBAC,
+    Coordinator,
+    Etcd,
+    Pki,
+    forged,
+    settled_effects,
+    tether_cli,
+)
+from tests.test_tls import launch, run, serve_flags
 
 
 def _register(uri: str, run_id: str, config: tether.AgentConfig) -> None:
@@ -87,9 +73,9 @@ def test_a_run_belongs_to_whoever_registered_it_first(
         with pytest.raises(tether.PermissionDenied, match=f"run 'r-owned' belongs to {owner}"):
             _register(uri, "r-owned", plain)
     assert admin.agents(tenant=other) == []
-    assert not _keys(etcd, ROSTER + f"{other}/".encode())
-    assert not _keys(etcd, LIVE + f"{other}/".encode())
-    assert [k for k in _keys(etcd, ROSTER + f"{tenant}/".encode()) if b"/other/" in k] == []
+    assert not etcd.keys(ROSTER + f"{other}/".encode())
+    assert not etcd.keys(LIVE + f"{other}/".encode())
+    assert [k for k in etcd.keys(ROSTER + f"{tenant}/".encode()) if b"/other/" in k] == []
     _unchanged(admin, tenant, "r-owned", plain, victim)
 
 
@@ -122,26 +108,18 @@ def test_an_agent_token_registers_only_as_what_it_names(
             as_agent.agents(tenant=tenant)
 
 
-def _forged(token: str, **changes: str) -> str:
-    prefix, claims, signature = token.split(".")
-    body = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
-    body.update(changes)
-    raw = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
-    return f"{prefix}.{raw}.{signature}"
-
-
 def test_expired_forged_and_foreign_tokens_are_unauthenticated(
     coord: Coordinator, admin: tether.AdminClient, etcd: Etcd, tenant: str
 ) -> None:
     good = admin.issue_agent_token(tenant, agent="x").token
     subject = f"spiffe://tether/tenant/{tenant}/agent/x"
-    ours = PermitSigner.from_raw(_signing_key(etcd))
+    ours = PermitSigner.from_raw(etcd.permit_key())
     expired, _ = ours.sign_agent_token(subject, tenant, "x", "tether", ttl=-1)
     stranger = PermitSigner.from_raw(bytes(range(32)))
     foreign, _ = stranger.sign_agent_token(subject, tenant, "x", "tether", ttl=60)
     cases = {
         expired: f"agent token for {subject} expired at",
-        _forged(good, tenant=f"{tenant}-globex"): "forged agent token",
+        forged(good, tenant=f"{tenant}-globex"): "forged agent token",
         foreign: "forged agent token",
         "tether-agent-v1.nonsense": "malformed agent token",
     }
@@ -216,22 +194,12 @@ class Secure:
         )
 
 
-def _launch(etcd: Etcd, pki: Pki, directory: Path, *flags: str) -> CoordinatorProcess:
-    cert, key = pki.coordinator()
-    alice, alice_key = pki.operator("alice")
-    proc = CoordinatorProcess(
-        etcd.url, lease_ttl=LEASE_TTL, log=directory / "coordinator.log",
-        tls=TlsFiles(alice, alice_key, pki.ca),
-    )  # fmt: skip
-    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki.ca)]
-    return proc.start(*tls, *flags, timeout=20)
-
-
 @pytest.fixture(scope="module")
 def secure(etcd: Etcd, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     directory = tmp_path_factory.mktemp("secure")
     (directory / "rbac.yaml").write_text(RBAC)
-    proc = _launch(etcd, pki, directory, "--rbac", str(directory / "rbac.yaml"))
+    rbac = ("--rbac", str(directory / "rbac.yaml"))
+    proc = launch(etcd.url, pki, directory / "coordinator.log", *serve_flags(pki), *rbac)
     yield Secure(proc.addr, pki)
     proc.stop()
 
@@ -255,8 +223,8 @@ def test_a_certificate_registers_only_as_what_it_names(secure: Secure, etcd: Etc
         pass
     with pytest.raises(tether.PermissionDenied, match="may register only as acme/\\*"):
         _register("agent://globex/other", "r-3", host)
-    assert not _keys(etcd, ROSTER + b"globex/")
-    assert _keys(etcd, RUNS + b"r-3") == []
+    assert not etcd.keys(ROSTER + b"globex/")
+    assert etcd.keys(RUNS + b"r-3") == []
     with secure.admin("alice") as alice:
         _unchanged(alice, "acme", "r-1", mailer, "agent://acme/email-campaign")
 
@@ -343,7 +311,7 @@ def test_grpcurl_and_the_cli_see_the_certificate_s_principal(secure: Secure, pki
 
 
 def test_without_rbac_operator_certificates_only_read(etcd: Etcd, pki: Pki, tmp_path: Path) -> None:
-    proc = _launch(etcd, pki, tmp_path)
+    proc = launch(etcd.url, pki, tmp_path / "coordinator.log", *serve_flags(pki))
     try:
         with Secure(proc.addr, pki).admin("alice") as alice:
             assert alice.whoami().role == "viewer"
@@ -361,12 +329,12 @@ def test_with_rbac_an_anonymous_agent_may_not_register(
     calls, or leaving a token out would give more than sending one."""
     rbac = tmp_path / "rbac.yaml"
     rbac.write_text('operators:\n  alice: {role: admin, tenants: ["*"]}\n')
-    proc = CoordinatorProcess(f"http://{etcd.endpoint}", lease_ttl=LEASE_TTL)
+    proc = CoordinatorProcess(etcd.url, lease_ttl=LEASE_TTL)
     proc.start("--rbac", str(rbac))
     try:
         config = tether.AgentConfig(targets=(proc.addr,), connect_timeout=5)
         with pytest.raises(tether.Unauthenticated, match="requires an agent identity"):
             _register(f"agent://{tenant}/mail", "r-anon", config)
-        assert _keys(etcd, LIVE) == [] and _keys(etcd, RUNS + b"r-anon") == []
+        assert etcd.keys(LIVE) == [] and etcd.keys(RUNS + b"r-anon") == []
     finally:
         proc.stop()

@@ -13,14 +13,7 @@ from dataclasses import dataclass
 import pytest
 import tether
 
-from tests.conftest import Coordinator, eventually, settled_effects
-
-
-def _audit(admin: tether.AdminClient, tenant: str, action: str) -> tether.AuditEntry:
-    def found() -> list[tether.AuditEntry]:
-        return [e for e in admin.audit(tenant=tenant) if e.action == action]
-
-    return eventually(found)[0]
+from tests.conftest import Coordinator, audited, eventually, settled_effects
 
 
 def _statuses(admin: tether.AdminClient, tenant: str, n: int) -> dict[str, str]:
@@ -83,7 +76,7 @@ def test_hard_kill_cancels_work_in_flight_at_once(
     assert effect.outcome == "cancelled"  # not the 10 s the effect wanted
     assert not effect.ran_on  # cancelled with the verdict, not after some grace
     assert _statuses(admin, tenant, 1) == {"k-long": "cancelled"}
-    ack = _audit(admin, tenant, "ack")  # acknowledged as stopped, not escalated
+    ack = audited(admin, tenant, "ack")  # acknowledged as stopped, not escalated
     assert ack.reason == "1 instance(s) stopped; 1 effect(s) were in flight"
 
 
@@ -108,7 +101,7 @@ def test_soft_kill_escalates_to_hard_when_the_grace_runs_out(
     assert effect.ran_on  # it was allowed to run on during the grace
     assert effect.outcome == "cancelled"  # and did not get its full 10 s
     assert _statuses(admin, tenant, 1) == {"k-long": "cancelled"}
-    escalation = _audit(admin, tenant, "escalate")
+    escalation = audited(admin, tenant, "escalate")
     assert escalation.reason == (
         "grace of 1s timed out: 1 instance(s) escalated to a hard kill "
         "and cancelled 1 effect(s) in flight"
@@ -145,7 +138,7 @@ def test_soft_kill_lets_short_work_finish_and_refuses_new_work(
 
     asyncio.run(scenario())
     assert _statuses(admin, tenant, 2) == {"k-short": "landed", "k-new": "refused"}
-    ack = _audit(admin, tenant, "ack")
+    ack = audited(admin, tenant, "ack")
     assert ack.reason == "1 instance(s) stopped; 0 effect(s) were in flight"
 
 

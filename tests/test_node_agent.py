@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import tether
 
-from tests.conftest import Coordinator, Etcd, eventually
+from tests.conftest import Coordinator, Etcd, audited, eventually
 
 NODE_DIR = Path(__file__).parent.parent / "examples" / "node"
 NODE = shutil.which("node")
@@ -105,8 +105,8 @@ def test_node_agent_is_killed_inline_and_resumes_from_its_checkpoint(
     final = admin.agent(tenant, "mailer", "run-1", "node-1")
     assert final.state is tether.State.KILLED  # not STALE: the goodbye came after the ack
     assert final.checkpoint == killed["checkpoint"]
-    acks = eventually(lambda: [e for e in admin.audit(tenant=tenant) if e.action == "ack"])
-    assert acks[0].halt_id == halt.id and acks[0].instances == (f"{tenant}/mailer/run-1/node-1",)
+    ack = audited(admin, tenant, "ack")
+    assert ack.halt_id == halt.id and ack.instances == (f"{tenant}/mailer/run-1/node-1",)
 
     admin.resume(tether.selector(run_id="run-1"), "template fixed")
     stop_at = killed["checkpoint"]["batch"] + 3

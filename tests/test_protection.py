@@ -17,9 +17,8 @@ import tether
 from aetcd import rpc
 from tether_server._store import EVALUATOR
 
-from tests.conftest import Coordinator, Etcd, eventually
-from tests.test_auth import ALICE, BOB, CAROL, client, write_rbac
-from tests.test_cli import tether_cli
+from tests.conftest import ALICE, BOB, CAROL, Coordinator, Etcd, eventually, tether_cli
+from tests.test_auth import client
 
 KINDS = {"send_email": "write", "crm_lookup": "read"}
 
@@ -346,17 +345,6 @@ def test_agent_scope_degrades_every_instance_across_coordinators_once(
     trips = [e for e in admin.audit(tenant=tenant) if e.actor == "breaker:email-errors"]
     assert len(trips) == 1 and trips[0].action == "freeze"
     assert trips[0].halt_id == f"agent/{tenant}/mailer#*writes"
-
-
-@pytest.fixture(scope="module")
-def guarded(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
-    directory = tmp_path_factory.mktemp("rbac")
-    rbac, tokens = write_rbac(directory)
-    coordinator = Coordinator(etcd).start(
-        directory, "--rbac", str(rbac), "--admin-tokens", str(tokens)
-    )
-    yield coordinator
-    coordinator.stop()
 
 
 def test_only_admins_change_the_policy_and_viewers_read_it(guarded: Coordinator) -> None:

@@ -20,8 +20,8 @@ from tether_server._rbac import Authorizer
 from tether_server._selectors import exempt, halts_instance
 from tether_server._store import InstanceKey
 
-from tests.conftest import Coordinator, eventually, settled_effects
-from tests.test_cli import grpcurl, ok, tether_cli
+from tests.conftest import Coordinator, eventually, ok, settled_effects, tether_cli
+from tests.test_cli import grpcurl
 from tests.test_unit_rbac import GRANTS
 
 TRACER = TracerProvider().get_tracer("tests.recovery")

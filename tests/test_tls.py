@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -23,10 +22,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2
 from tether_server import CoordinatorProcess, EtcdProcess, TlsFiles, free_port
 
-from tests.conftest import LEASE_TTL, Etcd, Pki, eventually
-
-BIN = Path(sys.executable).parent
-GRPCURL = shutil.which("grpcurl", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+from tests.conftest import GRPCURL, LEASE_TTL, Etcd, Pki, eventually, tether_cli
 
 
 def serve_flags(pki: Pki, *, client_ca: bool = True) -> list[str]:
@@ -58,10 +54,6 @@ def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 CLI = (sys.executable, "-m", "tether._cli")
-
-
-def tether_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return run(*CLI, *args)
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,7 @@ from bench.harness import Bench, say
 from bench.md import Row, fmt, table, verdict
 from bench.phase import Flag, Phase, Results
 from bench.stats import Summary, summary
-
-TENANT = "bench"
+from bench.tls import TENANT
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from bench.harness import Bench, say
 from bench.md import fmt, table
 from bench.phase import Phase, Results
 from bench.phases import kill, poll
+from bench.sdk_agents import OWN_CONNECTION
 from bench.stats import Summary, summary
 
 if TYPE_CHECKING:
@@ -30,10 +31,9 @@ KEY = b"/bench/floor/halt"
 
 
 async def _measure(endpoint: str, samples: int) -> dict[str, list[float]]:
-    own = [("grpc.use_local_subchannel_pool", 1)]
     async with (
-        grpc.aio.insecure_channel(endpoint, options=own) as put_ch,
-        grpc.aio.insecure_channel(endpoint, options=own) as watch_ch,
+        grpc.aio.insecure_channel(endpoint, options=OWN_CONNECTION) as put_ch,
+        grpc.aio.insecure_channel(endpoint, options=OWN_CONNECTION) as watch_ch,
     ):
         kv = rpc.KVStub(put_ch)
         events: asyncio.Queue[float] = asyncio.Queue()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from tether_server._store import CHECKPOINTS
+
 from bench.fleet import Fleet, Grow
 from bench.harness import Bench, log_lines, say
 from bench.infra import Coordinator, Etcd
@@ -19,7 +21,6 @@ from bench.phase import TLS, WORKERS, Flag, Phase, Results, ints
 from bench.phases.capacity import Window, measure_window
 from bench.rounds import LOST_ETCD
 
-CHECKPOINTS = b"/tether/checkpoints/"
 TTL = 2.0
 MODES = ("none", "same", "changing")
 

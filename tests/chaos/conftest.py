@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tether
 from tether_server import CoordinatorProcess
 
 from tests.chaos.fleet import FleetProcess
@@ -114,6 +115,15 @@ def until(
         return status if done(status) else {}
 
     return eventually(probe, timeout, interval=0.1)
+
+
+def stored(admin: tether.AdminClient, tenant: str) -> dict[str, int]:
+    """The step of each run's stored checkpoint."""
+    return {
+        a.run_id: int(a.checkpoint["step"])
+        for a in admin.agents(tenant=tenant)
+        if a.checkpoint is not None
+    }
 
 
 def alive(pid: int) -> bool:

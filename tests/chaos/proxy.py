@@ -92,6 +92,11 @@ class Proxy:
         await self._cut()
         if self._server is not None:
             self._server.close()
+        # A paused link still waits to forward: end it here, not when the stopped loop is freed.
+        links = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in links:
+            task.cancel()
+        await asyncio.gather(*links, return_exceptions=True)
 
     async def _link(self, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
         self._links.add(down_w)

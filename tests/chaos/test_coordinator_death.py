@@ -11,7 +11,7 @@ from typing import Any
 
 import tether
 
-from tests.chaos.conftest import until
+from tests.chaos.conftest import stored, until
 from tests.chaos.fleet import RUNNING, FleetProcess
 from tests.conftest import Coordinator, Etcd, eventually
 
@@ -21,15 +21,6 @@ AGENTS = 200
 def _moved(status: dict[str, Any]) -> bool:
     """Every agent registered again since the kill, and runs."""
     return None not in status["granted"] and status["counts"][RUNNING] == AGENTS
-
-
-def _stored(admin: tether.AdminClient, tenant: str) -> dict[str, int]:
-    """The step of each run's stored checkpoint."""
-    return {
-        a.run_id: int(a.checkpoint["step"])
-        for a in admin.agents(tenant=tenant)
-        if a.checkpoint is not None
-    }
 
 
 def test_agents_of_a_sigkilled_coordinator_run_on_the_other_and_the_next_kill_reaches_all(
@@ -46,7 +37,7 @@ def test_agents_of_a_sigkilled_coordinator_run_on_the_other_and_the_next_kill_re
         # Every agent dials the first address first: all of them are on the doomed one.
         agents.start(AGENTS, [doomed.addr, other.addr], tenant, period=0.1)
         with tether.AdminClient(other.addr) as admin:
-            eventually(lambda: len(_stored(admin, tenant)) == AGENTS)  # checkpoints flow
+            eventually(lambda: len(stored(admin, tenant)) == AGENTS)  # checkpoints flow
             killed_at = time.monotonic()
             doomed.stop(signal.SIGKILL)
             moved = until(agents, killed_at, _moved, timeout=60)
@@ -55,7 +46,7 @@ def test_agents_of_a_sigkilled_coordinator_run_on_the_other_and_the_next_kill_re
                    f"{sum(t is not None for t in moved['stopped'])} failed closed meanwhile")  # fmt: skip
 
             last = agents.freeze()
-            eventually(lambda: _stored(admin, tenant) == last, timeout=30)
+            eventually(lambda: stored(admin, tenant) == last, timeout=30)
 
             kill_at = time.monotonic()
             admin.kill(tether.selector(tenant=tenant), "right after the failover")

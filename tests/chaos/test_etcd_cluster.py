@@ -25,6 +25,7 @@ from tether_server._freshness import Freshness
 from tether_server._store import HALTS, halt_key, put_op
 from tether_server._watch import ResumingWatch, WatchStalled, prove_fresh
 
+from tests.chaos.proxy import Proxy
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.chaos
@@ -147,58 +148,6 @@ def _quorum_back_and_the_fleet_runs(cluster: EtcdCluster, fleet: Fleet) -> None:
 # -- a silent halt watch --------------------------------------------------------------------
 
 
-class PausableProxy:
-    """A loopback TCP proxy to ``target`` that can stop forwarding with every socket left
-    open: a hung link, as a frozen peer or a black-holing network makes one."""
-
-    def __init__(self, target: str) -> None:
-        self._host, port = target.rsplit(":", 1)
-        self._port = int(port)
-        self._flowing = asyncio.Event()  # used on the proxy's own loop only
-        self._flowing.set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    def __enter__(self) -> PausableProxy:
-        self._thread.start()
-        started = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._accept, "127.0.0.1", 0), self._loop
-        )
-        self._server = started.result(5)
-        self.endpoint = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-    async def _close(self) -> None:
-        self._server.close()
-        links = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in links:
-            task.cancel()
-        await asyncio.gather(*links, return_exceptions=True)
-
-    def pause(self) -> None:
-        self._loop.call_soon_threadsafe(self._flowing.clear)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Cancelled at close: asyncio logs any end of this task but a normal return.
-        with contextlib.suppress(asyncio.CancelledError, OSError):
-            up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                await self._flowing.wait()  # paused: hold the bytes, keep the socket
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-
 @pytest.fixture
 def solo(tmp_path: Path) -> Iterator[EtcdProcess]:
     member = EtcdProcess(tmp_path / "solo", "solo").start()
@@ -211,10 +160,10 @@ def _watching(stores: tuple[Store, Store], deadline: float) -> tuple[ResumingWat
     return ResumingWatch(stores[0], HALTS, 0, fresh.reached), fresh
 
 
-async def _silent_watch(etcd: EtcdProcess, proxy: PausableProxy, *, spare: bool) -> str:
+async def _silent_watch(etcd: EtcdProcess, proxy: Proxy, *, spare: bool) -> str:
     """Watch through ``proxy`` (then ``etcd`` itself if ``spare``), read directly, pause the
     proxy, and say what happened: "stalled after Xs" or "moved, event delivered"."""
-    endpoints = [proxy.endpoint, *([etcd.endpoint] if spare else [])]
+    endpoints = [proxy.addr, *([etcd.endpoint] if spare else [])]
     watched, direct = Store(endpoints), Store([etcd.endpoint])
     watch, fresh = _watching((watched, direct), deadline=1.0)
     seen: list[int] = []
@@ -258,38 +207,38 @@ async def _until(probe: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def test_a_silent_watch_is_caught(solo: EtcdProcess) -> None:
+def test_a_silent_watch_is_caught(solo: EtcdProcess, proxy: Callable[[str], Proxy]) -> None:
     """Sockets open, nothing forwarded, reads still answered: only the proof can tell."""
-    with PausableProxy(solo.endpoint) as proxy:
-        said = asyncio.run(_silent_watch(solo, proxy, spare=False))
+    said = asyncio.run(_silent_watch(solo, proxy(solo.endpoint), spare=False))
     print(f"\nsilent watch, no other member: {said}")
     assert said.startswith("stalled after")
     assert float(said.split()[-1].rstrip("s")) <= 1.0 + 0.5
 
 
-def test_a_silent_watch_moves_to_another_member(solo: EtcdProcess) -> None:
-    with PausableProxy(solo.endpoint) as proxy:
-        said = asyncio.run(_silent_watch(solo, proxy, spare=True))
+def test_a_silent_watch_moves_to_another_member(
+    solo: EtcdProcess, proxy: Callable[[str], Proxy]
+) -> None:
+    said = asyncio.run(_silent_watch(solo, proxy(solo.endpoint), spare=True))
     print(f"\nsilent watch, another member at hand: {said}")
     assert said == "moved, event delivered"
 
 
 def test_a_coordinator_blackholed_from_etcd_stops_its_agents(
-    solo: EtcdProcess, tmp_path: Path
+    solo: EtcdProcess, proxy: Callable[[str], Proxy], tmp_path: Path
 ) -> None:
     """Its one etcd link hangs with the sockets open: no error ever arrives, only silence."""
-    with PausableProxy(solo.endpoint) as proxy:
-        coordinator = CoordinatorProcess(
-            f"http://{proxy.endpoint}", lease_ttl=TTL, log=tmp_path / "coordinator.log"
-        ).start()
-        fleet = Fleet("blackholed", coordinator.addr)
-        try:
-            proxy.pause()
-            paused_at = time.monotonic()
-            eventually(lambda: fleet.all_stopped(tether.TetherLost), timeout=2 * TTL)
-            slowest = max(at for at, _ in fleet.stops.values()) - paused_at
-            print(f"\nblackholed: all {AGENTS} agents failed closed within {slowest:.2f}s")
-            assert slowest <= TTL
-        finally:
-            coordinator.kill()  # a clean stop would wait on the blackholed etcd
-            fleet.close()
+    link = proxy(solo.endpoint)
+    coordinator = CoordinatorProcess(
+        link.url, lease_ttl=TTL, log=tmp_path / "coordinator.log"
+    ).start()
+    fleet = Fleet("blackholed", coordinator.addr)
+    try:
+        link.pause()
+        paused_at = time.monotonic()
+        eventually(lambda: fleet.all_stopped(tether.TetherLost), timeout=2 * TTL)
+        slowest = max(at for at, _ in fleet.stops.values()) - paused_at
+        print(f"\nblackholed: all {AGENTS} agents failed closed within {slowest:.2f}s")
+        assert slowest <= TTL
+    finally:
+        coordinator.kill()  # a clean stop would wait on the blackholed etcd
+        fleet.close()

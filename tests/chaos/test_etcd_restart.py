@@ -13,19 +13,11 @@ from pathlib import Path
 
 import tether
 
-from tests.chaos.conftest import until
+from tests.chaos.conftest import stored, until
 from tests.chaos.fleet import HALTED, RUNNING, FleetProcess
 from tests.conftest import Coordinator, Etcd, eventually
 
 AGENTS = 20
-
-
-def _stored(admin: tether.AdminClient, tenant: str) -> dict[str, int]:
-    return {
-        a.run_id: int(a.checkpoint["step"])
-        for a in admin.agents(tenant=tenant)
-        if a.checkpoint is not None
-    }
 
 
 def _verified(coordinator: Coordinator) -> int:
@@ -56,7 +48,7 @@ def test_the_coordinator_reattaches_to_an_etcd_restarted_on_its_data_dir_and_not
             admin.kill(tether.selector(run_id="run-1"), "a kill, then a resume")
             admin.resume(tether.selector(run_id="run-1"), "audited too")
             last = agents.freeze()
-            eventually(lambda: _stored(admin, tenant) == last)
+            eventually(lambda: stored(admin, tenant) == last)
         entries = _verified(coordinator)
 
         crashed_at = time.monotonic()
@@ -78,7 +70,7 @@ def test_the_coordinator_reattaches_to_an_etcd_restarted_on_its_data_dir_and_not
         assert back["counts"][HALTED] == 1  # run-0's halt outlived the crash
 
         with tether.AdminClient(coordinator.addr) as admin:
-            assert _stored(admin, tenant) == last  # every checkpoint stored before is intact
+            assert stored(admin, tenant) == last  # every checkpoint stored before is intact
         assert _verified(coordinator) >= entries
     finally:
         coordinator.stop()
