@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from tether.v1 import types_pb2 as tether_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/agent.proto\x12\ttether.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15tether/v1/types.proto\"\x85\x02\n\x10HeartbeatRequest\x12\'\n\x08register\x18\x01 \x01(\x0b\x32\x13.tether.v1.RegisterH\x00\x12\x1f\n\x04\x62\x65\x61t\x18\x02 \x01(\x0b\x32\x0f.tether.v1.BeatH\x00\x12%\n\x07goodbye\x18\x03 \x01(\x0b\x32\x12.tether.v1.GoodbyeH\x00\x12)\n\x07\x65\x66\x66\x65\x63ts\x18\x04 \x01(\x0b\x32\x16.tether.v1.EffectBatchH\x00\x12*\n\x06permit\x18\x05 \x01(\x0b\x32\x18.tether.v1.PermitRequestH\x00\x12!\n\x03\x61\x63k\x18\x06 \x01(\x0b\x32\x12.tether.v1.KillAckH\x00\x42\x06\n\x04\x62ody\"\x93\x01\n\x07KillAck\x12\x0f\n\x07halt_id\x18\x01 \x01(\t\x12\x11\n\tescalated\x18\x02 \x01(\x08\x12$\n\tin_flight\x18\x03 \x03(\x0b\x32\x11.tether.v1.Effect\x12+\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tdiscarded\x18\x05 \x01(\r\"1\n\x0b\x45\x66\x66\x65\x63tBatch\x12\"\n\x07\x65\x66\x66\x65\x63ts\x18\x01 \x03(\x0b\x32\x11.tether.v1.Effect\"S\n\rPermitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\r\n\x05\x64rain\x18\x04 \x01(\x08\"\xa2\x01\n\x0ePermitDecision\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12\x0e\n\x06permit\x18\x03 \x01(\t\x12#\n\nrefused_by\x18\x04 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12\x11\n\tin_flight\x18\x07 \x01(\x08\"\xf2\x01\n\x08Register\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12/\n\x06labels\x18\x06 \x03(\x0b\x32\x1f.tether.v1.Register.LabelsEntry\x12\x11\n\tagent_uri\x18\x07 \x01(\t\x12\x19\n\x11read_capabilities\x18\x08 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x07Signals\x12\x0b\n\x03usd\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x04\x12\x11\n\tanomalies\x18\x04 \x01(\x04\"e\n\x04\x42\x65\x61t\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x07signals\x18\x03 \x01(\x0b\x32\x12.tether.v1.Signals\"6\n\x07Goodbye\x12+\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xe8\x01\n\x11HeartbeatResponse\x12\x1f\n\x05order\x18\x01 \x01(\x0e\x32\x10.tether.v1.Order\x12\x1e\n\x05halts\x18\x02 \x03(\x0b\x32\x0f.tether.v1.Halt\x12\x0f\n\x07\x61\x63k_seq\x18\x03 \x01(\x04\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12(\n\x07session\x18\x05 \x01(\x0b\x32\x17.tether.v1.SessionGrant\x12\x1a\n\x12\x66\x61il_closed_reason\x18\x06 \x01(\t\x12)\n\x06permit\x18\x07 \x01(\x0b\x32\x19.tether.v1.PermitDecision\"\xde\x01\n\x0cSessionGrant\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12+\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0ehas_checkpoint\x18\x05 \x01(\x08\x12\x13\n\x0b\x63oordinator\x18\x06 \x01(\t\x12\x1c\n\x14max_checkpoint_bytes\x18\x07 \x01(\r\x12\x13\n\x0blanded_keys\x18\x08 \x03(\t*=\n\x05Order\x12\x15\n\x11ORDER_UNSPECIFIED\x10\x00\x12\r\n\tORDER_RUN\x10\x01\x12\x0e\n\nORDER_STOP\x10\x02\x32Z\n\x0c\x41gentService\x12J\n\tHeartbeat\x12\x1b.tether.v1.HeartbeatRequest\x1a\x1c.tether.v1.HeartbeatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/agent.proto\x12\ttether.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15tether/v1/types.proto\">\n\nMuxRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12#\n\x06\x66rames\x18\x02 \x03(\x0b\x32\x13.tether.v1.MuxFrame\"D\n\x08MuxFrame\x12\r\n\x05local\x18\x01 \x01(\r\x12)\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x1b.tether.v1.HeartbeatRequest\"D\n\x0bMuxResponse\x12\x0f\n\x07\x61\x63k_seq\x18\x01 \x01(\x04\x12$\n\x07replies\x18\x02 \x03(\x0b\x32\x13.tether.v1.MuxReply\"g\n\x08MuxReply\x12\x0e\n\x06locals\x18\x01 \x03(\r\x12+\n\x05reply\x18\x02 \x01(\x0b\x32\x1c.tether.v1.HeartbeatResponse\x12\x1e\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x11.tether.v1.MuxEnd\"\'\n\x06MuxEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x85\x02\n\x10HeartbeatRequest\x12\'\n\x08register\x18\x01 \x01(\x0b\x32\x13.tether.v1.RegisterH\x00\x12\x1f\n\x04\x62\x65\x61t\x18\x02 \x01(\x0b\x32\x0f.tether.v1.BeatH\x00\x12%\n\x07goodbye\x18\x03 \x01(\x0b\x32\x12.tether.v1.GoodbyeH\x00\x12)\n\x07\x65\x66\x66\x65\x63ts\x18\x04 \x01(\x0b\x32\x16.tether.v1.EffectBatchH\x00\x12*\n\x06permit\x18\x05 \x01(\x0b\x32\x18.tether.v1.PermitRequestH\x00\x12!\n\x03\x61\x63k\x18\x06 \x01(\x0b\x32\x12.tether.v1.KillAckH\x00\x42\x06\n\x04\x62ody\"\x93\x01\n\x07KillAck\x12\x0f\n\x07halt_id\x18\x01 \x01(\t\x12\x11\n\tescalated\x18\x02 \x01(\x08\x12$\n\tin_flight\x18\x03 \x03(\x0b\x32\x11.tether.v1.Effect\x12+\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tdiscarded\x18\x05 \x01(\r\"1\n\x0b\x45\x66\x66\x65\x63tBatch\x12\"\n\x07\x65\x66\x66\x65\x63ts\x18\x01 \x03(\x0b\x32\x11.tether.v1.Effect\"S\n\rPermitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\r\n\x05\x64rain\x18\x04 \x01(\x08\"\xa2\x01\n\x0ePermitDecision\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12\x0e\n\x06permit\x18\x03 \x01(\t\x12#\n\nrefused_by\x18\x04 \x01(\x0b\x32\x0f.tether.v1.Halt\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12\x11\n\tin_flight\x18\x07 \x01(\x08\"\xf2\x01\n\x08Register\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12/\n\x06labels\x18\x06 \x03(\x0b\x32\x1f.tether.v1.Register.LabelsEntry\x12\x11\n\tagent_uri\x18\x07 \x01(\t\x12\x19\n\x11read_capabilities\x18\x08 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x07Signals\x12\x0b\n\x03usd\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x04\x12\x11\n\tanomalies\x18\x04 \x01(\x04\"e\n\x04\x42\x65\x61t\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x07signals\x18\x03 \x01(\x0b\x32\x12.tether.v1.Signals\"6\n\x07Goodbye\x12+\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xe8\x01\n\x11HeartbeatResponse\x12\x1f\n\x05order\x18\x01 \x01(\x0e\x32\x10.tether.v1.Order\x12\x1e\n\x05halts\x18\x02 \x03(\x0b\x32\x0f.tether.v1.Halt\x12\x0f\n\x07\x61\x63k_seq\x18\x03 \x01(\x04\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12(\n\x07session\x18\x05 \x01(\x0b\x32\x17.tether.v1.SessionGrant\x12\x1a\n\x12\x66\x61il_closed_reason\x18\x06 \x01(\t\x12)\n\x06permit\x18\x07 \x01(\x0b\x32\x19.tether.v1.PermitDecision\"\xde\x01\n\x0cSessionGrant\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12+\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0ehas_checkpoint\x18\x05 \x01(\x08\x12\x13\n\x0b\x63oordinator\x18\x06 \x01(\t\x12\x1c\n\x14max_checkpoint_bytes\x18\x07 \x01(\r\x12\x13\n\x0blanded_keys\x18\x08 \x03(\t*=\n\x05Order\x12\x15\n\x11ORDER_UNSPECIFIED\x10\x00\x12\r\n\tORDER_RUN\x10\x01\x12\x0e\n\nORDER_STOP\x10\x02\x32\x9a\x01\n\x0c\x41gentService\x12J\n\tHeartbeat\x12\x1b.tether.v1.HeartbeatRequest\x1a\x1c.tether.v1.HeartbeatResponse(\x01\x30\x01\x12>\n\tMultiplex\x12\x15.tether.v1.MuxRequest\x1a\x16.tether.v1.MuxResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTER_LABELSENTRY']._loaded_options = None
   _globals['_REGISTER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ORDER']._serialized_start=1742
-  _globals['_ORDER']._serialized_end=1803
-  _globals['_HEARTBEATREQUEST']._serialized_start=90
-  _globals['_HEARTBEATREQUEST']._serialized_end=351
-  _globals['_KILLACK']._serialized_start=354
-  _globals['_KILLACK']._serialized_end=501
-  _globals['_EFFECTBATCH']._serialized_start=503
-  _globals['_EFFECTBATCH']._serialized_end=552
-  _globals['_PERMITREQUEST']._serialized_start=554
-  _globals['_PERMITREQUEST']._serialized_end=637
-  _globals['_PERMITDECISION']._serialized_start=640
-  _globals['_PERMITDECISION']._serialized_end=802
-  _globals['_REGISTER']._serialized_start=805
-  _globals['_REGISTER']._serialized_end=1047
-  _globals['_REGISTER_LABELSENTRY']._serialized_start=1002
-  _globals['_REGISTER_LABELSENTRY']._serialized_end=1047
-  _globals['_SIGNALS']._serialized_start=1049
-  _globals['_SIGNALS']._serialized_end=1121
-  _globals['_BEAT']._serialized_start=1123
-  _globals['_BEAT']._serialized_end=1224
-  _globals['_GOODBYE']._serialized_start=1226
-  _globals['_GOODBYE']._serialized_end=1280
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1283
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1515
-  _globals['_SESSIONGRANT']._serialized_start=1518
-  _globals['_SESSIONGRANT']._serialized_end=1740
-  _globals['_AGENTSERVICE']._serialized_start=1805
-  _globals['_AGENTSERVICE']._serialized_end=1895
+  _globals['_ORDER']._serialized_start=2092
+  _globals['_ORDER']._serialized_end=2153
+  _globals['_MUXREQUEST']._serialized_start=89
+  _globals['_MUXREQUEST']._serialized_end=151
+  _globals['_MUXFRAME']._serialized_start=153
+  _globals['_MUXFRAME']._serialized_end=221
+  _globals['_MUXRESPONSE']._serialized_start=223
+  _globals['_MUXRESPONSE']._serialized_end=291
+  _globals['_MUXREPLY']._serialized_start=293
+  _globals['_MUXREPLY']._serialized_end=396
+  _globals['_MUXEND']._serialized_start=398
+  _globals['_MUXEND']._serialized_end=437
+  _globals['_HEARTBEATREQUEST']._serialized_start=440
+  _globals['_HEARTBEATREQUEST']._serialized_end=701
+  _globals['_KILLACK']._serialized_start=704
+  _globals['_KILLACK']._serialized_end=851
+  _globals['_EFFECTBATCH']._serialized_start=853
+  _globals['_EFFECTBATCH']._serialized_end=902
+  _globals['_PERMITREQUEST']._serialized_start=904
+  _globals['_PERMITREQUEST']._serialized_end=987
+  _globals['_PERMITDECISION']._serialized_start=990
+  _globals['_PERMITDECISION']._serialized_end=1152
+  _globals['_REGISTER']._serialized_start=1155
+  _globals['_REGISTER']._serialized_end=1397
+  _globals['_REGISTER_LABELSENTRY']._serialized_start=1352
+  _globals['_REGISTER_LABELSENTRY']._serialized_end=1397
+  _globals['_SIGNALS']._serialized_start=1399
+  _globals['_SIGNALS']._serialized_end=1471
+  _globals['_BEAT']._serialized_start=1473
+  _globals['_BEAT']._serialized_end=1574
+  _globals['_GOODBYE']._serialized_start=1576
+  _globals['_GOODBYE']._serialized_end=1630
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1633
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1865
+  _globals['_SESSIONGRANT']._serialized_start=1868
+  _globals['_SESSIONGRANT']._serialized_end=2090
+  _globals['_AGENTSERVICE']._serialized_start=2156
+  _globals['_AGENTSERVICE']._serialized_end=2310
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,165 @@ ORDER_STOP: Order.ValueType  # 2
 Global___Order: _TypeAlias = Order  # noqa: Y015
 
 @_typing.final
+class MuxRequest(_message.Message):
+    """Multiplex carries any number of instances of one process, the way etcd's watch
+    stream carries many watches. Each instance keeps everything Heartbeat gives it: its
+    own registration and identity check, halts, checkpoint, ledger, KillAck, goodbye, and
+    STALE when it ends without goodbye. What they share is the connection and the beat.
+
+    1. Register an instance with a frame whose body is register and whose `local` is a
+       number the agent picks, unique among the instances open on the stream, never 0.
+       Its grant comes back as a reply for that local. A refused registration ends only
+       that instance (MuxReply.end); the stream and its other instances go on.
+    2. Beat with MuxRequest.seq every heartbeat_interval_ms (1, 2, 3, ...): it beats every
+       instance registered on the stream. Each instance's checkpoint and signals travel in
+       a beat frame of its own, only when they changed (the frame's Beat.seq is ignored).
+    3. A response with ack_seq confirms, for every instance on the stream, the order last
+       sent to it, as of the moment that beat was sent. Fail closed by the same rule as
+       Heartbeat: every instance stops when no beat sent within ttl_ms was confirmed.
+    4. A kill (or any order) for many instances on the stream is one reply listing their
+       locals; dispatch it to each.
+    5. Goodbye ends one instance: its end (MuxReply.end, code 0) comes once its final
+       checkpoint is stored. Any other end of one instance (ABORTED: a newer stream took
+       its identity; INVALID_ARGUMENT: a bad checkpoint) is MuxReply.end with that code.
+    6. When the stream ends, every instance on it is STALE at the coordinator and must
+       fail closed; reconnect and register each again with the same identity.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """non-zero: a beat for every instance on the stream"""
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___MuxFrame]:
+        """what the instances send, in order"""
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        frames: _abc.Iterable[Global___MuxFrame] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MuxRequest: _TypeAlias = MuxRequest  # noqa: Y015
+
+@_typing.final
+class MuxFrame(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCAL_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    local: _builtins.int
+    """the instance's number on this stream; never 0"""
+    @_builtins.property
+    def body(self) -> Global___HeartbeatRequest:
+        """as on Heartbeat: register first, then the rest"""
+
+    def __init__(
+        self,
+        *,
+        local: _builtins.int = ...,
+        body: Global___HeartbeatRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "local", b"local"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MuxFrame: _TypeAlias = MuxFrame  # noqa: Y015
+
+@_typing.final
+class MuxResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACK_SEQ_FIELD_NUMBER: _builtins.int
+    REPLIES_FIELD_NUMBER: _builtins.int
+    ack_seq: _builtins.int
+    """the MuxRequest.seq this confirms; 0: none"""
+    @_builtins.property
+    def replies(self) -> _containers.RepeatedCompositeFieldContainer[Global___MuxReply]:
+        """in order"""
+
+    def __init__(
+        self,
+        *,
+        ack_seq: _builtins.int = ...,
+        replies: _abc.Iterable[Global___MuxReply] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_seq", b"ack_seq", "replies", b"replies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MuxResponse: _TypeAlias = MuxResponse  # noqa: Y015
+
+@_typing.final
+class MuxReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCALS_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def locals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """every instance this reply is for: each gets the same"""
+
+    @_builtins.property
+    def reply(self) -> Global___HeartbeatResponse:
+        """a grant, an order or a permit decision, as on Heartbeat"""
+
+    @_builtins.property
+    def end(self) -> Global___MuxEnd:
+        """set instead of reply: these instances' sessions ended"""
+
+    def __init__(
+        self,
+        *,
+        locals: _abc.Iterable[_builtins.int] | None = ...,
+        reply: Global___HeartbeatResponse | None = ...,
+        end: Global___MuxEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "reply", b"reply"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "locals", b"locals", "reply", b"reply"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MuxReply: _TypeAlias = MuxReply  # noqa: Y015
+
+@_typing.final
+class MuxEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """a gRPC status code; 0 (OK) after goodbye"""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MuxEnd: _TypeAlias = MuxEnd  # noqa: Y015
+
+@_typing.final
 class HeartbeatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -81,6 +81,11 @@ class AgentServiceStub:
                 request_serializer=tether_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Multiplex = channel.stream_stream(
+                '/tether.v1.AgentService/Multiplex',
+                request_serializer=tether_dot_v1_dot_agent__pb2.MuxRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_agent__pb2.MuxResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -134,6 +139,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Multiplex(self, request_iterator, context):
+        """Many instances of one process on one stream: the SDK's way to hold its tethers.
+        See MuxRequest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +154,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=tether_dot_v1_dot_agent__pb2.HeartbeatRequest.FromString,
                     response_serializer=tether_dot_v1_dot_agent__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Multiplex': grpc.stream_stream_rpc_method_handler(
+                    servicer.Multiplex,
+                    request_deserializer=tether_dot_v1_dot_agent__pb2.MuxRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_agent__pb2.MuxResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -212,6 +230,33 @@ class AgentService:
             '/tether.v1.AgentService/Heartbeat',
             tether_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
             tether_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Multiplex(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tether.v1.AgentService/Multiplex',
+            tether_dot_v1_dot_agent__pb2.MuxRequest.SerializeToString,
+            tether_dot_v1_dot_agent__pb2.MuxResponse.FromString,
             options,
             channel_credentials,
             insecure,

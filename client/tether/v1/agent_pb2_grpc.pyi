@@ -76,6 +76,10 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Heartbeat: _grpc.StreamStreamMultiCallable[_agent_pb2.HeartbeatRequest, _agent_pb2.HeartbeatResponse]
+    Multiplex: _grpc.StreamStreamMultiCallable[_agent_pb2.MuxRequest, _agent_pb2.MuxResponse]
+    """Many instances of one process on one stream: the SDK's way to hold its tethers.
+    See MuxRequest.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -125,6 +129,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Heartbeat: _aio.StreamStreamMultiCallable[_agent_pb2.HeartbeatRequest, _agent_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    Multiplex: _aio.StreamStreamMultiCallable[_agent_pb2.MuxRequest, _agent_pb2.MuxResponse]  # type: ignore[assignment]
+    """Many instances of one process on one stream: the SDK's way to hold its tethers.
+    See MuxRequest.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService is the tether itself: one bidirectional stream per agent
@@ -177,5 +185,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_agent_pb2.HeartbeatRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.HeartbeatResponse], _abc.AsyncIterator[_agent_pb2.HeartbeatResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Multiplex(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.MuxRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.MuxResponse], _abc.AsyncIterator[_agent_pb2.MuxResponse]]:
+        """Many instances of one process on one stream: the SDK's way to hold its tethers.
+        See MuxRequest.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
