@@ -36,3 +36,22 @@ def table(head: Row, rows: Iterable[Row]) -> str:
 def verdict(ok: bool | None) -> str:
     """A budget's verdict cell; None is for a figure this run did not measure."""
     return {True: "**MET**", False: "**MISSED**", None: "NOT MEASURED"}[ok]
+
+
+def ratio(value: float | None, floor: float | None) -> float | None:
+    """``value`` as a multiple of ``floor``; None when either is missing or the floor is 0."""
+    if value is None or floor is None or floor <= 0:
+        return None
+    return value / floor
+
+
+def missed_by(measured: float | None, goal: float, *, most: bool = True) -> str:
+    """How far ``measured`` is from ``goal`` when it misses it ("" when it meets it).
+
+    ``most``: the goal is an upper bound (≤); otherwise a lower bound (≥).
+    """
+    if measured is None or (measured <= goal if most else measured >= goal):
+        return ""
+    if most:
+        return f"; **missed: {measured / goal:,.2f}x the limit**"
+    return f"; **missed: {goal / max(measured, 1e-9):,.2f}x short of the goal**"

@@ -17,9 +17,14 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 from bench.harness import Bench, say
-from bench.infra import Coordinator
+
+
+class _Process(Protocol):
+    @property
+    def pid(self) -> int: ...
 
 
 def _py_spy() -> str | None:
@@ -28,8 +33,9 @@ def _py_spy() -> str | None:
 
 
 @contextlib.contextmanager
-def profiling(bench: Bench, coord: Coordinator, label: str, *, on: bool) -> Iterator[None]:
-    """Sample ``coord`` while the block runs, if ``on`` and py-spy is at hand."""
+def profiling(bench: Bench, coord: _Process, label: str, *, on: bool) -> Iterator[None]:
+    """Sample ``coord`` (a coordinator, or a floor's server) while the block runs, if ``on``
+    and py-spy is at hand."""
     tool = _py_spy()
     if not on or tool is None or bench.out is None:
         yield
@@ -52,7 +58,7 @@ def profiling(bench: Bench, coord: Coordinator, label: str, *, on: bool) -> Iter
             proc.wait()
         if raw.exists():
             dest = bench.out / f"profile-{label}.txt"
-            dest.write_text(summarise(raw, f"coordinator during kill rounds, {label}"))
+            dest.write_text(summarise(raw, f"server during kill rounds, {label}"))
             say(f"profile: {dest}")
 
 

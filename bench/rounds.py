@@ -14,7 +14,7 @@ import tether
 
 from bench.fleet import Fleet, Grow
 from bench.harness import cpu_percent, log_lines, say
-from bench.infra import Coordinator
+from bench.infra import Coordinator, Etcd
 from bench.record import OMIT
 from bench.stats import Summary, summary
 from bench.tls import TENANT
@@ -28,6 +28,9 @@ class Idle:
 
     heartbeats_per_s: float = 0.0
     coordinator_cpu_pct: list[float] = field(default_factory=list)
+    # etcd's load meanwhile: request messages it received per second (every method, unary
+    # and stream), the measure the polling baseline is compared at
+    etcd_requests_per_s: float | None = field(default=None, metadata=OMIT)
 
 
 @dataclass
@@ -109,25 +112,40 @@ def lost_etcd(coords: list[Coordinator]) -> int:
     return sum(log_lines(c, LOST_ETCD) for c in coords)
 
 
-def _idle_window(coords: list[Coordinator], fleet: Fleet, seconds: float) -> Idle:
+def etcd_requests(etcd: Etcd) -> float:
+    """Request messages etcd has received so far, over every method."""
+    return sum(v for k, v in etcd.metrics().items() if k.startswith(_RECEIVED))
+
+
+_RECEIVED = "grpc_server_msg_received_total:"
+
+
+def _idle_window(
+    coords: list[Coordinator], fleet: Fleet, seconds: float, etcd: Etcd | None
+) -> Idle:
     cpu0 = [c.cpu_seconds() for c in coords]
     replies0 = fleet.total("replies")
+    requests0 = etcd_requests(etcd) if etcd is not None else 0.0
     start = time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - start
     replies = fleet.total("replies") - replies0
+    requests = etcd_requests(etcd) - requests0 if etcd is not None else None
     return Idle(
         heartbeats_per_s=round(replies / elapsed, 1),
         coordinator_cpu_pct=[
             cpu_percent(b, c.cpu_seconds(), elapsed) for b, c in zip(cpu0, coords, strict=True)
         ],
+        etcd_requests_per_s=None if requests is None else round(requests / elapsed, 2),
     )
 
 
-def settle(coords: list[Coordinator], fleet: Fleet, grown: Grow, seconds: float) -> Attempt:
+def settle(
+    coords: list[Coordinator], fleet: Fleet, grown: Grow, seconds: float, etcd: Etcd | None = None
+) -> Attempt:
     """The fleet at rest: load, memory, connections, and whether anything failed closed."""
     lost0, lost_etcd0 = fleet.total("lost"), lost_etcd(coords)
-    idle = _idle_window(coords, fleet, seconds)
+    idle = _idle_window(coords, fleet, seconds, etcd)
     running = int(fleet.total("running"))
     lost = int(fleet.total("lost") - lost0)
     lost_etcd_now = lost_etcd(coords) - lost_etcd0

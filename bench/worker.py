@@ -6,6 +6,8 @@ answers each with one JSON line on stdout; bench/fleet.py is the other end. Thre
 - ``sdk``: real ``tether.AsyncAgent`` instances (bench/sdk_agents.py).
 - ``poll``: the do-it-yourself baseline, polling a kill key in etcd (bench/pollers.py).
 - ``raw``: raw Heartbeat streams with no SDK (bench/raw_streams.py).
+- ``listen``: raw streams that wait for pushed orders, the floors' clients (bench/listeners.py).
+- ``mux``: runs sharing the process's stream, each holding gated work (bench/mux_agents.py).
 
 Every loop is bounded by a count or a deadline; stdin closing ends the process.
 """
@@ -24,13 +26,15 @@ from typing import Any
 import psutil
 
 from bench.infra import raise_nofile
+from bench.listeners import ListenFleet
+from bench.mux_agents import MuxFleet
 from bench.pollers import PollFleet
 from bench.raw_streams import RawFleet
 from bench.record import dump
 from bench.sdk_agents import SdkFleet
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-AnyFleet = SdkFleet | PollFleet | RawFleet
+AnyFleet = SdkFleet | PollFleet | RawFleet | ListenFleet | MuxFleet
 
 
 def handlers(fleet: AnyFleet) -> dict[str, Handler]:
@@ -47,6 +51,8 @@ def handlers(fleet: AnyFleet) -> dict[str, Handler]:
         }
 
     out: dict[str, Handler] = {"add": fleet.add, "stats": stats}
+    if isinstance(fleet, ListenFleet | MuxFleet):
+        return {**fleet.commands(), "stats": stats}
     if isinstance(fleet, RawFleet):
         return out
     marks = fleet.marks
@@ -75,7 +81,10 @@ def handlers(fleet: AnyFleet) -> dict[str, Handler]:
 
 async def serve(kind: str) -> None:
     """Answer commands from stdin until it closes."""
-    kinds: dict[str, type[AnyFleet]] = {"sdk": SdkFleet, "poll": PollFleet, "raw": RawFleet}
+    kinds: dict[str, type[AnyFleet]] = {
+        "sdk": SdkFleet, "poll": PollFleet, "raw": RawFleet, "listen": ListenFleet,
+        "mux": MuxFleet,
+    }  # fmt: skip
     fleet = kinds[kind]()
     answer = handlers(fleet)
     loop = asyncio.get_running_loop()

@@ -9,13 +9,26 @@ from __future__ import annotations
 from typing import Any
 
 from bench.phase import Phase
-from bench.phases import capacity, failover, failure, floor, kill, memory, poll, steady
+from bench.phases import (
+    capacity,
+    failover,
+    failure,
+    floor,
+    kill,
+    killmux,
+    memory,
+    poll,
+    stackfloor,
+    steady,
+)  # fmt: skip
 
 PHASES: tuple[Phase[Any, Any], ...] = (
     floor.PHASE,
     kill.KILL1,
     kill.KILL2,
     kill.KILL1LONG,
+    stackfloor.PHASE,
+    killmux.PHASE,
     poll.PHASE,
     capacity.PHASE,
     steady.PHASE,

@@ -18,7 +18,7 @@ import tether
 
 from bench.fleet import Fleet
 from bench.harness import Bench, say
-from bench.infra import BenchError, Coordinator
+from bench.infra import BenchError, Coordinator, Etcd
 from bench.md import KB, Row, fmt, table, verdict
 from bench.phase import TLS, WORKERS, Flag, Phase, Results, draw_latency, ints
 from bench.profile import profiling
@@ -72,13 +72,13 @@ def propagate(bench: Bench, cfg: Settings) -> Result:
     """Grow the fleet size by size and time kill rounds at each size it holds."""
     out = Result(coordinators=cfg.coordinators, lease_ttl=cfg.ttl, tls=cfg.tls)
     deadline = time.monotonic() + cfg.phase_budget
-    with bench.cluster(cfg.label, cfg.coordinators, cfg.ttl, tls=cfg.tls) as (_, coords):
+    with bench.cluster(cfg.label, cfg.coordinators, cfg.ttl, tls=cfg.tls) as (etcd, coords):
         time.sleep(1)
         out.rss_baseline_bytes = [c.rss_bytes() for c in coords]
         fleet = Fleet(bench.procs, "sdk", cfg.workers, bench.logs)
         admin = coords[0].admin(timeout=60)
         try:
-            _sizes(bench, cfg, out, deadline, coords=coords, fleet=fleet, admin=admin)
+            _sizes(bench, cfg, out, deadline, etcd=etcd, coords=coords, fleet=fleet, admin=admin)
         except BenchError as err:
             out.error = str(err)
             say(f"{cfg.label}: {err}")
@@ -95,7 +95,7 @@ def propagate(bench: Bench, cfg: Settings) -> Result:
 
 
 def _sizes(
-    bench: Bench, cfg: Settings, out: Result, deadline: float, *,
+    bench: Bench, cfg: Settings, out: Result, deadline: float, *, etcd: Etcd,
     coords: list[Coordinator], fleet: Fleet, admin: tether.AdminClient,
 ) -> None:  # fmt: skip
     label = cfg.label
@@ -110,7 +110,7 @@ def _sizes(
         grown = fleet.grow_sdk(size, targets, deadline=min(left, 240), tls=coords[0].agent_tls)
         fleet.all("act", period=0.5)
         time.sleep(2 + size / 2500)
-        rest = settle(coords, fleet, grown, 4.0)
+        rest = settle(coords, fleet, grown, 4.0, etcd)
         out.attempts.append(rest)
         say(f"{label}: {size} agents: grow {grown}, at rest {rest}")
         if grown.reached < size or not rest.stable:
@@ -142,7 +142,8 @@ _HEAD = [
     "agents", "rounds", "p50 from issue", "p99 from issue", "max from issue",
     "p50 from return", "p99 from return", "Kill RPC p50", "resume p50", "hb/s (idle)",
     "coord CPU (idle)", "never killed", "fail-closed (lost)", "reconnects",
-    "coordinator lost etcd",
+    "coordinator lost etcd", "Kill RPC returned p50", "Kill RPC returned p99",
+    "last agent stopped p50", "last agent stopped p99",
 ]  # fmt: skip
 
 
@@ -156,7 +157,9 @@ def _row(e: Size) -> Row:
         fmt(e.agents), fmt(e.rounds), fmt(fi.p50), fmt(fi.p99), fmt(fi.max), fmt(fr.p50),
         fmt(fr.p99), fmt(e.kill_rpc_ms.p50), fmt(e.resume_from_issue_ms.p50),
         fmt(e.idle.heartbeats_per_s, 0), _cpus(e.idle.coordinator_cpu_pct), fmt(e.missing),
-        fmt(e.lost), fmt(e.reconnects), fmt(e.coordinator_lost_etcd),
+        fmt(e.lost), fmt(e.reconnects), fmt(e.coordinator_lost_etcd), fmt(e.kill_rpc_ms.p50),
+        fmt(e.kill_rpc_ms.p99), fmt(e.round_max_from_issue_ms.p50),
+        fmt(e.round_max_from_issue_ms.p99),
     ]  # fmt: skip
 
 
@@ -181,7 +184,9 @@ def kill_table(res: Result) -> str:
     text = (
         f"Lease TTL {ttl:g} s (a heartbeat every {ttl / 4:g} s).{tls} Latencies in ms, over all "
         'agents of all rounds; "never killed" counts agents that had not seen the kill when the '
-        "round gave up.\n\n" + table(_HEAD, [_row(e) for e in res.sizes])
+        'round gave up. "Kill RPC returned" is from Kill issued to its reply, "last agent '
+        'stopped" from Kill issued to the last agent of the round holding `Killed` (p50/p99 '
+        "over rounds).\n\n" + table(_HEAD, [_row(e) for e in res.sizes])
     )
     for e in res.sizes:
         if e.collapsed:
@@ -192,48 +197,6 @@ def kill_table(res: Result) -> str:
     if res.error:
         text += f"\nError: {res.error}.\n"
     return text
-
-
-def _kill_budget(results: Results, agents: int, target: float) -> Row:
-    one, long = results.of(KILL1), results.of(KILL1LONG)
-    held = one or Result()
-    figure = (
-        f"kill order to every agent's SDK raising `Killed`, p99, {agents:,} agents, 1 coordinator"
-    )
-    where = ""
-    entry = one.size(agents) if one is not None else None
-    if entry is None and long is not None and (entry := long.size(agents)) is not None:
-        where = (
-            f" at lease TTL {long.lease_ttl:g} s (at {held.lease_ttl:g} s this "
-            f"machine held at most {held.largest():,} agents)"
-        )
-    if entry is None:
-        notes = [_unreached(res, agents) for res in (one, long) if res is not None]
-        text = ("not reached in this run; " + "; ".join(notes)) if notes else "not run"
-        return [figure, f"≤ {target:g} ms", text, verdict(None)]
-    p99 = entry.from_issue_ms.p99
-    measured = (
-        f"{fmt(p99)} ms from Kill issued ({fmt(entry.from_return_ms.p99)} ms from Kill "
-        f"returned){where}"
-    )
-    if any(res.tls for res in (one, long) if res is not None):
-        measured += ", over mutual TLS"
-    if entry.missing:
-        measured += f"; {entry.missing} kills never observed"
-    ok = p99 is not None and p99 <= target and not entry.missing
-    return [figure, f"≤ {target:g} ms", measured, verdict(ok)]
-
-
-def _unreached(res: Result, agents: int) -> str:
-    ttl = res.lease_ttl
-    if (other := res.size(agents)) is not None:
-        return f"at lease TTL {ttl:g} s: p99 {fmt(other.from_issue_ms.p99)} ms from Kill issued"
-    largest = res.largest()
-    return (
-        f"largest held at lease TTL {ttl:g} s: {largest:,}"
-        if largest
-        else (f"nothing held at lease TTL {ttl:g} s")
-    )
 
 
 def _effects_budget(results: Results) -> Row:
@@ -253,12 +216,9 @@ def _effects_budget(results: Results) -> Row:
 
 
 def budgets(results: Results) -> list[Row]:
-    """Kill p99 at 1,000 and 10,000 agents, and gated effects after a kill."""
-    return [
-        _kill_budget(results, 1000, 25),
-        _kill_budget(results, 10000, 100),
-        _effects_budget(results),
-    ]
+    """Gated effects after a kill. Kill latency is judged against floors measured in the same
+    run (stackfloor, killmux, poll), not against absolute times."""
+    return [_effects_budget(results)]
 
 
 def _mib(values: list[int]) -> str:
@@ -311,6 +271,10 @@ _HEADING = {
     "kill1long": "## Kill propagation, one coordinator, long lease TTL\n",
 }
 ROUNDS = Flag("--rounds", "rounds", int, "kill/resume rounds per size")
+SIZES = Flag(
+    "--sizes", "sizes", ints,
+    "fleet sizes for kill propagation on one coordinator (kill1) and its stack floor",
+)  # fmt: skip
 KILL_TTL = Flag("--kill-ttl", "ttl", float, "lease TTL of the kill-phase coordinators")
 PROFILE = Flag("--profile", "profile", bool, "py-spy the coordinator (needs py-spy)", switch=True)
 
@@ -349,10 +313,7 @@ KILL1 = _variant(
     "kill1",
     "kill propagation at 100 to 10k agents on one coordinator (lease TTL 10 s)",
     *_kill("kill-1c", 1, [100, 1000, 2000, 5000, 10000], 10.0),
-    flags=(
-        Flag("--sizes", "sizes", ints, "fleet sizes for kill propagation, one coordinator"),
-        KILL_TTL,
-    ),
+    flags=(SIZES, KILL_TTL),
     budgets=budgets,
 )
 KILL2 = _variant(
