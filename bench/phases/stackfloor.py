@@ -164,35 +164,27 @@ def _tether(results: Results, streams: int) -> Summary | None:
     return entry.from_issue_ms if entry is not None else None
 
 
+def _budget(results: Results, floor: Broadcasts) -> Row:
+    figure = (
+        f"kill p99, {floor.streams:,} agents on one coordinator (kill1), against a bare "
+        "grpc.aio broadcast to the same streams (stackfloor)"
+    )
+    mine, base = _tether(results, floor.streams), floor.from_issue_ms.p99
+    times = ratio(mine.p99 if mine else None, base)
+    if times is None or base is None or mine is None:
+        return [figure, f"≤ {GOAL:g}x", "kill1 did not hold this size", verdict(None)]
+    text = f"{times:,.2f}x (Tether {fmt(mine.p99)} ms, floor {fmt(base)} ms)"
+    if times > GOAL:
+        text += missed_by(times, GOAL) + f" (the goal is p99 ≤ {GOAL * base:,.1f} ms)"
+    return [figure, f"≤ {GOAL:g}x", text, verdict(times <= GOAL)]
+
+
 def budgets(results: Results) -> list[Row]:
     """Tether's kill p99 (kill1) as a multiple of the floor's, at each floor size."""
     res = results.of(PHASE)
-    rows = []
-    for streams in sorted(s.streams for s in res.sizes) if res is not None else []:
-        figure = (
-            f"kill p99, {streams:,} agents on one coordinator (kill1), against a bare "
-            "grpc.aio broadcast to the same streams (stackfloor)"
-        )
-        floor = res.size(streams) if res is not None else None
-        mine = _tether(results, streams)
-        times = ratio(mine.p99 if mine else None, floor.from_issue_ms.p99 if floor else None)
-        if times is None or floor is None or mine is None:
-            rows.append([figure, f"≤ {GOAL:g}x", "kill1 did not hold this size", verdict(None)])
-            continue
-        text = (
-            f"{times:,.2f}x (Tether {fmt(mine.p99)} ms, floor {fmt(floor.from_issue_ms.p99)} ms)"
-            + missed_by(times, GOAL)
-            + (
-                ""
-                if times <= GOAL
-                else f" (the goal is p99 ≤ {GOAL * floor.from_issue_ms.p99:,.1f} ms)"
-            )
-        )
-        rows.append([figure, f"≤ {GOAL:g}x", text, verdict(times <= GOAL)])
-    if not rows:
-        rows.append(["kill p99 against a bare grpc.aio broadcast", f"≤ {GOAL:g}x", "-",
-                     verdict(None)])  # fmt: skip
-    return rows
+    if res is None or not res.sizes:
+        return [["kill p99 against a bare grpc.aio broadcast", f"≤ {GOAL:g}x", "-", verdict(None)]]
+    return [_budget(results, floor) for floor in sorted(res.sizes, key=lambda b: b.streams)]
 
 
 _HEAD = [
