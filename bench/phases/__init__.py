@@ -11,6 +11,7 @@ from typing import Any
 from bench.phase import Phase
 from bench.phases import (
     capacity,
+    cli,
     failover,
     failure,
     floor,
@@ -20,7 +21,7 @@ from bench.phases import (
     poll,
     stackfloor,
     steady,
-)  # fmt: skip
+)
 
 PHASES: tuple[Phase[Any, Any], ...] = (
     floor.PHASE,
@@ -35,5 +36,6 @@ PHASES: tuple[Phase[Any, Any], ...] = (
     memory.PHASE,
     failure.PHASE,
     failover.PHASE,
+    cli.PHASE,
 )
 BY_NAME = {p.name: p for p in PHASES}
