@@ -1,7 +1,9 @@
 """Real ``tether.AsyncAgent`` instances for a load generator (``worker.py sdk``).
 
-Each agent has a TCP connection of its own, as if it ran in its own process: gRPC pools
-subchannels process-wide, so the agents' channels ask for a local subchannel pool. Each
+Each agent has a TCP connection and a stream of its own, as if it ran in its own process:
+gRPC pools subchannels process-wide, so the agents' channels ask for a local subchannel pool,
+and the SDK shares one stream among a process's agents with the same settings (i13-cmux), so
+each agent's channel options carry its own index as well (``own_stream``). Each
 agent's ``on_reply`` hook timestamps, with ``time.monotonic()``, the reply that first made
 its verdict halted (or running again, or lost); every process on this machine reads the
 same clock, so the harness compares these times with the moment it issued the Kill.
@@ -23,6 +25,11 @@ from bench.marks import HALTED, LOST, RUNNING, Transitions
 from bench.tls import TENANT
 
 OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
+
+def own_stream(i: int) -> tuple[tuple[str, int], ...]:
+    """Channel options that give agent ``i`` a connection and a stream no other agent shares."""
+    return (*OWN_CONNECTION, ("tether.bench.agent", i))
 
 
 def state_of(verdict: tether.Verdict) -> int:
@@ -70,7 +77,7 @@ class SdkFleet:
             # "all_targets": every agent is given every address, in this order (failover)
             targets=tuple(targets) if cmd.get("all_targets") else (targets[i % len(targets)],),
             connect_timeout=float(cmd.get("connect_timeout", 60)),
-            channel_options=OWN_CONNECTION,
+            channel_options=own_stream(i),
             on_reply=self._observer(self.marks.add()),
             tls_ca=cmd.get("tls_ca"),
             tls_cert=cmd.get("tls_cert"),
