@@ -259,9 +259,9 @@ def versus(results: Results) -> list[Versus]:
     out = []
     for e in res.sizes:
         mine = tether.size(e.agents)
-        if mine is None or mine.from_issue_ms.p99 is None:
-            continue
-        load = max(mine.idle.etcd_requests_per_s or 0.0, _QUIET)
+        if mine is None or mine.from_issue_ms.p99 is None or mine.idle.etcd_requests_per_s is None:
+            continue  # kill1 did not hold this size, or recorded no etcd load (older runs)
+        load = max(mine.idle.etcd_requests_per_s, _QUIET)
         out.append(Versus(e.agents, mine.from_issue_ms.p99, load, e.agents / load, e))
     return out
 
