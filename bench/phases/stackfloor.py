@@ -186,8 +186,8 @@ def _budget(results: Results, floor: Broadcasts) -> Row:
     mine, base = _tether(results, floor.streams), floor.from_issue_ms.p99
     times = ratio(mine.p99 if mine else None, base)
     if times is None or base is None or mine is None:
-        return [figure, f"≤ {GOAL:g}x", "kill1 (and kill1long) did not hold this size",
-                verdict(None)]  # fmt: skip
+        why = "did not hold this size" if results.ran(kill.KILL1, kill.KILL1LONG) else "not run"
+        return [figure, f"≤ {GOAL:g}x", f"kill1 (and kill1long) {why}", verdict(None)]
     text = f"{times:,.2f}x (Tether {fmt(mine.p99)} ms, floor {fmt(base)} ms)"
     text += _where(results, floor.streams)
     if times > GOAL:
