@@ -9,6 +9,7 @@ message.
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,9 @@ import pytest
 import tether
 from google.protobuf import struct_pb2
 from tether.v1 import agent_pb2, agent_pb2_grpc
+from tether_server._muxbox import reply_bytes, response_bytes
+from tether_server._orders import order_message
+from tether_server._outbox import End
 
 from tests.conftest import LEASE_TTL, RBAC, Coordinator, Etcd, Pki, eventually
 from tests.test_tls import launch, serve_flags
@@ -101,6 +105,17 @@ class Mux:
             pass
         return self.call.code()
 
+    def beat_every(self, seconds: float) -> threading.Event:
+        """Beat from a thread until the returned event is set."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(seconds):
+                self.send(beat=True)
+
+        threading.Thread(target=loop, daemon=True).start()
+        return stop
+
     def close(self) -> None:
         self._out.put(None)
 
@@ -116,6 +131,30 @@ def ending(mux: Mux, local: int) -> agent_pb2.MuxEnd:
 
 def stopped(reply: agent_pb2.MuxReply) -> bool:
     return reply.HasField("reply") and reply.reply.order == agent_pb2.ORDER_STOP
+
+
+@pytest.mark.parametrize("ack", [0, 1, 300, 2**64 - 1])
+def test_a_hand_built_mux_response_parses_as_the_message_it_stands_for(ack: int) -> None:
+    order = order_message([], 41)
+    ended = End(DENIED, "may not")
+    raw = response_bytes(
+        ack,
+        [
+            reply_bytes([1, 127, 128, 2**32 - 1], order.SerializeToString()),
+            reply_bytes([0], agent_pb2.HeartbeatResponse().SerializeToString()),
+            reply_bytes([5], ended),
+            reply_bytes([6], End()),
+        ],
+    )
+    assert agent_pb2.MuxResponse.FromString(raw) == agent_pb2.MuxResponse(
+        ack_seq=ack,
+        replies=[
+            agent_pb2.MuxReply(locals=[1, 127, 128, 2**32 - 1], reply=order),
+            agent_pb2.MuxReply(locals=[0], reply=agent_pb2.HeartbeatResponse()),
+            agent_pb2.MuxReply(locals=[5], end=agent_pb2.MuxEnd(code=7, message="may not")),
+            agent_pb2.MuxReply(locals=[6], end=agent_pb2.MuxEnd()),
+        ],
+    )
 
 
 @pytest.fixture
@@ -184,6 +223,19 @@ def test_a_goodbye_ends_one_instance_with_its_checkpoint_stored(
     assert [list(r.locals) for r in mux.until(stopped).replies] == [[2]]
 
 
+def test_a_permit_is_decided_for_the_instance_that_asked(mux: Mux, tenant: str) -> None:
+    reg = register(tenant, "r-1")
+    reg.register.capabilities.append("send_email")
+    mux.send((1, reg), (2, register(tenant, "r-2")))
+    mux.granted(1, 2)
+    permit = agent_pb2.PermitRequest(request_id=5, capability="send_email", key="k-1")
+    mux.send((1, agent_pb2.HeartbeatRequest(permit=permit)))
+    resp = mux.until(lambda r: r.reply.HasField("permit"))
+    assert [list(r.locals) for r in resp.replies] == [[1]]
+    decision = resp.replies[0].reply.permit
+    assert (decision.request_id, decision.granted) == (5, True) and decision.permit
+
+
 def test_bad_frames_end_only_their_instance(
     mux: Mux, admin: tether.AdminClient, tenant: str
 ) -> None:
@@ -244,6 +296,28 @@ def test_beats_keep_every_instance_alive(mux: Mux, admin: tether.AdminClient, te
         assert mux.next().ack_seq == mux.seq
         threading.Event().wait(0.25)
     assert {a.state for a in admin.agents(tenant=tenant)} == {tether.State.ACTIVE}
+
+
+def test_a_coordinator_that_loses_etcd_stops_every_instance_and_ends_the_stream(
+    tmp_path: Path, tenant: str
+) -> None:
+    store = Etcd(tmp_path / "etcd").start()
+    coordinator = Coordinator(store).start(tmp_path)
+    try:
+        with grpc.insecure_channel(coordinator.addr) as ch:
+            mux = Mux(ch)
+            _open(mux, tenant, 1, 2, 3)
+            beating = mux.beat_every(0.2)  # silence must not end the stream first
+            store.stop(signal.SIGKILL)
+            resp = mux.until(stopped)
+            beating.set()
+            assert [sorted(r.locals) for r in resp.replies] == [[1, 2, 3]]
+            assert "etcd" in resp.replies[0].reply.fail_closed_reason
+            assert mux.ended() == grpc.StatusCode.UNAVAILABLE
+            assert "lost etcd" in (mux.call.details() or "")
+    finally:
+        coordinator.stop()
+        store.stop()
 
 
 def test_an_undecodable_message_ends_the_stream(channel: grpc.Channel) -> None:

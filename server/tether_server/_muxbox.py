@@ -23,6 +23,9 @@ from tether_server._orders import Push
 from tether_server._outbox import End, ends_stream
 
 _HELD = object()  # a writer that is not a task: the reader writing a bare ack
+# Bytes a MuxResponse grows to before the rest waits for the next: well under the 4 MiB
+# that gRPC clients receive by default, however many registrations complete together.
+MAX_BATCH = 1 << 20
 _SMALL = tuple(bytes([n]) for n in range(128))
 
 
@@ -154,20 +157,30 @@ class MuxWriter:
             self._writer = None
 
     def _batch(self) -> tuple[bytes, list[float]]:
-        """One MuxResponse from the head of the queue. An instance appears in it at most
-        once, so replies that share bytes can share a MuxReply without reordering any
-        instance's replies."""
+        """One MuxResponse from the head of the queue, of about MAX_BATCH bytes at most.
+
+        An instance appears in it at most once, so replies that share bytes can share a
+        MuxReply without reordering any instance's replies. The beat's ack goes with the
+        message that empties the queue: it confirms every order posted before it.
+        """
         groups: dict[bytes | End, list[int]] = {}
         seen: set[int] = set()
         pushed: list[float] = []
-        items = self._items
-        while items and items[0][0] not in seen:
+        items, size = self._items, 0
+        while items and items[0][0] not in seen and size < MAX_BATCH:
             local, item = items.popleft()
             seen.add(local)
-            groups.setdefault(_payload(item), []).append(local)
+            what = _payload(item)
+            if (group := groups.get(what)) is None:
+                group = groups[what] = []
+                size += len(what) if isinstance(what, bytes) else len(str(what))
+            group.append(local)
+            size += 4
             if isinstance(item, Push):
                 pushed.append(item.since)
-        ack, self._ack = self._ack, 0
+        ack = 0
+        if not items:
+            ack, self._ack = self._ack, 0
         replies = (reply_bytes(locals_, what) for what, locals_ in groups.items())
         return response_bytes(ack, replies), pushed
 
