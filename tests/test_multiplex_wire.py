@@ -207,6 +207,23 @@ def test_a_kill_for_many_instances_is_one_message_and_a_halt_reaches_only_its_ow
     assert mux.next().ack_seq == 1
 
 
+def test_each_instance_acknowledges_its_kill_and_leaves_killed(
+    mux: Mux, admin: tether.AdminClient, tenant: str
+) -> None:
+    _open(mux, tenant, 1, 2)
+    admin.kill(tether.selector(tenant=tenant), "everyone", force=True)
+    halt_id = mux.until(stopped).replies[0].reply.halts[0].id
+    ack = agent_pb2.HeartbeatRequest(ack=agent_pb2.KillAck(halt_id=halt_id))
+    mux.send((1, ack), (2, ack), (1, goodbye(step=9)))
+    assert ending(mux, 1).code == OK.value[0]
+    entry = eventually(lambda: [e for e in admin.audit(tenant=tenant) if e.action == "ack"])
+    assert sorted(entry[0].instances) == [f"{tenant}/mux/r-1/i-1", f"{tenant}/mux/r-2/i-1"]
+    states = {a.run_id: a.state for a in admin.agents(tenant=tenant)}
+    assert states == {"r-1": tether.State.KILLED, "r-2": tether.State.KILLED}  # 2 stays on
+    mux.send((2, beat(step=1)), beat=True)
+    assert mux.next() == agent_pb2.MuxResponse(ack_seq=1)
+
+
 def test_a_goodbye_ends_one_instance_with_its_checkpoint_stored(
     mux: Mux, admin: tether.AdminClient, tenant: str
 ) -> None:
