@@ -173,7 +173,7 @@ class MuxWriter:
             what = _payload(item)
             if (group := groups.get(what)) is None:
                 group = groups[what] = []
-                size += len(what) if isinstance(what, bytes) else len(str(what))
+                size += len(what) if isinstance(what, bytes) else len(what.details)
             group.append(local)
             size += 4
             if isinstance(item, Push):

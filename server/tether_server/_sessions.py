@@ -55,7 +55,7 @@ def _nobody(register: agent_pb2.Register, metadata: Any) -> None:
 
 
 class Sessions:
-    """Serves AgentService.Heartbeat and pushes orders onto open streams."""
+    """Serves AgentService (Heartbeat and Multiplex) and pushes orders onto open streams."""
 
     def __init__(
         self,
@@ -224,7 +224,7 @@ class Sessions:
         return session
 
     def let_go(self, session: Session) -> None:
-        """The session's stream ended, or it did, without goodbye: it is STALE now."""
+        """The session ended without goodbye (its stream did, or it alone): it is STALE now."""
         spawn(self._cleanups, self._presence.declare_stale(session))
 
     def take(self, session: Session, req: agent_pb2.HeartbeatRequest) -> agent_pb2.Goodbye | None:
