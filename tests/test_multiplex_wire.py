@@ -289,6 +289,23 @@ def test_the_same_identity_on_a_new_stream_replaces_only_that_instance(
         newer.close()
 
 
+def test_a_heartbeat_stream_and_a_multiplex_instance_replace_each_other(
+    mux: Mux, channel: grpc.Channel, tenant: str
+) -> None:
+    _open(mux, tenant, 1, 2)
+    outgoing: queue.Queue[agent_pb2.HeartbeatRequest | None] = queue.Queue()
+    outgoing.put(register(tenant, "r-1"))
+    heartbeat = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat(iter(outgoing.get, None))
+    assert next(heartbeat).HasField("session")
+    assert ending(mux, 1).code == ABORTED.value[0]
+    mux.send((3, register(tenant, "r-1")))  # and r-1 comes back on the multiplex stream
+    mux.granted(3)
+    with pytest.raises(grpc.RpcError) as err:
+        list(heartbeat)
+    assert err.value.code() == ABORTED
+    outgoing.put(None)
+
+
 def test_a_lost_stream_leaves_every_instance_stale(
     mux: Mux, admin: tether.AdminClient, tenant: str
 ) -> None:
