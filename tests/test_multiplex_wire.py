@@ -354,6 +354,21 @@ def test_a_coordinator_that_loses_etcd_stops_every_instance_and_ends_the_stream(
         store.stop()
 
 
+def test_a_coordinator_shutting_down_lets_the_whole_stream_go(
+    etcd: Etcd, tmp_path: Path, tenant: str
+) -> None:
+    coordinator = Coordinator(etcd).start(tmp_path)
+    try:
+        with grpc.insecure_channel(coordinator.addr) as ch:
+            mux = Mux(ch)
+            _open(mux, tenant, 1, 2)
+            coordinator.stop()
+            assert mux.ended() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (mux.call.details() or "")
+    finally:
+        coordinator.stop()
+
+
 def test_an_undecodable_message_ends_the_stream(channel: grpc.Channel) -> None:
     raw: Any = channel.stream_stream("/tether.v1.AgentService/Multiplex")
     with pytest.raises(grpc.RpcError) as err:
