@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from tether._admin import AUDIT_LIMIT
 from tether._cli._certs_verb import certs_args
-from tether._cli._doctor import doctor_args
 from tether._cli._help import ENVIRONMENT, epilog
 from tether._cli._output import EXIT_USAGE
 from tether._cli._protect_verbs import breakers_args, policy_args
@@ -226,6 +225,17 @@ def _token_args(token: argparse.ArgumentParser) -> None:
     token.add_argument("--ttl", help="how long it lives, e.g. 1h, 24h, 7d (default 24h, max 30d)")
 
 
+def _doctor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-skew", type=float, default=1.0, metavar="SECONDS",
+        help="clock difference tolerated between coordinators and this machine (1.0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ack-slack", type=float, default=5.0, metavar="SECONDS",
+        help="time past a kill's grace before a missing acknowledgement is a problem (5)",
+    )  # fmt: skip
+
+
 def _no_args(_: argparse.ArgumentParser) -> None:
     pass
 
@@ -268,7 +278,7 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("whoami", "who the coordinator takes you to be, and your role", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
-    ("doctor", "check every coordinator of --addr and what they agree on", True, doctor_args),
+    ("doctor", "check every coordinator of --addr and what they agree on", True, _doctor_args),
     ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
     ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
     ("policy", "the protection policy: apply -f FILE, get, history", True, policy_args),
@@ -277,10 +287,12 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``tether`` parser: one subcommand per verb; ``args.verb`` names the one given.
 
     The global flags (``--addr``, ``-o``, ``--timeout``, ...) go before or after the verb.
+    Given ``argv``, only the verbs it names get their arguments: the others still list in
+    ``--help``, and building all of them would cost ``tether kill`` a twentieth of its time.
     """
     raw = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
@@ -290,8 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", nargs=0, action=_Version, help="print the version and exit")
     _common(parser, suppress=False)
     common = _common(argparse.ArgumentParser(add_help=False), suppress=True)
-    verbs: Any = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    # prog given: argparse would otherwise format one, importing shutil (and bz2, lzma)
+    verbs: Any = parser.add_subparsers(
+        dest="verb", required=True, parser_class=_Parser, prog="tether"
+    )
+    named = _named_verbs(argv)
     for name, help_text, takes_common, arguments in _VERBS:
+        if named is not None and name not in named:
+            verbs.add_parser(name, help=help_text)
+            continue
         arguments(
             verbs.add_parser(
                 name, parents=[common] if takes_common else [], help=help_text,
@@ -299,3 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
             )
         )  # fmt: skip
     return parser
+
+
+def _named_verbs(argv: Sequence[str] | None) -> set[str] | None:
+    """The verbs that ``argv`` names anywhere (a flag's value may be one: it costs nothing),
+    or None for every verb: none given, or ``completion``, which needs the whole parser."""
+    if argv is None:
+        return None
+    named = {word for word in argv if word in _VERB_NAMES}
+    return None if not named or "completion" in named else named
+
+
+_VERB_NAMES = frozenset(name for name, *_ in _VERBS)
