@@ -125,6 +125,13 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
         "--etcd", help="etcd endpoints, http(s)://HOST:PORT[,...]; default: embedded"
     )
     serve.add_argument("--data-dir", help="embedded etcd data directory (default .tether)")
+    serve.add_argument(
+        "--workers", metavar="N|auto",
+        help="coordinator processes sharing --listen and --health-listen with SO_REUSEPORT "
+        "(auto: one per core; default 1). Each attaches to etcd with its own id (ID-w0, ...) "
+        "and its own canary; one embedded etcd serves all. A worker that dies is restarted "
+        "with backoff; one that fails before it first serves stops them all (exit 1 or 2)",
+    )  # fmt: skip
     serve.add_argument("--lease-ttl", type=float, help="instance lease TTL in seconds (default 10)")
     serve.add_argument("--max-checkpoint-bytes", type=int, help="checkpoint size limit (512 KiB)")
     serve.add_argument("--permit-key", help="PEM Ed25519 key for effect permits (default: in etcd)")
