@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -29,6 +31,32 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"tether: {message} (see: {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, with the terminal's width read once per process: argparse
+    reads it (importing shutil, bz2 and lzma on the way) for every argument added."""
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(prog, indent_increment, max_help_position, width or _width())
+
+
+@functools.cache
+def _width() -> int:
+    """As argparse's own default: ``$COLUMNS``, else the terminal's, else 80; less 2."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return (columns or 80) - 2
 
 
 class _Version(argparse.Action):
@@ -301,14 +329,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     Given ``argv``, only the verbs it names get their arguments: the others still list in
     ``--help``, and building all of them would cost ``tether kill`` a twentieth of its time.
     """
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = _Formatter
     parser = _Parser(
         prog="tether", description="Kill switch for fleets of AI agents.", epilog=ENVIRONMENT,
         formatter_class=raw,
     )  # fmt: skip
     parser.add_argument("--version", nargs=0, action=_Version, help="print the version and exit")
     _common(parser, suppress=False)
-    common = _common(argparse.ArgumentParser(add_help=False), suppress=True)
+    common = _common(argparse.ArgumentParser(add_help=False, formatter_class=raw), suppress=True)
     # prog given: argparse would otherwise format one, importing shutil (and bz2, lzma)
     verbs: Any = parser.add_subparsers(
         dest="verb", required=True, parser_class=_Parser, prog="tether"
@@ -316,7 +344,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     named = _named_verbs(argv)
     for name, help_text, takes_common, arguments in _VERBS:
         if named is not None and name not in named:
-            verbs.add_parser(name, help=help_text)
+            verbs.add_parser(name, help=help_text, formatter_class=raw)
             continue
         arguments(
             verbs.add_parser(
