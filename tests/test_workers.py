@@ -122,6 +122,8 @@ def test_two_workers_serve_a_kill_to_agents_on_either(
         ok(tether_cli("kill", "--tenant", tenant, "--reason", "both workers", addr=serve.addr))
         agents.all_killed()
         assert {a.state for a in admin.agents(tenant=tenant)} == {tether.State.KILLED}
+        # Whichever worker answers sees the fleet of both, its acknowledgements included.
+        assert ok(tether_cli("doctor", addr=serve.addr)).startswith("healthy: ")
 
 
 def test_a_sigkilled_worker_is_restarted_and_its_agents_served_again(
