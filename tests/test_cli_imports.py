@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.conftest import Coordinator
 
 # Modules a kill never needs, each costing a one-shot command milliseconds to import: the
-# agent's machinery, the dashboard, certificates, policy YAML and CEL, OpenTelemetry, the
+# agent's machinery and stubs, the dashboard, certificates, policy YAML and CEL, OpenTelemetry, the
 # server, and protobuf's JSON conversion. grpc itself imports asyncio, so that one stays.
 HEAVY = (
     "google.protobuf.json_format",
@@ -24,6 +24,8 @@ HEAVY = (
     "tether_server",
     "http.server",
     "tether._agent",
+    "tether._verdict",
+    "tether.v1.agent_pb2",
     "tether._core",
     "tether._gate",
     "tether._permits",
