@@ -67,6 +67,8 @@ class Supervisor:
             asyncio.create_task(self._keep(i), name=f"worker-{i}")
             for i in range(self.config.workers)
         ]
+        for keeper in keepers:
+            keeper.add_done_callback(self._kept)
         try:
             await self._stop.wait()
         finally:
@@ -75,6 +77,13 @@ class Supervisor:
                 keeper.cancel()
             await asyncio.gather(*keepers, return_exceptions=True)
         return self.code
+
+    def _kept(self, keeper: asyncio.Task[None]) -> None:
+        """A keeper that failed (it could not start a process) leaves its worker dead: stop."""
+        if not keeper.cancelled() and (err := keeper.exception()) is not None:
+            log.error("%s failed: %s: %s", keeper.get_name(), type(err).__name__, err)
+            self.code = self.code or 1
+            self._stop.set()
 
     async def _keep(self, index: int) -> None:
         """Worker ``index``: started, awaited, restarted after a death with backoff."""
@@ -118,11 +127,11 @@ class Supervisor:
             stdout=asyncio.subprocess.PIPE,
             process_group=0,  # a terminal's Ctrl-C is the supervisor's to handle
         )
+        self._procs[index] = proc  # from here on, a stop reaches it
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(config))
         await proc.stdin.drain()
         proc.stdin.close()
-        self._procs[index] = proc
         return proc
 
     async def _await_ready(self, proc: asyncio.subprocess.Process, index: int, start: int) -> bool:
