@@ -157,7 +157,8 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
         "--workers", metavar="N|auto",
         help="coordinator processes sharing --listen and --health-listen with SO_REUSEPORT "
         "(auto: one per core; default 1). Each attaches to etcd with its own id (ID-w0, ...) "
-        "and its own canary; one embedded etcd serves all. A worker that dies is restarted "
+        "and its own canary socket (telemetry is pushed: no port); one embedded etcd serves "
+        "all. SIGTERM drains every worker. A worker that dies is restarted "
         "with backoff; one that fails before it first serves stops them all (exit 1 or 2)",
     )  # fmt: skip
     serve.add_argument("--lease-ttl", type=float, help="instance lease TTL in seconds (default 10)")
