@@ -1,5 +1,5 @@
 """``python -m tether``: the same as the ``tether`` console script."""
 
-from tether._cli import main
+from tether._cli import run
 
-raise SystemExit(main())
+run()

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether._channel import ENV_TOKEN, ClientTls, client_tls, tls_from_env
 from tether._errors import InvalidArgument
-from tether._verdict import Verdict
+
+if TYPE_CHECKING:
+    from tether._verdict import Verdict  # its agent stubs: not for `tether kill`
 
 DEFAULT_ADDR = "127.0.0.1:7700"
 

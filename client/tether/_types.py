@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from tether.v1 import admin_pb2, types_pb2
 
@@ -126,6 +126,8 @@ def _ints(value: Any) -> Any:
 
 def struct_to_dict(msg: struct_pb2.Struct) -> dict[str, Any]:
     """A checkpoint as the agent reported it: JSON values, integral numbers as ints."""
+    from google.protobuf import json_format  # 13 ms to import; `tether kill` never needs it
+
     result: dict[str, Any] = _ints(json_format.MessageToDict(msg))
     return result
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     )
     from tether_server._server import build_server, serve
     from tether_server._tls import TlsFiles
+    from tether_server._workers import supervise
 
 # public name -> (module, name there)
 _LAZY = {
@@ -46,6 +47,7 @@ _LAZY = {
     "wait_until": ("_launch", "wait_until"),
     "build_server": ("_server", "build_server"),
     "serve": ("_server", "serve"),
+    "supervise": ("_workers", "supervise"),
 }
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "render_drill",
     "run_drills",
     "serve",
+    "supervise",
     "wait_until",
 ]
 

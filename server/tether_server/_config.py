@@ -7,7 +7,7 @@ import ipaddress
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -74,6 +74,10 @@ class ServerConfig:
     """Seconds to wait for etcd at start before giving up with a reason."""
     shutdown_grace: float = 5.0
     """Seconds open calls get to finish on shutdown."""
+    workers: int = 1
+    """Coordinator processes behind ``listen``. More than one share the port with
+    SO_REUSEPORT (the kernel spreads connections) under one supervising process; one
+    binds it alone, so that a second coordinator on a port in use fails."""
     coordinator_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     )
@@ -138,10 +142,9 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
         kwargs["lease_ttl"] = _number("--lease-ttl", ttl, MIN_LEASE_TTL, 3600.0)
     if limit := pick("max_checkpoint_bytes", "TETHER_MAX_CHECKPOINT_BYTES"):
         kwargs["max_checkpoint_bytes"] = int(_number("--max-checkpoint-bytes", limit, 1, 1 << 20))
-    if canary := pick("canary_interval", "TETHER_CANARY_INTERVAL"):
-        kwargs["canary_interval"] = canary_interval(canary)
-    if retention := pick("roster_retention", "TETHER_ROSTER_RETENTION"):
-        kwargs["roster_retention"] = roster_retention(retention)
+    for name, var, parse in _PARSED:
+        if value := pick(name, var):
+            kwargs[name] = parse(value)
     if startup := environ.get("TETHER_STARTUP_TIMEOUT"):
         kwargs["startup_timeout"] = _number("TETHER_STARTUP_TIMEOUT", startup, 0.1, 600.0)
     for name, var in _PATHS:
@@ -199,12 +202,49 @@ def check(config: ServerConfig) -> None:
                 f"--health-listen {config.health_listen} serves plaintext: "
                 "bind it to loopback, e.g. 127.0.0.1:7701"
             )
+    if config.workers > 1:
+        _check_workers(config)
     mutual = config.tls_cert is not None and config.tls_client_ca is not None
     if not (mutual or config.insecure or is_loopback(config.listen)):
         raise ConfigError(
             f"--listen {config.listen} is not loopback: add --tls-cert, --tls-key and "
             "--tls-client-ca (or --insecure on a network you trust)"
         )
+
+
+def _check_workers(config: ServerConfig) -> None:
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError("--workers above 1 needs SO_REUSEPORT, which this system lacks")
+    for flag, listen in (("--listen", config.listen), ("--health-listen", config.health_listen)):
+        if listen.endswith(":0"):
+            raise ConfigError(
+                f"{flag} {listen}: --workers {config.workers} share one fixed port; "
+                "port 0 would give each worker its own"
+            )
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+MAX_WORKERS = 256
+
+
+def workers(raw: str) -> int:
+    """``--workers``: a whole number from 1 to 256, or ``auto`` (one per core)."""
+    text = raw.strip().lower()
+    if text == "auto":
+        return min(cores(), MAX_WORKERS)
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise ConfigError(
+            f"--workers {raw!r}: give a whole number from 1 to {MAX_WORKERS}, "
+            f"or auto (one per core: {cores()} here)"
+        )
+    return int(text)
 
 
 def is_loopback(hostport: str) -> bool:
@@ -267,3 +307,11 @@ def _check_hostport(flag: str, value: str) -> None:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{flag} {value!r} is malformed: expected HOST:PORT")
+
+
+# (field, variable, parser) of the flags that each parse their own text.
+_PARSED: tuple[tuple[str, str, Callable[[str], object]], ...] = (
+    ("canary_interval", "TETHER_CANARY_INTERVAL", canary_interval),
+    ("roster_retention", "TETHER_ROSTER_RETENTION", roster_retention),
+    ("workers", "TETHER_WORKERS", workers),
+)

@@ -44,6 +44,14 @@ SERVER_OPTIONS = [
 ]
 
 
+def server_options(shared: bool) -> list[tuple[str, int]]:
+    """``SERVER_OPTIONS``; ``shared``: with SO_REUSEPORT on, for the workers of
+    ``tether serve --workers N``, which bind one port on purpose (``_workers``)."""
+    if not shared:
+        return SERVER_OPTIONS
+    return [*SERVER_OPTIONS[:-1], ("grpc.so_reuseport", 1)]
+
+
 def agent_handler(
     heartbeat: Callable[..., Awaitable[None]],
     multiplex: Callable[..., Awaitable[None]] | None = None,
@@ -71,7 +79,8 @@ def build_server(
 ) -> grpc.aio.Server:
     """The coordinator's services, each call identified and authorized by ``guard``."""
     server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=[guard.interceptor(), MalformedRequests()]
+        options=server_options(coordinator.config.workers > 1),
+        interceptors=[guard.interceptor(), MalformedRequests()],
     )
     sessions = coordinator.sessions
     server.add_generic_rpc_handlers((agent_handler(sessions.heartbeat, sessions.multiplex),))
@@ -96,8 +105,12 @@ def build_server(
     return server
 
 
-async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -> None:
-    """Run one coordinator until SIGINT or SIGTERM."""
+async def serve(
+    config: ServerConfig,
+    environ: Mapping[str, str] = os.environ,
+    serving: Callable[[], object] = lambda: None,
+) -> None:
+    """Run one coordinator until SIGINT or SIGTERM; ``serving`` is called once it serves."""
     _telemetry.configure(environ)
     etcd_tls = etcd_credentials(config)
     embedded = None
@@ -108,22 +121,23 @@ async def serve(config: ServerConfig, environ: Mapping[str, str] = os.environ) -
         endpoints = (embedded.endpoint,)
         log.warning("embedded etcd at http://%s, data in %s", embedded.endpoint, config.data_dir)
     try:
-        await _serve(config, Store(endpoints, credentials=etcd_tls))
+        await _serve(config, Store(endpoints, credentials=etcd_tls), serving)
     finally:
         if embedded is not None:
             await embedded.stop()
 
 
-async def _serve(config: ServerConfig, store: Store) -> None:
+async def _serve(config: ServerConfig, store: Store, serving: Callable[[], object]) -> None:
     health = HealthServicer()
     coordinator = Coordinator(config, store, health)
     guard = Guard.create(config, lambda: coordinator.gate.signer)  # ConfigError: bad files
     canary = _canary(coordinator) if config.canary_interval else None
     server = build_server(coordinator, health, guard, canary)
     credentials = server_credentials(config)
-    bind(server, config.listen, credentials)
+    shared = config.workers > 1
+    bind(server, config.listen, credentials, shared=shared)
     private = canary_server(coordinator, guard, canary) if canary is not None else None
-    probes = health_server(health, config.health_listen) if config.health_listen else None
+    probes = health_server(health, config.health_listen, shared) if config.health_listen else None
     runner = asyncio.create_task(coordinator.run(), name="coordinator")
     cycling: asyncio.Task[None] | None = None
     try:
@@ -137,6 +151,7 @@ async def _serve(config: ServerConfig, store: Store) -> None:
             "tether coordinator %s serving on %s (%s)",
             config.coordinator_id, config.listen, _transport(config),
         )  # fmt: skip
+        serving()
         cycling = asyncio.create_task(canary.run(), name="canary") if canary else None
         await _until_signal()
     finally:
@@ -177,13 +192,23 @@ def _canary(coordinator: Coordinator) -> Canary:
     return canary
 
 
-def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> None:
+def bind(
+    server: grpc.aio.Server,
+    listen: str,
+    credentials: grpc.ServerCredentials | None,
+    *,
+    shared: bool = False,
+) -> None:
     """Bind ``listen``, TLS when ``credentials`` are given.
+
+    ``shared``: a worker of ``--workers N``, whose siblings hold the port already (with
+    SO_REUSEPORT); its supervisor made sure that nothing else did (``check_free``).
 
     Raises:
         OSError: the address cannot be bound, with the reason (such as "address already in use").
     """
-    _check_free(listen)  # gRPC would also refuse, but with a log line and no reason
+    if not shared:
+        check_free(listen)  # gRPC would also refuse, but with a log line and no reason
     try:
         if credentials is None:
             server.add_insecure_port(listen)
@@ -193,7 +218,7 @@ def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentia
         raise OSError(f"cannot listen on {listen}: gRPC could not bind it") from None
 
 
-def _check_free(listen: str) -> None:
+def check_free(listen: str) -> None:
     """Bind each address ``listen`` resolves to as gRPC will (SO_REUSEADDR, no reuseport)."""
     host, _, port = listen.rpartition(":")
     try:
@@ -210,11 +235,14 @@ def _check_free(listen: str) -> None:
                     raise OSError(f"cannot listen on {listen}: address already in use") from None
 
 
-def health_server(health: HealthServicer, listen: str) -> grpc.aio.Server:
-    """A plaintext server on loopback with grpc.health.v1 only, for probes that cannot do TLS."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+def health_server(health: HealthServicer, listen: str, shared: bool = False) -> grpc.aio.Server:
+    """A plaintext server on loopback with grpc.health.v1 only, for probes that cannot do TLS.
+
+    ``shared``: every worker of ``--workers N`` serves it on one port, as the main one; a
+    probe's connection lands on one worker, as an agent's does."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bind(server, listen, None)
+    bind(server, listen, None, shared=shared)
     return server
 
 

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from google.protobuf import json_format
-
 from tether._admin import AdminClient
 from tether._cli._output import EXIT_ERROR, EXIT_OK, print_json
 from tether._config import resolve_targets
@@ -51,17 +49,6 @@ class Fleet:
     agents: list[AgentInstance] = field(default_factory=list)
     audit: list[AuditEntry] = field(default_factory=list)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
-
-
-def doctor_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--max-skew", type=float, default=1.0, metavar="SECONDS",
-        help="clock difference tolerated between coordinators and this machine (1.0)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ack-slack", type=float, default=5.0, metavar="SECONDS",
-        help="time past a kill's grace before a missing acknowledgement is a problem (5)",
-    )  # fmt: skip
 
 
 def doctor(args: argparse.Namespace) -> int:
@@ -237,6 +224,8 @@ def _loopback(hostport: str) -> bool:
 
 
 def _report(seen: list[Seen], problems: list[str], summary: str) -> dict[str, object]:
+    from google.protobuf import json_format  # imported here: the CLI's other verbs never need it
+
     return {
         "healthy": not problems,
         "problems": problems,

@@ -14,7 +14,8 @@ environment:
   tether serve also reads TETHER_LISTEN, TETHER_ETCD, TETHER_DATA_DIR, TETHER_LEASE_TTL,
   TETHER_ROSTER_RETENTION, TETHER_RBAC, TETHER_ADMIN_TOKENS, TETHER_TRUST_DOMAIN,
   TETHER_CANARY_INTERVAL, TETHER_PERMIT_KEY, TETHER_MAX_CHECKPOINT_BYTES, TETHER_INSECURE,
-  TETHER_HEALTH_LISTEN, TETHER_SERVE_TLS_CERT/_KEY/_CLIENT_CA, TETHER_ETCD_CACERT/_CERT/_KEY:
+  TETHER_HEALTH_LISTEN, TETHER_WORKERS, TETHER_SERVE_TLS_CERT/_KEY/_CLIENT_CA,
+  TETHER_ETCD_CACERT/_CERT/_KEY:
   the same as its flags; a flag wins over its variable.
 
 global flags (before or after the verb):
@@ -33,7 +34,8 @@ examples:
 EXAMPLES: dict[str, str] = {
     "serve": """\
   tether serve                                        # embedded etcd under ./.tether
-  tether serve --listen 127.0.0.1:7701 --etcd http://10.0.0.5:2379 --roster-retention 6h""",
+  tether serve --listen 127.0.0.1:7701 --etcd http://10.0.0.5:2379 --roster-retention 6h
+  tether serve --workers auto                         # one coordinator process per core""",
     "kill": """\
   tether kill --agent agent://acme/email-campaign --reason "sending to the wrong list"
   tether kill --tenant acme --capability send_email --reason "freeze email, keep the rest"

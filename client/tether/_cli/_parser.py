@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from tether._admin import AUDIT_LIMIT
 from tether._cli._certs_verb import certs_args
-from tether._cli._doctor import doctor_args
 from tether._cli._help import ENVIRONMENT, epilog
 from tether._cli._output import EXIT_USAGE
 from tether._cli._protect_verbs import breakers_args, policy_args
@@ -30,6 +31,32 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"tether: {message} (see: {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, with the terminal's width read once per process: argparse
+    reads it (importing shutil, bz2 and lzma on the way) for every argument added."""
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(prog, indent_increment, max_help_position, width or _width())
+
+
+@functools.cache
+def _width() -> int:
+    """As argparse's own default: ``$COLUMNS``, else the terminal's, else 80; less 2."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return (columns or 80) - 2
 
 
 class _Version(argparse.Action):
@@ -126,6 +153,14 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
         "--etcd", help="etcd endpoints, http(s)://HOST:PORT[,...]; default: embedded"
     )
     serve.add_argument("--data-dir", help="embedded etcd data directory (default .tether)")
+    serve.add_argument(
+        "--workers", metavar="N|auto",
+        help="coordinator processes sharing --listen and --health-listen with SO_REUSEPORT "
+        "(auto: one per core; default 1). Each attaches to etcd with its own id (ID-w0, ...) "
+        "and its own canary socket (telemetry is pushed: no port); one embedded etcd serves "
+        "all. SIGTERM drains every worker. A worker that dies is restarted "
+        "with backoff; one that fails before it first serves stops them all (exit 1 or 2)",
+    )  # fmt: skip
     serve.add_argument("--lease-ttl", type=float, help="instance lease TTL in seconds (default 10)")
     serve.add_argument("--max-checkpoint-bytes", type=int, help="checkpoint size limit (512 KiB)")
     serve.add_argument("--permit-key", help="PEM Ed25519 key for effect permits (default: in etcd)")
@@ -226,6 +261,17 @@ def _token_args(token: argparse.ArgumentParser) -> None:
     token.add_argument("--ttl", help="how long it lives, e.g. 1h, 24h, 7d (default 24h, max 30d)")
 
 
+def _doctor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-skew", type=float, default=1.0, metavar="SECONDS",
+        help="clock difference tolerated between coordinators and this machine (1.0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ack-slack", type=float, default=5.0, metavar="SECONDS",
+        help="time past a kill's grace before a missing acknowledgement is a problem (5)",
+    )  # fmt: skip
+
+
 def _no_args(_: argparse.ArgumentParser) -> None:
     pass
 
@@ -268,7 +314,7 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("whoami", "who the coordinator takes you to be, and your role", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
-    ("doctor", "check every coordinator of --addr and what they agree on", True, doctor_args),
+    ("doctor", "check every coordinator of --addr and what they agree on", True, _doctor_args),
     ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
     ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
     ("policy", "the protection policy: apply -f FILE, get, history", True, policy_args),
@@ -277,21 +323,30 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``tether`` parser: one subcommand per verb; ``args.verb`` names the one given.
 
     The global flags (``--addr``, ``-o``, ``--timeout``, ...) go before or after the verb.
+    Given ``argv``, only the verbs it names get their arguments: the others still list in
+    ``--help``, and building all of them would cost ``tether kill`` a twentieth of its time.
     """
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = _Formatter
     parser = _Parser(
         prog="tether", description="Kill switch for fleets of AI agents.", epilog=ENVIRONMENT,
         formatter_class=raw,
     )  # fmt: skip
     parser.add_argument("--version", nargs=0, action=_Version, help="print the version and exit")
     _common(parser, suppress=False)
-    common = _common(argparse.ArgumentParser(add_help=False), suppress=True)
-    verbs: Any = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    common = _common(argparse.ArgumentParser(add_help=False, formatter_class=raw), suppress=True)
+    # prog given: argparse would otherwise format one, importing shutil (and bz2, lzma)
+    verbs: Any = parser.add_subparsers(
+        dest="verb", required=True, parser_class=_Parser, prog="tether"
+    )
+    named = _named_verbs(argv)
     for name, help_text, takes_common, arguments in _VERBS:
+        if named is not None and name not in named:
+            verbs.add_parser(name, help=help_text, formatter_class=raw)
+            continue
         arguments(
             verbs.add_parser(
                 name, parents=[common] if takes_common else [], help=help_text,
@@ -299,3 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
             )
         )  # fmt: skip
     return parser
+
+
+def _named_verbs(argv: Sequence[str] | None) -> set[str] | None:
+    """The verbs that ``argv`` names anywhere (a flag's value may be one: it costs nothing),
+    or None for every verb: none given, or ``completion``, which needs the whole parser."""
+    if argv is None:
+        return None
+    named = {word for word in argv if word in _VERB_NAMES}
+    return None if not named or "completion" in named else named
+
+
+_VERB_NAMES = frozenset(name for name, *_ in _VERBS)

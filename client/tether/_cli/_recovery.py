@@ -18,7 +18,6 @@ from tether._cli._output import (
     print_json,
     print_listing,
 )
-from tether._compensate import compensate as run_compensation
 from tether._errors import InvalidArgument
 from tether._types import EffectStatus
 from tether._uri import parse_agent_uri
@@ -121,6 +120,8 @@ def _progress(line: str) -> None:
 def compensate(client: AdminClient, args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:  # as uvicorn does: the handler may live beside you
         sys.path.insert(0, os.getcwd())
+    from tether._compensate import compensate as run_compensation  # only this verb needs it
+
     where = _filters(client, args)
     report = run_compensation(
         client, where.pop("tenant"), **where, handler=args.handler, apply=args.apply,

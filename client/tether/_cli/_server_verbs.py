@@ -33,7 +33,7 @@ def _server_extra(verb: str, *names: str) -> ModuleType | int:
 def serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    tether_server = _server_extra("serve", "load_config", "serve")
+    tether_server = _server_extra("serve", "load_config", "serve", "supervise")
     if isinstance(tether_server, int):
         return tether_server
     logging.basicConfig(
@@ -44,6 +44,8 @@ def serve(args: argparse.Namespace) -> int:
     except tether_server.ConfigError as err:
         return fail(EXIT_USAGE, err)
     try:
+        if config.workers > 1:  # a supervisor: each worker reports its own errors
+            return int(asyncio.run(tether_server.supervise(config)))
         asyncio.run(tether_server.serve(config))
     except (tether_server.ConfigError, ValueError) as err:  # a bad file or OTEL_* value
         return fail(EXIT_USAGE, err)

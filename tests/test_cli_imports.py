@@ -1,0 +1,90 @@
+"""``tether kill`` imports only what it uses: the modules each run loads, read from ``sys.modules``
+of a real CLI process. How long that takes is measured in bench (phase ``cli``), not here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import Coordinator
+
+# Modules a kill never needs, each costing a one-shot command milliseconds to import: the
+# agent's machinery and stubs, the dashboard, certificates, policy YAML and CEL, OpenTelemetry, the
+# server, and protobuf's JSON conversion. grpc itself imports asyncio, so that one stays.
+HEAVY = (
+    "google.protobuf.json_format",
+    "cryptography",
+    "yaml",
+    "celpy",
+    "cel",
+    "opentelemetry",
+    "aetcd",
+    "tether_server",
+    "http.server",
+    "tether._agent",
+    "tether._verdict",
+    "tether.v1.agent_pb2",
+    "tether._core",
+    "tether._gate",
+    "tether._permits",
+    "tether._certs",
+    "tether._compensate",
+    "tether._dashboard",
+    "tether._cli._doctor",
+    "tether._cli._dashboard",
+    "tether._cli._server_verbs",
+    "tether._cli._completion",
+)
+
+# Run ``main`` as the console script would, then list what it loaded into the file argv[1].
+_PROBE = """
+import json, sys
+from tether._cli import main
+out, argv = sys.argv[1], sys.argv[2:]
+try:
+    code = main(argv)
+except SystemExit as stop:  # argparse's usage error
+    code = stop.code
+with open(out, "w") as f:
+    json.dump({"code": code, "modules": sorted(sys.modules)}, f)
+"""
+
+
+def _loaded(tmp_path: Path, *argv: str) -> tuple[int, list[str]]:
+    out = tmp_path / "modules.json"
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(out), *argv],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.exists(), done.stderr
+    found = json.loads(out.read_text())
+    return found["code"], found["modules"]
+
+
+def _heavy(modules: list[str]) -> list[str]:
+    return [m for m in modules if any(m == h or m.startswith(f"{h}.") for h in HEAVY)]
+
+
+def test_a_kill_loads_none_of_the_heavy_modules(
+    coord: Coordinator, tenant: str, tmp_path: Path
+) -> None:
+    argv = ("--addr", coord.addr, "kill", "--tenant", tenant, "--reason", "imports", "--force")
+    code, modules = _loaded(tmp_path, *argv)
+    assert code == 0
+    assert "tether.v1.admin_pb2_grpc" in modules  # the probe saw a kill that really ran
+    assert _heavy(modules) == []
+
+
+def test_usage_errors_load_none_of_them_either(tmp_path: Path) -> None:
+    code, modules = _loaded(tmp_path, "kill", "--tenant", "acme")  # no --reason
+    assert code == 2
+    assert _heavy(modules) == []
+
+
+def test_the_probe_sees_a_heavy_module_when_a_verb_loads_one(tmp_path: Path) -> None:
+    """The check can fail: ``tether completion`` builds every verb's parser, ``doctor`` too."""
+    code, modules = _loaded(tmp_path, "completion", "bash")
+    assert code == 0
+    assert "tether._cli._completion" in _heavy(modules)
