@@ -44,6 +44,11 @@ class Outbox:
         self._on_push = on_push  # told how long each push took from its watch event
         self._writer: Any = _HELD  # the grant goes first; see first()
 
+    @property
+    def shared(self) -> Outbox:
+        """The wire writer this outbox writes through: itself, one stream per session."""
+        return self
+
     def post(self, item: Any) -> None:
         """Queue ``item``; a writer task starts unless a writer is already at work."""
         self._items.append(item)
