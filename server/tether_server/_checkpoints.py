@@ -12,13 +12,48 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
+from tether_server._errors import InvalidArgument
 from tether_server._etcd import EtcdUnavailable, Store, every
 from tether_server._ledger import LedgerWriter
-from tether_server._store import RunKey, put_op
+from tether_server._store import RunKey, put_op, to_json
 
 log = logging.getLogger("tether_server")
 KILL_FLUSH_DELAY = 0.05  # seconds: long enough to gather a fleet's final checkpoints
+CONVERT_CHUNK = 128  # checkpoints converted to JSON before the loop serves others
+
+Invalid = Callable[[str], None]
+"""Told why a checkpoint offered as a message could not be stored (it ends its stream)."""
+
+
+def checked(checkpoint: Any, limit: int) -> Any:
+    """``checkpoint`` (a ``Struct``) if it fits in ``limit`` bytes, as the SDK measures.
+
+    Raises:
+        InvalidArgument: it is too large; the last accepted checkpoint is kept.
+    """
+    size = checkpoint.ByteSize()
+    if size > limit:
+        raise InvalidArgument(
+            f"checkpoint is {size} bytes; the limit is {limit} bytes. "
+            "Store large state elsewhere and checkpoint a reference to it; "
+            "the last accepted checkpoint is kept"
+        )
+    return checkpoint
+
+
+def json_of(checkpoint: Any) -> bytes:
+    """``checkpoint`` as stored.
+
+    Raises:
+        InvalidArgument: it is not JSON (a NaN, say); it was not stored.
+    """
+    try:
+        return to_json(checkpoint)
+    except ValueError as err:
+        raise InvalidArgument(f"checkpoint is not valid JSON ({err}); it was not stored") from None
 
 
 def digest(value: bytes) -> bytes:
@@ -77,6 +112,9 @@ class CheckpointWriter:
         self._store = store
         self._interval = interval
         self._pending = Coalescer()
+        # Checkpoints that came with a kill's acknowledgement, still as messages: the JSON
+        # is made at the next flush, not on the loop that is still pushing the kill.
+        self._raw: dict[bytes, tuple[Any, Invalid]] = {}
         # One flush at a time: two in flight could commit out of order and leave an older
         # checkpoint stored last, and a resume would then repeat work.
         self._lock = asyncio.Lock()
@@ -87,7 +125,29 @@ class CheckpointWriter:
 
     def offer(self, key: bytes, value: bytes) -> None:
         """Mark ``key`` dirty with ``value`` unless etcd already holds exactly that."""
+        self._raw.pop(key, None)  # older than this value
         self._pending.offer(key, value)
+
+    def offer_later(self, key: bytes, checkpoint: Any, invalid: Invalid) -> None:
+        """Offer ``checkpoint`` (a checked ``Struct``) as JSON at the next flush.
+
+        ``invalid`` is told why, if it turns out not to be JSON; nothing is stored then.
+        """
+        self._raw[key] = (checkpoint, invalid)
+
+    async def _convert(self, keys: list[bytes] | None) -> None:
+        """Offer the waiting messages of ``keys`` (default: all) as JSON, yielding between
+        chunks; a value offered meanwhile is newer and wins."""
+        wanted = list(self._raw) if keys is None else [k for k in keys if k in self._raw]
+        for done, key in enumerate(wanted, 1):
+            item = self._raw.pop(key, None)
+            if item is not None:
+                try:
+                    self._pending.offer(key, json_of(item[0]))
+                except InvalidArgument as err:
+                    item[1](str(err))
+            if done % CONVERT_CHUNK == 0:
+                await asyncio.sleep(0)
 
     def forget(self, key: bytes) -> None:
         """Drop the digest once no session serves the run; unwritten values still go out."""
@@ -99,6 +159,7 @@ class CheckpointWriter:
         Raises:
             EtcdUnavailable: nothing is lost; the values stay dirty for the next flush.
         """
+        await self._convert(keys)
         async with self._lock:
             batch = self._pending.take(keys)
             if not batch:

@@ -180,6 +180,7 @@ class Coordinator:
         tasks = [
             asyncio.create_task(keeper.run(), name="lease-keeper"),
             asyncio.create_task(self._watch_halts(watch), name="halt-watch"),
+            asyncio.create_task(self.sessions.push_halts(), name="halt-fanout"),
             asyncio.create_task(prove_fresh(watch, read, fresh, period), name="freshness"),
             asyncio.create_task(self.checkpoints.run(), name="checkpoints"),
             asyncio.create_task(self._ledger.run(), name="ledger"),

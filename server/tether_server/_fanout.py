@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import grpc
@@ -22,10 +23,14 @@ from tether_server._halts import HaltTable
 from tether_server._orders import Push, any_stop, order_message
 from tether_server._outbox import End
 from tether_server._presence import Presence
+from tether_server._registry import Session
 from tether_server._selectors import matches
 from tether_server._telemetry import Metrics
 
 log = logging.getLogger("tether_server")
+# Sessions a halt's fan-out pushes before it lets the loop serve others (the Kill's reply,
+# heartbeat acks); a chunk ends only between the groups of sessions sharing a writer.
+CHUNK = 256
 
 
 def _news(halt: types_pb2.Halt) -> tuple[Any, ...]:
@@ -53,36 +58,79 @@ class Fanout:
         self._flush = flush
         self._metrics = metrics
         self._ttl = lease_ttl
+        self._events: deque[tuple[types_pb2.Halt, float]] = deque()  # halts not yet pushed
+        self._wake = asyncio.Event()
 
     def on_halt(self, halt: types_pb2.Halt, since: float) -> None:
-        """A halt was put or deleted: push the new order to every instance it touches."""
-        revision = self._halts.revision
+        """A halt was put or deleted: queue it; :meth:`run` pushes the new orders."""
+        self._events.append((halt, since))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Push the queued halts in the order etcd committed them, one at a time.
+
+        One task, so a resume never overtakes the rest of the kill before it. Each order is
+        computed from the halt table as it is when its chunk is pushed, so a later chunk
+        may already carry a newer halt: every instance still ends on the newest order.
+        """
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._events:
+                await self._push(*self._events.popleft())
+
+    async def _push(self, halt: types_pb2.Halt, since: float) -> None:
+        """Push the new order to every instance ``halt`` touches, a chunk at a time.
+
+        Between chunks the loop serves others: the Kill's own reply, heartbeat acks. The
+        instances of one wire writer stay in one chunk, so that it sends them one message.
+        """
         payloads: dict[tuple[Any, ...], bytes] = {}  # serialise each distinct order once
-        for session in self._presence.candidates(halt.selector):
-            labels = session.record.labels
-            if not matches(halt.selector, session.key, labels) or session.revision > revision:
-                continue  # registration read a newer view than this event; it stands
-            halts = tuple(self._halts.matching(session.key, labels))
-            ids = tuple(map(_news, halts))  # a soft halt made hard is news too
-            session.revision = revision
-            session.order_bytes = None
-            if ids == tuple(map(_news, session.halts)):
-                continue
-            was_running, session.halts = not any_stop(session.halts), halts
-            payload = payloads.get(ids)
-            if payload is None:
-                payload = order_message(halts, revision).SerializeToString()
-                payloads[ids] = payload
-            session.order_bytes = payload
-            session.outbox.post(Push(payload, since))
-            if was_running and any_stop(halts):
-                self._metrics.kills_pushed.add(1)
-                self._flush.soon()
+        pushed = 0
+        for group in self._groups(halt.selector):
+            if pushed >= CHUNK:
+                pushed = 0
+                await asyncio.sleep(0)
+            for session in group:
+                self._push_one(session, since, payloads)
+            pushed += len(group)
+
+    def _groups(self, sel: types_pb2.Selector) -> list[list[Session]]:
+        """The sessions ``sel`` matches, grouped by the writer they share, in order."""
+        groups: dict[Any, list[Session]] = {}
+        for session in self._presence.candidates(sel):
+            if matches(sel, session.key, session.record.labels):
+                groups.setdefault(session.outbox.shared, []).append(session)
+        return list(groups.values())
+
+    def _push_one(
+        self, session: Session, since: float, payloads: dict[tuple[Any, ...], bytes]
+    ) -> None:
+        revision = self._halts.revision
+        if session.revision > revision or self._presence.get(session.key) is not session:
+            return  # registration read a newer view than this table, or it has gone
+        halts = tuple(self._halts.matching(session.key, session.record.labels))
+        ids = tuple(map(_news, halts))  # a soft halt made hard is news too
+        session.revision = revision
+        session.order_bytes = None
+        if ids == tuple(map(_news, session.halts)):
+            return
+        was_running, session.halts = not any_stop(session.halts), halts
+        payload = payloads.get((revision, *ids))
+        if payload is None:
+            payload = order_message(halts, revision).SerializeToString()
+            payloads[(revision, *ids)] = payload
+        session.order_bytes = payload
+        session.outbox.post(Push(payload, since))
+        if was_running and any_stop(halts):
+            self._metrics.kills_pushed.add(1)
+            self._flush.soon()
 
     def fail_closed(self, reason: str) -> None:
         """etcd is gone: tell every agent to stop, then let go so it finds another coordinator."""
         payload = order_message((), self._halts.revision, fail_closed=reason).SerializeToString()
         end = End(grpc.StatusCode.UNAVAILABLE, f"coordinator lost etcd ({reason}); reconnect")
+        self._events.clear()  # every session it would reach is let go; the table reloads
         for session in self._presence.snapshot():
             session.leave_presence = True
             session.outbox.post(Push(payload, time.monotonic()))

@@ -25,7 +25,7 @@ from tether.v1 import agent_pb2, types_pb2
 
 from tether_server._acks import AckBook
 from tether_server._auth import caller
-from tether_server._checkpoints import CheckpointWriter, RunFlush
+from tether_server._checkpoints import CheckpointWriter, RunFlush, checked, json_of
 from tether_server._config import ServerConfig
 from tether_server._errors import ANSWERABLE, InvalidArgument, status_of
 from tether_server._etcd import EtcdUnavailable, Store, spawn
@@ -41,13 +41,17 @@ from tether_server._outbox import DONE, End, Mailbox, Outbox
 from tether_server._presence import Presence, identity_from
 from tether_server._rbac import check_registration, open_to_anonymous
 from tether_server._registry import Clock, Session
-from tether_server._store import InstanceKey, to_json
+from tether_server._store import InstanceKey
 from tether_server._tally import Tally
 from tether_server._telemetry import Metrics
 from tether_server._wire import malformed
 
 log = logging.getLogger("tether_server")
 MAX_REGISTERING = 64
+
+
+def _invalid(why: str) -> End:
+    return End(grpc.StatusCode.INVALID_ARGUMENT, why)
 
 
 def _nobody(register: agent_pb2.Register, metadata: Any) -> None:
@@ -120,8 +124,12 @@ class Sessions:
         self._fanout.fail_closed(reason)
 
     def on_halt(self, halt: types_pb2.Halt, since: float) -> None:
-        """A halt was put or deleted: push the new order to every instance it touches."""
+        """A halt was put or deleted: queue the new order for every instance it touches."""
         self._fanout.on_halt(halt, since)
+
+    async def push_halts(self) -> None:
+        """Push the queued halts' orders, in order, without starving the loop."""
+        await self._fanout.run()
 
     async def watch_silence(self) -> None:
         """Declare an instance STALE once it has been silent for a whole TTL."""
@@ -292,7 +300,7 @@ class Sessions:
         if any(h.id == ack.halt_id for h in session.halts):
             self._acks.add(session.key, ack)
         if ack.HasField("checkpoint"):
-            self._offer_checkpoint(session, ack.checkpoint)
+            self._offer_checkpoint(session, ack.checkpoint, later=True)
 
     def _beat(self, session: Session, beat: agent_pb2.Beat) -> bytes:
         """Take a beat in; return its ack, which repeats the order that holds."""
@@ -323,21 +331,14 @@ class Sessions:
         if any_stop(session.halts):  # what left before the kill, and what it refused: now
             self._flush.soon()
 
-    def _offer_checkpoint(self, session: Session, checkpoint: Any) -> None:
-        size = checkpoint.ByteSize()  # the SDK measures the same way
-        if size > self._max_checkpoint:
-            raise InvalidArgument(
-                f"checkpoint is {size} bytes; the limit is {self._max_checkpoint} bytes. "
-                "Store large state elsewhere and checkpoint a reference to it; "
-                "the last accepted checkpoint is kept"
-            )
-        try:
-            value = to_json(checkpoint)
-        except ValueError as err:
-            raise InvalidArgument(
-                f"checkpoint is not valid JSON ({err}); it was not stored"
-            ) from None
-        self._checkpoints.offer(session.checkpoint_key, value)
+    def _offer_checkpoint(self, session: Session, checkpoint: Any, *, later: bool = False) -> None:
+        checkpoint = checked(checkpoint, self._max_checkpoint)
+        key = session.checkpoint_key
+        if later:  # a kill's ack: made JSON at the flush, not while the kill is pushed
+            end = session.outbox.post
+            self._checkpoints.offer_later(key, checkpoint, lambda why: end(_invalid(why)))
+        else:
+            self._checkpoints.offer(key, json_of(checkpoint))
         if any_stop(session.halts):  # killed: this is the checkpoint a resume starts from
             self._flush.soon()
 
