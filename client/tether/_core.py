@@ -235,17 +235,23 @@ class Core:
         if self.config.on_reply is not None:
             self.config.on_reply(verdict, grant)
 
-    def confirmed(self, sent: float) -> None:
-        """A beat sent at ``sent`` was acked: the order last given holds as of then."""
+    def confirmed(self, sent: float) -> bool:
+        """A beat sent at ``sent`` was acked: the order last given holds as of then.
+
+        Returns False while this instance stays failed closed (the ack came too late).
+        """
         before, applied = self.verdict, self._applied
         if applied is None or before is None:
-            return
-        if before is not applied:  # failed closed by the watchdog: the order holds again
+            return True
+        if before is not applied:  # failed closed by the watchdog: the order may hold again
+            if time.monotonic() - sent > self.ttl:
+                return False
             self.verdict = applied
             self.stops.on_order(before, applied, self._stopping)
         on_reply = self.config.on_reply
         if on_reply is not None:
             on_reply(dataclasses.replace(applied, confirmed_at=sent), False)
+        return True
 
     def lost(self, now: float) -> bool:
         """Fail closed in full when no beat sent within the TTL was confirmed: stop hooks too.

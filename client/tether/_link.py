@@ -321,9 +321,8 @@ class Link:
         if sent is None:
             return
         for core in self._lost | self._observed:
-            if core.stream is stream:
+            if core.stream is stream and core.confirmed(sent):
                 self._lost.discard(core)
-                core.confirmed(sent)
 
     # -- the watchdog ---------------------------------------------------------------------------
 
