@@ -61,7 +61,9 @@ class Outbound:
         # This instance's running totals (usd, tokens, calls, anomalies): one tuple, replaced
         # whole, so that a beat never reads half an update from another thread.
         self.signals: Signals = _NO_SIGNALS
-        self.signals_sent: Signals = _NO_SIGNALS  # what this stream carried
+        # What this stream carried; None: nothing yet. A new stream gets the totals with its
+        # first beat even when they are zero, so the coordinators know the run from then on.
+        self.signals_sent: Signals | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]) -> None:
         """Wake-ups call ``notify`` on ``loop``, the running loop of the link's writer."""
@@ -72,7 +74,7 @@ class Outbound:
     def new_stream(self) -> None:
         """A new stream: it gets the newest checkpoint and the running totals at once."""
         self.reported = None
-        self.signals_sent = _NO_SIGNALS
+        self.signals_sent = None
 
     def wake_soon(self) -> None:
         """Wake the writer. Safe from any thread; never blocks."""
