@@ -2,10 +2,10 @@
 
 ``_identity`` says who the caller is, ``_rbac`` what it may do; this module runs them at the
 edge, before any handler. AdminService calls are decided here from the request; a Heartbeat
-is identified here and its registration decided in ``Sessions`` (it arrives on the stream),
-by the same authorizer's ``check_registration``. Handlers read the principal with
-:func:`caller` and never see a certificate or a header. Health and reflection are left alone:
-the transport (TLS, client certificates) already guards them.
+or Multiplex stream is identified here and each registration on it decided in ``Sessions``
+(it arrives on the stream), by the same authorizer's ``check_registration``. Handlers read
+the principal with :func:`caller` and never see a certificate or a header. Health and
+reflection are left alone: the transport (TLS, client certificates) already guards them.
 
 Each call's one SERVER span starts here too (``_telemetry.server_span``), before the caller is
 identified, so a refused call is traced with the status it was refused with.
@@ -27,7 +27,8 @@ from tether_server._rbac import Authorizer, load_rbac, open_to_anonymous
 from tether_server._telemetry import current, replies_within, server_span
 
 _SERVICES = "/tether.v1."
-_HEARTBEAT = "Heartbeat"
+# Agent streams: each registration on them is decided in Sessions (check_registration).
+_AGENT_STREAMS = frozenset({"Heartbeat", "Multiplex"})
 _CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("tether_caller")
 
 Admit = Callable[[Any, Any], Awaitable[Principal]]
@@ -81,9 +82,9 @@ class Guard:
         return _Interceptor(self)
 
     async def admit(self, method: str, request: Any, context: Any) -> Principal:
-        """Identify the caller and, but for a Heartbeat, decide the call."""
+        """Identify the caller and, but for an agent stream, decide the call."""
         principal = self.authenticator.identify(context)
-        if method != _HEARTBEAT:
+        if method not in _AGENT_STREAMS:
             self.authorizer.check(principal, method, request)
         return principal
 

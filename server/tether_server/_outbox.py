@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -30,6 +30,31 @@ class End:
 
 
 DONE = End()
+
+
+def ends_stream(end: End) -> bool:
+    """An End that lets go of the whole stream, not one instance on it: silence, lost etcd
+    or shutdown (UNAVAILABLE: reconnect, preferably elsewhere)."""
+    return end.code == grpc.StatusCode.UNAVAILABLE
+
+
+class Mailbox(Protocol):
+    """What the coordinator writes one session's replies through: an :class:`Outbox` (a
+    Heartbeat stream) or a Multiplex stream's port for one instance."""
+
+    @property
+    def shared(self) -> Any:
+        """The object that writes to the wire: sessions with the same one share a stream."""
+
+    def post(self, item: Any) -> None: ...
+
+    async def first(self, message: Any) -> None: ...
+
+    async def send(self, message: Any) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 _HELD = object()  # a writer that is not a task: the reader, or the opener writing the grant
 
 
@@ -43,6 +68,11 @@ class Outbox:
         self._items: deque[Any] = deque()
         self._on_push = on_push  # told how long each push took from its watch event
         self._writer: Any = _HELD  # the grant goes first; see first()
+
+    @property
+    def shared(self) -> Outbox:
+        """The writer of this stream: the Outbox itself (a Heartbeat stream has one session)."""
+        return self
 
     def post(self, item: Any) -> None:
         """Queue ``item``; a writer task starts unless a writer is already at work."""

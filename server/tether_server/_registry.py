@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Protocol
 
 from tether.v1 import types_pb2
 
-from tether_server._outbox import Outbox
+from tether_server._outbox import Mailbox
 from tether_server._store import InstanceKey, checkpoint_key
+
+
+class Clock(Protocol):
+    """When a stream last beat: a Heartbeat session is its own clock; the instances of a
+    Multiplex stream share their stream's, so one beat beats them all at no cost each."""
+
+    at: float
 
 
 class Session:
     """One connected instance. Slotted: a coordinator holds thousands."""
 
     __slots__ = (
+        "at",
         "checkpoint_key",
+        "clock",
         "end_queued",
         "halts",
         "key",
-        "last_beat",
         "leave_presence",
         "order_bytes",
         "outbox",
@@ -30,14 +39,20 @@ class Session:
     )
 
     def __init__(
-        self, key: InstanceKey, session_id: str, record: types_pb2.AgentInstance, outbox: Outbox
+        self,
+        key: InstanceKey,
+        session_id: str,
+        record: types_pb2.AgentInstance,
+        outbox: Mailbox,
+        clock: Clock | None = None,
     ) -> None:
         self.key = key
         self.session_id = session_id  # the presence key's value while this stream owns it
         self.record = record
         self.checkpoint_key = checkpoint_key(key.run)
-        self.last_beat = time.monotonic()
-        self.outbox = outbox
+        self.at = time.monotonic()
+        self.clock: Clock = self if clock is None else clock
+        self.outbox = outbox  # an Outbox, or a Multiplex stream's port for this instance
         self.reads: frozenset[str] = frozenset()  # capabilities registered as reads
         self.halts: tuple[types_pb2.Halt, ...] = ()  # the order last sent: these halts match
         self.revision = 0  # the etcd revision that order reflects
@@ -46,6 +61,15 @@ class Session:
         # ends, its presence key is left alone; a newer stream or the lease's lapse owns it.
         self.leave_presence = False
         self.end_queued = False  # silence ended it; its End is queued behind what is in flight
+
+    @property
+    def last_beat(self) -> float:
+        """The ``time.monotonic()`` of its stream's last beat."""
+        return self.clock.at
+
+    @last_beat.setter
+    def last_beat(self, when: float) -> None:
+        self.clock.at = when
 
 
 class Registry:

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,14 +44,26 @@ SERVER_OPTIONS = [
 ]
 
 
-def agent_handler(heartbeat: Callable[..., Awaitable[None]]) -> grpc.GenericRpcHandler:
-    """AgentService with ``heartbeat`` serving Heartbeat (bench/bare_server.py reuses it)."""
-    handler = grpc.stream_stream_rpc_method_handler(
-        heartbeat,
-        request_deserializer=agent_pb2.HeartbeatRequest.FromString,
-        response_serializer=serialize,
-    )
-    return grpc.method_handlers_generic_handler("tether.v1.AgentService", {"Heartbeat": handler})
+def agent_handler(
+    heartbeat: Callable[..., Awaitable[None]],
+    multiplex: Callable[..., Awaitable[None]] | None = None,
+) -> grpc.GenericRpcHandler:
+    """AgentService with ``heartbeat`` serving Heartbeat and ``multiplex``, if given,
+    Multiplex (bench/bare_server.py reuses it). Replies may arrive already serialised."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Heartbeat": grpc.stream_stream_rpc_method_handler(
+            heartbeat,
+            request_deserializer=agent_pb2.HeartbeatRequest.FromString,
+            response_serializer=serialize,
+        )
+    }
+    if multiplex is not None:
+        handlers["Multiplex"] = grpc.stream_stream_rpc_method_handler(
+            multiplex,
+            request_deserializer=agent_pb2.MuxRequest.FromString,
+            response_serializer=serialize,
+        )
+    return grpc.method_handlers_generic_handler("tether.v1.AgentService", handlers)
 
 
 def build_server(
@@ -60,7 +73,8 @@ def build_server(
     server = grpc.aio.server(
         options=SERVER_OPTIONS, interceptors=[guard.interceptor(), MalformedRequests()]
     )
-    server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat),))
+    sessions = coordinator.sessions
+    server.add_generic_rpc_handlers((agent_handler(sessions.heartbeat, sessions.multiplex),))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         Admin.create(
             coordinator.store,

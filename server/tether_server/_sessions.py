@@ -1,8 +1,10 @@
-"""AgentService.Heartbeat: one stream, one presence key and one session per agent instance.
+"""AgentService: one session and one presence key per agent instance, on either stream.
 
-This module reads the stream: registration, beats, effects, permit requests, acks and
-goodbye. Who the caller is was decided before the stream reached here (``_auth``); whether
-it may register as what it asks is ``_rbac``'s call. Who is present lives in ``_presence``;
+This module takes what a session sends: registration, beats, effects, permit requests, acks
+and goodbye. It reads a Heartbeat stream (one session) itself; a Multiplex stream (many
+sessions) is read by ``_mux``, which calls the same per-session steps. Who the caller is
+was decided before the stream reached here (``_auth``); whether it may register as what it
+asks is ``_rbac``'s call. Who is present lives in ``_presence``;
 what is pushed unasked (halts, fail-closed, silence, shutdown) in ``_fanout``; the orders
 themselves in ``_orders``.
 """
@@ -33,11 +35,12 @@ from tether_server._halts import HaltTable
 from tether_server._identity import Principal
 from tether_server._leases import LeaseKeeper
 from tether_server._ledger import LedgerWriter
+from tether_server._mux import MuxStream
 from tether_server._orders import any_stop, current_order, order_message, with_ack
-from tether_server._outbox import DONE, End, Outbox
+from tether_server._outbox import DONE, End, Mailbox, Outbox
 from tether_server._presence import Presence, identity_from
 from tether_server._rbac import check_registration, open_to_anonymous
-from tether_server._registry import Session
+from tether_server._registry import Clock, Session
 from tether_server._store import InstanceKey, to_json
 from tether_server._tally import Tally
 from tether_server._telemetry import Metrics
@@ -52,7 +55,7 @@ def _nobody(register: agent_pb2.Register, metadata: Any) -> None:
 
 
 class Sessions:
-    """Serves AgentService.Heartbeat and pushes orders onto open streams."""
+    """Serves AgentService (Heartbeat and Multiplex) and pushes orders onto open streams."""
 
     def __init__(
         self,
@@ -151,7 +154,11 @@ class Sessions:
             await session.outbox.close()
         finally:
             if end is not DONE:
-                spawn(self._cleanups, self._presence.declare_stale(session))
+                self.let_go(session)
+
+    async def multiplex(self, requests: AsyncIterator[Any], context: Any) -> None:
+        """Serve one Multiplex stream: any number of instances, each a session of its own."""
+        await MuxStream(self, context, caller()).serve(requests)
 
     async def _open(self, requests: AsyncIterator[Any], context: Any, who: Principal) -> Session:
         try:
@@ -165,22 +172,41 @@ class Sessions:
                 "the first message of a Heartbeat stream must be register, "
                 f"got {first.WhichOneof('body') or 'an empty message'}"
             )
-        admitted = self.admits(first.register, context.invocation_metadata())
-        key = admitted or identity_from(first.register)
+        outbox = Outbox(context, self.pushed)
+        return await self.register(first.register, context.invocation_metadata(), who, outbox)
+
+    # -- one session's steps, whichever stream carries it -----------------------------------
+
+    async def register(
+        self,
+        register: agent_pb2.Register,
+        metadata: Any,
+        who: Principal,
+        outbox: Mailbox,
+        clock: Clock | None = None,
+    ) -> Session:
+        """Check, claim and admit one instance, and write its grant through ``outbox``.
+
+        Raises:
+            InvalidArgument, PermissionDenied: a registration to fix; nothing was written.
+            EtcdUnavailable: the coordinator does not hold etcd now.
+        """
+        admitted = self.admits(register, metadata)
+        key = admitted or identity_from(register)
         if admitted is None:
             # before anything is written or read for the run
             check_registration(who, key, open_=self._open_to_anonymous)
         keeper = self._keeper
         if keeper is None:
             raise EtcdUnavailable(self._serving_error)
-        # Unique: the lease ID names this attachment to etcd; the serial counts its streams.
+        # Unique: the lease ID names this attachment to etcd; the serial counts its sessions.
         session_id = f"{keeper.lease:x}-{next(self._serial):x}"
-        record = self._presence.record(key, first.register)
+        record = self._presence.record(key, register)
         lease = keeper.lease
         async with self._registering:
             stored, halts, effects = await self._presence.claim(key, record, session_id, lease)
-        session = Session(key, session_id, record, Outbox(context, self._pushed))
-        session.reads = frozenset(first.register.read_capabilities)
+        session = Session(key, session_id, record, outbox, clock)
+        session.reads = frozenset(register.read_capabilities)
         landed = self._gate.seed(key.run, effects)
         session.halts = tuple(halts.matching(key, record.labels))
         session.revision = halts.revision
@@ -193,9 +219,35 @@ class Sessions:
         try:
             await session.outbox.first(grant)
         except BaseException:  # the agent went away mid-registration: do not keep its session
-            spawn(self._cleanups, self._presence.declare_stale(session))
+            self.let_go(session)
             raise
         return session
+
+    def let_go(self, session: Session) -> None:
+        """The session ended without goodbye (its stream did, or it alone): it is STALE now."""
+        spawn(self._cleanups, self._presence.declare_stale(session))
+
+    def take(self, session: Session, req: agent_pb2.HeartbeatRequest) -> agent_pb2.Goodbye | None:
+        """Take one message after register. A beat's checkpoint and signals are taken here;
+        its ack is the transport's. A goodbye is returned: end the session with :meth:`leave`.
+
+        Raises:
+            InvalidArgument: a message out of place, or a checkpoint to fix.
+        """
+        kind = req.WhichOneof("body")
+        if kind == "beat":
+            self._absorb(session, req.beat)
+        elif kind == "effects":
+            self._effects(session, req.effects)
+        elif kind == "permit":  # decided off the reader: it reads etcd
+            spawn(self._cleanups, self._permit(session, req.permit))
+        elif kind == "ack":
+            self._ack(session, req.ack)
+        elif kind == "goodbye":
+            return req.goodbye
+        else:
+            raise InvalidArgument(f"unexpected {kind or 'empty message'} after register")
+        return None
 
     def _grant(self, session: Session, stored: bytes | None) -> agent_pb2.HeartbeatResponse:
         resp = order_message(session.halts, session.revision)
@@ -216,21 +268,12 @@ class Sessions:
         )
         try:
             async for req in requests:
-                kind = req.WhichOneof("body")
-                if kind == "beat":
+                if req.WhichOneof("body") == "beat":
                     await session.outbox.send(self._beat(session, req.beat))
-                elif kind == "effects":
-                    self._effects(session, req.effects)
-                elif kind == "permit":  # decided off the reader: it reads etcd
-                    spawn(self._cleanups, self._permit(session, req.permit))
-                elif kind == "ack":
-                    self._ack(session, req.ack)
-                elif kind == "goodbye":
-                    await self._goodbye(session, req.goodbye)
+                elif (goodbye := self.take(session, req)) is not None:
+                    await self.leave(session, goodbye)
                     end = DONE
                     break
-                else:
-                    raise InvalidArgument(f"unexpected {kind or 'empty message'} after register")
         except ANSWERABLE as err:
             end = End(status_of(err), str(err))
         except DecodeError as err:  # parsed message by message, here, not at the edge
@@ -254,13 +297,17 @@ class Sessions:
     def _beat(self, session: Session, beat: agent_pb2.Beat) -> bytes:
         """Take a beat in; return its ack, which repeats the order that holds."""
         session.last_beat = time.monotonic()
+        self._absorb(session, beat)
+        return with_ack(current_order(session), beat.seq)
+
+    def _absorb(self, session: Session, beat: agent_pb2.Beat) -> None:
         if beat.HasField("checkpoint"):
             self._offer_checkpoint(session, beat.checkpoint)
         if beat.HasField("signals"):
             self._tally.signal(session.key, beat.signals)
-        return with_ack(current_order(session), beat.seq)
 
-    def _pushed(self, seconds: float) -> None:
+    def pushed(self, seconds: float) -> None:
+        """Record how long a pushed order took from its watch event to the stream."""
         self._metrics.kill_push_duration.record(seconds)
 
     async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
@@ -294,7 +341,12 @@ class Sessions:
         if any_stop(session.halts):  # killed: this is the checkpoint a resume starts from
             self._flush.soon()
 
-    async def _goodbye(self, session: Session, goodbye: agent_pb2.Goodbye) -> None:
+    async def leave(self, session: Session, goodbye: agent_pb2.Goodbye) -> None:
+        """Goodbye: store the final checkpoint and record; the session has ended.
+
+        Raises:
+            InvalidArgument: the final checkpoint is to fix; nothing was written.
+        """
         if goodbye.HasField("checkpoint"):
             self._offer_checkpoint(session, goodbye.checkpoint)
         ended = (

@@ -1,0 +1,183 @@
+"""AgentService.Multiplex: any number of instances of one process on one stream.
+
+Each instance, numbered by its ``local``, is a full session: the same per-session steps as a
+Heartbeat stream's (``Sessions.register``, ``take``, ``leave``, ``let_go``), written through
+a port of the stream's writer (``_muxbox``). What the instances share is the stream: a
+``MuxRequest.seq`` beats them all, silence or a lost etcd ends them all, and the stream's end
+makes every instance still open on it STALE. A refused or failed instance ends alone, with a
+``MuxEnd``; its local may then be registered again.
+
+Registrations and goodbyes wait for etcd, so they run off the reader: a thousand instances
+registering together must not hold up the beat. Frames for an instance that is registering
+or leaving wait for it, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from tether.v1 import agent_pb2
+
+from tether_server._errors import ANSWERABLE, status_of
+from tether_server._etcd import spawn
+from tether_server._identity import Principal
+from tether_server._muxbox import MuxPort, MuxWriter, StreamGone
+from tether_server._outbox import DONE, End
+from tether_server._registry import Session
+from tether_server._wire import malformed
+
+if TYPE_CHECKING:
+    from tether_server._sessions import Sessions
+
+log = logging.getLogger("tether_server")
+
+
+class _Instance:
+    """One local on the stream: its port, its session once registered, and the frames that
+    wait while it registers or leaves (None: none wait, take them at once)."""
+
+    __slots__ = ("port", "session", "waiting")
+
+    def __init__(self, port: MuxPort) -> None:
+        self.port = port
+        self.session: Session | None = None
+        self.waiting: list[agent_pb2.HeartbeatRequest] | None = []
+
+
+class MuxStream:
+    """Reads one Multiplex stream and holds the instances open on it."""
+
+    def __init__(self, sessions: Sessions, context: Any, who: Principal) -> None:
+        self._sessions = sessions
+        self._who = who
+        self._metadata = context.invocation_metadata()
+        self._writer = MuxWriter(context, sessions.pushed)
+        self._open: dict[int, _Instance] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, requests: AsyncIterator[Any]) -> None:
+        """Serve the stream until either side ends it; then every open instance is STALE."""
+        writer = self._writer
+        try:
+            async for req in requests:
+                for frame in req.frames:
+                    self._frame(frame.local, frame.body)
+                if req.seq:
+                    writer.at = time.monotonic()
+                    await writer.beat(req.seq)
+        except DecodeError as err:  # parsed message by message, here, not at the edge
+            writer.end(End(grpc.StatusCode.INVALID_ARGUMENT, malformed(err)))
+        except (grpc.RpcError, grpc.aio.AbortError):
+            pass  # the agent went away, or this stream was ended from elsewhere
+        except Exception as err:  # a bug must end the stream, not leave it hanging
+            log.exception("multiplex stream failed")
+            writer.end(End(grpc.StatusCode.INTERNAL, f"coordinator error: {type(err).__name__}"))
+        finally:
+            self._close()
+        await writer.close()
+
+    def _close(self) -> None:
+        """The stream ended: each instance still open on it is STALE."""
+        self._writer.closed = True
+        for inst in self._open.values():
+            inst.port.ended = True
+            if inst.session is not None:
+                self._sessions.let_go(inst.session)
+        self._open.clear()
+
+    def _frame(self, local: int, body: agent_pb2.HeartbeatRequest) -> None:
+        inst = self._open.get(local)
+        if body.WhichOneof("body") == "register":
+            if local == 0:
+                self._refuse(0, "frame.local 0 is reserved: number instances from 1")
+            elif inst is not None:
+                self._end(inst, _bad(f"local {local} is already open: register it once"))
+            else:
+                self._register(local, body.register)
+        elif inst is None:
+            self._refuse(local, f"local {local} has no open instance: send register first")
+        elif inst.waiting is not None:
+            inst.waiting.append(body)
+        else:
+            self._take(inst, body)
+
+    def _register(self, local: int, register: agent_pb2.Register) -> None:
+        inst = self._open[local] = _Instance(MuxPort(self._writer, local, self._end_port))
+        spawn(self._tasks, self._admit(inst, register))
+
+    async def _admit(self, inst: _Instance, register: agent_pb2.Register) -> None:
+        sessions = self._sessions
+        try:
+            inst.session = await sessions.register(
+                register, self._metadata, self._who, inst.port, self._writer
+            )
+        except ANSWERABLE as err:
+            self._end(inst, End(status_of(err), str(err)))
+            return
+        except StreamGone:
+            return  # its session was let go already
+        except Exception as err:
+            log.exception("registration on a multiplex stream failed")
+            self._end(inst, End(grpc.StatusCode.INTERNAL, f"coordinator error: {err!r}"))
+            return
+        self._resume(inst)
+
+    def _resume(self, inst: _Instance) -> None:
+        """Take what waited for the instance, in order, until something makes it wait again."""
+        waiting, inst.waiting = inst.waiting or [], None
+        for n, body in enumerate(waiting):
+            if inst.port.ended:
+                return
+            if inst.waiting is not None:  # leaving: the rest comes after its goodbye
+                inst.waiting.extend(waiting[n:])
+                return
+            self._take(inst, body)
+
+    def _take(self, inst: _Instance, body: agent_pb2.HeartbeatRequest) -> None:
+        session = inst.session
+        assert session is not None
+        try:
+            goodbye = self._sessions.take(session, body)
+        except ANSWERABLE as err:
+            self._end(inst, End(status_of(err), str(err)))
+            return
+        if goodbye is not None:
+            inst.waiting = []
+            spawn(self._tasks, self._leave(inst, session, goodbye))
+
+    async def _leave(self, inst: _Instance, session: Session, goodbye: agent_pb2.Goodbye) -> None:
+        try:
+            await self._sessions.leave(session, goodbye)
+        except ANSWERABLE as err:
+            self._end(inst, End(status_of(err), str(err)))
+            return
+        self._end(inst, DONE)
+
+    def _end(self, inst: _Instance, end: End) -> None:
+        """End one instance: write its end and free its local; without goodbye, STALE."""
+        if inst.port.ended:
+            return
+        inst.port.finish(end)
+        if self._open.get(inst.port.local) is inst:
+            del self._open[inst.port.local]
+        if end is not DONE and inst.session is not None:
+            self._sessions.let_go(inst.session)
+
+    def _end_port(self, port: MuxPort, end: End) -> None:
+        inst = self._open.get(port.local)
+        if inst is not None and inst.port is port:
+            self._end(inst, end)
+
+    def _refuse(self, local: int, message: str) -> None:
+        """A frame for no instance: its end, for that local alone."""
+        self._writer.post(local, _bad(message))
+
+
+def _bad(message: str) -> End:
+    return End(grpc.StatusCode.INVALID_ARGUMENT, message)
