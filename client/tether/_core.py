@@ -71,6 +71,7 @@ class Core:
         self._applied: Verdict | None = None  # the verdict the last reply made
         self._stopping: list[types_pb2.Halt] = []  # that reply's halts
         self.stream: Stream = DEAD  # the stream this instance is registered on now
+        self.pending: Stream = DEAD  # the stream its last registration was written on
         self.ttl = 0.0
         self.halts: tuple[Halt, ...] = ()
         self.checkpoint: dict[str, Any] | None = None
@@ -272,7 +273,7 @@ class Core:
     def on_end(self, code: int, message: str) -> bool:
         """The coordinator ended this instance's session. True when it is over for good
         (a goodbye confirmed, or a refusal that retrying cannot fix); False: register again."""
-        self.stream = DEAD
+        self.stream = self.pending = DEAD
         if code == 0 or self.closing:
             self.goodbye_confirmed = code == 0
             self._end()

@@ -221,6 +221,7 @@ class Link:
         self._orphans.clear()
         for local, core in self._registering.items():
             frames.add(local=local).body.CopyFrom(core.identity.register())
+            core.pending = stream  # its grant (or end) is due on this stream
         self._registering.clear()
         dirty, self._dirty = self._dirty, set()
         taken: list[tuple[Core, list[types_pb2.Effect]]] = []
@@ -312,7 +313,7 @@ class Link:
     def _register_again(self, core: Core) -> None:
         stream = self.current
         wanted = core.local in self.members and not (core.closing or core.ended)
-        if wanted and stream is not None and core.stream is not stream:
+        if wanted and stream is not None and stream not in (core.stream, core.pending):
             self._registering[core.local] = core
             self._wake.set()
 
