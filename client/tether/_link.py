@@ -78,6 +78,7 @@ class Link:
         self.closing = False
         self._interval = 1.0
         self._ttl = 0.0
+        self._served = False  # the last stream granted a registration
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(), name="tether-link")
         self._watchdog = loop.create_task(self._watch(), name="tether-watchdog")
@@ -151,6 +152,8 @@ class Link:
                 log.info("tether: stream to %s broke (%s); reconnecting", target, err)
             if self.closing:
                 return
+            if self._served:  # a stream that granted: the next break starts a new round
+                backoff, self._served = _INITIAL_BACKOFF, False
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
@@ -180,6 +183,7 @@ class Link:
                 await self._read(stream)
             finally:
                 self.current = None
+                self._served = stream.beating
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
 
