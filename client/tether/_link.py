@@ -54,12 +54,6 @@ def join(core: Core, loop: asyncio.AbstractEventLoop) -> Link:
     return link
 
 
-def open_links() -> int:
-    """How many links the process holds now (one per loop, targets and credentials)."""
-    with _LINKS_LOCK:
-        return len(_LINKS)
-
-
 class Link:
     """One channel and one stream at a time, shared by the instances in ``members``."""
 
