@@ -184,6 +184,8 @@ def test_a_lost_stream_fails_closed_every_run_on_it_and_they_come_back(
         with pytest.raises(tether.TetherLost, match="lease TTL"):
             agent.check()
     bystander.check()  # one stream lost, not the process's others
+    quitter, agents = agents[0], agents[1:]
+    runs.close(quitter)  # while the stream is down: it must not come back with the others
     proxy.resume()
     for agent in agents:
         eventually(lambda agent=agent: not agent.killed, timeout=30)  # type: ignore[misc]
@@ -191,6 +193,21 @@ def test_a_lost_stream_fails_closed_every_run_on_it_and_they_come_back(
         assert runs.grants[agent.run_id] >= 2  # registered again, on the new stream
     # Under the same identity: the same instances, running, and no one left behind.
     states = {i.instance_id: i.state for i in admin.agents(tenant=tenant)}
+    assert states.pop(quitter.instance_id) is not tether.State.ACTIVE
     assert states == {a.instance_id: tether.State.ACTIVE for a in [*agents, bystander]}
     assert connections_to(proxy.port) == 1
-    print(f"{len(agents)} runs on one stream failed closed {took:.2f}s after the cut")
+    print(f"{len(agents) + 1} runs on one stream failed closed {took:.2f}s after the cut")
+
+
+def test_a_refused_registration_ends_only_that_run(
+    runs: Runs, coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    agents = [runs.add(f"agent://{tenant}/a", f"r{i}", coord.addr) for i in range(3)]
+    # A run belongs to the tenant that registered it first: another tenant's claim is
+    # refused, on the same stream, for that instance alone.
+    with pytest.raises(tether.PermissionDenied, match="belongs to another tenant"):
+        runs.add(f"agent://{tenant}-other/a", "r0", coord.addr)
+    runs.acked_on(agents)
+    for agent in agents:
+        agent.check()
+    assert {i.state for i in admin.agents(tenant=tenant)} == {tether.State.ACTIVE}
