@@ -289,6 +289,23 @@ def test_the_same_identity_on_a_new_stream_replaces_only_that_instance(
         newer.close()
 
 
+def test_a_heartbeat_stream_and_a_multiplex_instance_replace_each_other(
+    mux: Mux, channel: grpc.Channel, tenant: str
+) -> None:
+    _open(mux, tenant, 1, 2)
+    outgoing: queue.Queue[agent_pb2.HeartbeatRequest | None] = queue.Queue()
+    outgoing.put(register(tenant, "r-1"))
+    heartbeat = agent_pb2_grpc.AgentServiceStub(channel).Heartbeat(iter(outgoing.get, None))
+    assert next(heartbeat).HasField("session")
+    assert ending(mux, 1).code == ABORTED.value[0]
+    mux.send((3, register(tenant, "r-1")))  # and r-1 comes back on the multiplex stream
+    mux.granted(3)
+    with pytest.raises(grpc.RpcError) as err:
+        list(heartbeat)
+    assert err.value.code() == ABORTED
+    outgoing.put(None)
+
+
 def test_a_lost_stream_leaves_every_instance_stale(
     mux: Mux, admin: tether.AdminClient, tenant: str
 ) -> None:
@@ -335,6 +352,21 @@ def test_a_coordinator_that_loses_etcd_stops_every_instance_and_ends_the_stream(
     finally:
         coordinator.stop()
         store.stop()
+
+
+def test_a_coordinator_shutting_down_lets_the_whole_stream_go(
+    etcd: Etcd, tmp_path: Path, tenant: str
+) -> None:
+    coordinator = Coordinator(etcd).start(tmp_path)
+    try:
+        with grpc.insecure_channel(coordinator.addr) as ch:
+            mux = Mux(ch)
+            _open(mux, tenant, 1, 2)
+            coordinator.stop()
+            assert mux.ended() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (mux.call.details() or "")
+    finally:
+        coordinator.stop()
 
 
 def test_an_undecodable_message_ends_the_stream(channel: grpc.Channel) -> None:

@@ -122,9 +122,8 @@ class MuxStream:
             return
         except StreamGone:
             return  # its session was let go already
-        except Exception as err:
-            log.exception("registration on a multiplex stream failed")
-            self._end(inst, End(grpc.StatusCode.INTERNAL, f"coordinator error: {err!r}"))
+        except Exception as err:  # a bug ends the instance it hit, not its neighbours
+            self._failed(inst, err)
             return
         self._resume(inst)
 
@@ -147,6 +146,9 @@ class MuxStream:
         except ANSWERABLE as err:
             self._end(inst, End(status_of(err), str(err)))
             return
+        except Exception as err:
+            self._failed(inst, err)
+            return
         if goodbye is not None:
             inst.waiting = []
             spawn(self._tasks, self._leave(inst, session, goodbye))
@@ -157,7 +159,15 @@ class MuxStream:
         except ANSWERABLE as err:
             self._end(inst, End(status_of(err), str(err)))
             return
+        except Exception as err:
+            self._failed(inst, err)
+            return
         self._end(inst, DONE)
+
+    def _failed(self, inst: _Instance, err: Exception) -> None:
+        """A bug: log it and end the instance it hit, not its neighbours."""
+        log.exception("instance %d of a multiplex stream failed", inst.port.local, exc_info=err)
+        self._end(inst, End(grpc.StatusCode.INTERNAL, f"coordinator error: {type(err).__name__}"))
 
     def _end(self, inst: _Instance, end: End) -> None:
         """End one instance: write its end and free its local; without goodbye, STALE."""
