@@ -6,13 +6,15 @@ Tests that break things (SIGKILL a coordinator, stop etcd) start their own.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -283,3 +285,73 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """One development PKI for the session's TLS tests."""
     return Pki(tmp_path_factory.mktemp("pki"))
+
+
+class Siblings:
+    """``n`` more agents of this process on the test's coordinator, in a tenant of their own
+    that the test never kills: they share the test's agents' stream (one per process, target
+    list and credentials), so the test runs with several runs per stream as well as one.
+
+    ``around(target)`` (sync) or ``around_async(target)`` (on the test's own loop) opens them
+    and, at the end, checks each was told RUN all along and is still running; or, with
+    ``fate=True`` (a test that breaks the stream), ``shared_fate(stopped)`` checks that they
+    are stopped (or running) along with the test's agent.
+    """
+
+    def __init__(self, n: int, tenant: str) -> None:
+        self.n = n
+        self.tenant = f"{tenant}-sib"
+        self.agents: list[tether.Agent | tether.AsyncAgent] = []
+        self.stops: list[tether.Verdict] = []  # every verdict with a stop a sibling was given
+        self.replies = 0
+
+    def _seen(self, verdict: tether.Verdict, grant: bool) -> None:
+        self.replies += 1
+        if verdict.stop is not None:
+            self.stops.append(verdict)
+
+    def _args(self, i: int, target: str) -> tuple[str, dict[str, Any]]:
+        config = tether.AgentConfig.from_env(os.environ, on_reply=self._seen)
+        return f"agent://{self.tenant}/sib{i}", {"target": target, "config": config}
+
+    @contextlib.contextmanager
+    def around(self, target: str, *, fate: bool = False) -> Iterator[Siblings]:
+        with contextlib.ExitStack() as stack:
+            for i in range(self.n):
+                uri, kwargs = self._args(i, target)
+                self.agents.append(stack.enter_context(tether.Agent(uri, **kwargs)))
+            before = self.replies
+            yield self
+            if not fate:
+                self.untouched(before)
+
+    @contextlib.asynccontextmanager
+    async def around_async(self, target: str) -> AsyncIterator[Siblings]:
+        async with contextlib.AsyncExitStack() as stack:
+            for i in range(self.n):
+                uri, kwargs = self._args(i, target)
+                agent = tether.AsyncAgent(uri, **kwargs)
+                self.agents.append(await stack.enter_async_context(agent))
+            before = self.replies
+            yield self
+            await asyncio.to_thread(self.untouched, before)  # its loop must go on meanwhile
+
+    def untouched(self, replies_before: int) -> None:
+        """Each sibling was told RUN all along, is still acked, and still runs."""
+        assert not self.stops, [str(v.stop) for v in self.stops]
+        for agent in self.agents:
+            agent.check()
+            assert not agent.halts
+        if self.n:
+            eventually(lambda: self.replies > replies_before)  # acks kept coming
+
+    def shared_fate(self, *, stopped: bool) -> None:
+        """Each sibling is stopped (or running again) as the test's agent on its stream is."""
+        for agent in self.agents:
+            eventually(lambda agent=agent: agent.killed == stopped)  # type: ignore[misc]
+
+
+@pytest.fixture(params=[0, 3], ids=["alone", "siblings"])
+def siblings(request: pytest.FixtureRequest, tenant: str) -> Siblings:
+    """None, or three more runs on the test's stream: ``Siblings``."""
+    return Siblings(request.param, tenant)

@@ -13,7 +13,7 @@ import pytest
 import tether
 from tether_server import free_port
 
-from tests.conftest import Coordinator, Etcd, eventually
+from tests.conftest import Coordinator, Etcd, Siblings, eventually
 
 
 @contextlib.contextmanager
@@ -84,7 +84,7 @@ def test_instances_go_stale_in_etcd_when_their_coordinator_dies(
 
 
 def test_agent_fails_closed_when_its_coordinator_dies_and_recovers_through_another(
-    etcd: Etcd, tmp_path: Path, tenant: str
+    etcd: Etcd, tmp_path: Path, tenant: str, siblings: Siblings
 ) -> None:
     first = Coordinator(etcd).start(tmp_path)
     second = Coordinator(etcd)  # its port is known to the agent, but nothing listens yet
@@ -95,19 +95,23 @@ def test_agent_fails_closed_when_its_coordinator_dies_and_recovers_through_anoth
             grants.append(verdict)
 
     config = tether.AgentConfig(on_reply=on_reply)
+    targets = f"{first.addr},{second.addr}"
     try:
-        with tether.Agent(
-            f"agent://{tenant}/w", run_id="r", target=f"{first.addr},{second.addr}", config=config
-        ) as agent:
+        with (
+            siblings.around(targets, fate=True),  # on the same stream: the same fate
+            tether.Agent(f"agent://{tenant}/w", run_id="r", target=targets, config=config) as agent,
+        ):
             agent.check()
             first.stop(signal.SIGKILL)
             eventually(lambda: agent.killed)
             with pytest.raises(tether.TetherLost) as info:
                 agent.check()
             assert "lease TTL" in info.value.reason
+            siblings.shared_fate(stopped=True)
             second.start(tmp_path)
             eventually(lambda: not agent.killed)  # reconnected and told RUN
             agent.check()
+            siblings.shared_fate(stopped=False)
             eventually(lambda: len(grants) >= 2)  # registered with the first, then the second
             assert grants[-1].stop is None
     finally:
@@ -115,20 +119,27 @@ def test_agent_fails_closed_when_its_coordinator_dies_and_recovers_through_anoth
         second.stop()
 
 
-def test_coordinator_that_loses_etcd_tells_its_agents_to_stop(tmp_path: Path, tenant: str) -> None:
+def test_coordinator_that_loses_etcd_tells_its_agents_to_stop(
+    tmp_path: Path, tenant: str, siblings: Siblings
+) -> None:
     store = Etcd(tmp_path / "etcd").start()
     coordinator = Coordinator(store).start(tmp_path)
     try:
-        with tether.Agent(f"agent://{tenant}/w", target=coordinator.addr) as agent:
+        with (
+            siblings.around(coordinator.addr, fate=True),
+            tether.Agent(f"agent://{tenant}/w", target=coordinator.addr) as agent,
+        ):
             agent.check()
             store.stop(signal.SIGKILL)
             eventually(lambda: agent.killed)
             with pytest.raises(tether.TetherLost) as info:
                 agent.check()
             assert "etcd" in info.value.reason
+            siblings.shared_fate(stopped=True)
             store.start()  # same data dir and ports
             eventually(coordinator.serving)
             eventually(lambda: not agent.killed)
+            siblings.shared_fate(stopped=False)
             log = coordinator.log
             assert log is not None
             eventually(lambda: "etcd is back: re-attached after" in log.read_text())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import tether
 
-from tests.conftest import Coordinator, audited, eventually, settled_effects
+from tests.conftest import Coordinator, Siblings, audited, eventually, settled_effects
 
 
 def _statuses(admin: tether.AdminClient, tenant: str, n: int) -> dict[str, str]:
@@ -29,7 +29,9 @@ class LongEffect:
     seconds: float  # from the kill to the effect's end: recorded, never asserted
 
 
-def _long_effect(coord: Coordinator, uri: str, kill: Callable[[], object]) -> LongEffect:
+def _long_effect(
+    coord: Coordinator, uri: str, kill: Callable[[], object], siblings: Siblings
+) -> LongEffect:
     """An asyncio agent is inside a 10 s gated effect when ``kill`` runs.
 
     Once the effect sees its agent killed it takes one more turn of the loop, notes that it
@@ -39,7 +41,10 @@ def _long_effect(coord: Coordinator, uri: str, kill: Callable[[], object]) -> Lo
     """
 
     async def scenario() -> LongEffect:
-        async with tether.AsyncAgent(uri, run_id="r", target=coord.addr) as agent:
+        async with (
+            siblings.around_async(coord.addr),
+            tether.AsyncAgent(uri, run_id="r", target=coord.addr) as agent,
+        ):
             entered = asyncio.Event()
             ran_on: list[bool] = []
 
@@ -67,11 +72,14 @@ def _long_effect(coord: Coordinator, uri: str, kill: Callable[[], object]) -> Lo
 
 
 def test_hard_kill_cancels_work_in_flight_at_once(
-    coord: Coordinator, admin: tether.AdminClient, tenant: str
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, siblings: Siblings
 ) -> None:
     uri = f"agent://{tenant}/a"
     effect = _long_effect(
-        coord, uri, lambda: admin.kill(tether.selector(agent=uri), "hard stop", force=True)
+        coord,
+        uri,
+        lambda: admin.kill(tether.selector(agent=uri), "hard stop", force=True),
+        siblings,
     )
     assert effect.outcome == "cancelled"  # not the 10 s the effect wanted
     assert not effect.ran_on  # cancelled with the verdict, not after some grace
@@ -85,6 +93,7 @@ def test_soft_kill_escalates_to_hard_when_the_grace_runs_out(
     admin: tether.AdminClient,
     tenant: str,
     record_property: Callable[[str, object], None],
+    siblings: Siblings,
 ) -> None:
     uri = f"agent://{tenant}/a"
     effect = _long_effect(
@@ -93,6 +102,7 @@ def test_soft_kill_escalates_to_hard_when_the_grace_runs_out(
         lambda: admin.kill(
             tether.selector(agent=uri), "soft stop", soft=True, grace=1.0, force=True
         ),
+        siblings,
     )
     record_property("soft_to_hard_seconds", round(effect.seconds, 3))
     print(
@@ -111,12 +121,15 @@ def test_soft_kill_escalates_to_hard_when_the_grace_runs_out(
 
 
 def test_soft_kill_lets_short_work_finish_and_refuses_new_work(
-    coord: Coordinator, admin: tether.AdminClient, tenant: str
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, siblings: Siblings
 ) -> None:
     uri = f"agent://{tenant}/a"
 
     async def scenario() -> None:
-        async with tether.AsyncAgent(uri, run_id="r", target=coord.addr) as agent:
+        async with (
+            siblings.around_async(coord.addr),
+            tether.AsyncAgent(uri, run_id="r", target=coord.addr) as agent,
+        ):
             entered = asyncio.Event()
 
             async def work() -> None:
@@ -144,11 +157,11 @@ def test_soft_kill_lets_short_work_finish_and_refuses_new_work(
 
 @pytest.mark.parametrize("drain", [False, True], ids=["discard", "drain"])
 def test_queued_work_is_drained_or_discarded_as_the_kill_says(
-    coord: Coordinator, admin: tether.AdminClient, tenant: str, drain: bool
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, drain: bool, siblings: Siblings
 ) -> None:
     uri = f"agent://{tenant}/q"
     sent: list[int] = []
-    with tether.Agent(uri, run_id="r", target=coord.addr) as agent:
+    with siblings.around(coord.addr), tether.Agent(uri, run_id="r", target=coord.addr) as agent:
 
         def handler(n: int) -> None:
             sent.append(n)
@@ -175,12 +188,12 @@ def test_queued_work_is_drained_or_discarded_as_the_kill_says(
 
 
 def test_a_cancelled_timer_never_fires_and_a_retry_stops_at_the_kill(
-    coord: Coordinator, admin: tether.AdminClient, tenant: str
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, siblings: Siblings
 ) -> None:
     uri = f"agent://{tenant}/t"
     fired = threading.Event()
     attempts: list[int] = []
-    with tether.Agent(uri, run_id="r", target=coord.addr) as agent:
+    with siblings.around(coord.addr), tether.Agent(uri, run_id="r", target=coord.addr) as agent:
         early = agent.call_later(0.05, lambda: None)
         timer = agent.call_later(1.0, fired.set)
         eventually(lambda: early.fired)

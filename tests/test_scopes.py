@@ -7,16 +7,20 @@ from contextlib import ExitStack
 import pytest
 import tether
 
-from tests.conftest import Coordinator, eventually
+from tests.conftest import Coordinator, Siblings, eventually
 
 
 def test_capability_freeze_blocks_only_that_capability(
-    coordinators: tuple[Coordinator, Coordinator], admin: tether.AdminClient, tenant: str
+    coordinators: tuple[Coordinator, Coordinator],
+    admin: tether.AdminClient,
+    tenant: str,
+    siblings: Siblings,
 ) -> None:
     a, b = coordinators
     uri = f"agent://{tenant}/email"
     caps = ["send_email", "read_crm"]
     with ExitStack() as stack:
+        stack.enter_context(siblings.around(a.addr))
         agents = [
             stack.enter_context(tether.Agent(uri, target=c.addr, capabilities=caps)) for c in (a, b)
         ]
@@ -54,10 +58,11 @@ def test_capability_freeze_blocks_only_that_capability(
 
 
 def test_label_selector_halts_only_matching_instances(
-    coord: Coordinator, admin: tether.AdminClient, tenant: str
+    coord: Coordinator, admin: tether.AdminClient, tenant: str, siblings: Siblings
 ) -> None:
     uri = f"agent://{tenant}/bot"
     with ExitStack() as stack:
+        stack.enter_context(siblings.around(coord.addr))
         beta = stack.enter_context(
             tether.Agent(uri, target=coord.addr, labels={"feature": "beta", "version": "2.3.1"})
         )

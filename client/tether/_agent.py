@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from tether._config import AgentConfig, resolve_targets
 from tether._core import Core
 from tether._errors import InvalidArgument
 from tether._gate import Effect
+from tether._link_stream import SHARED_LOOP
 from tether._types import Halt
 from tether._uri import check_name, parse_agent_uri
 from tether._verdict import Identity
@@ -233,8 +233,9 @@ class _Front:
 class Agent(_Front):
     """A tethered agent instance for synchronous code.
 
-    The stream runs on a private event loop in a daemon thread; ``check()`` and
-    ``report()`` never touch it, so they cost an attribute read.
+    The stream runs on an event loop in a daemon thread that every sync agent of the
+    process shares, as it shares one stream per coordinator list and credentials;
+    ``check()`` and ``report()`` never touch it, so they cost an attribute read.
 
     Args:
         uri: ``agent://TENANT/AGENT``.
@@ -263,8 +264,7 @@ class Agent(_Front):
             ``AgentConfig.from_env(os.environ)``.
     """
 
-    _loop: asyncio.AbstractEventLoop | None = None  # the private loop, once started
-    _thread: threading.Thread | None = None  # the daemon thread that runs it
+    _loop: asyncio.AbstractEventLoop | None = None  # the shared loop, once started
 
     def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
@@ -288,30 +288,21 @@ class Agent(_Front):
 
     def start(self) -> None:
         """Register with a coordinator; blocks until the first reply."""
-        loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=loop.run_forever, name="tether", daemon=True)
-        self._thread.start()
-        self._loop = loop
+        loop = SHARED_LOOP.acquire()
         try:
             asyncio.run_coroutine_threadsafe(self._core.start(), loop).result()
         except BaseException:
-            self._stop_loop()
+            SHARED_LOOP.release()
             raise
+        self._loop = loop
 
     def close(self, checkpoint: Mapping[str, Any] | None = None) -> None:
         """End cleanly: the final checkpoint is stored before this returns."""
         if self._loop is None:
             return
         asyncio.run_coroutine_threadsafe(self._core.close(checkpoint), self._loop).result()
-        self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            loop.close()
+        self._loop = None  # a bad final checkpoint raised above: the agent is still open
+        SHARED_LOOP.release()
 
     def __enter__(self) -> Self:
         self.start()

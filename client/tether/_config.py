@@ -57,7 +57,10 @@ class AgentConfig:
     """Gate effects in strict mode by default (see ``Agent.effect``)."""
     channel_options: tuple[tuple[str, Any], ...] = ()
     """Extra gRPC channel arguments for the agent's channel, such as
-    ``(("grpc.use_local_subchannel_pool", 1),)`` to give it a TCP connection of its own."""
+    ``(("grpc.use_local_subchannel_pool", 1),)`` for a TCP connection of its own. Agents of
+    one process (and event loop) with the same targets, credentials and options share one
+    channel and one stream; different options make a channel of their own (a distinct
+    option per agent, such as ``("tether.link", n)``, gives each agent its own stream)."""
     on_reply: Callable[[Verdict, bool], None] | None = None
     """Called on the agent's event loop after each coordinator reply is applied, with the
     verdict now in force and True when that reply was a session grant (a registration or

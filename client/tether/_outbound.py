@@ -1,8 +1,9 @@
-"""What waits to be written on the stream, and the wake-up that tells its one writer.
+"""What one instance waits to write on its link's stream, and the wake-up that tells the writer.
 
 It mirrors the coordinator's ``Outbox``: anything may queue from any thread without
-blocking (kill acks, permit requests, ledger records, the newest checkpoint), and the
-stream's sender, the only task that writes, takes it from here in that order.
+blocking (kill acks, permit requests, ledger records, the newest checkpoint). The link's one
+writer takes it from here, in that order, as frames of one ``MuxRequest`` it shares with the
+other instances on the stream.
 """
 
 from __future__ import annotations
@@ -11,35 +12,39 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
-from typing import Any
+from collections.abc import Callable
 
 from google.protobuf import struct_pb2
 
 from tether._errors import TetherLost
 from tether.v1 import agent_pb2, types_pb2
 
-_BEATS_KEPT = 64  # beats awaiting their reply before old ones are forgotten
 _SIGNALS_LOCK = threading.Lock()  # additions come from any thread; held for one tuple swap
+_NO_SIGNALS = (0.0, 0, 0, 0)
+
+Signals = tuple[float, int, int, int]
+
+
+def _nothing() -> None:
+    return None
 
 
 class Outbound:
-    """The queue of one agent's stream writes, which outlives any single stream."""
+    """The queue of one instance's stream writes, which outlives any single stream."""
 
     __slots__ = (
         "_loop",
         "_loop_thread",
+        "_notify",
         "_permit_seq",
         "_permit_waiters",
-        "_seq",
         "acks",
-        "beats_sent",
         "latest",
         "ledger",
         "permits",
         "reported",
         "signals",
         "signals_sent",
-        "wake",
     )
 
     def __init__(self) -> None:
@@ -48,39 +53,44 @@ class Outbound:
         self.ledger: deque[types_pb2.Effect] = deque()
         self.latest: struct_pb2.Struct | None = None  # the newest checkpoint reported
         self.reported: struct_pb2.Struct | None = None  # the last one this stream carried
-        self.wake = asyncio.Event()  # set when something waits to be written
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        self._notify: Callable[[], None] = _nothing  # tells the link's writer, on its loop
         self._permit_waiters: dict[int, asyncio.Future[agent_pb2.PermitDecision]] = {}
-        self._permit_seq = 0
-        self._seq = 0
-        self.beats_sent: dict[int, float] = {}  # seq -> when sent, of beats awaiting a reply
+        self._permit_seq = 0  # request ids are this instance's own
         # This instance's running totals (usd, tokens, calls, anomalies): one tuple, replaced
         # whole, so that a beat never reads half an update from another thread.
-        self.signals: tuple[float, int, int, int] = (0.0, 0, 0, 0)
-        self.signals_sent: tuple[float, int, int, int] | None = None  # on this stream
+        self.signals: Signals = _NO_SIGNALS
+        # What this stream carried; None: nothing yet. A new stream gets the totals with its
+        # first beat even when they are zero, so the coordinators know the run from then on.
+        self.signals_sent: Signals | None = None
 
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wake-ups go to ``loop``, the running loop of the stream's writer."""
+    def bind(self, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]) -> None:
+        """Wake-ups call ``notify`` on ``loop``, the running loop of the link's writer."""
         self._loop = loop
         self._loop_thread = threading.get_ident()
+        self._notify = notify
+
+    def new_stream(self) -> None:
+        """A new stream: it gets the newest checkpoint and the running totals at once."""
+        self.reported = None
+        self.signals_sent = None
 
     def wake_soon(self) -> None:
         """Wake the writer. Safe from any thread; never blocks."""
         if threading.get_ident() == self._loop_thread:
-            self.wake.set()  # on the loop already: no self-pipe write, no extra turn
+            self._notify()  # on the loop already: no self-pipe write, no extra turn
             return
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed between the check and here
-                self._loop.call_soon_threadsafe(self.wake.set)
+                self._loop.call_soon_threadsafe(self._notify)
 
     # -- what others queue ----------------------------------------------------------------
 
     def ack(self, ack: agent_pb2.KillAck) -> None:
         """Queue a kill ack, carrying the newest checkpoint if this stream has not yet.
 
-        The ack goes out before any beat, so no beat needs to repeat it: at a kill, every
-        agent then sends one message, not two, when the coordinator is busiest. One the
+        The ack goes out before any beat frame, so no beat needs to repeat it. One the
         stream already carried is not sent again: the coordinator holds it and stores it
         at the kill.
         """
@@ -88,12 +98,14 @@ class Outbound:
         self.acks.append(ack)
         self.wake_soon()
 
-    def _carry_checkpoint(self, message: agent_pb2.KillAck | agent_pb2.Beat) -> None:
+    def _carry_checkpoint(self, message: agent_pb2.KillAck | agent_pb2.Beat) -> bool:
         """Put the newest checkpoint on ``message`` if this stream has not carried it yet."""
         latest = self.latest
-        if latest is not None and latest is not self.reported:
-            message.checkpoint.CopyFrom(latest)
-            self.reported = latest
+        if latest is None or latest is self.reported:
+            return False
+        message.checkpoint.CopyFrom(latest)
+        self.reported = latest
+        return True
 
     def record(self, effect: types_pb2.Effect) -> None:
         """Queue a ledger record. Safe from any thread; never blocks."""
@@ -137,53 +149,50 @@ class Outbound:
 
     # -- what the writer takes ------------------------------------------------------------
 
-    async def write_queued(self, call: Any) -> None:
-        """Write acks, then permit requests, then ledger records, in the order queued."""
-        acks, permits = self.acks, self.permits
+    def take(
+        self, local: int, request: agent_pb2.MuxRequest, *, beat: bool, goodbye: bool
+    ) -> list[types_pb2.Effect]:
+        """Append this instance's frames to ``request``: acks, permit requests, ledger
+        records, then a beat frame (with ``beat``, when the checkpoint or totals changed)
+        or the goodbye. Returns the ledger records taken, to queue again if the write fails.
+        """
+        acks, permits, frames = self.acks, self.permits, request.frames
         while acks:
-            await call.write(agent_pb2.HeartbeatRequest(ack=acks.popleft()))
+            frames.add(local=local).body.ack.CopyFrom(acks.popleft())
         while permits:
-            await call.write(agent_pb2.HeartbeatRequest(permit=permits.popleft()))
-        await self._write_effects(call)
+            frames.add(local=local).body.permit.CopyFrom(permits.popleft())
+        effects = self._take_effects(local, request)
+        if goodbye:
+            body = frames.add(local=local).body
+            body.goodbye.SetInParent()
+            if self.latest is not None:
+                body.goodbye.checkpoint.CopyFrom(self.latest)
+        elif beat:
+            self._beat_frame(local, request)
+        return effects
 
-    async def write_goodbye(self, call: Any) -> None:
-        """Write the goodbye with the newest checkpoint, and end this side of the stream."""
-        # Records made before close() may have landed in the deque while the last write
-        # was in flight: closing is set after them, so this drain gets them.
-        await self._write_effects(call)
-        goodbye = agent_pb2.Goodbye()
-        if self.latest is not None:
-            goodbye.checkpoint.CopyFrom(self.latest)
-        await call.write(agent_pb2.HeartbeatRequest(goodbye=goodbye))
-        await call.done_writing()
+    def _take_effects(self, local: int, request: agent_pb2.MuxRequest) -> list[types_pb2.Effect]:
+        ledger = self.ledger
+        if not ledger:
+            return []
+        taken = [ledger.popleft() for _ in range(len(ledger))]
+        request.frames.add(local=local).body.effects.effects.extend(taken)
+        return taken
 
-    async def _write_effects(self, call: Any) -> None:
-        if not self.ledger:
-            return
-        batch = agent_pb2.EffectBatch()
-        while self.ledger:
-            batch.effects.append(self.ledger.popleft())
-        try:
-            await call.write(agent_pb2.HeartbeatRequest(effects=batch))
-        except BaseException:
-            self.ledger.extendleft(reversed(batch.effects))  # the next stream sends them
-            raise
+    def requeue(self, effects: list[types_pb2.Effect]) -> None:
+        """Ledger records whose write failed: the next stream sends them first."""
+        self.ledger.extendleft(reversed(effects))
 
-    def beat(self, now: float, ttl: float) -> agent_pb2.Beat:
-        """The next beat, carrying the newest checkpoint if this stream has not yet."""
-        self._seq += 1
-        beat = agent_pb2.Beat(seq=self._seq)
-        self._carry_checkpoint(beat)
+    def _beat_frame(self, local: int, request: agent_pb2.MuxRequest) -> None:
+        """A beat frame when the newest checkpoint or the running totals are not yet sent."""
         signals = self.signals
+        fresh = self.latest is not None and self.latest is not self.reported
+        if not fresh and signals == self.signals_sent:
+            return
+        beat = request.frames.add(local=local).body.beat
+        self._carry_checkpoint(beat)
         if signals != self.signals_sent:
             usd, tokens, calls, anomalies = signals
             beat.signals.usd, beat.signals.tokens = usd, tokens
             beat.signals.calls, beat.signals.anomalies = calls, anomalies
             self.signals_sent = signals
-        sent = self.beats_sent
-        sent[self._seq] = now
-        if len(sent) > _BEATS_KEPT:  # replies that never came: forget them, in place
-            horizon = now - max(ttl, 1.0)
-            for seq in [s for s, t in sent.items() if t < horizon]:
-                del sent[seq]
-        return beat
