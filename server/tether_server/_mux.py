@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether_server")
 
 
+_UNCLEAN = "the agent closed its side without goodbye for {} instance(s)"
+
+
 class _Instance:
     """One local on the stream: its port, its session once registered, and the frames that
     wait while it registers or leaves (None: none wait, take them at once)."""
@@ -71,6 +74,8 @@ class MuxStream:
                 if req.seq:
                     writer.at = time.monotonic()
                     await writer.beat(req.seq)
+            if self._open:  # as on Heartbeat: an end without goodbye is not a clean one
+                writer.end(End(grpc.StatusCode.CANCELLED, _UNCLEAN.format(len(self._open))))
         except DecodeError as err:  # parsed message by message, here, not at the edge
             writer.end(End(grpc.StatusCode.INVALID_ARGUMENT, malformed(err)))
         except (grpc.RpcError, grpc.aio.AbortError):

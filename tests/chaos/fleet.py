@@ -1,7 +1,8 @@
 """A fleet of ``tether.AsyncAgent`` in one subprocess, driven by the test over JSON lines.
 
 The child (``python tests/chaos/fleet.py``) reads one command per line on stdin and answers
-one JSON line on stdout. Each agent has a TCP connection of its own, reports a checkpoint
+one JSON line on stdout. The agents share the process's one Multiplex stream per target (as
+every SDK process does), each reports a checkpoint
 ``{"agent": i, "step": n}`` that changes every ``period`` seconds, and is sampled with
 ``check()`` every 20 ms, so that a fail-closed by the agent's own TTL watchdog (which calls
 no hook) is seen too. Times are ``time.monotonic()``, which every process on the machine
