@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -65,6 +65,10 @@ class Totals:
 ZERO = Totals()
 
 
+Labels = tuple[tuple[str, str], ...]  # a selector's labels, sorted: every one must match
+NO_LABELS: Mapping[str, str] = {}
+
+
 class Selected(Protocol):
     """A selector as a kill takes it (a breaker's, a rule's): empty matches any."""
 
@@ -74,12 +78,19 @@ class Selected(Protocol):
     def agent(self) -> str: ...
     @property
     def run_id(self) -> str: ...
+    @property
+    def labels(self) -> Labels: ...
 
 
-def covers(sel: Selected, run: Sequence[str]) -> bool:
-    """Whether ``sel`` selects the run ``(tenant, agent, run_id)``."""
+def covers(sel: Selected, run: Sequence[str], labels: Mapping[str, str] = NO_LABELS) -> bool:
+    """Whether ``sel`` selects the run ``(tenant, agent, run_id)`` carrying ``labels``."""
     tenant, agent, run_id = run
-    return sel.tenant in ("", tenant) and sel.agent in ("", agent) and sel.run_id in ("", run_id)
+    return (
+        sel.tenant in ("", tenant)
+        and sel.agent in ("", agent)
+        and sel.run_id in ("", run_id)
+        and all(labels.get(k) == v for k, v in sel.labels)
+    )
 
 
 _DEPTH = {Scope.TENANT: 1, Scope.AGENT: 2, Scope.RUN: 3}
@@ -99,6 +110,7 @@ class BreakerSpec:
     tenant: str = ""  # the selector, as a kill takes it: empty matches any
     agent: str = ""
     run_id: str = ""
+    labels: Labels = ()  # only runs registered with every one of these labels
     scope: Scope = Scope.RUN
     window: float = 60.0
     min_calls: int = 20

@@ -16,13 +16,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._audit import AuditLog
 from tether_server._breakers import (
+    NO_LABELS,
     BreakerSpec,
     BreakerState,
     Event,
@@ -37,6 +38,7 @@ from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._halts import HaltTable
 from tether_server._notify import Notifier
+from tether_server._policy import Policy, RuleGroup, groups_of
 from tether_server._policy_store import PolicyStore
 from tether_server._rules import RuleRunner, selector_of
 from tether_server._selectors import halt_id
@@ -48,9 +50,12 @@ from tether_server._store import (
     absent,
     breaker_key,
     breaker_of,
+    checkpoint_key,
     counts_source,
+    from_json,
     put_op,
     range_op,
+    roster_prefix,
 )
 from tether_server._tally import FleetTotals
 
@@ -110,6 +115,7 @@ class Evaluator:
         self._notifier = Notifier(self._policies.policy)
         self._rules = RuleRunner(self._halt_store, audit, store, self._notifier)
         self.leading = False
+        self._groups: tuple[Policy | None, list[RuleGroup]] = (None, [])
         self._reset()
 
     def _reset(self) -> None:
@@ -122,6 +128,7 @@ class Evaluator:
         # first burst counts in its window.
         self._warm = False
         self._swept = (0.0, -1)  # when, and under which policy version, all runs were seen
+        self._states: dict[bytes, BreakerState] | None = None  # read anew once elected
 
     async def run(self, lease: int) -> None:
         """Campaign and, while elected, decide; errors are logged, never end the loop."""
@@ -140,7 +147,7 @@ class Evaluator:
             [absent(EVALUATOR)], [put_op(EVALUATOR, value, lease)], [range_op(EVALUATOR)]
         )
         leading = resp.succeeded or resp.responses[0].response_range.kvs[0].value == value
-        if leading and not self.leading:
+        if leading and (resp.succeeded or not self.leading):  # a new term: nothing kept holds
             log.info("coordinator %s is the protection evaluator", self._me)
             self._reset()  # windows restart with the new evaluator's own samples
         self.leading = leading
@@ -150,6 +157,9 @@ class Evaluator:
     async def decide(self, now: float) -> None:
         """One round: merge the counts, then every breaker and rule of the policy."""
         policy, version = await self._policies.policy()
+        if policy is not self._groups[0]:  # parsed anew: another policy
+            self._groups = (policy, groups_of(policy.rules))
+        groups = self._groups[1]
         self._fleet.next_round()
         for kv in (await self._store.range(COUNTS)).kvs:
             source = counts_source(kv.key)
@@ -159,15 +169,43 @@ class Evaluator:
         changed = self._fleet.take_changed()
         if now - self._swept[0] >= FULL_SWEEP or version != self._swept[1]:
             changed, self._swept = self._fleet.known_runs(), (now, version)
-        states = {kv.key: state_of(kv.value) for kv in (await self._store.range(BREAKERS)).kvs}
+        await self._context(policy, groups, changed)
+        states = await self._breaker_states()
         for spec in policy.breakers:
-            for subject in _due(spec, changed, states):
+            for subject in _due(spec, changed, states, self._fleet.labels):
                 await self._breaker(spec, subject, states, now)
-        if policy.rules:
+        if groups:
             due = self._rules.decisions.due
-            decided = due(policy.rules, version, self._fleet, self.series, now, changed=changed)
+            decided = due(groups, version, self._fleet, self.series, now, changed=changed)
             await self._rules.act(decided, version)
         self._warm = True
+
+    async def _breaker_states(self) -> dict[bytes, BreakerState]:
+        """Every breaker's state: read once per election, then kept as this one writes them
+        (only the evaluator writes them)."""
+        if self._states is None:
+            kvs = (await self._store.range(BREAKERS)).kvs
+            self._states = {kv.key: state_of(kv.value) for kv in kvs}
+        return self._states
+
+    async def _context(self, policy: Policy, groups: list[RuleGroup], runs: set[RunKey]) -> None:
+        """Read what the figures lack, for the runs to decide on: labels from the roster
+        (once a run's are found), checkpoints as last stored (when a rule reads them)."""
+        if any(b.labels for b in policy.breakers) or any(g.labels for g in groups):
+            for run in runs - self._fleet.labels.keys():
+                found = await self._store.range(
+                    roster_prefix(run.tenant, run.agent) + f"{run.run_id}/".encode()
+                )
+                labels = {}  # none stored: the record was pruned
+                if found.kvs:  # every instance of a run registers with the same labels
+                    record = from_json(found.kvs[0].value, types_pb2.AgentInstance())
+                    labels = dict(record.labels)
+                self._fleet.labels[run] = labels
+        if any(g.checkpoint for g in groups):
+            for run in runs:
+                found = await self._store.range(checkpoint_key(run), prefix=False)
+                if found.kvs:
+                    self._fleet.checkpoints[run] = json.loads(found.kvs[0].value)
 
     def series(self, window: float, subject: tuple[str, ...], totals: Totals, now: float) -> Series:
         """The subject's samples over ``window``, with ``totals`` added at ``now``."""
@@ -199,6 +237,7 @@ class Evaluator:
             return
         figures = fig.as_dict()
         await self._store.txn((), [put_op(key, state_json(st, figures))])
+        states[key] = st
         await self._act(spec, sel, st, event, figures)
 
     async def _act(
@@ -221,10 +260,17 @@ class Evaluator:
 
 
 def _due(
-    spec: BreakerSpec, changed: Iterable[RunKey], states: dict[bytes, BreakerState]
+    spec: BreakerSpec,
+    changed: Iterable[RunKey],
+    states: dict[bytes, BreakerState],
+    labels: Mapping[RunKey, Mapping[str, str]],
 ) -> set[tuple[str, ...]]:
     """The subjects to decide on: those with a run that moved, and those not CLOSED."""
-    due = {subject_of(spec.scope, run) for run in changed if covers(spec, run)}
+    due = {
+        subject_of(spec.scope, run)
+        for run in changed
+        if covers(spec, run, labels.get(run, NO_LABELS))
+    }
     for key, st in states.items():
         if st.state is not State.CLOSED:
             name, subject = breaker_of(key)

@@ -15,13 +15,13 @@ from google.protobuf import duration_pb2
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._audit import AuditLog, new_entry
-from tether_server._breakers import Scope, Series, Totals, covers, subject_of
+from tether_server._breakers import NO_LABELS, Scope, Series, Totals, covers, subject_of
 from tether_server._etcd import Store
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._notify import Notifier
-from tether_server._policy import Action, Rule
+from tether_server._policy import Action, Rule, RuleGroup
 from tether_server._store import RunKey, fired_key, put_op
-from tether_server._tally import FleetTotals
+from tether_server._tally import NO_CHECKPOINT, FleetTotals
 
 SeriesOf = Callable[[float, tuple[str, ...], Totals, float], Series]
 _SCOPES = {
@@ -116,15 +116,24 @@ class Decisions:
     """Which rules hold, on which subjects: pure, given the fleet's figures."""
 
     def __init__(self) -> None:
-        # What each rule last saw of each run: CEL is pure, so the same context gives the
-        # same answer, and a run whose figures did not move costs a comparison, not a run.
-        self._seen: dict[tuple[Rule, RunKey], dict[str, Any]] = {}
+        # What each window's rules last saw of each run: CEL is pure, so the same inputs
+        # give the same answers, and a run whose figures did not move costs a comparison.
+        self._seen: dict[tuple[float, RunKey], dict[str, Any]] = {}
+        self._covering: dict[tuple[float, RunKey], bool] = {}
         self._fired: set[tuple[str, tuple[str, ...]]] = set()
         self._version = -1
+        self._groups: list[RuleGroup] = []  # which parse of the policy: kept, to compare
+
+    def forget(self, runs: Iterable[RunKey]) -> None:
+        """Drop what was kept of runs that ended."""
+        gone = set(runs)
+        for kept in (self._seen, self._covering):
+            for key in [k for k in kept if k[1] in gone]:
+                del kept[key]
 
     def due(
         self,
-        rules: Iterable[Rule],
+        groups: list[RuleGroup],
         version: int,
         fleet: FleetTotals,
         series: SeriesOf,
@@ -134,35 +143,44 @@ class Decisions:
     ) -> list[tuple[Rule, tuple[str, ...], dict[str, Any]]]:
         """The rules that hold now, on runs whose figures (or whose agent's or tenant's,
         for a rule that reads them) moved, and that have not acted on their subject."""
-        if version != self._version:
+        if version != self._version or groups is not self._groups:
             self._seen.clear()  # a policy applied again acts again
+            self._covering.clear()
             self._fired.clear()
-            self._version = version
-        levels: dict[float, _Levels] = {}
+            self._version, self._groups = version, groups
         found = []
-        for rule in rules:
-            level = levels.get(rule.window) or levels.setdefault(
-                rule.window, _Levels(fleet, series, rule.window, now)
-            )
-            for run in _candidates(rule, changed, fleet):
-                subject = subject_of(rule.scope, run)
-                if not covers(rule, run) or (rule.name, subject) in self._fired:
+        for group in groups:
+            level = _Levels(fleet, series, group.window, now)
+            for run in _candidates(group.depth, changed, fleet):
+                if not self._covers(group, run, fleet):
                     continue
                 context = level.context(run)
-                seen = rule.inputs(context)
-                if self._seen.get((rule, run)) == seen:
+                seen = group.inputs(context)
+                if self._seen.get((group.window, run)) == seen:
                     continue
-                self._seen[(rule, run)] = seen
-                if rule.holds(seen):
-                    self._fired.add((rule.name, subject))
-                    found.append((rule, subject, context))
+                self._seen[(group.window, run)] = seen
+                for rule, held in zip(group.rules, group.results(seen), strict=True):
+                    if held and covers(rule, run, fleet.labels.get(run, NO_LABELS)):
+                        subject = subject_of(rule.scope, run)
+                        if (rule.name, subject) not in self._fired:
+                            self._fired.add((rule.name, subject))
+                            found.append((rule, subject, context))
+        return found
+
+    def _covers(self, group: RuleGroup, run: RunKey, fleet: FleetTotals) -> bool:
+        """Whether a rule of ``group`` selects ``run``; kept once its labels are known."""
+        found = self._covering.get((group.window, run))
+        if found is None:
+            labels = fleet.labels.get(run)
+            found = any(covers(r, run, labels or NO_LABELS) for r in group.rules)
+            if labels is not None or not group.labels:
+                self._covering[(group.window, run)] = found
         return found
 
 
-def _candidates(rule: Rule, changed: set[RunKey], fleet: FleetTotals) -> set[RunKey]:
+def _candidates(depth: int, changed: set[RunKey], fleet: FleetTotals) -> set[RunKey]:
     """The runs whose context may differ: those that moved, and their agent's or tenant's
-    other runs when the rule reads ``agent`` or ``tenant``."""
-    depth = 1 if "tenant" in rule.roots else 2 if "agent" in rule.roots else 3
+    other runs when a rule reads ``agent`` (depth 2) or ``tenant`` (depth 1)."""
     if depth == 3:
         return changed
     found: set[RunKey] = set()
@@ -197,7 +215,12 @@ class _Levels:
     def root(self, run: RunKey, name: str) -> dict[str, Any]:
         tenant, agent, run_id = run
         if name == "run":
-            return {**self._level(tuple(run)), "tenant": tenant, "agent": agent, "run_id": run_id}
+            fleet = self._fleet
+            return {
+                **self._level(tuple(run)), "tenant": tenant, "agent": agent, "run_id": run_id,
+                "labels": fleet.labels.get(run, NO_LABELS),
+                "checkpoint": fleet.checkpoints.get(run, NO_CHECKPOINT),
+            }  # fmt: skip
         if name == "agent":
             return {**self._level((tenant, agent)), "tenant": tenant, "agent": agent}
         if name == "tenant":
