@@ -41,7 +41,7 @@ from tether._permits import (
     PermitInterceptor,
     PermitVerifier,
 )
-from tether._protection import BreakerStatus, PolicyVersion
+from tether._protection import BreakerStatus, PolicyTest, PolicyVersion, WouldTrip
 from tether._selector import selector
 from tether._types import (
     AgentEvent,
@@ -91,6 +91,7 @@ __all__ = [
     "PermitClaims",
     "PermitInterceptor",
     "PermitVerifier",
+    "PolicyTest",
     "PolicyVersion",
     "Principal",
     "Scope",
@@ -101,6 +102,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Verdict",
+    "WouldTrip",
     "check_name",
     "check_trust_domain",
     "compensate",

@@ -141,9 +141,10 @@ class Figures:
         }
 
 
-def trip_reason(spec: BreakerSpec, fig: Figures) -> str:
-    """Why ``spec`` trips on ``fig``, with the figures; "" when it does not."""
-    c, w = fig.current, f"{fig.window:g}s"
+def trip_reason(spec: BreakerSpec, fig: Figures, over: str = "") -> str:
+    """Why ``spec`` trips on ``fig``, with the figures; "" when it does not. ``over`` says
+    what the figures cover (by default, the window)."""
+    c, w = fig.current, over or f"{fig.window:g}s"
     if c.effects < spec.min_calls:
         return ""  # no verdict on fewer calls
     if spec.error_rate is not None and c.writes:

@@ -40,7 +40,7 @@ from tether_server._halts import HaltTable
 from tether_server._notify import Notifier
 from tether_server._policy import Policy, RuleGroup, groups_of
 from tether_server._policy_store import PolicyStore
-from tether_server._rules import RuleRunner, selector_of
+from tether_server._rules import RuleRunner, read_context, selector_of
 from tether_server._selectors import halt_id
 from tether_server._store import (
     BREAKERS,
@@ -50,12 +50,9 @@ from tether_server._store import (
     absent,
     breaker_key,
     breaker_of,
-    checkpoint_key,
     counts_source,
-    from_json,
     put_op,
     range_op,
-    roster_prefix,
 )
 from tether_server._tally import FleetTotals
 
@@ -169,7 +166,7 @@ class Evaluator:
         changed = self._fleet.take_changed()
         if now - self._swept[0] >= FULL_SWEEP or version != self._swept[1]:
             changed, self._swept = self._fleet.known_runs(), (now, version)
-        await self._context(policy, groups, changed)
+        await read_context(self._store, self._fleet, policy, groups, changed)
         states = await self._breaker_states()
         for spec in policy.breakers:
             for subject in _due(spec, changed, states, self._fleet.labels):
@@ -187,25 +184,6 @@ class Evaluator:
             kvs = (await self._store.range(BREAKERS)).kvs
             self._states = {kv.key: state_of(kv.value) for kv in kvs}
         return self._states
-
-    async def _context(self, policy: Policy, groups: list[RuleGroup], runs: set[RunKey]) -> None:
-        """Read what the figures lack, for the runs to decide on: labels from the roster
-        (once a run's are found), checkpoints as last stored (when a rule reads them)."""
-        if any(b.labels for b in policy.breakers) or any(g.labels for g in groups):
-            for run in runs - self._fleet.labels.keys():
-                found = await self._store.range(
-                    roster_prefix(run.tenant, run.agent) + f"{run.run_id}/".encode()
-                )
-                labels = {}  # none stored: the record was pruned
-                if found.kvs:  # every instance of a run registers with the same labels
-                    record = from_json(found.kvs[0].value, types_pb2.AgentInstance())
-                    labels = dict(record.labels)
-                self._fleet.labels[run] = labels
-        if any(g.checkpoint for g in groups):
-            for run in runs:
-                found = await self._store.range(checkpoint_key(run), prefix=False)
-                if found.kvs:
-                    self._fleet.checkpoints[run] = json.loads(found.kvs[0].value)
 
     def series(self, window: float, subject: tuple[str, ...], totals: Totals, now: float) -> Series:
         """The subject's samples over ``window``, with ``totals`` added at ``now``."""

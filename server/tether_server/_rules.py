@@ -8,6 +8,7 @@ version: the mark under ``/tether/protect/fired/`` says it did.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,8 +20,15 @@ from tether_server._breakers import NO_LABELS, Scope, Series, Totals, covers, su
 from tether_server._etcd import Store
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._notify import Notifier
-from tether_server._policy import Action, Rule, RuleGroup
-from tether_server._store import RunKey, fired_key, put_op
+from tether_server._policy import Action, Policy, Rule, RuleGroup
+from tether_server._store import (
+    RunKey,
+    checkpoint_key,
+    fired_key,
+    from_json,
+    put_op,
+    roster_prefix,
+)
 from tether_server._tally import NO_CHECKPOINT, FleetTotals
 
 SeriesOf = Callable[[float, tuple[str, ...], Totals, float], Series]
@@ -63,6 +71,45 @@ def figures(totals: Totals, spend: tuple[float, int, int]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def rule_reason(rule: Rule, run: dict[str, Any]) -> str:
+    """Why ``rule`` acts on ``run`` (its context), with the figures."""
+    spend = run["spend"]
+    return (
+        f"{rule.when} held: run {run['run_id']} spent ${spend['usd']:.2f}, "
+        f"{spend['tokens']} tokens, {spend['calls']} calls; {run['effects']['total']} "
+        f"effects, error rate {run['rates']['error']:.2f}"
+    )
+
+
+def rule_selector(rule: Rule, subject: tuple[str, ...]) -> types_pb2.Selector:
+    """The halt ``rule`` writes on ``subject``."""
+    sel = selector_of(rule.scope, subject, writes=rule.action is Action.DEGRADE)
+    if rule.action is Action.FREEZE:
+        sel.capability = rule.capability
+    return sel
+
+
+async def read_context(
+    store: Store, fleet: FleetTotals, policy: Policy, groups: list[RuleGroup], runs: set[RunKey]
+) -> None:
+    """Read what the counts lack, for the runs to decide on: labels from the roster
+    (once per run), checkpoints as last stored (when a rule reads them)."""
+    if any(b.labels for b in policy.breakers) or any(g.labels for g in groups):
+        for run in runs - fleet.labels.keys():
+            found = await store.range(
+                roster_prefix(run.tenant, run.agent) + f"{run.run_id}/".encode()
+            )
+            labels = {}  # none stored: the record was pruned
+            if found.kvs:  # every instance of a run registers with the same labels
+                labels = dict(from_json(found.kvs[0].value, types_pb2.AgentInstance()).labels)
+            fleet.labels[run] = labels
+    if any(g.checkpoint for g in groups):
+        for run in runs:
+            found = await store.range(checkpoint_key(run), prefix=False)
+            if found.kvs:
+                fleet.checkpoints[run] = json.loads(found.kvs[0].value)
+
+
 class RuleRunner:
     """Evaluates the rules over every known run, and acts on those that hold."""
 
@@ -87,16 +134,8 @@ class RuleRunner:
             await self._store.txn((), [put_op(key, mark)])
 
     async def _act(self, rule: Rule, subject: tuple[str, ...], run: dict[str, Any]) -> None:
-        actor = f"policy:{rule.name}"
-        spend = run["spend"]
-        reason = (
-            f"{rule.when} held: run {run['run_id']} spent ${spend['usd']:.2f}, "
-            f"{spend['tokens']} tokens, {spend['calls']} calls; {run['effects']['total']} "
-            f"effects, error rate {run['rates']['error']:.2f}"
-        )
-        sel = selector_of(rule.scope, subject, writes=rule.action is Action.DEGRADE)
-        if rule.action is Action.FREEZE:
-            sel.capability = rule.capability
+        actor, reason = f"policy:{rule.name}", rule_reason(rule, run)
+        sel = rule_selector(rule, subject)
         if rule.dry_run or rule.action is Action.NOTIFY:
             reason = f"would trip ({rule.action.value}): {reason}" if rule.dry_run else reason
             entry = new_entry(admin_pb2.AUDIT_ACTION_WOULD_TRIP, sel, actor, reason)
