@@ -219,10 +219,12 @@ class Series:
         self.window = window
         self._times: list[float] = []
         self._values: list[Totals] = []
+        self._last: tuple[float, float, Figures] | None = None  # figures() asked last
 
     def add(self, now: float, totals: Totals) -> None:
         if self._values and self._values[-1] == totals:
             return  # unchanged: the step goes on
+        self._last = None
         self._times.append(now)
         self._values.append(totals)
         horizon = now - self.window * (BASELINE_WINDOWS + 1) - 1
@@ -241,6 +243,14 @@ class Series:
     def figures(self, now: float, not_before: float = 0.0) -> Figures:
         """The window up to ``now``, starting no earlier than ``not_before`` (a breaker that
         closed counts afresh from then)."""
+        last = self._last
+        if last is not None and last[0] == now and last[1] == not_before:
+            return last[2]  # asked again this round (a breaker and a rule share a window)
+        found = self._figures(now, not_before)
+        self._last = (now, not_before, found)
+        return found
+
+    def _figures(self, now: float, not_before: float) -> Figures:
         if not self._values:
             return Figures(self.window, ZERO)
         start_t = max(now - self.window, not_before)

@@ -27,6 +27,7 @@ from tether_server._breakers import (
     BreakerSpec,
     BreakerState,
     Event,
+    Figures,
     Series,
     State,
     Totals,
@@ -61,6 +62,7 @@ EVALUATE_EVERY = 0.25  # seconds between decisions while elected
 # Between sweeps only runs whose figures moved are decided on (and breakers not CLOSED);
 # a sweep decides on every run, for windows that slid with no new activity.
 FULL_SWEEP = 5.0
+_CLOSED = BreakerState()
 
 
 def state_json(st: BreakerState, figures: dict[str, Any]) -> bytes:
@@ -113,6 +115,7 @@ class Evaluator:
         self._rules = RuleRunner(self._halt_store, audit, store, self._notifier)
         self.leading = False
         self._groups: tuple[Policy | None, list[RuleGroup]] = (None, [])
+        self._keys: dict[tuple[str, tuple[str, ...]], bytes] = {}  # breaker and subject
         self._reset()
 
     def _reset(self) -> None:
@@ -135,8 +138,10 @@ class Evaluator:
                 await self._round(value, lease)
             except EtcdUnavailable as err:
                 log.warning("protection evaluator: %s", err)
+                self._states = None  # a write may have landed unseen: read them anew
             except Exception:
                 log.exception("protection evaluator failed a round")
+                self._states = None
             await asyncio.sleep(EVALUATE_EVERY)
 
     async def _round(self, value: bytes, lease: int) -> None:
@@ -203,19 +208,34 @@ class Evaluator:
         now: float,
     ) -> None:
         totals = self._fleet.totals(subject)
-        key = breaker_key(spec.name, subject)
-        before = states.get(key, BreakerState())
+        key = self._keys.get((spec.name, subject))
+        if key is None:
+            key = self._keys[(spec.name, subject)] = breaker_key(spec.name, subject)
+        before = states.get(key, _CLOSED)
         fig = self.series(spec.window, subject, totals, now).figures(now, before.since)
-        sel = selector_of(spec.scope, subject, writes=True)
-        if before.state is State.OPEN and halt_id(sel) not in self._halts.halts:
+        sel = selector_of(spec.scope, subject, writes=True) if before.state is State.OPEN else None
+        if sel is not None and halt_id(sel) not in self._halts.halts:
             st, event = BreakerState(State.CLOSED, now, "resumed by an operator"), Event.CLOSE
         else:
             st, event = step(spec, before, fig, totals, now)
-        if event is Event.NONE:
-            return
+        if event is not Event.NONE:
+            await self._write(spec, key, st, event, fig)
+
+    async def _write(
+        self,
+        spec: BreakerSpec,
+        key: bytes,
+        st: BreakerState,
+        event: Event,
+        fig: Figures,
+    ) -> None:
+        """Store the breaker's new state, then act on it."""
+        subject = breaker_of(key)[1]
+        sel = selector_of(spec.scope, subject, writes=True)
         figures = fig.as_dict()
         await self._store.txn((), [put_op(key, state_json(st, figures))])
-        states[key] = st
+        if self._states is not None:
+            self._states[key] = st
         await self._act(spec, sel, st, event, figures)
 
     async def _act(

@@ -22,6 +22,7 @@ import yaml
 
 from tether_server._breakers import BreakerSpec, Labels, Scope
 from tether_server._errors import InvalidArgument, check_name
+from tether_server._flatten import Flat, flat_inputs
 
 MAX_POLICY_BYTES = 256 * 1024
 CONTEXT_ROOTS = frozenset({"run", "agent", "tenant"})
@@ -107,17 +108,30 @@ class RuleGroup:
             self.fields[root] = None if whole else frozenset().union(*named)  # type: ignore[arg-type]
         self.labels = any(r.labels or r.reads("labels") for r in rules)
         self.checkpoint = any(r.reads("checkpoint") for r in rules)
-        self._program = cel.compile("[" + ", ".join(f"({r.when})" for r in rules) + "]")
+        source = "[" + ", ".join(f"({r.when})" for r in rules) + "]"
+        self._flat = Flat.compile(source)  # None: nested maps, as written
+        self._program = cel.compile(source) if self._flat is None else self._flat.program
+        self._each = [Flat.compile(r.when) for r in rules] if self._flat else []
+        self.flat_paths = None if self._flat is None else self._flat.paths
 
     def inputs(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        """What the program is given: flat values, or the roots it reads."""
+        if self._flat is not None:
+            return flat_inputs(self._flat.paths, context)
         return inputs_of(self.roots, self.fields, context)
 
-    def results(self, inputs: dict[str, Any]) -> list[bool]:
-        """Whether each rule holds on ``inputs``; one whose expression fails holds not."""
+    def results(self, inputs: dict[str, Any], context: Mapping[str, Any]) -> list[bool]:
+        """Whether each rule holds on ``inputs`` (from ``context``); one whose expression
+        fails holds not."""
         try:
             return [held is True for held in self._program.execute(inputs)]
         except (RuntimeError, ValueError, TypeError, KeyError):  # one failed: each alone
-            return [r.holds(inputs) for r in self.rules]
+            if self._each:
+                return [f.holds(inputs) if f else r.decide(context) for f, r in self._pairs()]
+            return [r.decide(context) for r in self.rules]
+
+    def _pairs(self) -> list[tuple[Flat | None, Rule]]:
+        return list(zip(self._each, self.rules, strict=True))
 
 
 def groups_of(rules: tuple[Rule, ...]) -> list[RuleGroup]:

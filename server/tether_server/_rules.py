@@ -9,7 +9,7 @@ version: the mark under ``/tether/protect/fired/`` says it did.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from google.protobuf import duration_pb2
@@ -18,6 +18,7 @@ from tether.v1 import admin_pb2, types_pb2
 from tether_server._audit import AuditLog, new_entry
 from tether_server._breakers import NO_LABELS, Scope, Series, Totals, covers, subject_of
 from tether_server._etcd import Store
+from tether_server._flatten import LEAVES, Path
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._notify import Notifier
 from tether_server._policy import Action, Policy, Rule, RuleGroup
@@ -193,12 +194,13 @@ class Decisions:
             for run in _candidates(group.depth, changed, fleet):
                 if not self._covers(group, run, fleet):
                     continue
-                context = level.context(run)
-                seen = group.inputs(context)
+                context = level.context(run)  # its roots are built only if read
+                paths = group.flat_paths
+                seen = group.inputs(context) if paths is None else level.flat(run, paths)
                 if self._seen.get((group.window, run)) == seen:
                     continue
                 self._seen[(group.window, run)] = seen
-                for rule, held in zip(group.rules, group.results(seen), strict=True):
+                for rule, held in zip(group.rules, group.results(seen, context), strict=True):
                     if held and covers(rule, run, fleet.labels.get(run, NO_LABELS)):
                         subject = subject_of(rule.scope, run)
                         if (rule.name, subject) not in self._fired:
@@ -228,6 +230,9 @@ def _candidates(depth: int, changed: set[RunKey], fleet: FleetTotals) -> set[Run
     return found
 
 
+_DEPTH = {"tenant": 1, "agent": 2, "run": 3, "run_id": 3}
+
+
 class _Levels:
     """The run, agent and tenant figures of one rule's window, each computed once."""
 
@@ -235,13 +240,48 @@ class _Levels:
         self._fleet, self._series, self._window, self._now = fleet, series, window, now
         self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
         self._contexts: dict[RunKey, dict[str, Any]] = {}
+        self._currents: dict[tuple[str, ...], Totals] = {}
 
     def _level(self, subject: tuple[str, ...]) -> dict[str, Any]:
         found = self._cache.get(subject)
         if found is None:
-            totals, spend = self._fleet.totals(subject), self._fleet.spend(subject)
-            current = self._series(self._window, subject, totals, self._now).figures(self._now)
-            found = self._cache[subject] = figures(current.current, spend)
+            spend = self._fleet.spend(subject)
+            found = self._cache[subject] = figures(self._current(subject), spend)
+        return found
+
+    def flat(self, run: RunKey, paths: Mapping[str, Path]) -> dict[str, Any]:
+        """The values of ``paths`` (see ``_flatten``) for ``run``, as the nested context
+        holds them, computed without building it."""
+        out: dict[str, Any] = {}
+        for name, path in paths.items():
+            depth, part = _DEPTH[path[0]], path[1]
+            if part in LEAVES:
+                out[name] = self._leaf(run if depth == 3 else run[:depth], part, path[2])
+            elif part == "labels":
+                out[name] = self._fleet.labels.get(run, NO_LABELS)
+            elif part == "checkpoint":
+                out[name] = self._fleet.checkpoints.get(run, NO_CHECKPOINT)
+            elif _DEPTH[part] <= depth:  # tenant, agent, run_id; tenant.agent is no field
+                out[name] = run[_DEPTH[part] - 1]
+        return out
+
+    def _leaf(self, subject: tuple[str, ...], part: str, leaf: str) -> Any:
+        if part == "spend":
+            usd, tokens, calls = self._fleet.spend(subject)
+            return float(usd) if leaf == "usd" else tokens if leaf == "tokens" else calls
+        c = self._current(subject)
+        if part == "effects":
+            return getattr(c, "effects" if leaf == "total" else leaf)
+        if leaf == "error":
+            return c.failed / c.writes if c.writes else 0.0
+        return c.anomalies / c.effects if c.effects else 0.0
+
+    def _current(self, subject: tuple[str, ...]) -> Totals:
+        found = self._currents.get(subject)
+        if found is None:
+            totals, now = self._fleet.totals(subject), self._now
+            found = self._series(self._window, subject, totals, now).figures(now).current
+            self._currents[subject] = found
         return found
 
     def context(self, run: RunKey) -> dict[str, Any]:

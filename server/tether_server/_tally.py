@@ -84,7 +84,8 @@ class Tally:
     def document(self, now: float | None = None) -> bytes:
         """Every entry, as JSON; only those that changed are encoded anew."""
         now = time.monotonic() if now is None else now
-        runs, signals = self._runs.update(self._dirty, now), self._signals.update(self._dirty, now)
+        self._runs.update(self._dirty, now)
+        self._signals.update(self._dirty, now)
         self._dirty.clear()
         if now - self._swept >= FORGET_AFTER / 10:
             for key in self._runs.forget(now - FORGET_AFTER):
@@ -92,6 +93,7 @@ class Tally:
             for key in self._signals.forget(now - FORGET_AFTER):
                 del self.signals[key]
             self._swept = now
+        runs, signals = self._runs.joined(), self._signals.joined()
         return f'{{"runs":{{{runs}}},"signals":{{{signals}}}}}'.encode()
 
     async def publish(self, store: Store, lease: int) -> None:
@@ -116,13 +118,16 @@ class _Encoded:
         self._json: dict[tuple[str, ...], str] = {}
         self._moved: dict[tuple[str, ...], float] = {}
 
-    def update(self, dirty: Iterable[tuple[str, ...]], now: float) -> str:
-        """The table's entries as the inside of a JSON object, ``dirty`` ones anew."""
+    def update(self, dirty: Iterable[tuple[str, ...]], now: float) -> None:
+        """Encode the ``dirty`` entries anew."""
         for key in dirty:
             values = self._table.get(key)
             if values is not None:
                 self._json[key] = f"{json.dumps('/'.join(key))}:{json.dumps(list(values))}"
                 self._moved[key] = now
+
+    def joined(self) -> str:
+        """The table's entries as the inside of a JSON object."""
         return ",".join(self._json.values())
 
     def forget(self, before: float) -> list[Any]:
