@@ -7,7 +7,9 @@ the key reads every coordinator's counts a few times a second, runs the breakers
 halt, with its audit entry, as ``breaker:NAME`` or ``policy:NAME``. When it dies its
 lease lapses, the key goes with it, and another coordinator takes over within the lease
 TTL; the breakers' states live in etcd, so an OPEN breaker stays OPEN across the change,
-and a rule that acted is marked, so it acts once.
+and a rule that acted is marked, so it acts once. An evaluator reads the states once per
+term (when it creates the key) and then keeps them as it writes them: it is their only
+writer.
 """
 
 from __future__ import annotations

@@ -28,10 +28,12 @@ from tether_server._store import (
     fired_key,
     from_json,
     put_op,
+    range_op,
     roster_prefix,
 )
 from tether_server._tally import NO_CHECKPOINT, FleetTotals
 
+_READS_PER_TXN = 32  # under etcd's 128 ops; 32 checkpoints of 512 KiB fit the 64 MiB channel
 SeriesOf = Callable[[float, tuple[str, ...], Totals, float], Series]
 _SCOPES = {
     Scope.RUN: types_pb2.SCOPE_RUN,
@@ -96,19 +98,27 @@ async def read_context(
     """Read what the counts lack, for the runs to decide on: labels from the roster
     (once per run), checkpoints as last stored (when a rule reads them)."""
     if any(b.labels for b in policy.breakers) or any(g.labels for g in groups):
-        for run in runs - fleet.labels.keys():
-            found = await store.range(
-                roster_prefix(run.tenant, run.agent) + f"{run.run_id}/".encode()
-            )
-            labels = {}  # none stored: the record was pruned
-            if found.kvs:  # every instance of a run registers with the same labels
-                labels = dict(from_json(found.kvs[0].value, types_pb2.AgentInstance()).labels)
-            fleet.labels[run] = labels
+        unknown = list(runs - fleet.labels.keys())
+        prefixes = [roster_prefix(r.tenant, r.agent) + f"{r.run_id}/".encode() for r in unknown]
+        for run, kvs in zip(unknown, await _read_many(store, prefixes, prefix=True), strict=True):
+            # Every instance of a run registers with the same labels; none: pruned.
+            record = from_json(kvs[0].value, types_pb2.AgentInstance()) if kvs else None
+            fleet.labels[run] = dict(record.labels) if record else {}
     if any(g.checkpoint for g in groups):
-        for run in runs:
-            found = await store.range(checkpoint_key(run), prefix=False)
-            if found.kvs:
-                fleet.checkpoints[run] = json.loads(found.kvs[0].value)
+        ordered = list(runs)
+        keys = [checkpoint_key(r) for r in ordered]
+        for run, kvs in zip(ordered, await _read_many(store, keys, prefix=False), strict=True):
+            if kvs:
+                fleet.checkpoints[run] = json.loads(kvs[0].value)
+
+
+async def _read_many(store: Store, keys: list[bytes], *, prefix: bool) -> list[Any]:
+    """The kvs of each key (or prefix), a few dozen reads to a round trip."""
+    found: list[Any] = []
+    for start in range(0, len(keys), _READS_PER_TXN):
+        ops = [range_op(k, prefix=prefix) for k in keys[start : start + _READS_PER_TXN]]
+        found.extend(r.response_range.kvs for r in (await store.txn((), ops)).responses)
+    return found
 
 
 class RuleRunner:
@@ -163,13 +173,6 @@ class Decisions:
         self._fired: set[tuple[str, tuple[str, ...]]] = set()
         self._version = -1
         self._groups: list[RuleGroup] = []  # which parse of the policy: kept, to compare
-
-    def forget(self, runs: Iterable[RunKey]) -> None:
-        """Drop what was kept of runs that ended."""
-        gone = set(runs)
-        for kept in (self._seen, self._covering):
-            for key in [k for k in kept if k[1] in gone]:
-                del kept[key]
 
     def due(
         self,
