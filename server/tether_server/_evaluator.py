@@ -7,9 +7,9 @@ the key reads every coordinator's counts a few times a second, runs the breakers
 halt, with its audit entry, as ``breaker:NAME`` or ``policy:NAME``. When it dies its
 lease lapses, the key goes with it, and another coordinator takes over within the lease
 TTL; the breakers' states live in etcd, so an OPEN breaker stays OPEN across the change,
-and a rule that acted is marked, so it acts once. An evaluator reads the states once per
-term (when it creates the key) and then keeps them as it writes them: it is their only
-writer.
+and a rule that acted is marked, so it acts once. An evaluator reads the states when it is
+elected (and when it had to create its key anew) and then keeps them as it writes them: it
+is their only writer.
 """
 
 from __future__ import annotations
@@ -151,9 +151,11 @@ class Evaluator:
             [absent(EVALUATOR)], [put_op(EVALUATOR, value, lease)], [range_op(EVALUATOR)]
         )
         leading = resp.succeeded or resp.responses[0].response_range.kvs[0].value == value
-        if leading and (resp.succeeded or not self.leading):  # a new term: nothing kept holds
+        if leading and not self.leading:
             log.info("coordinator %s is the protection evaluator", self._me)
             self._reset()  # windows restart with the new evaluator's own samples
+        elif resp.succeeded:  # the key was gone a moment: another may have written states
+            self._states = None
         self.leading = leading
         if leading:
             await self.decide(time.time())
