@@ -89,7 +89,7 @@ def covers(sel: Selected, run: Sequence[str], labels: Mapping[str, str] = NO_LAB
         sel.tenant in ("", tenant)
         and sel.agent in ("", agent)
         and sel.run_id in ("", run_id)
-        and all(labels.get(k) == v for k, v in sel.labels)
+        and (not sel.labels or all(labels.get(k) == v for k, v in sel.labels))
     )
 
 

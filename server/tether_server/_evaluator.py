@@ -118,6 +118,7 @@ class Evaluator:
         self.leading = False
         self._groups: tuple[Policy | None, list[RuleGroup]] = (None, [])
         self._keys: dict[tuple[str, tuple[str, ...]], bytes] = {}  # breaker and subject
+        self._tripped: dict[str, int] = {}  # halt id -> the revision of the trip's halt
         self._reset()
 
     def _reset(self) -> None:
@@ -179,7 +180,8 @@ class Evaluator:
         states = await self._breaker_states()
         for spec in policy.breakers:
             for subject in _due(spec, changed, states, self._fleet.labels):
-                await self._breaker(spec, subject, states, now)
+                if found := self._judge(spec, subject, states, now):
+                    await self._write(spec, *found)
         if groups:
             due = self._rules.decisions.due
             decided = due(groups, version, self._fleet, self.series, now, changed=changed)
@@ -204,13 +206,14 @@ class Evaluator:
         found.add(now, totals)
         return found
 
-    async def _breaker(
+    def _judge(
         self,
         spec: BreakerSpec,
         subject: tuple[str, ...],
         states: dict[bytes, BreakerState],
         now: float,
-    ) -> None:
+    ) -> tuple[bytes, BreakerState, Event, Figures] | None:
+        """What the breaker does on ``subject`` now; None: nothing (most calls, so no I/O)."""
         totals = self._fleet.totals(subject)
         key = self._keys.get((spec.name, subject))
         if key is None:
@@ -218,12 +221,17 @@ class Evaluator:
         before = states.get(key, _CLOSED)
         fig = self.series(spec.window, subject, totals, now).figures(now, before.since)
         sel = selector_of(spec.scope, subject, writes=True) if before.state is State.OPEN else None
-        if sel is not None and halt_id(sel) not in self._halts.halts:
+        if sel is not None and self._lifted(halt_id(sel)):
             st, event = BreakerState(State.CLOSED, now, "resumed by an operator"), Event.CLOSE
         else:
             st, event = step(spec, before, fig, totals, now)
-        if event is not Event.NONE:
-            await self._write(spec, key, st, event, fig)
+        return None if event is Event.NONE else (key, st, event, fig)
+
+    def _lifted(self, halt: str) -> bool:
+        """Whether an OPEN breaker's halt was lifted by hand: gone from the halt table, once
+        the table has caught up with the trip (its watch may lag the write by a moment)."""
+        caught_up = self._halts.revision >= self._tripped.get(halt, 0)
+        return caught_up and halt not in self._halts.halts
 
     async def _write(
         self,
@@ -253,7 +261,8 @@ class Evaluator:
         actor = f"breaker:{spec.name}"
         if event in (Event.TRIP, Event.REOPEN):
             request = admin_pb2.KillRequest(reason=st.reason)
-            await self._halt_store.kill(halt_from(request, sel, actor), force=True)
+            resp = await self._halt_store.kill(halt_from(request, sel, actor), force=True)
+            self._tripped[halt_id(sel)] = resp.halt.revision
             self._notifier.emit("trip", actor, st.reason, sel, figures)
         elif event is Event.HALF_OPEN:
             reason = f"half-open after {spec.cooldown:g}s: {spec.probes} probe writes go through"
