@@ -44,7 +44,7 @@ if TYPE_CHECKING:
         PermitInterceptor,
         PermitVerifier,
     )
-    from tether._protection import BreakerStatus, PolicyVersion
+    from tether._protection import BreakerStatus, PolicyTest, PolicyVersion, WouldTrip
     from tether._selector import selector
     from tether._types import (
         AgentEvent,
@@ -76,6 +76,8 @@ _LAZY = {
     "AsyncAgent": "tether._agent",
     "AuditEntry": "tether._types",
     "BreakerStatus": "tether._protection",
+    "PolicyTest": "tether._protection",
+    "WouldTrip": "tether._protection",
     "CapabilityFrozen": "tether._errors",
     "CompensationReport": "tether._compensate",
     "Degraded": "tether._errors",
@@ -144,6 +146,7 @@ __all__ = [
     "PermitClaims",
     "PermitInterceptor",
     "PermitVerifier",
+    "PolicyTest",
     "PolicyVersion",
     "Principal",
     "Scope",
@@ -154,6 +157,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Verdict",
+    "WouldTrip",
     "check_name",
     "check_trust_domain",
     "compensate",

@@ -43,6 +43,32 @@ class BreakerStatus:
         return cls(msg.name, msg.subject, msg.state, msg.reason, _time(msg.since))
 
 
+@dataclass(frozen=True, slots=True)
+class WouldTrip:
+    """A breaker or rule that would have acted on one subject (``tether policy test``)."""
+
+    kind: str  # breaker | rule
+    name: str
+    selector: str  # the halt it would write, as ``tether halts`` names it
+    action: str  # degrade | kill | freeze | notify
+    reason: str  # the figures that trip it
+    dry_run: bool = False  # a dry_run rule: applied, it would only audit and notify
+
+    @classmethod
+    def from_pb(cls, msg: admin_pb2.WouldTrip) -> WouldTrip:
+        return cls(msg.kind, msg.name, msg.selector, msg.action, msg.reason, msg.dry_run)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTest:
+    """What a policy would trip over recent traffic, and what that traffic was."""
+
+    trips: list[WouldTrip]
+    runs: int  # the runs judged
+    coordinators: int  # whose published counts were read
+    traffic: str  # what the figures cover, in words
+
+
 class ProtectionCalls:
     """The policy and breaker calls of ``AdminClient``."""
 
@@ -75,3 +101,15 @@ class ProtectionCalls:
         """Every breaker state per subject, and the names of the breakers configured."""
         resp = self._call(self._stub.ListBreakers, admin_pb2.ListBreakersRequest(tenant=tenant))
         return [BreakerStatus.from_pb(b) for b in resp.breakers], list(resp.configured)
+
+    def test_policy(self, yaml_text: str, *, tenant: str = "") -> PolicyTest:
+        """A dry run: what the document would trip over recent traffic. Nothing is stored,
+        halted or notified.
+
+        Raises:
+            tether.InvalidArgument: malformed, or a rule's CEL does not compile.
+        """
+        req = admin_pb2.TestPolicyRequest(yaml=yaml_text, tenant=tenant)
+        resp = self._call(self._stub.TestPolicy, req)
+        trips = [WouldTrip.from_pb(t) for t in resp.trips]
+        return PolicyTest(trips, resp.runs, resp.coordinators, resp.traffic)

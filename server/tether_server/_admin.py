@@ -20,6 +20,7 @@ from tether_server._audit import AuditLog
 from tether_server._auth import Guard, caller
 from tether_server._canary import CANARY_TENANT
 from tether_server._compensations import Compensations
+from tether_server._dry_run import dry_run
 from tether_server._errors import (
     ANSWERABLE,
     FailedPrecondition,
@@ -125,7 +126,8 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             IssueAgentToken).
         guard: Who callers are and what they may do (WhoAmI, IssueAgentToken's subject).
         status: Answers GetStatus (what this coordinator sees, for ``tether doctor``).
-        policy: The policy in etcd (ApplyPolicy, GetPolicy, ListPolicyHistory, ListBreakers).
+        policy: The policy in etcd (ApplyPolicy, GetPolicy, ListPolicyHistory, ListBreakers,
+            TestPolicy).
         compensations: Records compensations (RecordCompensation).
     """
 
@@ -346,6 +348,14 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         out = await list_breakers(self._policy.store, request.tenant)
         out.configured.extend(b.name for b in policy.breakers)
         return out
+
+    @_rpc
+    async def TestPolicy(
+        self, request: admin_pb2.TestPolicyRequest, who: Principal
+    ) -> admin_pb2.TestPolicyResponse:
+        if request.tenant:
+            check_name("tenant", request.tenant)
+        return await dry_run(self._policy.store, request.yaml, request.tenant)
 
 
 def _event_of(sel: types_pb2.Selector) -> str:

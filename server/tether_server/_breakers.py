@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -65,6 +65,10 @@ class Totals:
 ZERO = Totals()
 
 
+Labels = tuple[tuple[str, str], ...]  # a selector's labels, sorted: every one must match
+NO_LABELS: Mapping[str, str] = {}
+
+
 class Selected(Protocol):
     """A selector as a kill takes it (a breaker's, a rule's): empty matches any."""
 
@@ -74,12 +78,19 @@ class Selected(Protocol):
     def agent(self) -> str: ...
     @property
     def run_id(self) -> str: ...
+    @property
+    def labels(self) -> Labels: ...
 
 
-def covers(sel: Selected, run: Sequence[str]) -> bool:
-    """Whether ``sel`` selects the run ``(tenant, agent, run_id)``."""
+def covers(sel: Selected, run: Sequence[str], labels: Mapping[str, str] = NO_LABELS) -> bool:
+    """Whether ``sel`` selects the run ``(tenant, agent, run_id)`` carrying ``labels``."""
     tenant, agent, run_id = run
-    return sel.tenant in ("", tenant) and sel.agent in ("", agent) and sel.run_id in ("", run_id)
+    return (
+        sel.tenant in ("", tenant)
+        and sel.agent in ("", agent)
+        and sel.run_id in ("", run_id)
+        and (not sel.labels or all(labels.get(k) == v for k, v in sel.labels))
+    )
 
 
 _DEPTH = {Scope.TENANT: 1, Scope.AGENT: 2, Scope.RUN: 3}
@@ -99,6 +110,7 @@ class BreakerSpec:
     tenant: str = ""  # the selector, as a kill takes it: empty matches any
     agent: str = ""
     run_id: str = ""
+    labels: Labels = ()  # only runs registered with every one of these labels
     scope: Scope = Scope.RUN
     window: float = 60.0
     min_calls: int = 20
@@ -129,9 +141,10 @@ class Figures:
         }
 
 
-def trip_reason(spec: BreakerSpec, fig: Figures) -> str:
-    """Why ``spec`` trips on ``fig``, with the figures; "" when it does not."""
-    c, w = fig.current, f"{fig.window:g}s"
+def trip_reason(spec: BreakerSpec, fig: Figures, over: str = "") -> str:
+    """Why ``spec`` trips on ``fig``, with the figures; "" when it does not. ``over`` says
+    what the figures cover (by default, the window)."""
+    c, w = fig.current, over or f"{fig.window:g}s"
     if c.effects < spec.min_calls:
         return ""  # no verdict on fewer calls
     if spec.error_rate is not None and c.writes:
@@ -206,10 +219,12 @@ class Series:
         self.window = window
         self._times: list[float] = []
         self._values: list[Totals] = []
+        self._last: tuple[float, float, Figures] | None = None  # figures() asked last
 
     def add(self, now: float, totals: Totals) -> None:
         if self._values and self._values[-1] == totals:
             return  # unchanged: the step goes on
+        self._last = None
         self._times.append(now)
         self._values.append(totals)
         horizon = now - self.window * (BASELINE_WINDOWS + 1) - 1
@@ -228,6 +243,14 @@ class Series:
     def figures(self, now: float, not_before: float = 0.0) -> Figures:
         """The window up to ``now``, starting no earlier than ``not_before`` (a breaker that
         closed counts afresh from then)."""
+        last = self._last
+        if last is not None and last[0] == now and last[1] == not_before:
+            return last[2]  # asked again this round (a breaker and a rule share a window)
+        found = self._figures(now, not_before)
+        self._last = (now, not_before, found)
+        return found
+
+    def _figures(self, now: float, not_before: float) -> Figures:
         if not self._values:
             return Figures(self.window, ZERO)
         start_t = max(now - self.window, not_before)

@@ -7,7 +7,9 @@ the key reads every coordinator's counts a few times a second, runs the breakers
 halt, with its audit entry, as ``breaker:NAME`` or ``policy:NAME``. When it dies its
 lease lapses, the key goes with it, and another coordinator takes over within the lease
 TTL; the breakers' states live in etcd, so an OPEN breaker stays OPEN across the change,
-and a rule that acted is marked, so it acts once.
+and a rule that acted is marked, so it acts once. An evaluator reads the states when it is
+elected (and when it had to create its key anew) and then keeps them as it writes them: it
+is their only writer.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._audit import AuditLog
 from tether_server._breakers import (
+    NO_LABELS,
     BreakerSpec,
     BreakerState,
     Event,
+    Figures,
     Series,
     State,
     Totals,
@@ -37,8 +41,9 @@ from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._halts import HaltTable
 from tether_server._notify import Notifier
+from tether_server._policy import Policy, RuleGroup, groups_of
 from tether_server._policy_store import PolicyStore
-from tether_server._rules import RuleRunner, selector_of
+from tether_server._rules import RuleRunner, read_context, selector_of
 from tether_server._selectors import halt_id
 from tether_server._store import (
     BREAKERS,
@@ -59,6 +64,7 @@ EVALUATE_EVERY = 0.25  # seconds between decisions while elected
 # Between sweeps only runs whose figures moved are decided on (and breakers not CLOSED);
 # a sweep decides on every run, for windows that slid with no new activity.
 FULL_SWEEP = 5.0
+_CLOSED = BreakerState()
 
 
 def state_json(st: BreakerState, figures: dict[str, Any]) -> bytes:
@@ -110,6 +116,9 @@ class Evaluator:
         self._notifier = Notifier(self._policies.policy)
         self._rules = RuleRunner(self._halt_store, audit, store, self._notifier)
         self.leading = False
+        self._groups: tuple[Policy | None, list[RuleGroup]] = (None, [])
+        self._keys: dict[tuple[str, tuple[str, ...]], bytes] = {}  # breaker and subject
+        self._tripped: dict[str, int] = {}  # halt id -> the revision of the trip's halt
         self._reset()
 
     def _reset(self) -> None:
@@ -122,6 +131,7 @@ class Evaluator:
         # first burst counts in its window.
         self._warm = False
         self._swept = (0.0, -1)  # when, and under which policy version, all runs were seen
+        self._states: dict[bytes, BreakerState] | None = None  # read anew once elected
 
     async def run(self, lease: int) -> None:
         """Campaign and, while elected, decide; errors are logged, never end the loop."""
@@ -131,8 +141,10 @@ class Evaluator:
                 await self._round(value, lease)
             except EtcdUnavailable as err:
                 log.warning("protection evaluator: %s", err)
+                self._states = None  # a write may have landed unseen: read them anew
             except Exception:
                 log.exception("protection evaluator failed a round")
+                self._states = None
             await asyncio.sleep(EVALUATE_EVERY)
 
     async def _round(self, value: bytes, lease: int) -> None:
@@ -143,6 +155,8 @@ class Evaluator:
         if leading and not self.leading:
             log.info("coordinator %s is the protection evaluator", self._me)
             self._reset()  # windows restart with the new evaluator's own samples
+        elif resp.succeeded:  # the key was gone a moment: another may have written states
+            self._states = None
         self.leading = leading
         if leading:
             await self.decide(time.time())
@@ -150,6 +164,9 @@ class Evaluator:
     async def decide(self, now: float) -> None:
         """One round: merge the counts, then every breaker and rule of the policy."""
         policy, version = await self._policies.policy()
+        if policy is not self._groups[0]:  # parsed anew: another policy
+            self._groups = (policy, groups_of(policy.rules))
+        groups = self._groups[1]
         self._fleet.next_round()
         for kv in (await self._store.range(COUNTS)).kvs:
             source = counts_source(kv.key)
@@ -159,15 +176,25 @@ class Evaluator:
         changed = self._fleet.take_changed()
         if now - self._swept[0] >= FULL_SWEEP or version != self._swept[1]:
             changed, self._swept = self._fleet.known_runs(), (now, version)
-        states = {kv.key: state_of(kv.value) for kv in (await self._store.range(BREAKERS)).kvs}
+        await read_context(self._store, self._fleet, policy, groups, changed)
+        states = await self._breaker_states()
         for spec in policy.breakers:
-            for subject in _due(spec, changed, states):
-                await self._breaker(spec, subject, states, now)
-        if policy.rules:
+            for subject in _due(spec, changed, states, self._fleet.labels):
+                if found := self._judge(spec, subject, states, now):
+                    await self._write(spec, *found)
+        if groups:
             due = self._rules.decisions.due
-            decided = due(policy.rules, version, self._fleet, self.series, now, changed=changed)
+            decided = due(groups, version, self._fleet, self.series, now, changed=changed)
             await self._rules.act(decided, version)
         self._warm = True
+
+    async def _breaker_states(self) -> dict[bytes, BreakerState]:
+        """Every breaker's state: read once per election, then kept as this one writes them
+        (only the evaluator writes them)."""
+        if self._states is None:
+            kvs = (await self._store.range(BREAKERS)).kvs
+            self._states = {kv.key: state_of(kv.value) for kv in kvs}
+        return self._states
 
     def series(self, window: float, subject: tuple[str, ...], totals: Totals, now: float) -> Series:
         """The subject's samples over ``window``, with ``totals`` added at ``now``."""
@@ -179,26 +206,48 @@ class Evaluator:
         found.add(now, totals)
         return found
 
-    async def _breaker(
+    def _judge(
         self,
         spec: BreakerSpec,
         subject: tuple[str, ...],
         states: dict[bytes, BreakerState],
         now: float,
-    ) -> None:
+    ) -> tuple[bytes, BreakerState, Event, Figures] | None:
+        """What the breaker does on ``subject`` now; None: nothing (most calls, so no I/O)."""
         totals = self._fleet.totals(subject)
-        key = breaker_key(spec.name, subject)
-        before = states.get(key, BreakerState())
+        key = self._keys.get((spec.name, subject))
+        if key is None:
+            key = self._keys[(spec.name, subject)] = breaker_key(spec.name, subject)
+        before = states.get(key, _CLOSED)
         fig = self.series(spec.window, subject, totals, now).figures(now, before.since)
-        sel = selector_of(spec.scope, subject, writes=True)
-        if before.state is State.OPEN and halt_id(sel) not in self._halts.halts:
+        sel = selector_of(spec.scope, subject, writes=True) if before.state is State.OPEN else None
+        if sel is not None and self._lifted(halt_id(sel)):
             st, event = BreakerState(State.CLOSED, now, "resumed by an operator"), Event.CLOSE
         else:
             st, event = step(spec, before, fig, totals, now)
-        if event is Event.NONE:
-            return
+        return None if event is Event.NONE else (key, st, event, fig)
+
+    def _lifted(self, halt: str) -> bool:
+        """Whether an OPEN breaker's halt was lifted by hand: gone from the halt table, once
+        the table has caught up with the trip (its watch may lag the write by a moment)."""
+        caught_up = self._halts.revision >= self._tripped.get(halt, 0)
+        return caught_up and halt not in self._halts.halts
+
+    async def _write(
+        self,
+        spec: BreakerSpec,
+        key: bytes,
+        st: BreakerState,
+        event: Event,
+        fig: Figures,
+    ) -> None:
+        """Store the breaker's new state, then act on it."""
+        subject = breaker_of(key)[1]
+        sel = selector_of(spec.scope, subject, writes=True)
         figures = fig.as_dict()
         await self._store.txn((), [put_op(key, state_json(st, figures))])
+        if self._states is not None:
+            self._states[key] = st
         await self._act(spec, sel, st, event, figures)
 
     async def _act(
@@ -212,7 +261,8 @@ class Evaluator:
         actor = f"breaker:{spec.name}"
         if event in (Event.TRIP, Event.REOPEN):
             request = admin_pb2.KillRequest(reason=st.reason)
-            await self._halt_store.kill(halt_from(request, sel, actor), force=True)
+            resp = await self._halt_store.kill(halt_from(request, sel, actor), force=True)
+            self._tripped[halt_id(sel)] = resp.halt.revision
             self._notifier.emit("trip", actor, st.reason, sel, figures)
         elif event is Event.HALF_OPEN:
             reason = f"half-open after {spec.cooldown:g}s: {spec.probes} probe writes go through"
@@ -221,10 +271,17 @@ class Evaluator:
 
 
 def _due(
-    spec: BreakerSpec, changed: Iterable[RunKey], states: dict[bytes, BreakerState]
+    spec: BreakerSpec,
+    changed: Iterable[RunKey],
+    states: dict[bytes, BreakerState],
+    labels: Mapping[RunKey, Mapping[str, str]],
 ) -> set[tuple[str, ...]]:
     """The subjects to decide on: those with a run that moved, and those not CLOSED."""
-    due = {subject_of(spec.scope, run) for run in changed if covers(spec, run)}
+    due = {
+        subject_of(spec.scope, run)
+        for run in changed
+        if covers(spec, run, labels.get(run, NO_LABELS))
+    }
     for key, st in states.items():
         if st.state is not State.CLOSED:
             name, subject = breaker_of(key)

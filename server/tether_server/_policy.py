@@ -4,13 +4,9 @@ One YAML document (``tether policy apply -f``). Everything wrong with it is foun
 before it is stored, and said with its place in the document: the policy in force stays.
 Rules are CEL (``common-expression-language``): compiled once, here, then only evaluated.
 
-The context a rule sees, per run (every figure is fleet-wide; ``effects`` and ``rates``
-over the rule's ``window``, spend since the run began)::
-
-    run     {tenant, agent, run_id, spend: {usd, tokens, calls},
-             effects: {total, writes, failed, anomalies}, rates: {error, anomaly}}
-    agent   the same figures for the run's agent, summed over its runs (no run_id)
-    tenant  the same for the run's tenant (no agent, no run_id)
+The context a rule sees is documented in ``docs/policy.md`` ("The rule context"): per
+run, fleet-wide, ``run``, ``agent`` and ``tenant`` with spend, effects and rates over the
+rule's ``window``, and the run's ``labels`` and last stored ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -24,8 +20,9 @@ from typing import Any
 import cel
 import yaml
 
-from tether_server._breakers import BreakerSpec, Scope
+from tether_server._breakers import BreakerSpec, Labels, Scope
 from tether_server._errors import InvalidArgument, check_name
+from tether_server._flatten import Flat, flat_inputs
 
 MAX_POLICY_BYTES = 256 * 1024
 CONTEXT_ROOTS = frozenset({"run", "agent", "tenant"})
@@ -41,6 +38,19 @@ class Action(enum.StrEnum):
     NOTIFY = "notify"  # only the webhooks hear of it
 
 
+def inputs_of(
+    roots: frozenset[str],
+    fields: Mapping[str, frozenset[str] | None],
+    context: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Of ``context``, the roots named, and of each only the fields named (None: whole)."""
+    out = {}
+    for root in roots:
+        names, value = fields.get(root), context[root]
+        out[root] = value if names is None else {k: value[k] for k in names if k in value}
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     name: str
@@ -50,6 +60,7 @@ class Rule:
     tenant: str = ""
     agent: str = ""
     run_id: str = ""
+    labels: Labels = ()
     scope: Scope = Scope.RUN
     capability: str = ""
     hard: bool = True
@@ -62,11 +73,11 @@ class Rule:
 
     def inputs(self, context: Mapping[str, Any]) -> dict[str, Any]:
         """The part of ``context`` the expression reads: converting less into CEL is faster."""
-        out = {}
-        for root in self.roots:
-            names, value = self.fields.get(root), context[root]
-            out[root] = value if names is None else {k: value[k] for k in names if k in value}
-        return out
+        return inputs_of(self.roots, self.fields, context)
+
+    def reads(self, name: str) -> bool:
+        """Whether the expression reads ``run.<name>`` (``labels``, ``checkpoint``)."""
+        return "run" in self.roots and name in (self.fields.get("run") or {name})
 
     def holds(self, inputs: Mapping[str, Any]) -> bool:
         """True when the rule holds on ``inputs`` (see ``inputs``); an expression that
@@ -79,6 +90,54 @@ class Rule:
     def decide(self, context: Mapping[str, Any]) -> bool:
         """True when the rule holds on ``context``."""
         return self.holds(self.inputs(context))
+
+
+class RuleGroup:
+    """The rules of one window as one CEL program, ``[when0, when1, ...]``: the context is
+    converted into CEL once for all of them, and converting is most of what a call costs.
+    """
+
+    def __init__(self, window: float, rules: tuple[Rule, ...]) -> None:
+        self.window, self.rules = window, rules
+        self.roots = frozenset().union(*(r.roots for r in rules))
+        self.depth = 1 if "tenant" in self.roots else 2 if "agent" in self.roots else 3
+        self.fields: dict[str, frozenset[str] | None] = {}
+        for root in self.roots:
+            named = [r.fields.get(root) for r in rules if root in r.roots]
+            whole = any(n is None for n in named)
+            self.fields[root] = None if whole else frozenset().union(*named)  # type: ignore[arg-type]
+        self.labels = any(r.labels or r.reads("labels") for r in rules)
+        self.checkpoint = any(r.reads("checkpoint") for r in rules)
+        source = "[" + ", ".join(f"({r.when})" for r in rules) + "]"
+        self._flat = Flat.compile(source)  # None: nested maps, as written
+        self._program = cel.compile(source) if self._flat is None else self._flat.program
+        self._each = [Flat.compile(r.when) for r in rules] if self._flat else []
+        self.flat_paths = None if self._flat is None else self._flat.paths
+
+    def inputs(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        """What the program is given: flat values, or the roots it reads."""
+        if self._flat is not None:
+            return flat_inputs(self._flat.paths, context)
+        return inputs_of(self.roots, self.fields, context)
+
+    def results(self, inputs: dict[str, Any], context: Mapping[str, Any]) -> list[bool]:
+        """Whether each rule holds on ``inputs`` (from ``context``); one whose expression
+        fails holds not."""
+        try:
+            return [held is True for held in self._program.execute(inputs)]
+        except (RuntimeError, ValueError, TypeError, KeyError):  # one failed: each alone
+            if self._each:
+                return [f.holds(inputs) if f else r.decide(context) for f, r in self._pairs()]
+            return [r.decide(context) for r in self.rules]
+
+    def _pairs(self) -> list[tuple[Flat | None, Rule]]:
+        return list(zip(self._each, self.rules, strict=True))
+
+
+def groups_of(rules: tuple[Rule, ...]) -> list[RuleGroup]:
+    """The rules by window, each window's as one program."""
+    windows = sorted({r.window for r in rules})
+    return [RuleGroup(w, tuple(r for r in rules if r.window == w)) for w in windows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +193,32 @@ class _Reader:
             raise InvalidArgument(f"{self.where}.{name}: a duration such as 60s, got {value!r}")
         return float(match[1]) * _UNITS[match[2]]
 
-    def selector(self) -> dict[str, str]:
-        sel = self.raw.get("selector") or {}
-        if not isinstance(sel, dict) or set(sel) - {"tenant", "agent", "run_id"}:
-            raise InvalidArgument(f"{self.where}.selector: a mapping of tenant, agent, run_id")
-        return {k: check_name(f"{self.where}.selector.{k}", str(v)) for k, v in sel.items()}
+    def selector(self) -> dict[str, Any]:
+        """tenant, agent, run_id and labels, as a kill takes them."""
+        where, sel = f"{self.where}.selector", self.raw.get("selector") or {}
+        if not isinstance(sel, dict) or set(sel) - {"tenant", "agent", "run_id", "labels"}:
+            raise InvalidArgument(f"{where}: a mapping of tenant, agent, run_id, labels")
+        out: dict[str, Any] = {
+            k: check_name(f"{where}.{k}", str(v)) for k, v in sel.items() if k != "labels"
+        }
+        labels = sel.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise InvalidArgument(f"{where}.labels: a mapping such as {{feature: beta}}")
+        out["labels"] = tuple(
+            sorted(
+                (
+                    check_name(f"{where}.labels key", str(k)),
+                    check_name(f"{where}.labels.{k}", str(v)),
+                )
+                for k, v in labels.items()
+            )
+        )
+        if out["labels"] and self.raw.get("scope", "run") != "run":
+            raise InvalidArgument(
+                f"{where}.labels: labels select runs, so they need scope: run "
+                "(an agent's or tenant's figures count every run of it)"
+            )
+        return out
 
     def scope(self) -> Scope:
         value = self.raw.get("scope", "run")

@@ -101,6 +101,8 @@ CALLS: Mapping[str, Rule] = {
     "GetPolicy": Rule("read the policy", Role.VIEWER, scoped=False),
     "ListPolicyHistory": Rule("read the policy history", Role.VIEWER, scoped=False),
     "ListBreakers": Rule("list breakers", Role.VIEWER),
+    # As GetPolicy, but its answer carries runs' figures: a tenant's, or with a grant of all.
+    "TestPolicy": Rule("test a policy", Role.VIEWER),
 }
 _GLOBAL_ORDERS = frozenset({"Kill", "Resume"})
 

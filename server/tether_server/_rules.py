@@ -8,21 +8,32 @@ version: the mark under ``/tether/protect/fired/`` says it did.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from google.protobuf import duration_pb2
 from tether.v1 import admin_pb2, types_pb2
 
 from tether_server._audit import AuditLog, new_entry
-from tether_server._breakers import Scope, Series, Totals, covers, subject_of
+from tether_server._breakers import NO_LABELS, Scope, Series, Totals, covers, subject_of
 from tether_server._etcd import Store
+from tether_server._flatten import LEAVES, Path
 from tether_server._halt_store import HaltStore, halt_from
 from tether_server._notify import Notifier
-from tether_server._policy import Action, Rule
-from tether_server._store import RunKey, fired_key, put_op
-from tether_server._tally import FleetTotals
+from tether_server._policy import Action, Policy, Rule, RuleGroup
+from tether_server._store import (
+    RunKey,
+    checkpoint_key,
+    fired_key,
+    from_json,
+    put_op,
+    range_op,
+    roster_prefix,
+)
+from tether_server._tally import NO_CHECKPOINT, FleetTotals
 
+_READS_PER_TXN = 32  # under etcd's 128 ops; 32 checkpoints of 512 KiB fit the 64 MiB channel
 SeriesOf = Callable[[float, tuple[str, ...], Totals, float], Series]
 _SCOPES = {
     Scope.RUN: types_pb2.SCOPE_RUN,
@@ -63,6 +74,53 @@ def figures(totals: Totals, spend: tuple[float, int, int]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def rule_reason(rule: Rule, run: dict[str, Any]) -> str:
+    """Why ``rule`` acts on ``run`` (its context), with the figures."""
+    spend = run["spend"]
+    return (
+        f"{rule.when} held: run {run['run_id']} spent ${spend['usd']:.2f}, "
+        f"{spend['tokens']} tokens, {spend['calls']} calls; {run['effects']['total']} "
+        f"effects, error rate {run['rates']['error']:.2f}"
+    )
+
+
+def rule_selector(rule: Rule, subject: tuple[str, ...]) -> types_pb2.Selector:
+    """The halt ``rule`` writes on ``subject``."""
+    sel = selector_of(rule.scope, subject, writes=rule.action is Action.DEGRADE)
+    if rule.action is Action.FREEZE:
+        sel.capability = rule.capability
+    return sel
+
+
+async def read_context(
+    store: Store, fleet: FleetTotals, policy: Policy, groups: list[RuleGroup], runs: set[RunKey]
+) -> None:
+    """Read what the counts lack, for the runs to decide on: labels from the roster
+    (once per run), checkpoints as last stored (when a rule reads them)."""
+    if any(b.labels for b in policy.breakers) or any(g.labels for g in groups):
+        unknown = list(runs - fleet.labels.keys())
+        prefixes = [roster_prefix(r.tenant, r.agent) + f"{r.run_id}/".encode() for r in unknown]
+        for run, kvs in zip(unknown, await _read_many(store, prefixes, prefix=True), strict=True):
+            # Every instance of a run registers with the same labels; none: pruned.
+            record = from_json(kvs[0].value, types_pb2.AgentInstance()) if kvs else None
+            fleet.labels[run] = dict(record.labels) if record else {}
+    if any(g.checkpoint for g in groups):
+        ordered = list(runs)
+        keys = [checkpoint_key(r) for r in ordered]
+        for run, kvs in zip(ordered, await _read_many(store, keys, prefix=False), strict=True):
+            if kvs:
+                fleet.checkpoints[run] = json.loads(kvs[0].value)
+
+
+async def _read_many(store: Store, keys: list[bytes], *, prefix: bool) -> list[Any]:
+    """The kvs of each key (or prefix), a few dozen reads to a round trip."""
+    found: list[Any] = []
+    for start in range(0, len(keys), _READS_PER_TXN):
+        ops = [range_op(k, prefix=prefix) for k in keys[start : start + _READS_PER_TXN]]
+        found.extend(r.response_range.kvs for r in (await store.txn((), ops)).responses)
+    return found
+
+
 class RuleRunner:
     """Evaluates the rules over every known run, and acts on those that hold."""
 
@@ -87,16 +145,8 @@ class RuleRunner:
             await self._store.txn((), [put_op(key, mark)])
 
     async def _act(self, rule: Rule, subject: tuple[str, ...], run: dict[str, Any]) -> None:
-        actor = f"policy:{rule.name}"
-        spend = run["spend"]
-        reason = (
-            f"{rule.when} held: run {run['run_id']} spent ${spend['usd']:.2f}, "
-            f"{spend['tokens']} tokens, {spend['calls']} calls; {run['effects']['total']} "
-            f"effects, error rate {run['rates']['error']:.2f}"
-        )
-        sel = selector_of(rule.scope, subject, writes=rule.action is Action.DEGRADE)
-        if rule.action is Action.FREEZE:
-            sel.capability = rule.capability
+        actor, reason = f"policy:{rule.name}", rule_reason(rule, run)
+        sel = rule_selector(rule, subject)
         if rule.dry_run or rule.action is Action.NOTIFY:
             reason = f"would trip ({rule.action.value}): {reason}" if rule.dry_run else reason
             entry = new_entry(admin_pb2.AUDIT_ACTION_WOULD_TRIP, sel, actor, reason)
@@ -116,15 +166,17 @@ class Decisions:
     """Which rules hold, on which subjects: pure, given the fleet's figures."""
 
     def __init__(self) -> None:
-        # What each rule last saw of each run: CEL is pure, so the same context gives the
-        # same answer, and a run whose figures did not move costs a comparison, not a run.
-        self._seen: dict[tuple[Rule, RunKey], dict[str, Any]] = {}
+        # What each window's rules last saw of each run: CEL is pure, so the same inputs
+        # give the same answers, and a run whose figures did not move costs a comparison.
+        self._seen: dict[tuple[float, RunKey], dict[str, Any]] = {}
+        self._covering: dict[tuple[float, RunKey], bool] = {}
         self._fired: set[tuple[str, tuple[str, ...]]] = set()
         self._version = -1
+        self._groups: list[RuleGroup] = []  # which parse of the policy: kept, to compare
 
     def due(
         self,
-        rules: Iterable[Rule],
+        groups: list[RuleGroup],
         version: int,
         fleet: FleetTotals,
         series: SeriesOf,
@@ -134,41 +186,54 @@ class Decisions:
     ) -> list[tuple[Rule, tuple[str, ...], dict[str, Any]]]:
         """The rules that hold now, on runs whose figures (or whose agent's or tenant's,
         for a rule that reads them) moved, and that have not acted on their subject."""
-        if version != self._version:
+        if version != self._version or groups is not self._groups:
             self._seen.clear()  # a policy applied again acts again
+            self._covering.clear()
             self._fired.clear()
-            self._version = version
-        levels: dict[float, _Levels] = {}
+            self._version, self._groups = version, groups
         found = []
-        for rule in rules:
-            level = levels.get(rule.window) or levels.setdefault(
-                rule.window, _Levels(fleet, series, rule.window, now)
-            )
-            for run in _candidates(rule, changed, fleet):
-                subject = subject_of(rule.scope, run)
-                if not covers(rule, run) or (rule.name, subject) in self._fired:
+        for group in groups:
+            level = _Levels(fleet, series, group.window, now)
+            for run in _candidates(group.depth, changed, fleet):
+                if not self._covers(group, run, fleet):
                     continue
-                context = level.context(run)
-                seen = rule.inputs(context)
-                if self._seen.get((rule, run)) == seen:
+                context = level.context(run)  # its roots are built only if read
+                paths = group.flat_paths
+                seen = group.inputs(context) if paths is None else level.flat(run, paths)
+                if self._seen.get((group.window, run)) == seen:
                     continue
-                self._seen[(rule, run)] = seen
-                if rule.holds(seen):
-                    self._fired.add((rule.name, subject))
-                    found.append((rule, subject, context))
+                self._seen[(group.window, run)] = seen
+                for rule, held in zip(group.rules, group.results(seen, context), strict=True):
+                    if held and covers(rule, run, fleet.labels.get(run, NO_LABELS)):
+                        subject = subject_of(rule.scope, run)
+                        if (rule.name, subject) not in self._fired:
+                            self._fired.add((rule.name, subject))
+                            found.append((rule, subject, context))
+        return found
+
+    def _covers(self, group: RuleGroup, run: RunKey, fleet: FleetTotals) -> bool:
+        """Whether a rule of ``group`` selects ``run``; kept once its labels are known."""
+        found = self._covering.get((group.window, run))
+        if found is None:
+            labels = fleet.labels.get(run)
+            found = any(covers(r, run, labels or NO_LABELS) for r in group.rules)
+            if labels is not None or not group.labels:
+                self._covering[(group.window, run)] = found
         return found
 
 
-def _candidates(rule: Rule, changed: set[RunKey], fleet: FleetTotals) -> set[RunKey]:
+def _candidates(depth: int, changed: set[RunKey], fleet: FleetTotals) -> set[RunKey]:
     """The runs whose context may differ: those that moved, and their agent's or tenant's
-    other runs when the rule reads ``agent`` or ``tenant``."""
-    depth = 1 if "tenant" in rule.roots else 2 if "agent" in rule.roots else 3
+    other runs when a rule reads ``agent`` (depth 2) or ``tenant`` (depth 1)."""
     if depth == 3:
         return changed
     found: set[RunKey] = set()
     for run in changed:
         found |= fleet.members_of(tuple(run[:depth]))
     return found
+
+
+_DEPTH = {"tenant": 1, "agent": 2, "run": 3, "run_id": 3}
 
 
 class _Levels:
@@ -178,13 +243,48 @@ class _Levels:
         self._fleet, self._series, self._window, self._now = fleet, series, window, now
         self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
         self._contexts: dict[RunKey, dict[str, Any]] = {}
+        self._currents: dict[tuple[str, ...], Totals] = {}
 
     def _level(self, subject: tuple[str, ...]) -> dict[str, Any]:
         found = self._cache.get(subject)
         if found is None:
-            totals, spend = self._fleet.totals(subject), self._fleet.spend(subject)
-            current = self._series(self._window, subject, totals, self._now).figures(self._now)
-            found = self._cache[subject] = figures(current.current, spend)
+            spend = self._fleet.spend(subject)
+            found = self._cache[subject] = figures(self._current(subject), spend)
+        return found
+
+    def flat(self, run: RunKey, paths: Mapping[str, Path]) -> dict[str, Any]:
+        """The values of ``paths`` (see ``_flatten``) for ``run``, as the nested context
+        holds them, computed without building it."""
+        out: dict[str, Any] = {}
+        for name, path in paths.items():
+            depth, part = _DEPTH[path[0]], path[1]
+            if part in LEAVES:
+                out[name] = self._leaf(run if depth == 3 else run[:depth], part, path[2])
+            elif part == "labels":
+                out[name] = self._fleet.labels.get(run, NO_LABELS)
+            elif part == "checkpoint":
+                out[name] = self._fleet.checkpoints.get(run, NO_CHECKPOINT)
+            elif _DEPTH[part] <= depth:  # tenant, agent, run_id; tenant.agent is no field
+                out[name] = run[_DEPTH[part] - 1]
+        return out
+
+    def _leaf(self, subject: tuple[str, ...], part: str, leaf: str) -> Any:
+        if part == "spend":
+            usd, tokens, calls = self._fleet.spend(subject)
+            return float(usd) if leaf == "usd" else tokens if leaf == "tokens" else calls
+        c = self._current(subject)
+        if part == "effects":
+            return getattr(c, "effects" if leaf == "total" else leaf)
+        if leaf == "error":
+            return c.failed / c.writes if c.writes else 0.0
+        return c.anomalies / c.effects if c.effects else 0.0
+
+    def _current(self, subject: tuple[str, ...]) -> Totals:
+        found = self._currents.get(subject)
+        if found is None:
+            totals, now = self._fleet.totals(subject), self._now
+            found = self._series(self._window, subject, totals, now).figures(now).current
+            self._currents[subject] = found
         return found
 
     def context(self, run: RunKey) -> dict[str, Any]:
@@ -197,7 +297,12 @@ class _Levels:
     def root(self, run: RunKey, name: str) -> dict[str, Any]:
         tenant, agent, run_id = run
         if name == "run":
-            return {**self._level(tuple(run)), "tenant": tenant, "agent": agent, "run_id": run_id}
+            fleet = self._fleet
+            return {
+                **self._level(tuple(run)), "tenant": tenant, "agent": agent, "run_id": run_id,
+                "labels": fleet.labels.get(run, NO_LABELS),
+                "checkpoint": fleet.checkpoints.get(run, NO_CHECKPOINT),
+            }  # fmt: skip
         if name == "agent":
             return {**self._level((tenant, agent)), "tenant": tenant, "agent": agent}
         if name == "tenant":

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Collection, Iterable
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from tether.v1 import agent_pb2, types_pb2
@@ -28,17 +29,31 @@ from tether_server._store import InstanceKey, RunKey, counts_key, put_op
 
 log = logging.getLogger("tether_server")
 PUBLISH_EVERY = 0.5  # seconds; with the evaluator's 0.25 s, a trip within a heartbeat interval
+FORGET_AFTER = 600.0  # seconds an entry may stay unchanged before the tally drops it
+NO_CHECKPOINT: dict[str, Any] = {}
+_NO_SIGNALS = (0.0, 0, 0, 0)
 Signals = tuple[float, int, int, int]  # usd, tokens, calls, anomalies
 _FINISHED = (types_pb2.EFFECT_STATUS_LANDED, types_pb2.EFFECT_STATUS_FAILED)
 
 
 class Tally:
-    """This coordinator's counts, and their publication on its lease."""
+    """This coordinator's counts, and their publication on its lease.
+
+    The per-beat path is a dict update: a signal that did not change marks nothing. A
+    publication re-encodes only the entries that changed since the last one, and an entry
+    idle for ``FORGET_AFTER`` is dropped (its run ended, or moved to another coordinator):
+    an instance's signals are its own running totals, so when it speaks again its totals
+    come back whole, and the evaluator counts a dropped run's effects afresh from zero.
+    """
 
     def __init__(self, coordinator_id: str) -> None:
         self._key = counts_key(coordinator_id)
         self.runs: dict[RunKey, list[int]] = {}  # effects, writes, failed
         self.signals: dict[InstanceKey, Signals] = {}
+        self._dirty: set[RunKey | InstanceKey] = set()  # changed since the last document
+        self._runs = _Encoded(self.runs)
+        self._signals = _Encoded(self.signals)
+        self._swept = 0.0
         self._changed = asyncio.Event()
 
     def effects(
@@ -55,21 +70,31 @@ class Tally:
                 counts[1] += 1
                 counts[2] += effect.status == types_pb2.EFFECT_STATUS_FAILED
         if counts is not None:
+            self._dirty.add(key.run)
             self._changed.set()
 
     def signal(self, key: InstanceKey, signals: agent_pb2.Signals) -> None:
         """The instance's newest running totals."""
-        self.signals[key] = (signals.usd, signals.tokens, signals.calls, signals.anomalies)
-        self._changed.set()
+        new = (signals.usd, signals.tokens, signals.calls, signals.anomalies)
+        if self.signals.get(key) != new:
+            self.signals[key] = new
+            self._dirty.add(key)
+            self._changed.set()
 
-    def document(self) -> bytes:
-        return json.dumps(
-            {
-                "runs": {"/".join(run): counts for run, counts in self.runs.items()},
-                "signals": {"/".join(key): list(s) for key, s in self.signals.items()},
-            },
-            separators=(",", ":"),
-        ).encode()
+    def document(self, now: float | None = None) -> bytes:
+        """Every entry, as JSON; only those that changed are encoded anew."""
+        now = time.monotonic() if now is None else now
+        self._runs.update(self._dirty, now)
+        self._signals.update(self._dirty, now)
+        self._dirty.clear()
+        if now - self._swept >= FORGET_AFTER / 10:
+            for key in self._runs.forget(now - FORGET_AFTER):
+                del self.runs[key]
+            for key in self._signals.forget(now - FORGET_AFTER):
+                del self.signals[key]
+            self._swept = now
+        runs, signals = self._runs.joined(), self._signals.joined()
+        return f'{{"runs":{{{runs}}},"signals":{{{signals}}}}}'.encode()
 
     async def publish(self, store: Store, lease: int) -> None:
         """Put the counts on ``lease`` whenever they changed, at most every PUBLISH_EVERY."""
@@ -85,6 +110,34 @@ class Tally:
             await asyncio.sleep(PUBLISH_EVERY)
 
 
+class _Encoded:
+    """Each entry of one table as JSON, kept, with when it last changed."""
+
+    def __init__(self, table: Mapping[Any, Sequence[float]]) -> None:
+        self._table = table
+        self._json: dict[tuple[str, ...], str] = {}
+        self._moved: dict[tuple[str, ...], float] = {}
+
+    def update(self, dirty: Iterable[tuple[str, ...]], now: float) -> None:
+        """Encode the ``dirty`` entries anew."""
+        for key in dirty:
+            values = self._table.get(key)
+            if values is not None:
+                self._json[key] = f"{json.dumps('/'.join(key))}:{json.dumps(list(values))}"
+                self._moved[key] = now
+
+    def joined(self) -> str:
+        """The table's entries as the inside of a JSON object."""
+        return ",".join(self._json.values())
+
+    def forget(self, before: float) -> list[Any]:
+        """Drop the entries unchanged since ``before``; the keys to drop from the table."""
+        gone = [k for k, t in self._moved.items() if t < before]
+        for key in gone:
+            del self._moved[key], self._json[key]
+        return gone
+
+
 class FleetTotals:
     """The evaluator's merge of every coordinator's counts: totals that only grow, summed
     as they arrive for each run, agent and tenant, so that reading any of them is a lookup.
@@ -92,6 +145,7 @@ class FleetTotals:
 
     def __init__(self) -> None:
         self._seen: dict[str, dict[str, list[int]]] = {}  # source -> run -> last counts
+        self._heard: dict[str, dict[str, Any]] = {}  # source -> instance -> signals
         self.signals: dict[InstanceKey, Signals] = {}
         self._totals: dict[tuple[str, ...], Totals] = {}  # (t,), (t, a), (t, a, r)
         self._spend: dict[tuple[str, ...], tuple[float, int, int]] = {}
@@ -100,6 +154,8 @@ class FleetTotals:
         self._born: dict[tuple[str, ...], int] = {}  # the merge that first saw a subject
         self._merges = 0
         self.changed: set[RunKey] = set()  # runs whose figures moved since ``take_changed``
+        self.labels: dict[RunKey, dict[str, str]] = {}  # read from the roster, when asked
+        self.checkpoints: dict[RunKey, dict[str, Any]] = {}  # the last stored, when asked
 
     def take_changed(self) -> set[RunKey]:
         changed, self.changed = self.changed, set()
@@ -143,19 +199,31 @@ class FleetTotals:
     def merge(self, source: str, document: dict[str, Any]) -> None:
         """Take one coordinator's published counts in."""
         seen = self._seen.setdefault(source, {})
-        for name, counts in document.get("runs", {}).items():
-            before = seen.get(name, [0, 0, 0])
-            if any(n < b for n, b in zip(counts, before, strict=True)):
-                before = [0, 0, 0]  # the coordinator restarted from zero
+        runs: dict[str, list[int]] = document.get("runs", {})
+        for name in seen.keys() - runs.keys():  # the tally forgot it: from zero, if it returns
+            del seen[name]
+        for name, counts in runs.items():
+            before = seen.get(name)
+            if before == counts:
+                continue
             seen[name] = counts
+            if before is None or any(n < b for n, b in zip(counts, before, strict=True)):
+                before = [0, 0, 0]  # new, or the coordinator restarted from zero
             grew = Totals(*(n - b for n, b in zip(counts, before, strict=True)))
             if grew != ZERO:
                 self._grew(RunKey(*name.split("/")), grew, (0.0, 0, 0))
-        for name, values in document.get("signals", {}).items():
+        signals, heard = self.signals, self._heard.setdefault(source, {})
+        published: dict[str, Any] = document.get("signals", {})
+        for name in heard.keys() - published.keys():
+            del heard[name]
+        for name, values in published.items():
+            if heard.get(name) == values:
+                continue  # as this coordinator published it last time
+            heard[name] = values
             key = InstanceKey(*name.split("/"))
-            old = self.signals.get(key, (0.0, 0, 0, 0))
+            old = signals.get(key, _NO_SIGNALS)
             usd, tokens, calls, anomalies = map(max, old, values)
             if (usd, tokens, calls, anomalies) != old:
-                self.signals[key] = (usd, tokens, calls, anomalies)
+                signals[key] = (usd, tokens, calls, anomalies)
                 spent = (usd - old[0], tokens - old[1], calls - old[2])
                 self._grew(key.run, Totals(anomalies=anomalies - old[3]), spent)

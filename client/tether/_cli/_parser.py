@@ -317,7 +317,7 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("doctor", "check every coordinator of --addr and what they agree on", True, _doctor_args),
     ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
     ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
-    ("policy", "the protection policy: apply -f FILE, get, history", True, policy_args),
+    ("policy", "the protection policy: apply -f FILE, get, history, test", True, policy_args),
     ("breakers", "every breaker's state and figures", True, breakers_args),
     ("completion", "a shell completion script: bash, zsh or fish", False, _completion_args),
 )

@@ -292,6 +292,103 @@ class ListBreakersResponse(_message.Message):
 Global___ListBreakersResponse: _TypeAlias = ListBreakersResponse  # noqa: Y015
 
 @_typing.final
+class TestPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YAML_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    yaml: _builtins.str
+    """the document to try, as ApplyPolicy takes it"""
+    tenant: _builtins.str
+    """only this tenant's runs; empty: every tenant (needs a grant of all)"""
+    def __init__(
+        self,
+        *,
+        yaml: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "yaml", b"yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestPolicyRequest: _TypeAlias = TestPolicyRequest  # noqa: Y015
+
+@_typing.final
+class WouldTrip(_message.Message):
+    """One breaker or rule that would have acted on one subject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """breaker | rule"""
+    name: _builtins.str
+    selector: _builtins.str
+    """the halt it would write, named as tether halts names it"""
+    action: _builtins.str
+    """degrade (breakers) | kill | freeze | degrade | notify"""
+    reason: _builtins.str
+    """the figures that trip it"""
+    dry_run: _builtins.bool
+    """the rule is dry_run: applied, it would only audit and notify"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        selector: _builtins.str = ...,
+        action: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "dry_run", b"dry_run", "kind", b"kind", "name", b"name", "reason", b"reason", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WouldTrip: _TypeAlias = WouldTrip  # noqa: Y015
+
+@_typing.final
+class TestPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIPS_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    COORDINATORS_FIELD_NUMBER: _builtins.int
+    TRAFFIC_FIELD_NUMBER: _builtins.int
+    runs: _builtins.int
+    """the runs whose traffic was judged"""
+    coordinators: _builtins.int
+    """the coordinators whose published counts were read"""
+    traffic: _builtins.str
+    """what the figures cover, in words"""
+    @_builtins.property
+    def trips(self) -> _containers.RepeatedCompositeFieldContainer[Global___WouldTrip]: ...
+    def __init__(
+        self,
+        *,
+        trips: _abc.Iterable[Global___WouldTrip] | None = ...,
+        runs: _builtins.int = ...,
+        coordinators: _builtins.int = ...,
+        traffic: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinators", b"coordinators", "runs", b"runs", "traffic", b"traffic", "trips", b"trips"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestPolicyResponse: _TypeAlias = TestPolicyResponse  # noqa: Y015
+
+@_typing.final
 class GetStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -126,6 +126,11 @@ class AdminServiceStub:
                 request_serializer=tether_dot_v1_dot_admin__pb2.ListBreakersRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_admin__pb2.ListBreakersResponse.FromString,
                 _registered_method=True)
+        self.TestPolicy = channel.unary_unary(
+                '/tether.v1.AdminService/TestPolicy',
+                request_serializer=tether_dot_v1_dot_admin__pb2.TestPolicyRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_admin__pb2.TestPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -255,6 +260,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TestPolicy(self, request, context):
+        """A dry run: what a policy would trip over recent traffic. It compiles the policy
+        first (INVALID_ARGUMENT as ApplyPolicy), then judges it on the counts the
+        coordinators publish now; it stores, halts and notifies nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -347,6 +361,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListBreakers,
                     request_deserializer=tether_dot_v1_dot_admin__pb2.ListBreakersRequest.FromString,
                     response_serializer=tether_dot_v1_dot_admin__pb2.ListBreakersResponse.SerializeToString,
+            ),
+            'TestPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestPolicy,
+                    request_deserializer=tether_dot_v1_dot_admin__pb2.TestPolicyRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_admin__pb2.TestPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -836,6 +855,33 @@ class AdminService:
             '/tether.v1.AdminService/ListBreakers',
             tether_dot_v1_dot_admin__pb2.ListBreakersRequest.SerializeToString,
             tether_dot_v1_dot_admin__pb2.ListBreakersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/TestPolicy',
+            tether_dot_v1_dot_admin__pb2.TestPolicyRequest.SerializeToString,
+            tether_dot_v1_dot_admin__pb2.TestPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,11 @@ class AdminServiceStub:
     ListPolicyHistory: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPolicyHistoryRequest, _admin_pb2.ListPolicyHistoryResponse]
     ListBreakers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListBreakersRequest, _admin_pb2.ListBreakersResponse]
     """Every breaker that has left CLOSED, per subject, with its state and figures."""
+    TestPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.TestPolicyRequest, _admin_pb2.TestPolicyResponse]
+    """A dry run: what a policy would trip over recent traffic. It compiles the policy
+    first (INVALID_ARGUMENT as ApplyPolicy), then judges it on the counts the
+    coordinators publish now; it stores, halts and notifies nothing.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -114,6 +119,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListPolicyHistory: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPolicyHistoryRequest, _admin_pb2.ListPolicyHistoryResponse]  # type: ignore[assignment]
     ListBreakers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListBreakersRequest, _admin_pb2.ListBreakersResponse]  # type: ignore[assignment]
     """Every breaker that has left CLOSED, per subject, with its state and figures."""
+    TestPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.TestPolicyRequest, _admin_pb2.TestPolicyResponse]  # type: ignore[assignment]
+    """A dry run: what a policy would trip over recent traffic. It compiles the policy
+    first (INVALID_ARGUMENT as ApplyPolicy), then judges it on the counts the
+    coordinators publish now; it stores, halts and notifies nothing.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is the operator's side: kill, resume, and see the fleet."""
@@ -262,5 +272,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListBreakersResponse, _abc.Awaitable[_admin_pb2.ListBreakersResponse]]:
         """Every breaker that has left CLOSED, per subject, with its state and figures."""
+
+    @_abc_1.abstractmethod
+    def TestPolicy(
+        self,
+        request: _admin_pb2.TestPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.TestPolicyResponse, _abc.Awaitable[_admin_pb2.TestPolicyResponse]]:
+        """A dry run: what a policy would trip over recent traffic. It compiles the policy
+        first (INVALID_ARGUMENT as ApplyPolicy), then judges it on the counts the
+        coordinators publish now; it stores, halts and notifies nothing.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
