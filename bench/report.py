@@ -136,6 +136,10 @@ def render(results_path: Path, out_dir: Path) -> None:
     parts += [part for phase in PHASES for part in phase.section(results)]
     parts.append(METHOD)
     parts.append("\n![kill latency](kill_latency.png)\n")
+    parts.append(
+        "Automatic protection (`bench/protection.py`: the evaluator's CPU per heartbeat, and "
+        "threshold crossed to halt committed) is measured apart: [PROTECTION.md](PROTECTION.md).\n"
+    )
     (out_dir / "RESULTS.md").write_text("\n".join(parts))
     plot(results, out_dir / "kill_latency.png")
 
