@@ -4,6 +4,7 @@ of a real CLI process. How long that takes is measured in bench (phase ``cli``),
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,20 @@ def test_the_probe_sees_a_heavy_module_when_a_verb_loads_one(tmp_path: Path) -> 
     code, modules = _loaded(tmp_path, "completion", "bash")
     assert code == 0
     assert "tether._cli._completion" in _heavy(modules)
+
+
+def test_the_generated_stubs_are_still_reachable_as_tether_v1() -> None:
+    probe = "import tether; print(tether.v1.__name__)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "tether.v1"), done.stderr
+
+
+def test_a_one_shot_verb_with_stdout_closed_exits_cleanly(coord: Coordinator) -> None:
+    # Cron and daemons may start a command with stdout closed: Python then has no
+    # sys.stdout at all, and the verb must still end with its own code and no traceback.
+    argv = [sys.executable, "-m", "tether", "--addr", coord.addr, "agents", "--tenant", "t"]
+    done = subprocess.run(
+        argv, stdout=None, stderr=subprocess.PIPE, text=True, timeout=60,
+        pass_fds=(), preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

@@ -9,6 +9,7 @@ socket table, through the fault proxy of tests/chaos, which also cuts the stream
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +212,84 @@ def test_a_refused_registration_ends_only_that_run(
     for agent in agents:
         agent.check()
     assert {i.state for i in admin.agents(tenant=tenant)} == {tether.State.ACTIVE}
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def test_a_checkpoint_too_deep_for_the_stream_is_refused_where_it_is_reported(
+    coord: Coordinator, tenant: str
+) -> None:
+    with tether.Agent(f"agent://{tenant}/a", run_id="deep", target=coord.addr) as agent:
+        agent.report(_nested(28))  # carried in a KillAck, in a frame, in a request: fine
+        with pytest.raises(tether.InvalidArgument, match="nested at most"):
+            agent.report(_nested(33))  # a Struct alone would parse; the stream's could not
+        agent.check()  # refused at the caller: the stream and its neighbours go on
+
+
+def test_a_request_is_split_by_size_as_well_as_by_frames() -> None:
+    from tether._link_stream import MOST_BYTES, chunks
+    from tether.v1 import agent_pb2
+
+    big = "x" * 200_000
+    request = agent_pb2.MuxRequest(seq=7)
+    for local in range(1, 13):  # 12 checkpoints of 200 KB: 2.4 MB, over a gRPC message
+        frame = request.frames.add(local=local)
+        frame.body.beat.checkpoint.update({"blob": big})
+    parts = chunks(request, 1000)
+    assert len(parts) > 1 and all(p.ByteSize() <= MOST_BYTES + 250_000 for p in parts)
+    assert [f.local for p in parts for f in p.frames] == list(range(1, 13))
+    assert [p.seq for p in parts] == [0] * (len(parts) - 1) + [7]  # the beat rides last
+
+
+def test_blocking_on_the_shared_loop_from_a_callback_is_refused(
+    coord: Coordinator, tenant: str
+) -> None:
+    agent = tether.Agent(f"agent://{tenant}/a", run_id="hook", target=coord.addr)
+    agent.start()
+    try:
+
+        async def from_a_callback() -> None:
+            agent.close()  # what a stop hook on the shared loop might try
+
+        loop = agent._loop
+        assert loop is not None
+        future = asyncio.run_coroutine_threadsafe(from_a_callback(), loop)
+        with pytest.raises(tether.TetherError, match="from a tether callback"):
+            future.result(timeout=10)
+        agent.check()  # nothing was closed, nothing deadlocked
+    finally:
+        agent.close()
+
+
+def test_a_forked_child_is_never_left_waiting_on_the_parents_loop(
+    coord: Coordinator, tenant: str
+) -> None:
+    # gRPC itself does not carry channels across fork() (the child of a process that used
+    # it cannot reach a coordinator: use the spawn start method). What Tether owes is that
+    # the child is not left blocked forever on the parent's shared loop, whose thread does
+    # not exist in the child: it gets an answer within its connect timeout.
+    with tether.Agent(f"agent://{tenant}/a", run_id="parent", target=coord.addr):
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                uri = f"agent://{tenant}/a"
+                with tether.Agent(uri, run_id="child", target=coord.addr, connect_timeout=2):
+                    code = 0
+            except tether.TetherError:
+                code = 0  # an answer, not a hang
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's Agent.start() hung on the parent's loop")
+        assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -349,6 +349,12 @@ def test_a_coordinator_that_loses_etcd_stops_every_instance_and_ends_the_stream(
             assert "etcd" in resp.replies[0].reply.fail_closed_reason
             assert mux.ended() == grpc.StatusCode.UNAVAILABLE
             assert "lost etcd" in (mux.call.details() or "")
+            # A registration it cannot serve ends the whole stream, not only its instance,
+            # so the agent moves on to another coordinator instead of retrying this one.
+            again = Mux(ch)
+            again.send((1, register(tenant, "r-late")))
+            assert again.ended() == grpc.StatusCode.UNAVAILABLE
+            assert "etcd" in (again.call.details() or "")
     finally:
         coordinator.stop()
         store.stop()

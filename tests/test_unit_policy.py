@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from tether_server._breakers import Scope
 from tether_server._errors import InvalidArgument
-from tether_server._policy import Action, fields_of, parse
+from tether_server._flatten import fields_of
+from tether_server._policy import Action, parse
 
 DOC = """
 breakers:
@@ -106,3 +107,21 @@ def test_a_rule_is_given_only_what_it_reads() -> None:
         "tenant": {"rates": {"error": 0.6}},
     }
     assert rule.decide(context)
+
+
+def test_a_macro_that_binds_a_roots_name_is_not_flattened() -> None:
+    from tether_server._flatten import Flat, flatten
+
+    when = "run.checkpoint.items.exists(run, run.spend.usd > 10.0)"
+    assert flatten(when) is None  # that `run` is the macro's own, not the context's
+    assert Flat.compile("run.spend.usd > 1.0 // it's a comment") is not None
+
+
+def test_a_rule_may_bind_its_own_loop_variable_but_not_nest_comprehensions() -> None:
+    parse('rules: [{name: x, when: "run.checkpoint.items.exists(i, i > 10)", action: notify}]')
+    nested = '"[1, 2].exists(a, [1, 2].exists(b, a == b))"'
+    with pytest.raises(InvalidArgument, match="at most one"):
+        parse(f"rules: [{{name: n, when: {nested}, action: notify}}]")
+    long = '"' + " || ".join(["run.spend.usd > 1.0"] * 60) + '"'
+    with pytest.raises(InvalidArgument, match="at most 1000"):
+        parse(f"rules: [{{name: long, when: {long}, action: notify}}]")

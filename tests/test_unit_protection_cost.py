@@ -121,3 +121,30 @@ def test_a_run_the_tally_forgot_counts_from_zero_when_it_returns() -> None:
     fleet.merge("c1", {"signals": {}})
     fleet.merge("c1", {"signals": {"acme/mail/r1/i1": [2.5, 5, 1, 0]}})  # totals: the max
     assert fleet.spend(run) == (2.5, 5, 1)
+
+
+def test_a_comment_in_a_rule_does_not_swallow_the_rules_after_it() -> None:
+    policy = parse(
+        "rules:\n"
+        '  - {name: cap, when: "run.spend.usd > 5.0 // agreed with finance"}\n'
+        "  - {name: red, when: \"run.labels.team == 'red'\"}\n"
+        '  - {name: low, when: "run.spend.usd < 1.0"}\n'
+    )
+    fleet, run = _fleet(CONTEXTS[0])  # 7.5 USD, team red
+    decided = Decisions().due(groups_of(policy.rules), 1, fleet, _series, 100.0, changed={run})
+    assert {rule.name for rule, _, _ in decided} == {"cap", "red"}
+
+
+def test_a_rule_whose_act_failed_is_decided_again() -> None:
+    policy = parse('rules: [{name: cap, when: "run.spend.usd > 5.0"}]')
+    fleet, run = _fleet(CONTEXTS[0])
+    groups, decisions = groups_of(policy.rules), Decisions()
+
+    def due() -> list[str]:
+        found = decisions.due(groups, 1, fleet, _series, 100.0, changed={run})
+        return [rule.name for rule, _, _ in found]
+
+    assert due() == ["cap"]
+    assert due() == []  # it acted: not again on the same subject
+    decisions.again("cap", tuple(run))
+    assert due() == ["cap"]  # its act failed (etcd): decided anew

@@ -172,6 +172,8 @@ def __getattr__(name: str) -> object:
     Raises:
         AttributeError: ``name`` is not a public name of the package.
     """
+    if name == "v1":  # the generated stubs, as ``tether.v1`` was before imports were lazy
+        return _importlib.import_module("tether.v1")
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(_importlib.import_module(_LAZY[name]), name)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -266,6 +267,10 @@ class Agent(_Front):
 
     _loop: asyncio.AbstractEventLoop | None = None  # the shared loop, once started
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._closing = threading.Lock()
+
     def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
 
@@ -287,7 +292,13 @@ class Agent(_Front):
         return retry(self._core, fn, *args, **options)
 
     def start(self) -> None:
-        """Register with a coordinator; blocks until the first reply."""
+        """Register with a coordinator; blocks until the first reply.
+
+        Raises:
+            TetherError: called from a tether callback (a stop hook, a reply observer),
+                which runs on the loop this call would wait on.
+        """
+        SHARED_LOOP.refuse_on_loop("Agent.start()")
         loop = SHARED_LOOP.acquire()
         try:
             asyncio.run_coroutine_threadsafe(self._core.start(), loop).result()
@@ -297,11 +308,18 @@ class Agent(_Front):
         self._loop = loop
 
     def close(self, checkpoint: Mapping[str, Any] | None = None) -> None:
-        """End cleanly: the final checkpoint is stored before this returns."""
-        if self._loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._core.close(checkpoint), self._loop).result()
-        self._loop = None  # a bad final checkpoint raised above: the agent is still open
+        """End cleanly: the final checkpoint is stored before this returns.
+
+        Raises:
+            TetherError: called from a tether callback, as for ``start``.
+        """
+        SHARED_LOOP.refuse_on_loop("Agent.close()")
+        with self._closing:  # two threads closing at once release the shared loop once
+            loop = self._loop
+            if loop is None:
+                return
+            asyncio.run_coroutine_threadsafe(self._core.close(checkpoint), loop).result()
+            self._loop = None  # a bad final checkpoint raised above: the agent is still open
         SHARED_LOOP.release()
 
     def __enter__(self) -> Self:

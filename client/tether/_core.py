@@ -59,6 +59,23 @@ def to_struct(checkpoint: Mapping[str, Any]) -> struct_pb2.Struct:
     return msg
 
 
+def _field(tag: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: its tag, its length as a varint, its bytes."""
+    out, n = bytearray([tag]), len(payload)
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + payload
+
+
+def _as_carried(checkpoint: bytes) -> bytes:
+    """A serialised checkpoint as its deepest trip goes: MuxRequest.frames[].body.ack.checkpoint."""
+    ack = _field(0x22, checkpoint)  # KillAck.checkpoint = 4
+    body = _field(0x32, ack)  # HeartbeatRequest.ack = 6
+    return _field(0x12, _field(0x12, body))  # MuxFrame.body = 2, MuxRequest.frames = 2
+
+
 class Core:
     """One instance on a shared link: registration, verdict, stops and what it writes."""
 
@@ -93,7 +110,7 @@ class Core:
         if verdict is None:
             raise TetherLost("not registered with a coordinator yet")
         if verdict.stop is not None and not (drain and verdict.drain):
-            raise verdict.stop
+            raise verdict.stop.with_traceback(None)  # shared: no traceback may pile up
         confirmed = max(verdict.confirmed_at, self.stream.confirmed_at)
         if time.monotonic() - confirmed > self.ttl:
             raise TetherLost(f"no confirmed heartbeat reply within the lease TTL ({self.ttl:g}s)")
@@ -117,8 +134,9 @@ class Core:
         try:
             json.dumps(checkpoint, allow_nan=False)  # JSON values only: no NaN, no infinity
             msg = to_struct(checkpoint)
-            # What protobuf cannot parse back (nested too deep), no coordinator could read.
-            struct_pb2.Struct.FromString(msg.SerializeToString())
+            # What protobuf cannot parse back (nested too deep), no coordinator could read,
+            # as deep as the stream carries it: in a KillAck, in a frame, in a request.
+            agent_pb2.MuxRequest.FromString(_as_carried(msg.SerializeToString()))
         except (TypeError, ValueError, AttributeError, RecursionError, DecodeError) as err:
             raise InvalidArgument(
                 f"checkpoint must be a JSON object of JSON values, nested at most about "

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -40,6 +41,17 @@ _MOST_FRAMES = 1000  # frames in one MuxRequest; a reconnect of a big fleet is s
 
 _LINKS: dict[tuple[Any, ...], Link] = {}
 _LINKS_LOCK = threading.Lock()  # asyncio agents on loops of several threads join at once
+
+
+def _forget_links() -> None:
+    """In a forked child: the parent's links, their loops and their streams are not here."""
+    global _LINKS_LOCK  # noqa: PLW0603 - a lock held by a thread at fork is never released here
+    _LINKS.clear()
+    _LINKS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_links)
 
 
 def join(core: Core, loop: asyncio.AbstractEventLoop) -> Link:
@@ -144,6 +156,10 @@ class Link:
                     self._refuse_all(from_rpc_error(err))
                     return
                 log.info("tether: stream to %s broke (%s); reconnecting", target, err)
+            except Exception as err:  # a reply it cannot read, a bug: reconnect, never die
+                if self.closing:
+                    return
+                log.warning("tether: stream to %s failed (%r); reconnecting", target, err)
             if self.closing:
                 return
             if self._served:  # a stream that granted: the next break starts a new round
@@ -172,7 +188,7 @@ class Link:
                 if not (core.closing or core.ended)
             }
             writer = asyncio.create_task(self._write(stream), name="tether-writer")
-            writer.add_done_callback(functools.partial(_cancel_on_error, call))
+            writer.add_done_callback(functools.partial(_cancel_on_error, stream))
             try:
                 await self._read(stream)
             finally:
@@ -258,11 +274,18 @@ class Link:
     async def _read(self, stream: Stream) -> None:
         call = stream.call
         while True:
-            resp = await call.read()
+            try:
+                resp = await call.read()
+            except asyncio.CancelledError:
+                if stream.broken is None:  # the link itself is being cancelled
+                    raise
+                raise ConnectionError(f"the stream's writer failed: {stream.broken!r}") from None
             if resp is grpc.aio.EOF:
                 if self.closing:
                     return
                 raise await eof_error(call)
+            if resp is None:  # grpc hands back None for a reply it could not parse
+                raise ConnectionError("a reply from the coordinator could not be parsed")
             for reply in resp.replies:
                 self._dispatch(stream, reply)
             if resp.ack_seq:
@@ -270,7 +293,7 @@ class Link:
 
     def _dispatch(self, stream: Stream, reply: agent_pb2.MuxReply) -> None:
         if reply.HasField("end"):
-            self._ended(reply)
+            self._ended(stream, reply)
             return
         resp, now = reply.reply, time.monotonic()
         if resp.HasField("session"):
@@ -282,7 +305,10 @@ class Link:
         for local in reply.locals:
             core = members.get(local)
             if core is not None and core.stream is stream:
-                core.apply(resp, halts, verdict)
+                try:  # one instance's hook that raises must not keep the order from the rest
+                    core.apply(resp, halts, verdict)
+                except Exception:
+                    log.exception("tether: applying an order to instance %d failed", local)
 
     def _granted(
         self, stream: Stream, locals_: Any, resp: agent_pb2.HeartbeatResponse, now: float
@@ -292,7 +318,7 @@ class Link:
         self._interval = max(grant.heartbeat_interval_ms / 1000.0, 0.01)
         for local in locals_:
             core = self.members.get(local)
-            if core is None or core.closing:
+            if core is None or core.closing or core.ended:
                 self._orphans.append(local)  # it left while registering: end its session
             else:
                 core.on_grant(stream, resp, now)
@@ -300,11 +326,13 @@ class Link:
         stream.beating = True
         self._wake.set()
 
-    def _ended(self, reply: agent_pb2.MuxReply) -> None:
+    def _ended(self, stream: Stream, reply: agent_pb2.MuxReply) -> None:
         end = reply.end
         for local in reply.locals:
             core = self.members.get(local)
-            if core is not None and not core.on_end(end.code, end.message):
+            if core is None or stream not in (core.stream, core.pending):
+                continue  # an end of an earlier registration, on an earlier stream
+            if not core.on_end(end.code, end.message):
                 delay = _INITIAL_BACKOFF * (1 + 9 * random.random())
                 self.loop.call_later(delay, self._register_again, core)
 
@@ -338,7 +366,8 @@ class Link:
                     self._lost.add(core)
 
 
-def _cancel_on_error(call: Any, writer: asyncio.Task[None]) -> None:
+def _cancel_on_error(stream: Stream, writer: asyncio.Task[None]) -> None:
     """A writer that failed ends the stream, so that the reader sees it and reconnects."""
     if not writer.cancelled() and writer.exception() is not None:
-        call.cancel()
+        stream.broken = writer.exception()
+        stream.call.cancel()

@@ -9,6 +9,7 @@ unless a new stream grants it again.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import deque
 from typing import Any
@@ -25,10 +26,11 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 class Stream:
     """One open ``Multiplex`` call and the beats sent on it that await their ack."""
 
-    __slots__ = ("_sent", "_seq", "beating", "call", "confirmed_at")
+    __slots__ = ("_sent", "_seq", "beating", "broken", "call", "confirmed_at")
 
     def __init__(self, call: Any) -> None:
         self.call = call
+        self.broken: BaseException | None = None  # why this side ended the call, if it did
         self.confirmed_at = 0.0  # time.monotonic() when the newest acked beat was sent
         self.beating = False  # beats start with the first grant on the stream
         self._sent: deque[tuple[int, float]] = deque()  # (seq, when sent), oldest first
@@ -77,15 +79,24 @@ async def eof_error(call: Any) -> grpc.RpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
 
 
+MOST_BYTES = 1 << 20  # a request's size: far under the coordinator's 4 MiB message limit
+
+
 def chunks(request: agent_pb2.MuxRequest, most: int) -> list[agent_pb2.MuxRequest]:
-    """``request`` as requests of at most ``most`` frames; the beat goes with the last."""
+    """``request`` as requests of at most ``most`` frames and about ``MOST_BYTES`` (one
+    frame, at most a checkpoint's limit, may go over alone); the beat goes with the last."""
     frames = request.frames
-    if len(frames) <= most:
+    if len(frames) <= most and request.ByteSize() <= MOST_BYTES:
         return [request]
-    parts = [
-        agent_pb2.MuxRequest(frames=frames[start : start + most])
-        for start in range(0, len(frames), most)
-    ]
+    parts = [agent_pb2.MuxRequest()]
+    size = 0
+    for frame in frames:
+        grows = frame.ByteSize() + 8  # the frame's tag and length
+        if parts[-1].frames and (len(parts[-1].frames) >= most or size + grows > MOST_BYTES):
+            parts.append(agent_pb2.MuxRequest())
+            size = 0
+        parts[-1].frames.append(frame)
+        size += grows
     parts[-1].seq = request.seq
     return parts
 
@@ -102,6 +113,24 @@ class SharedLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._users = 0
+
+    def refuse_on_loop(self, what: str) -> None:
+        """Raise if called on the shared loop's thread, where blocking on it deadlocks it.
+
+        Raises:
+            TetherError: ``what`` was called from a tether callback.
+        """
+        if self._thread is not None and threading.current_thread() is self._thread:
+            raise TetherError(
+                f"{what} was called from a tether callback (a stop hook or reply observer), "
+                "which runs on the loop every sync Agent shares and would wait on itself; "
+                "call it from another thread"
+            )
+
+    def forget(self) -> None:
+        """In a forked child: the parent's loop thread does not exist here."""
+        self._lock = threading.Lock()
+        self._loop, self._thread, self._users = None, None, 0
 
     def acquire(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -135,3 +164,5 @@ async def _cancel_the_rest() -> None:
 
 
 SHARED_LOOP = SharedLoop()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=SHARED_LOOP.forget)

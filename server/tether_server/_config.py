@@ -224,11 +224,23 @@ def _check_workers(config: ServerConfig) -> None:
 
 
 def cores() -> int:
-    """The cores this process may run on (its CPU affinity), else the machine's."""
+    """The cores this process may use: its CPU affinity (else the machine's), capped by a
+    cgroup v2 CPU quota, as a container's CPU limit sets it."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        found = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        found = os.cpu_count() or 1
+    return min(found, _quota() or found)
+
+
+def _quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """The cgroup v2 quota in whole cores (at least 1); None: no limit, or not readable."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else max(1, int(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 MAX_WORKERS = 256

@@ -1,11 +1,13 @@
-"""Rule expressions over flat variables, because handing CEL nested maps is most of a call.
+"""Rule expressions: compiled with their limits, and run over flat variables.
 
-Converting ``{"run": {"spend": {"usd": 1.0}}}`` into CEL costs about 1.4 us per map, several
-times the evaluation itself. So an expression's references to the context's fixed fields are
-rewritten to flat names (``run.spend.usd`` becomes ``run__spend__usd``; ``run.labels.team``
-becomes ``run__labels.team``, one map), outside string literals, and the context is passed
-as those few values. An expression this cannot rewrite whole (``run`` used as a map,
-``has(run.spend)``, a field the context lacks) is left as written and given nested maps.
+Handing CEL nested maps is most of a call: converting ``{"run": {"spend": {"usd": 1.0}}}``
+into CEL costs about 1.4 us per map, several times the evaluation itself. So an
+expression's references to the context's fixed fields are rewritten to flat names
+(``run.spend.usd`` becomes ``run__spend__usd``; ``run.labels.team`` becomes
+``run__labels.team``, one map), outside string literals and comments, and the context is
+passed as those few values. An expression this cannot rewrite whole (``run`` used as a
+map, ``has(run.spend)``, a field the context lacks, a macro binding a root's name) is left
+as written and given nested maps.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import cel
 
+from tether_server._errors import InvalidArgument
+
 LEAVES = {
     "spend": frozenset({"usd", "tokens", "calls"}),
     "effects": frozenset({"total", "writes", "failed", "anomalies"}),
@@ -24,6 +28,12 @@ LEAVES = {
 _SCALARS = frozenset({"tenant", "agent", "run_id"})
 _RUN_MAPS = frozenset({"labels", "checkpoint"})
 _REF = re.compile(r"(?<![\w.])(run|agent|tenant)\s*\.\s*(\w+)(?:\s*\.\s*(\w+))?")
+# A comprehension macro and the variable it binds: ``xs.exists(x, x > 1)``.
+MACRO = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*(\w+)\s*,")
+# ``xs.exists(run, run.spend.usd > 1.0)``: that ``run`` is the macro's, not the context's.
+_BINDS_ROOT = re.compile(
+    r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*(?:run|agent|tenant)\s*,"
+)
 Path = tuple[str, ...]  # root, field[, leaf]
 
 
@@ -32,10 +42,17 @@ class _Unflat(Exception):
 
 
 def _segments(text: str) -> Iterator[tuple[str, bool]]:
-    """``text`` cut into (piece, is_code): string literals are not code."""
+    """``text`` cut into (piece, is_code): string literals and comments are not code."""
     i, start = 0, 0
     while i < len(text):
         quote = text[i]
+        if text.startswith("//", i):  # a comment, to the end of its line
+            end = text.find("\n", i)
+            end = len(text) if end < 0 else end
+            yield text[start:i], True
+            yield text[i:end], False
+            i = start = end
+            continue
         if quote not in "'\"":
             i += 1
             continue
@@ -70,6 +87,8 @@ def flatten(when: str) -> tuple[str, dict[str, Path]] | None:
     out = []
     try:
         for piece, code in _segments(when):
+            if code and _BINDS_ROOT.search(piece):  # a macro's variable shadows a root
+                return None
             out.append(_REF.sub(lambda m: _rename(m, paths), piece) if code else piece)
     except _Unflat:
         return None
@@ -102,7 +121,8 @@ class Flat:
             program = cel.compile(source)
         except (ValueError, RuntimeError):
             return None
-        if {v.split(".")[0] for v in program.variables()} - set(paths):  # a root left whole
+        bound = set(MACRO.findall(source))  # a macro's own variables
+        if {v.split(".")[0] for v in program.variables()} - set(paths) - bound:  # a root left whole
             return None
         return cls(program, paths)
 
@@ -112,3 +132,54 @@ class Flat:
             return self.program.execute(dict(inputs)) is True
         except (RuntimeError, ValueError, TypeError, KeyError):
             return False
+
+
+CONTEXT_ROOTS = frozenset({"run", "agent", "tenant"})
+MAX_WHEN = 1000  # characters of one rule's expression
+
+
+def compile_rule(where: str, when: str) -> Any:
+    """Compile ``when``; refuse one that does not compile, names an unknown variable, or
+    could cost more than linear time (the evaluator runs on a coordinator's event loop:
+    one rule must never hold its heartbeats up)."""
+    if len(when) > MAX_WHEN:
+        raise InvalidArgument(f"{where}.when is {len(when)} characters; at most {MAX_WHEN}")
+    bound = MACRO.findall(when)
+    if len(bound) > 1:
+        raise InvalidArgument(
+            f"{where}.when uses {len(bound)} comprehensions (all, exists, exists_one, map, "
+            "filter); at most one, so that a rule's cost stays linear in its input"
+        )
+    try:
+        program = cel.compile(when)
+    except (ValueError, RuntimeError) as err:
+        raise InvalidArgument(f"{where}.when does not compile: {err}") from None
+    names = {v.split(".")[0] for v in program.variables()} - set(bound)
+    unknown = sorted(names - CONTEXT_ROOTS)
+    if unknown:
+        raise InvalidArgument(
+            f"{where}.when names {unknown[0]!r}: the context has only run, agent and tenant"
+        )
+    return program
+
+
+def roots_of(program: Any) -> frozenset[str]:
+    """The context roots an expression reads (``run``, ``agent``, ``tenant``)."""
+    return frozenset(v.split(".")[0] for v in program.variables()) & CONTEXT_ROOTS
+
+
+_PATH = re.compile(r"\b(run|agent|tenant)\b(\s*\.\s*(\w+))?")
+
+
+def fields_of(when: str) -> dict[str, frozenset[str] | None]:
+    """The fields of each root that ``when`` names; a root used whole (or in a way this
+    cannot see, such as ``run["spend"]``) gets None, and is passed whole."""
+    found: dict[str, set[str] | None] = {}
+    for match in _PATH.finditer(when):
+        root, name = match[1], match[3]
+        names = found.setdefault(root, set())
+        if name is None or names is None:
+            found[root] = None
+        else:
+            names.add(name)
+    return {root: None if names is None else frozenset(names) for root, names in found.items()}

@@ -120,9 +120,12 @@ class MuxStream:
         sessions = self._sessions
         try:
             inst.session = await sessions.register(
-                register, self._metadata, self._who, inst.port, self._writer
+                register, self._metadata, self._who, inst.port, clock=self._writer
             )
         except ANSWERABLE as err:
+            if not sessions.serving:  # it can serve no one (etcd lost, starting): go elsewhere
+                self._writer.end(End(grpc.StatusCode.UNAVAILABLE, str(err)))
+                return
             self._end(inst, End(status_of(err), str(err)))
             return
         except StreamGone:
@@ -130,6 +133,9 @@ class MuxStream:
         except Exception as err:  # a bug ends the instance it hit, not its neighbours
             self._failed(inst, err)
             return
+        # Admitted now, as a Heartbeat session is: its silence counts from here, even if
+        # the registration waited on etcd longer than a TTL since the stream opened.
+        self._writer.at = max(self._writer.at, time.monotonic())
         self._resume(inst)
 
     def _resume(self, inst: _Instance) -> None:

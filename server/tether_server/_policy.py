@@ -22,10 +22,16 @@ import yaml
 
 from tether_server._breakers import BreakerSpec, Labels, Scope
 from tether_server._errors import InvalidArgument, check_name
-from tether_server._flatten import Flat, flat_inputs
+from tether_server._flatten import (
+    CONTEXT_ROOTS,
+    Flat,
+    compile_rule,
+    fields_of,
+    flat_inputs,
+    roots_of,
+)
 
 MAX_POLICY_BYTES = 256 * 1024
-CONTEXT_ROOTS = frozenset({"run", "agent", "tenant"})
 EVENTS = frozenset({"kill", "resume", "freeze", "degrade", "trip", "policy"})
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -108,7 +114,8 @@ class RuleGroup:
             self.fields[root] = None if whole else frozenset().union(*named)  # type: ignore[arg-type]
         self.labels = any(r.labels or r.reads("labels") for r in rules)
         self.checkpoint = any(r.reads("checkpoint") for r in rules)
-        source = "[" + ", ".join(f"({r.when})" for r in rules) + "]"
+        # Each on lines of its own: a `// comment` in one must not swallow what follows.
+        source = "[" + ", ".join(f"(\n{r.when}\n)" for r in rules) + "]"
         self._flat = Flat.compile(source)  # None: nested maps, as written
         self._program = cel.compile(source) if self._flat is None else self._flat.program
         self._each = [Flat.compile(r.when) for r in rules] if self._flat else []
@@ -289,42 +296,6 @@ def _breaker(where: str, raw: Any, seen: set[str]) -> BreakerSpec:
     return spec
 
 
-def compile_rule(where: str, when: str) -> Any:
-    """Compile ``when``; refuse one that does not compile or names an unknown variable."""
-    try:
-        program = cel.compile(when)
-    except (ValueError, RuntimeError) as err:
-        raise InvalidArgument(f"{where}.when does not compile: {err}") from None
-    unknown = sorted({v.split(".")[0] for v in program.variables()} - CONTEXT_ROOTS)
-    if unknown:
-        raise InvalidArgument(
-            f"{where}.when names {unknown[0]!r}: the context has only run, agent and tenant"
-        )
-    return program
-
-
-def roots_of(program: Any) -> frozenset[str]:
-    """The context roots an expression reads (``run``, ``agent``, ``tenant``)."""
-    return frozenset(v.split(".")[0] for v in program.variables()) & CONTEXT_ROOTS
-
-
-_PATH = re.compile(r"\b(run|agent|tenant)\b(\s*\.\s*(\w+))?")
-
-
-def fields_of(when: str) -> dict[str, frozenset[str] | None]:
-    """The fields of each root that ``when`` names; a root used whole (or in a way this
-    cannot see, such as ``run["spend"]``) gets None, and is passed whole."""
-    found: dict[str, set[str] | None] = {}
-    for match in _PATH.finditer(when):
-        root, name = match[1], match[3]
-        names = found.setdefault(root, set())
-        if name is None or names is None:
-            found[root] = None
-        else:
-            names.add(name)
-    return {root: None if names is None else frozenset(names) for root, names in found.items()}
-
-
 def _rule(where: str, raw: Any, seen: set[str]) -> Rule:
     r = _Reader(where, raw, _RULE_FIELDS)
     name = _name(r, seen)
@@ -380,10 +351,17 @@ def parse(text: str) -> Policy:
     top = _Reader("policy", raw, frozenset({"breakers", "rules", "notify"}))
     seen: set[str] = set()
     lists = {k: top.get(k, list, []) for k in ("breakers", "rules", "notify")}
-    return Policy(
+    policy = Policy(
         breakers=tuple(
             _breaker(f"breakers[{i}]", b, seen) for i, b in enumerate(lists["breakers"])
         ),
         rules=tuple(_rule(f"rules[{i}]", r, seen) for i, r in enumerate(lists["rules"])),
         notify=tuple(_webhook(f"notify[{i}]", n) for i, n in enumerate(lists["notify"])),
     )
+    try:  # what the evaluator will build: refused here, never found there
+        groups_of(policy.rules)
+    except (ValueError, RuntimeError) as err:
+        raise InvalidArgument(
+            f"rules: the rules of one window do not compile together: {err}"
+        ) from None
+    return policy

@@ -101,8 +101,9 @@ CALLS: Mapping[str, Rule] = {
     "GetPolicy": Rule("read the policy", Role.VIEWER, scoped=False),
     "ListPolicyHistory": Rule("read the policy history", Role.VIEWER, scoped=False),
     "ListBreakers": Rule("list breakers", Role.VIEWER),
-    # As GetPolicy, but its answer carries runs' figures: a tenant's, or with a grant of all.
-    "TestPolicy": Rule("test a policy", Role.VIEWER),
+    # Its answer carries runs' figures (a tenant's, or with a grant of all), and it runs the
+    # caller's CEL on the coordinator: for those who may apply a policy, as ApplyPolicy.
+    "TestPolicy": Rule("test a policy", Role.ADMIN),
 }
 _GLOBAL_ORDERS = frozenset({"Kill", "Resume"})
 

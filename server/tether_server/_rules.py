@@ -136,13 +136,19 @@ class RuleRunner:
     ) -> None:
         """Act on the rules that hold, once each: a subject already marked is left alone."""
         mark = b"%d" % version
-        for rule, subject, context in decided:
+        pending = list(decided)
+        for i, (rule, subject, context) in enumerate(pending):
             key = fired_key(rule.name, subject)
-            resp = await self._store.range(key, prefix=False)
-            if resp.kvs and resp.kvs[0].value == mark:
-                continue  # it acted already, under an earlier evaluator
-            await self._act(rule, subject, context["run"])
-            await self._store.txn((), [put_op(key, mark)])
+            try:
+                resp = await self._store.range(key, prefix=False)
+                if resp.kvs and resp.kvs[0].value == mark:
+                    continue  # it acted already, under an earlier evaluator
+                await self._act(rule, subject, context["run"])
+                await self._store.txn((), [put_op(key, mark)])
+            except BaseException:  # etcd failed mid-batch: this and the rest act next round
+                for rule_, subject_, _ in pending[i:]:
+                    self.decisions.again(rule_.name, subject_)
+                raise
 
     async def _act(self, rule: Rule, subject: tuple[str, ...], run: dict[str, Any]) -> None:
         actor, reason = f"policy:{rule.name}", rule_reason(rule, run)
@@ -173,6 +179,11 @@ class Decisions:
         self._fired: set[tuple[str, tuple[str, ...]]] = set()
         self._version = -1
         self._groups: list[RuleGroup] = []  # which parse of the policy: kept, to compare
+
+    def again(self, rule: str, subject: tuple[str, ...]) -> None:
+        """``rule`` did not act on ``subject`` (etcd failed): decide it anew next round."""
+        self._fired.discard((rule, subject))
+        self._seen.clear()  # the inputs that held are seen again, so they hold again
 
     def due(
         self,

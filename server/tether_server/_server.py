@@ -111,7 +111,7 @@ async def serve(
     serving: Callable[[], object] = lambda: None,
 ) -> None:
     """Run one coordinator until SIGINT or SIGTERM; ``serving`` is called once it serves."""
-    _telemetry.configure(environ)
+    _telemetry.configure(environ, instance=config.coordinator_id)
     etcd_tls = etcd_credentials(config)
     embedded = None
     endpoints = config.etcd

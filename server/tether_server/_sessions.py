@@ -117,6 +117,11 @@ class Sessions:
         """Serve registrations on ``keeper``'s lease: the coordinator holds etcd again."""
         self._keeper = keeper
 
+    @property
+    def serving(self) -> bool:
+        """Whether registrations are served: attached to etcd, and not lost since."""
+        return self._keeper is not None
+
     def lose(self, reason: str) -> None:
         """etcd is lost: refuse registrations, stop every agent and let its stream go."""
         self._keeper = None

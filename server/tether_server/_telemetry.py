@@ -81,11 +81,18 @@ def _exporter(kind: str, environ: Mapping[str, str]) -> Any | None:
     raise TelemetryError(f"{var}={name!r}: use console, otlp or none")
 
 
-def configure(environ: Mapping[str, str]) -> None:
-    """Install tracer, meter and logger providers as the ``OTEL_*`` variables ask."""
+def configure(environ: Mapping[str, str], instance: str = "") -> None:
+    """Install tracer, meter and logger providers as the ``OTEL_*`` variables ask.
+
+    ``instance``: this process's ``service.instance.id`` (the coordinator id), so that the
+    workers of one ``tether serve --workers N`` export series of their own.
+    """
     if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return
-    resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME", "tether")})
+    attributes = {"service.name": environ.get("OTEL_SERVICE_NAME", "tether")}
+    if instance:
+        attributes["service.instance.id"] = instance
+    resource = Resource.create(attributes)
     if (spans := _exporter("traces", environ)) is not None:
         provider = TracerProvider(resource=resource)
         provider.add_span_processor(BatchSpanProcessor(spans))

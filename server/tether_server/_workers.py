@@ -120,7 +120,9 @@ class Supervisor:
         config = dataclasses.replace(
             self.config, coordinator_id=f"{self.config.coordinator_id}{suffix}"
         )
-        argv = [sys.executable, "-m", "tether_server._workers", str(index)]
+        # -P: the working directory is not on the path, so a worker runs the code the
+        # supervisor runs, never a stray module of the directory it was started from.
+        argv = [sys.executable, "-P", "-m", "tether_server._workers", str(index)]
         proc = await asyncio.create_subprocess_exec(
             *_dying_with_parent(argv),
             stdin=asyncio.subprocess.PIPE,

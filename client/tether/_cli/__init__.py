@@ -73,12 +73,15 @@ def _flushed(code: int) -> int:
     """``code``, once what the command printed has left the process (``EXIT_PIPE`` if the
     reader had gone)."""
     try:
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None: the process was started with stdout closed
+            sys.stdout.flush()
     except BrokenPipeError:
         return _closed_pipe()
-    except (OSError, ValueError):
-        pass
-    with contextlib.suppress(OSError, ValueError):
+    except (OSError, ValueError) as err:  # a full disk: the output is not whole
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sys.stderr.write(f"error: could not write the output: {err}\n")
+        code = code or 1
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         sys.stderr.flush()
     return code
 
