@@ -41,6 +41,8 @@ class Loop:
     def __init__(self) -> None:
         self.turn = 0
         self.pushed = asyncio.Event()  # the first order is out
+        self.quiet = asyncio.Event()  # the fan-out's: set while no halt is being pushed
+        self.quiet.set()
 
     async def tick(self) -> None:
         while True:
@@ -64,6 +66,7 @@ class Kept(Outbox):
     def post(self, item: Any) -> None:
         assert isinstance(item, Push)
         self.loop.pushed.set()
+        self.quiet_when_pushed = self.loop.quiet.is_set()
         self.orders.append((self.loop.turn, agent_pb2.HeartbeatResponse.FromString(item.payload)))
 
 
@@ -75,7 +78,8 @@ class World:
         self.halts = HaltTable()
         checkpoints = CheckpointWriter(store, 60)
         ledger = LedgerWriter(store, "c-test", 60)
-        flush = RunFlush(checkpoints, ledger)
+        self.quiet = self.loop.quiet
+        flush = RunFlush(checkpoints, ledger, self.quiet)
         gate = Gate(ledger, store, Tally("c-test"))
         self.presence = Presence(
             store=store, halts=self.halts, checkpoints=checkpoints, flush=flush, gate=gate,
@@ -83,7 +87,7 @@ class World:
         )  # fmt: skip
         self.fanout = Fanout(
             presence=self.presence, halts=self.halts, checkpoints=checkpoints, flush=flush,
-            metrics=Metrics(), lease_ttl=60,
+            metrics=Metrics(), lease_ttl=60, quiet=self.quiet,
         )  # fmt: skip
         self._revision = itertools.count(100)
         shared = [object() for _ in range(writers)]
@@ -212,3 +216,19 @@ def test_sessions_sharing_a_writer_are_pushed_in_one_turn(etcd: Etcd) -> None:
         assert len(set().union(*turns.values())) > 1  # and still more than one chunk
 
     _in_world(etcd, test, writers)
+
+
+def test_intake_waits_while_a_kill_is_pushed_and_goes_on_after(etcd: Etcd) -> None:
+    # What agents send back after a kill (acknowledgements, ledger records) and the
+    # kill-time flush wait on ``quiet``: it must be clear through every chunk of a push,
+    # or their intake would hold up the streams not yet told, and set again after.
+    async def test(world: World) -> None:
+        async def kill() -> None:
+            world.kill()
+
+        await world.run(kill)
+        kept = [s.outbox for s in world.sessions()]
+        assert all(isinstance(k, Kept) and k.quiet_when_pushed is False for k in kept)
+        assert world.quiet.is_set()
+
+    _in_world(etcd, test)

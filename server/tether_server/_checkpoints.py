@@ -184,9 +184,12 @@ class RunFlush:
     says what landed, and a resume reads both.
     """
 
-    def __init__(self, checkpoints: CheckpointWriter, ledger: LedgerWriter) -> None:
+    def __init__(
+        self, checkpoints: CheckpointWriter, ledger: LedgerWriter, quiet: asyncio.Event
+    ) -> None:
         self._checkpoints = checkpoints
         self._ledger = ledger
+        self._quiet = quiet  # set while no kill is being pushed (``Fanout.quiet``)
         self._flushing: asyncio.Task[None] | None = None
 
     async def run_now(self, checkpoint_key: bytes, run: RunKey) -> None:
@@ -209,6 +212,7 @@ class RunFlush:
 
     async def _all(self) -> None:
         await asyncio.sleep(KILL_FLUSH_DELAY)
+        await self._quiet.wait()  # the pushes first: converting thousands of records can wait
         try:
             await self._checkpoints.flush()
             await self._ledger.flush()

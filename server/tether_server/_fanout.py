@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ from tether_server._outbox import End
 from tether_server._presence import Presence
 from tether_server._registry import Session
 from tether_server._selectors import matches
+from tether_server._store import InstanceKey
 from tether_server._telemetry import Metrics
 
 log = logging.getLogger("tether_server")
@@ -39,6 +41,45 @@ def _news(halt: types_pb2.Halt) -> tuple[Any, ...]:
     return (halt.id, halt.mode, tuple(sorted(halt.release_gate.items())))
 
 
+_Order = tuple[tuple[types_pb2.Halt, ...], tuple[Any, ...], bytes, bool]
+
+
+class _Orders:
+    """The order each instance is under, computed once per distinct answer in one push.
+
+    An order depends on the instance only through what the table's selectors and release
+    gates look at: with no halt naming a run or a label, every run of one agent is under
+    the same order, so a kill of 10,000 runs matches the table a few times, not 10,000.
+    Keyed by the table's revision too: a later chunk sees a changed table afresh.
+    """
+
+    def __init__(self, table: HaltTable) -> None:
+        self._table = table
+        self._found: dict[tuple[Any, ...], _Order] = {}
+        self._seen_at = -1
+        self._by_run = self._by_labels = True
+
+    def of(self, key: InstanceKey, labels: Mapping[str, str]) -> _Order:
+        table = self._table
+        if table.revision != self._seen_at:  # the table changed: what it looks at may too
+            self._seen_at = table.revision
+            every = table.halts.values()
+            self._by_run = any(h.selector.run_id for h in every)
+            self._by_labels = any(h.selector.labels or h.release_gate for h in every)
+        memo = (
+            table.revision, key.tenant, key.agent,
+            key.run_id if self._by_run else "",
+            tuple(sorted(labels.items())) if self._by_labels else (),
+        )  # fmt: skip
+        found = self._found.get(memo)
+        if found is None:
+            halts = tuple(table.matching(key, labels))
+            payload = order_message(halts, table.revision).SerializeToString()
+            found = (halts, tuple(map(_news, halts)), payload, any_stop(halts))
+            self._found[memo] = found
+        return found
+
+
 class Fanout:
     """Pushes orders and ends onto the streams that presence serves."""
 
@@ -51,6 +92,7 @@ class Fanout:
         flush: RunFlush,
         metrics: Metrics,
         lease_ttl: float,
+        quiet: asyncio.Event,
     ) -> None:
         self._presence = presence
         self._halts = halts
@@ -60,6 +102,10 @@ class Fanout:
         self._ttl = lease_ttl
         self._events: deque[tuple[types_pb2.Halt, float]] = deque()  # halts not yet pushed
         self._wake = asyncio.Event()
+        # Set while no halt is being pushed. What agents send back after a kill (thousands
+        # of acknowledgements and ledger records at once) and the kill-time flush wait for
+        # it, so that taking them in never holds up the pushes to streams not yet told.
+        self.quiet = quiet
 
     def on_halt(self, halt: types_pb2.Halt, since: float) -> None:
         """A halt was put or deleted: queue it; :meth:`run` pushes the new orders."""
@@ -77,7 +123,12 @@ class Fanout:
             await self._wake.wait()
             self._wake.clear()
             while self._events:
-                await self._push(*self._events.popleft())
+                self.quiet.clear()
+                try:
+                    await self._push(*self._events.popleft())
+                finally:
+                    self.quiet.set()
+                await asyncio.sleep(0)  # what waited for this halt's pushes goes before the next
 
     async def _push(self, halt: types_pb2.Halt, since: float) -> None:
         """Push the new order to every instance ``halt`` touches, a chunk at a time.
@@ -85,14 +136,14 @@ class Fanout:
         Between chunks the loop serves others: the Kill's own reply, heartbeat acks. The
         instances of one wire writer stay in one chunk, so that it sends them one message.
         """
-        payloads: dict[tuple[Any, ...], bytes] = {}  # serialise each distinct order once
+        orders = _Orders(self._halts)
         pushed = 0
         for group in self._groups(halt.selector):
             if pushed >= CHUNK:
                 pushed = 0
                 await asyncio.sleep(0)
             for session in group:
-                self._push_one(session, since, payloads)
+                self._push_one(session, since, orders)
             pushed += len(group)
 
     def _groups(self, sel: types_pb2.Selector) -> list[list[Session]]:
@@ -103,26 +154,19 @@ class Fanout:
                 groups.setdefault(session.outbox.shared, []).append(session)
         return list(groups.values())
 
-    def _push_one(
-        self, session: Session, since: float, payloads: dict[tuple[Any, ...], bytes]
-    ) -> None:
+    def _push_one(self, session: Session, since: float, orders: _Orders) -> None:
         revision = self._halts.revision
         if session.revision > revision or self._presence.get(session.key) is not session:
             return  # registration read a newer view than this table, or it has gone
-        halts = tuple(self._halts.matching(session.key, session.record.labels))
-        ids = tuple(map(_news, halts))  # a soft halt made hard is news too
+        halts, ids, payload, stops = orders.of(session.key, session.record.labels)
         session.revision = revision
         session.order_bytes = None
         if ids == tuple(map(_news, session.halts)):
             return
         was_running, session.halts = not any_stop(session.halts), halts
-        payload = payloads.get((revision, *ids))
-        if payload is None:
-            payload = order_message(halts, revision).SerializeToString()
-            payloads[(revision, *ids)] = payload
         session.order_bytes = payload
         session.outbox.post(Push(payload, since))
-        if was_running and any_stop(halts):
+        if was_running and stops:
             self._metrics.kills_pushed.add(1)
             self._flush.soon()
 

@@ -68,7 +68,10 @@ class MuxStream:
         """Serve the stream until either side ends it; then every open instance is STALE."""
         writer = self._writer
         try:
+            quiet = self._sessions.quiet
             async for req in requests:
+                if req.frames and not quiet.is_set():
+                    await quiet.wait()  # a kill is being pushed: its streams go first
                 for frame in req.frames:
                     self._frame(frame.local, frame.body)
                 if req.seq:

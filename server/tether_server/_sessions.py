@@ -74,24 +74,17 @@ class Sessions:
         acks: AckBook,
         metrics: Metrics,
     ) -> None:
-        self._flush = RunFlush(checkpoints, ledger)
+        self.quiet = asyncio.Event()  # no kill being pushed: see Fanout.quiet
+        self.quiet.set()
+        self._flush = RunFlush(checkpoints, ledger, self.quiet)
         self._presence = Presence(
-            store=store,
-            halts=halts,
-            checkpoints=checkpoints,
-            flush=self._flush,
-            gate=gate,
-            metrics=metrics,
-            coordinator_id=config.coordinator_id,
-        )
+            store=store, halts=halts, checkpoints=checkpoints, flush=self._flush, gate=gate,
+            metrics=metrics, coordinator_id=config.coordinator_id,
+        )  # fmt: skip
         self._fanout = Fanout(
-            presence=self._presence,
-            halts=halts,
-            checkpoints=checkpoints,
-            flush=self._flush,
-            metrics=metrics,
-            lease_ttl=config.lease_ttl,
-        )
+            presence=self._presence, halts=halts, checkpoints=checkpoints, flush=self._flush,
+            metrics=metrics, lease_ttl=config.lease_ttl, quiet=self.quiet,
+        )  # fmt: skip
         self._keeper: LeaseKeeper | None = None
         self._serving_error = "coordinator is starting and has not reached etcd yet"
         self._config = config
@@ -280,10 +273,14 @@ class Sessions:
             grpc.StatusCode.CANCELLED, "the agent closed its side without goodbye"
         )
         try:
+            quiet = self.quiet
             async for req in requests:
                 if req.WhichOneof("body") == "beat":
                     await session.outbox.send(self._beat(session, req.beat))
-                elif (goodbye := self.take(session, req)) is not None:
+                    continue
+                if not quiet.is_set():
+                    await quiet.wait()  # a kill is being pushed: its streams go first
+                if (goodbye := self.take(session, req)) is not None:
                     await self.leave(session, goodbye)
                     end = DONE
                     break
