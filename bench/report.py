@@ -129,6 +129,9 @@ def render(results_path: Path, out_dir: Path) -> None:
         "## Budgets (DESIGN.md)\n",
         table(["figure", "target", "measured", "verdict"], budgets),
     ]
+    gaps = Path(__file__).with_name("GAPS.md")  # hand-written: why each missed goal misses
+    if gaps.exists():
+        parts.append(gaps.read_text())
     parts += profiles(out_dir)
     if errors := record.get("errors"):
         failed = "; ".join(f"`{k}`: {v}" for k, v in errors.items())
