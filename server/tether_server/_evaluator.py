@@ -30,6 +30,7 @@ from tether_server._breakers import (
     BreakerState,
     Event,
     Figures,
+    Scope,
     Series,
     State,
     Totals,
@@ -65,6 +66,7 @@ EVALUATE_EVERY = 0.25  # seconds between decisions while elected
 # a sweep decides on every run, for windows that slid with no new activity.
 FULL_SWEEP = 5.0
 _CLOSED = BreakerState()
+_DEPTH = {Scope.TENANT: 1, Scope.AGENT: 2, Scope.RUN: 3}
 
 
 def state_json(st: BreakerState, figures: dict[str, Any]) -> bytes:
@@ -219,7 +221,10 @@ class Evaluator:
         if key is None:
             key = self._keys[(spec.name, subject)] = breaker_key(spec.name, subject)
         before = states.get(key, _CLOSED)
-        fig = self.series(spec.window, subject, totals, now).figures(now, before.since)
+        series = self.series(spec.window, subject, totals, now)
+        if before.state is State.CLOSED and not series.may_trip(spec):
+            return None  # no window of it can cross a threshold: as step would find
+        fig = series.figures(now, before.since)
         sel = selector_of(spec.scope, subject, writes=True) if before.state is State.OPEN else None
         if sel is not None and self._lifted(halt_id(sel)):
             st, event = BreakerState(State.CLOSED, now, "resumed by an operator"), Event.CLOSE
@@ -277,11 +282,17 @@ def _due(
     labels: Mapping[RunKey, Mapping[str, str]],
 ) -> set[tuple[str, ...]]:
     """The subjects to decide on: those with a run that moved, and those not CLOSED."""
-    due = {
-        subject_of(spec.scope, run)
-        for run in changed
-        if covers(spec, run, labels.get(run, NO_LABELS))
-    }
+    if spec.tenant or spec.agent or spec.run_id or spec.labels:
+        due = {
+            subject_of(spec.scope, run)
+            for run in changed
+            if covers(spec, run, labels.get(run, NO_LABELS))
+        }
+    elif spec.scope is Scope.RUN:  # it covers every run: its subjects are the runs
+        due = set(changed)
+    else:  # their agents or tenants
+        depth = _DEPTH[spec.scope]
+        due = {run[:depth] for run in changed}
     for key, st in states.items():
         if st.state is not State.CLOSED:
             name, subject = breaker_of(key)
