@@ -13,15 +13,20 @@ from tether_server._breakers import (
     BreakerSpec,
     BreakerState,
     Event,
+    Scope,
     Series,
     State,
     Totals,
+    covers,
     may_trip,
     step,
+    subject_of,
 )
 from tether_server._compare import compile_simple
+from tether_server._evaluator import _due, _unclosed
 from tether_server._flatten import Flat, flatten
 from tether_server._policy import groups_of, parse
+from tether_server._store import RunKey, breaker_key, breaker_of
 
 SPEC = BreakerSpec("b", error_rate=0.5, min_calls=10)
 
@@ -178,3 +183,15 @@ def test_thresholds_in_python_decide_as_cel_does(whens: list[str]) -> None:
         assert group.results(inputs, {}) == expected, inputs
         inputs.pop(rng.choice(names))  # a figure missing: CEL errs, holds not
         assert group.results(inputs, {}) == [f is not None and f.holds(inputs) for f in alone]
+
+
+@pytest.mark.parametrize("scope", list(Scope))
+def test_a_breaker_without_selector_is_due_where_covers_says(scope: Scope) -> None:
+    runs = {RunKey(f"t{i % 2}", f"a{i % 5}", f"r{i}") for i in range(30)}
+    spec = BreakerSpec("b", scope=scope, error_rate=0.5)
+    key = breaker_key("b", ("t9", "a9", "r9")[: {"run": 3, "agent": 2, "tenant": 1}[scope]])
+    states = {key: BreakerState(State.OPEN, 1.0), breaker_key("c", ("t0",)): BreakerState()}
+    unclosed = _unclosed(spec, states)
+    assert unclosed == {breaker_of(key)[1]}  # another breaker's, or a CLOSED one: not
+    expected = {subject_of(scope, r) for r in runs if covers(spec, r)} | unclosed
+    assert _due(spec, runs, unclosed, {}) == expected

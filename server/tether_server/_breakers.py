@@ -129,9 +129,6 @@ class Figures:
     current: Totals
     baseline: float | None = None  # effects per window before it; None: not known yet
 
-    def __str__(self) -> str:
-        return f"{self.window:g}s"  # what a reason says the figures cover
-
     def as_dict(self) -> dict[str, float | int | None]:
         c = self.current
         return {
@@ -150,7 +147,7 @@ def trip_reason(spec: BreakerSpec, fig: Figures, over: str = "") -> str:
     c = fig.current
     if c.effects < spec.min_calls:
         return ""  # no verdict on fewer calls
-    w = over or fig  # formatted only in a reason (most calls give none)
+    w = over or f"{fig.window:g}s"
     if spec.error_rate is not None and c.writes:
         rate = c.failed / c.writes
         if rate > spec.error_rate:
