@@ -144,9 +144,10 @@ class Figures:
 def trip_reason(spec: BreakerSpec, fig: Figures, over: str = "") -> str:
     """Why ``spec`` trips on ``fig``, with the figures; "" when it does not. ``over`` says
     what the figures cover (by default, the window)."""
-    c, w = fig.current, over or f"{fig.window:g}s"
+    c = fig.current
     if c.effects < spec.min_calls:
         return ""  # no verdict on fewer calls
+    w = over or f"{fig.window:g}s"
     if spec.error_rate is not None and c.writes:
         rate = c.failed / c.writes
         if rate > spec.error_rate:
@@ -166,6 +167,21 @@ def trip_reason(spec: BreakerSpec, fig: Figures, over: str = "") -> str:
                 f"the baseline {fig.baseline:.1f} > {spec.volume_factor:g}x"
             )
     return ""
+
+
+def may_trip(spec: BreakerSpec, most: Totals) -> bool:
+    """Whether ``spec`` could trip on a window whose counts are each at most ``most``:
+    False means ``trip_reason`` gives no reason on any such window, so a CLOSED breaker
+    need not compute it. A rate in (0, 1] is crossed only with a failure (an anomaly) in
+    the window, and a volume only with more than ``volume_factor`` effects."""
+    if most.effects < spec.min_calls:
+        return False  # no verdict on fewer calls
+    e, a, v = spec.error_rate, spec.anomaly_rate, spec.volume_factor
+    return (
+        (e is not None and (most.failed > 0 or e < 0))
+        or (a is not None and (most.anomalies > 0 or a < 0))
+        or (v is not None and most.effects > v)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,11 +236,16 @@ class Series:
         self._times: list[float] = []
         self._values: list[Totals] = []
         self._last: tuple[float, float, Figures] | None = None  # figures() asked last
+        self._grows = True  # every count only grew: a window is at most latest - earliest
+        self._most: Totals | None = None  # latest - earliest, once asked
 
     def add(self, now: float, totals: Totals) -> None:
-        if self._values and self._values[-1] == totals:
-            return  # unchanged: the step goes on
-        self._last = None
+        if self._values:
+            last = self._values[-1]
+            if last is totals or last == totals:
+                return  # unchanged: the step goes on
+            self._grows = self._grows and _at_least(totals, last)
+        self._last = self._most = None
         self._times.append(now)
         self._values.append(totals)
         horizon = now - self.window * (BASELINE_WINDOWS + 1) - 1
@@ -232,6 +253,16 @@ class Series:
         if old > 0:
             del self._times[:old]
             del self._values[:old]
+
+    def may_trip(self, spec: BreakerSpec) -> bool:
+        """False when no window of this series can trip a CLOSED ``spec`` (see
+        ``may_trip``): the window's figures need not be computed."""
+        if not self._values or not self._grows:
+            return True
+        most = self._most
+        if most is None:
+            most = self._most = self._values[-1] - self._values[0]
+        return may_trip(spec, most)
 
     def latest(self) -> Totals:
         return self._values[-1] if self._values else ZERO
@@ -262,3 +293,13 @@ class Series:
             return Figures(self.window, current)
         baseline = (start - self._at(history)).effects * self.window / span
         return Figures(self.window, current, baseline)
+
+
+def _at_least(a: Totals, b: Totals) -> bool:
+    """Whether each count of ``a`` is at least the same count of ``b``."""
+    return (
+        a.effects >= b.effects
+        and a.writes >= b.writes
+        and a.failed >= b.failed
+        and a.anomalies >= b.anomalies
+    )

@@ -30,6 +30,7 @@ from tether_server._breakers import (
     BreakerState,
     Event,
     Figures,
+    Scope,
     Series,
     State,
     Totals,
@@ -65,6 +66,7 @@ EVALUATE_EVERY = 0.25  # seconds between decisions while elected
 # a sweep decides on every run, for windows that slid with no new activity.
 FULL_SWEEP = 5.0
 _CLOSED = BreakerState()
+_DEPTH = {Scope.TENANT: 1, Scope.AGENT: 2, Scope.RUN: 3}
 
 
 def state_json(st: BreakerState, figures: dict[str, Any]) -> bytes:
@@ -179,8 +181,10 @@ class Evaluator:
         await read_context(self._store, self._fleet, policy, groups, changed)
         states = await self._breaker_states()
         for spec in policy.breakers:
-            for subject in _due(spec, changed, states, self._fleet.labels):
-                if found := self._judge(spec, subject, states, now):
+            unclosed = _unclosed(spec, states)
+            for subject in _due(spec, changed, unclosed, self._fleet.labels):
+                closed = subject not in unclosed
+                if found := self._judge(spec, subject, states, now, closed=closed):
                     await self._write(spec, *found)
         if groups:
             due = self._rules.decisions.due
@@ -212,14 +216,20 @@ class Evaluator:
         subject: tuple[str, ...],
         states: dict[bytes, BreakerState],
         now: float,
+        *,
+        closed: bool,
     ) -> tuple[bytes, BreakerState, Event, Figures] | None:
-        """What the breaker does on ``subject`` now; None: nothing (most calls, so no I/O)."""
+        """What the breaker, ``closed`` or not, does on ``subject`` now; None: nothing
+        (most calls, so no I/O)."""
         totals = self._fleet.totals(subject)
+        series = self.series(spec.window, subject, totals, now)
+        if closed and not series.may_trip(spec):
+            return None  # no window of it can cross a threshold: as step would find
         key = self._keys.get((spec.name, subject))
         if key is None:
             key = self._keys[(spec.name, subject)] = breaker_key(spec.name, subject)
         before = states.get(key, _CLOSED)
-        fig = self.series(spec.window, subject, totals, now).figures(now, before.since)
+        fig = series.figures(now, before.since)
         sel = selector_of(spec.scope, subject, writes=True) if before.state is State.OPEN else None
         if sel is not None and self._lifted(halt_id(sel)):
             st, event = BreakerState(State.CLOSED, now, "resumed by an operator"), Event.CLOSE
@@ -270,21 +280,33 @@ class Evaluator:
         log.info("breaker %s on %s: %s %s", spec.name, halt_id(sel), event.value, st.reason)
 
 
-def _due(
-    spec: BreakerSpec,
-    changed: Iterable[RunKey],
-    states: dict[bytes, BreakerState],
-    labels: Mapping[RunKey, Mapping[str, str]],
-) -> set[tuple[str, ...]]:
-    """The subjects to decide on: those with a run that moved, and those not CLOSED."""
-    due = {
-        subject_of(spec.scope, run)
-        for run in changed
-        if covers(spec, run, labels.get(run, NO_LABELS))
-    }
+def _unclosed(spec: BreakerSpec, states: Mapping[bytes, BreakerState]) -> set[tuple[str, ...]]:
+    """The subjects on which ``spec`` is not CLOSED (OPEN or HALF_OPEN)."""
+    found = set()
     for key, st in states.items():
         if st.state is not State.CLOSED:
             name, subject = breaker_of(key)
             if name == spec.name:
-                due.add(subject)
-    return due
+                found.add(subject)
+    return found
+
+
+def _due(
+    spec: BreakerSpec,
+    changed: Iterable[RunKey],
+    unclosed: set[tuple[str, ...]],
+    labels: Mapping[RunKey, Mapping[str, str]],
+) -> set[tuple[str, ...]]:
+    """The subjects to decide on: those with a run that moved, and those not CLOSED."""
+    if spec.tenant or spec.agent or spec.run_id or spec.labels:
+        due = {
+            subject_of(spec.scope, run)
+            for run in changed
+            if covers(spec, run, labels.get(run, NO_LABELS))
+        }
+    elif spec.scope is Scope.RUN:  # it covers every run: its subjects are the runs
+        due = set(changed)
+    else:  # their agents or tenants
+        depth = _DEPTH[spec.scope]
+        due = {run[:depth] for run in changed}
+    return due | unclosed

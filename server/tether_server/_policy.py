@@ -21,6 +21,7 @@ import cel
 import yaml
 
 from tether_server._breakers import BreakerSpec, Labels, Scope
+from tether_server._compare import Compiled, compile_simple
 from tether_server._errors import InvalidArgument, check_name
 from tether_server._flatten import (
     CONTEXT_ROOTS,
@@ -28,6 +29,7 @@ from tether_server._flatten import (
     compile_rule,
     fields_of,
     flat_inputs,
+    flatten,
     roots_of,
 )
 
@@ -120,6 +122,7 @@ class RuleGroup:
         self._program = cel.compile(source) if self._flat is None else self._flat.program
         self._each = [Flat.compile(r.when) for r in rules] if self._flat else []
         self.flat_paths = None if self._flat is None else self._flat.paths
+        self._simple = _simple(rules) if self._flat is not None else None
 
     def inputs(self, context: Mapping[str, Any]) -> dict[str, Any]:
         """What the program is given: flat values, or the roots it reads."""
@@ -130,6 +133,8 @@ class RuleGroup:
     def results(self, inputs: dict[str, Any], context: Mapping[str, Any]) -> list[bool]:
         """Whether each rule holds on ``inputs`` (from ``context``); one whose expression
         fails holds not."""
+        if self._simple is not None and (found := self._simple(inputs)) is not None:
+            return found  # thresholds only, decided as CEL would, without the call
         try:
             return [held is True for held in self._program.execute(inputs)]
         except (RuntimeError, ValueError, TypeError, KeyError):  # one failed: each alone
@@ -139,6 +144,14 @@ class RuleGroup:
 
     def _pairs(self) -> list[tuple[Flat | None, Rule]]:
         return list(zip(self._each, self.rules, strict=True))
+
+
+def _simple(rules: tuple[Rule, ...]) -> Compiled | None:
+    """The rules as one Python function, when each only compares figures with numbers."""
+    sources = [flatten(r.when) for r in rules]
+    if any(found is None for found in sources):
+        return None
+    return compile_simple([found for found in sources if found is not None])
 
 
 def groups_of(rules: tuple[Rule, ...]) -> list[RuleGroup]:

@@ -38,8 +38,9 @@ class PolicyStore:
     def __init__(self, store: Store, audit: AuditLog) -> None:
         self.store = store
         self._audit = audit
-        # The last policy parsed, by the etcd revision of its key: each is parsed once.
-        self._parsed: tuple[int, Policy] = (0, EMPTY)
+        # The last policy parsed, with its version, by the etcd revision of its key: each
+        # is parsed once (the JSON too: the evaluator asks every round).
+        self._parsed: tuple[int, Policy, int] = (0, EMPTY, 0)
 
     async def current(self) -> tuple[admin_pb2.PolicyVersion, int]:
         """The policy in force (version 0 when none was applied), and its etcd revision."""
@@ -51,10 +52,14 @@ class PolicyStore:
 
     async def policy(self) -> tuple[Policy, int]:
         """The policy in force, parsed, and its version."""
-        version, revision = await self.current()
+        resp = await self.store.range(POLICY, prefix=False)
+        revision = resp.kvs[0].mod_revision if resp.kvs else 0
         if revision != self._parsed[0]:
-            self._parsed = (revision, parse(version.yaml) if revision else EMPTY)
-        return self._parsed[1], version.version
+            version = admin_pb2.PolicyVersion()
+            if revision:
+                from_json(resp.kvs[0].value, version)
+            self._parsed = (revision, parse(version.yaml) if revision else EMPTY, version.version)
+        return self._parsed[1], self._parsed[2]
 
     async def apply(self, text: str, actor: str, note: str = "") -> admin_pb2.PolicyVersion:
         """Store ``text`` as the next version, audited as applied by ``actor``.

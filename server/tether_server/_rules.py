@@ -202,24 +202,40 @@ class Decisions:
             self._covering.clear()
             self._fired.clear()
             self._version, self._groups = version, groups
-        found = []
+        found: list[tuple[Rule, tuple[str, ...], dict[str, Any]]] = []
         for group in groups:
-            level = _Levels(fleet, series, group.window, now)
+            level, paths = _Levels(fleet, series, group.window, now), group.flat_paths
             for run in _candidates(group.depth, changed, fleet):
                 if not self._covers(group, run, fleet):
                     continue
                 context = level.context(run)  # its roots are built only if read
-                paths = group.flat_paths
                 seen = group.inputs(context) if paths is None else level.flat(run, paths)
-                if self._seen.get((group.window, run)) == seen:
+                key = (group.window, run)
+                if self._seen.get(key) == seen:
                     continue
-                self._seen[(group.window, run)] = seen
-                for rule, held in zip(group.rules, group.results(seen, context), strict=True):
-                    if held and covers(rule, run, fleet.labels.get(run, NO_LABELS)):
-                        subject = subject_of(rule.scope, run)
-                        if (rule.name, subject) not in self._fired:
-                            self._fired.add((rule.name, subject))
-                            found.append((rule, subject, context))
+                self._seen[key] = seen
+                held = group.results(seen, context)
+                if True in held:  # most runs: none holds
+                    found += self._acting(group.rules, held, run, fleet, context)
+        return found
+
+    def _acting(
+        self,
+        rules: tuple[Rule, ...],
+        held: list[bool],
+        run: RunKey,
+        fleet: FleetTotals,
+        context: dict[str, Any],
+    ) -> list[tuple[Rule, tuple[str, ...], dict[str, Any]]]:
+        """Of the rules that hold on ``run``, those that select it and have not acted on
+        their subject yet: they act now."""
+        found = []
+        for rule, holds in zip(rules, held, strict=True):
+            if holds and covers(rule, run, fleet.labels.get(run, NO_LABELS)):
+                subject = subject_of(rule.scope, run)
+                if (rule.name, subject) not in self._fired:
+                    self._fired.add((rule.name, subject))
+                    found.append((rule, subject, context))
         return found
 
     def _covers(self, group: RuleGroup, run: RunKey, fleet: FleetTotals) -> bool:
@@ -253,7 +269,6 @@ class _Levels:
     def __init__(self, fleet: FleetTotals, series: SeriesOf, window: float, now: float) -> None:
         self._fleet, self._series, self._window, self._now = fleet, series, window, now
         self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
-        self._contexts: dict[RunKey, dict[str, Any]] = {}
         self._currents: dict[tuple[str, ...], Totals] = {}
 
     def _level(self, subject: tuple[str, ...]) -> dict[str, Any]:
@@ -300,10 +315,7 @@ class _Levels:
 
     def context(self, run: RunKey) -> dict[str, Any]:
         """The run's context; each of run, agent and tenant is built on first reading."""
-        found = self._contexts.get(run)
-        if found is None:
-            found = self._contexts[run] = _Context(self, run)
-        return found
+        return _Context(self, run)  # a run is a candidate once per window and round
 
     def root(self, run: RunKey, name: str) -> dict[str, Any]:
         tenant, agent, run_id = run

@@ -166,7 +166,7 @@ class FleetTotals:
 
     def new(self, subject: tuple[str, ...]) -> bool:
         """True when the subject first showed up in this round's merges."""
-        return self._born.get(tuple(subject), -1) == self._merges
+        return self._born.get(subject, -1) == self._merges
 
     def next_round(self) -> None:
         """Rounds count merges: subjects born before this one are history."""
@@ -178,10 +178,10 @@ class FleetTotals:
 
     def totals(self, subject: tuple[str, ...]) -> Totals:
         """The effect counts and anomalies of a run, an agent ``(t, a)`` or a tenant ``(t,)``."""
-        return self._totals.get(tuple(subject), ZERO)
+        return self._totals.get(subject, ZERO)  # a RunKey finds a run's: tuples alike
 
     def spend(self, subject: tuple[str, ...]) -> tuple[float, int, int]:
-        return self._spend.get(tuple(subject), (0.0, 0, 0))
+        return self._spend.get(subject, (0.0, 0, 0))
 
     def _grew(self, run: RunKey, grew: Totals, spent: tuple[float, int, int]) -> None:
         if run not in self._runs:
