@@ -20,6 +20,9 @@ from bench.sdk_agents import OWN_CONNECTION
 Handler = Any
 
 
+_OPEN_ATTEMPTS = 5
+
+
 class ListenFleet:
     """Streams that wait for orders, and when each order (or cancellation) arrived."""
 
@@ -32,6 +35,7 @@ class ListenFleet:
         self.work: list[list[asyncio.Task[None]]] = []
         self._streams: list[asyncio.Task[None]] = []
         self._channels: list[Any] = []
+        self._opening = asyncio.Semaphore(256)  # registrations in flight at once
 
     def commands(self) -> dict[str, Handler]:
         return {"add": self.add, "arm": self.arm, "wait": self.wait}
@@ -61,11 +65,25 @@ class ListenFleet:
         await self.arm({})
         return {"streams": len(self._streams), "registered": self.registered}
 
+    async def _open(self, method: Any, register: bytes) -> Any:
+        """A registered stream. Thousands opened at once overflow the server's listen
+        backlog (5,000 at once left hundreds refused): a few hundred at a time, retried."""
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                async with self._opening:
+                    call = method()
+                    await call.write(register)
+                    await call.read()
+                return call
+            except grpc.RpcError:
+                if attempt == _OPEN_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     async def _listen(self, i: int, method: Any, register: bytes, ready: Any) -> None:
         try:
-            call = method()
-            await call.write(register)
-            await call.read()
+            call = await self._open(method, register)
             self.registered += 1
             ready.set_result(None)
             while (msg := await call.read()) is not grpc.aio.EOF:
