@@ -272,11 +272,12 @@ import os, sys, time
 import tether
 
 target, tenant = sys.argv[1], sys.argv[2]
-with tether.Agent(f"agent://{tenant}/a", run_id="parent", target=target):
+with tether.Agent(f"agent://{tenant}/a", run_id="parent", target=target) as inherited:
     pid = os.fork()
     if pid == 0:
         code = 3
         try:
+            inherited.close()  # the parent's agent, copied: closing it must not wait forever
             uri = f"agent://{tenant}/a"
             with tether.Agent(uri, run_id="child", target=target, connect_timeout=2):
                 code = 0

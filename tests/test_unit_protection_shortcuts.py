@@ -195,3 +195,18 @@ def test_a_breaker_without_selector_is_due_where_covers_says(scope: Scope) -> No
     assert unclosed == {breaker_of(key)[1]}  # another breaker's, or a CLOSED one: not
     expected = {subject_of(scope, r) for r in runs if covers(spec, r)} | unclosed
     assert _due(spec, runs, unclosed, {}) == expected
+
+
+def test_parentheses_too_deep_for_python_are_left_to_cel() -> None:
+    from tether_server._compare import compile_simple
+
+    paths = {"run__spend__usd": ("run", "spend", "usd")}
+
+    def nested(depth: int) -> str:
+        return "(" * depth + "run__spend__usd > 5.0" + ")" * depth
+
+    shallow = compile_simple([(nested(20), paths)])
+    assert shallow is not None
+    assert shallow({"run__spend__usd": 7.0}) == [True]
+    assert shallow({"run__spend__usd": 1.0}) == [False]
+    assert compile_simple([(nested(120), paths)]) is None  # would not compile as Python

@@ -270,6 +270,7 @@ class Agent(_Front):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._closing = threading.Lock()
+        self._pid = os.getpid()  # the process that started it: a forked child's copy is inert
 
     def _strict_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
@@ -305,7 +306,7 @@ class Agent(_Front):
         except BaseException:
             SHARED_LOOP.release()
             raise
-        self._loop = loop
+        self._loop, self._pid = loop, os.getpid()
 
     def close(self, checkpoint: Mapping[str, Any] | None = None) -> None:
         """End cleanly: the final checkpoint is stored before this returns.
@@ -317,6 +318,9 @@ class Agent(_Front):
         with self._closing:  # two threads closing at once release the shared loop once
             loop = self._loop
             if loop is None:
+                return
+            if self._pid != os.getpid():  # inherited through fork(): its loop is not here
+                self._loop = None
                 return
             asyncio.run_coroutine_threadsafe(self._core.close(checkpoint), loop).result()
             self._loop = None  # a bad final checkpoint raised above: the agent is still open

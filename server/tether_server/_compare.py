@@ -34,6 +34,7 @@ _TOKEN = re.compile(
 _COMPARE = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "==": "==", "!=": "!="}
 _FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 _INT64 = (-(2**63), 2**63 - 1)
+_MOST_DEPTH = 32  # nested parentheses: each becomes two levels of Python
 
 
 class _NotSimple(Exception):
@@ -61,6 +62,7 @@ class _Parser:
     def __init__(self, tokens: list[tuple[str, str]], kinds: Mapping[str, type]) -> None:
         self._tokens, self._at, self._kinds = tokens, 0, kinds
         self.names: dict[str, str] = {}  # flat name -> the local that holds it
+        self._depth = 0  # parentheses open: Python's parser nests at most 200 deep
 
     def _peek(self) -> str:
         return self._tokens[self._at][1] if self._at < len(self._tokens) else ""
@@ -99,7 +101,11 @@ class _Parser:
             return f"(not {self._unary()})"
         if self._peek() == "(":
             self._take()
+            self._depth += 1
+            if self._depth > _MOST_DEPTH:
+                raise _NotSimple  # CEL's to decide: the Python would not compile
             inner = self._or()
+            self._depth -= 1
             if self._take()[1] != ")":
                 raise _NotSimple
             return inner
@@ -178,6 +184,9 @@ def compile_simple(sources: Sequence[tuple[str, Mapping[str, Path]]]) -> Compile
     lines.append(f"    return [{', '.join(bodies)}]")
     space: dict[str, Any] = {}
     # Every piece of this code is ours: names are quoted, numbers re-rendered by repr.
-    exec(compile("\n".join(lines), "<rule thresholds>", "exec"), space)
+    try:
+        exec(compile("\n".join(lines), "<rule thresholds>", "exec"), space)
+    except (SyntaxError, RecursionError, MemoryError, ValueError):
+        return None  # too deep for Python's parser after all: CEL decides, as it would
     decide: Compiled = space["decide"]
     return decide

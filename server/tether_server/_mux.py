@@ -157,11 +157,8 @@ class MuxStream:
         assert session is not None
         try:
             goodbye = self._sessions.take(session, body)
-        except ANSWERABLE as err:
-            self._end(inst, End(status_of(err), str(err)))
-            return
         except Exception as err:
-            self._failed(inst, err)
+            self._ended_by(inst, err)
             return
         if goodbye is not None:
             inst.waiting = []
@@ -170,13 +167,17 @@ class MuxStream:
     async def _leave(self, inst: _Instance, session: Session, goodbye: agent_pb2.Goodbye) -> None:
         try:
             await self._sessions.leave(session, goodbye)
-        except ANSWERABLE as err:
-            self._end(inst, End(status_of(err), str(err)))
-            return
         except Exception as err:
-            self._failed(inst, err)
+            self._ended_by(inst, err)
             return
         self._end(inst, DONE)
+
+    def _ended_by(self, inst: _Instance, err: Exception) -> None:
+        """End the instance ``err`` hit: with its status when answerable, else as a bug."""
+        if isinstance(err, ANSWERABLE):
+            self._end(inst, End(status_of(err), str(err)))
+        else:
+            self._failed(inst, err)
 
     def _failed(self, inst: _Instance, err: Exception) -> None:
         """A bug: log it and end the instance it hit, not its neighbours."""
