@@ -310,4 +310,6 @@ def test_a_forked_child_is_never_left_waiting_on_the_parents_loop(
         [sys.executable, "-c", _FORKS, coord.addr, tenant],
         capture_output=True, text=True, timeout=90,
     )  # fmt: skip
-    assert done.stdout.strip() == "exit 0", (done.stdout, done.stderr[-2000:])
+    # "exit N": the child ended (its Agent answered, or gRPC, which does not support the
+    # forked child, crashed it: its limit, not a hang); "hung": it waited on the dead loop.
+    assert done.stdout.startswith("exit"), (done.stdout, done.stderr[-2000:])
