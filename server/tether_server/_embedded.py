@@ -268,9 +268,14 @@ class EmbeddedEtcd:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await reap(proc, grace)
+
+
+async def reap(proc: asyncio.subprocess.Process, patience: float) -> None:
+    """Wait up to ``patience`` seconds for ``proc`` to exit after a signal, then kill it."""
+    try:
+        await asyncio.wait_for(proc.wait(), patience)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()

@@ -30,10 +30,6 @@ _RUN_MAPS = frozenset({"labels", "checkpoint"})
 _REF = re.compile(r"(?<![\w.])(run|agent|tenant)\s*\.\s*(\w+)(?:\s*\.\s*(\w+))?")
 # A comprehension macro and the variable it binds: ``xs.exists(x, x > 1)``.
 MACRO = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*(\w+)\s*,")
-# ``xs.exists(run, run.spend.usd > 1.0)``: that ``run`` is the macro's, not the context's.
-_BINDS_ROOT = re.compile(
-    r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*(?:run|agent|tenant)\s*,"
-)
 Path = tuple[str, ...]  # root, field[, leaf]
 
 
@@ -87,7 +83,8 @@ def flatten(when: str) -> tuple[str, dict[str, Path]] | None:
     out = []
     try:
         for piece, code in _segments(when):
-            if code and _BINDS_ROOT.search(piece):  # a macro's variable shadows a root
+            # ``xs.exists(run, run.spend.usd > 1.0)``: that ``run`` is the macro's own
+            if code and not CONTEXT_ROOTS.isdisjoint(MACRO.findall(piece)):
                 return None
             out.append(_REF.sub(lambda m: _rename(m, paths), piece) if code else piece)
     except _Unflat:

@@ -37,7 +37,7 @@ import signal
 import sys
 
 from tether_server._config import ConfigError, ServerConfig
-from tether_server._embedded import EmbeddedEtcd, _dying_with_parent, _how
+from tether_server._embedded import EmbeddedEtcd, _dying_with_parent, _how, reap
 
 log = logging.getLogger("tether_server")
 
@@ -165,16 +165,7 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         patience = self.config.shutdown_grace + 10.0
-        await asyncio.gather(*(_reap(proc, patience) for proc in procs))
-
-
-async def _reap(proc: asyncio.subprocess.Process, patience: float) -> None:
-    try:
-        await asyncio.wait_for(proc.wait(), patience)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        await asyncio.gather(*(reap(proc, patience) for proc in procs))
 
 
 async def supervise(config: ServerConfig) -> int:
