@@ -70,6 +70,11 @@ class MuxStream:
         try:
             quiet = self._sessions.quiet
             async for req in requests:
+                if isinstance(req, int):  # a beat alone, not parsed (_wire.mux_request)
+                    if req:
+                        writer.at = time.monotonic()
+                        await writer.beat(req)
+                    continue
                 if req.frames and not quiet.is_set():
                     await quiet.wait()  # a kill is being pushed: its streams go first
                 for frame in req.frames:

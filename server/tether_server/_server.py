@@ -30,7 +30,7 @@ from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._orders import serialize
 from tether_server._status import status_source
 from tether_server._tls import etcd_credentials, server_credentials
-from tether_server._wire import MalformedRequests
+from tether_server._wire import MalformedRequests, beat_request, mux_request
 
 log = logging.getLogger("tether_server")
 
@@ -42,6 +42,8 @@ SERVER_OPTIONS = [
     # A second coordinator on a port in use must fail, not share it and half the traffic.
     ("grpc.so_reuseport", 0),
 ]
+_HEARTBEAT_PARSE = agent_pb2.HeartbeatRequest.FromString
+_MUX_PARSE = agent_pb2.MuxRequest.FromString
 
 
 def server_options(shared: bool) -> list[tuple[str, int]]:
@@ -55,21 +57,21 @@ def server_options(shared: bool) -> list[tuple[str, int]]:
 def agent_handler(
     heartbeat: Callable[..., Awaitable[None]],
     multiplex: Callable[..., Awaitable[None]] | None = None,
+    *,
+    peek: bool = False,
 ) -> grpc.GenericRpcHandler:
     """AgentService with ``heartbeat`` serving Heartbeat and ``multiplex``, if given,
-    Multiplex (bench/bare_server.py reuses it). Replies may arrive already serialised."""
+    Multiplex (bench/bare_server.py reuses it). Replies may arrive already serialised.
+    ``peek``: a bare beat reaches the handler as its seq, unparsed (``_wire.beat_request``)."""
+    beat, mux = (beat_request, mux_request) if peek else (_HEARTBEAT_PARSE, _MUX_PARSE)
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Heartbeat": grpc.stream_stream_rpc_method_handler(
-            heartbeat,
-            request_deserializer=agent_pb2.HeartbeatRequest.FromString,
-            response_serializer=serialize,
+            heartbeat, request_deserializer=beat, response_serializer=serialize
         )
     }
     if multiplex is not None:
         handlers["Multiplex"] = grpc.stream_stream_rpc_method_handler(
-            multiplex,
-            request_deserializer=agent_pb2.MuxRequest.FromString,
-            response_serializer=serialize,
+            multiplex, request_deserializer=mux, response_serializer=serialize
         )
     return grpc.method_handlers_generic_handler("tether.v1.AgentService", handlers)
 
@@ -83,7 +85,8 @@ def build_server(
         interceptors=[guard.interceptor(), MalformedRequests()],
     )
     sessions = coordinator.sessions
-    server.add_generic_rpc_handlers((agent_handler(sessions.heartbeat, sessions.multiplex),))
+    handler = agent_handler(sessions.heartbeat, sessions.multiplex, peek=True)
+    server.add_generic_rpc_handlers((handler,))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         Admin.create(
             coordinator.store,
@@ -178,7 +181,7 @@ def canary_server(coordinator: Coordinator, guard: Guard, canary: Canary) -> grp
     anywhere: anonymous only on an open coordinator.
     """
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard.interceptor()])
-    server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat),))
+    server.add_generic_rpc_handlers((agent_handler(coordinator.sessions.heartbeat, peek=True),))
     server.add_insecure_port(canary.address)
     return server
 

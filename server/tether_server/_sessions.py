@@ -173,10 +173,11 @@ class Sessions:
             raise InvalidArgument("the stream closed before register was sent") from None
         except DecodeError as err:
             raise InvalidArgument(malformed(err)) from None
-        if first.WhichOneof("body") != "register":
+        kind = "beat" if isinstance(first, int) else first.WhichOneof("body")
+        if kind != "register":
             raise InvalidArgument(
                 "the first message of a Heartbeat stream must be register, "
-                f"got {first.WhichOneof('body') or 'an empty message'}"
+                f"got {kind or 'an empty message'}"
             )
         outbox = Outbox(context, self.pushed)
         return await self.register(first.register, context.invocation_metadata(), who, outbox)
@@ -275,6 +276,10 @@ class Sessions:
         try:
             quiet = self.quiet
             async for req in requests:
+                if isinstance(req, int):  # a bare beat, not parsed (_wire.beat_request)
+                    session.last_beat = time.monotonic()
+                    await session.outbox.send(with_ack(current_order(session), req))
+                    continue
                 if req.WhichOneof("body") == "beat":
                     await session.outbox.send(self._beat(session, req.beat))
                     continue
