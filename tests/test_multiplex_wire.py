@@ -20,7 +20,7 @@ import pytest
 import tether
 from google.protobuf import struct_pb2
 from tether.v1 import agent_pb2, agent_pb2_grpc
-from tether_server._muxbox import reply_bytes, response_bytes
+from tether_server._muxbox import alone, reply_bytes, response_bytes
 from tether_server._orders import order_message
 from tether_server._outbox import End
 
@@ -154,6 +154,17 @@ def test_a_hand_built_mux_response_parses_as_the_message_it_stands_for(ack: int)
             agent_pb2.MuxReply(locals=[5], end=agent_pb2.MuxEnd(code=7, message="may not")),
             agent_pb2.MuxReply(locals=[6], end=agent_pb2.MuxEnd()),
         ],
+    )
+
+
+@pytest.mark.parametrize("local", [1, 300])
+def test_a_push_written_alone_parses_as_that_order_for_that_local(local: int) -> None:
+    order = order_message([], 42)
+    raw = alone(order.SerializeToString(), local)
+
+    assert alone(order.SerializeToString(), local) is raw  # built once per (order, local)
+    assert agent_pb2.MuxResponse.FromString(raw) == agent_pb2.MuxResponse(
+        replies=[agent_pb2.MuxReply(locals=[local], reply=order)]
     )
 
 

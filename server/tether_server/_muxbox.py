@@ -6,7 +6,8 @@ stream's :class:`MuxWriter`. The writer gathers what was posted while it was bus
 same loop turn, into ONE ``MuxResponse``: replies whose ``HeartbeatResponse`` bytes are equal
 share one ``MuxReply`` listing all their locals. So a kill pushed to 1,000 instances of one
 stream goes out as one message, built by hand from the order serialised once (protobuf
-parses concatenated fields as one message, as in ``_orders.with_ack``).
+parses concatenated fields as one message, as in ``_orders.with_ack``). A push that goes
+alone (a one-instance stream's kill) is bytes built once per (order, local) (:func:`alone`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ def _payload(item: Any) -> bytes | End:
     if isinstance(item, Push):
         return item.payload
     return item if isinstance(item, bytes) else bytes(item.SerializeToString())
+
+
+_ALONE: dict[tuple[bytes, int], bytes] = {}  # (order, local) -> its MuxResponse
+_ALONE_MOST = 256  # distinct pairs kept; pushes of one halt need a handful
+
+
+def alone(payload: bytes, local: int) -> bytes:
+    """A ``MuxResponse`` carrying ``payload`` to ``local`` alone, built once per distinct
+    pair: a kill pushed to a thousand one-instance streams (local 1 on each) is built once."""
+    key = (payload, local)
+    found = _ALONE.get(key)
+    if found is None:
+        if len(_ALONE) >= _ALONE_MOST:
+            _ALONE.clear()
+        found = _ALONE[key] = response_bytes(0, (reply_bytes((local,), payload),))
+    return found
 
 
 class MuxWriter:
@@ -163,10 +180,13 @@ class MuxWriter:
         MuxReply without reordering any instance's replies. The beat's ack goes with the
         message that empties the queue: it confirms every order posted before it.
         """
+        items = self._items
+        if len(items) == 1 and not self._ack and type(push := items[0][1]) is Push:
+            return alone(push.payload, items.popleft()[0]), [push.since]  # a push alone
         groups: dict[bytes | End, list[int]] = {}
         seen: set[int] = set()
         pushed: list[float] = []
-        items, size = self._items, 0
+        size = 0
         while items and items[0][0] not in seen and size < MAX_BATCH:
             local, item = items.popleft()
             seen.add(local)
