@@ -5,10 +5,15 @@ are opened against a ``tether serve`` coordinator and against ``bench.bare_serve
 grpc.aio server with the same options and nothing behind it. The RSS slope of each says
 what one connected agent costs; the difference is Tether's own share. The coordinator runs
 with a long lease TTL here, so that silent streams are not declared STALE while measured.
+
+Each line is fitted over seven points, each the median of three RSS readings 0.5 s apart,
+by the same code for Tether and for the bare server: one reading of the coordinator moves
+by about 1% with what registrations leave behind, where the bare server's barely moves.
 """
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import time
@@ -26,13 +31,16 @@ from bench.phases import kill
 from bench.stats import slope
 
 _TTL = 300.0
+_SAMPLES = 3  # RSS readings per point, 0.5 s apart: the median is the point's figure
 
 
 @dataclass(frozen=True)
 class Settings:
-    streams: list[int] = field(default_factory=lambda: [0, 1000, 2000, 3000])
+    # Seven points a line: one RSS reading moves by ~1% with what a registration leaves
+    # behind (fragmentation, garbage not yet collected), and the slope with it.
+    streams: list[int] = field(default_factory=lambda: list(range(0, 3001, 500)))
     workers: int = 4
-    runs: list[int] = field(default_factory=lambda: [0, 2000, 4000, 6000])  # multiplexed
+    runs: list[int] = field(default_factory=lambda: list(range(0, 6001, 1000)))  # multiplexed
     run_processes: int = 2  # the multiplexed runs' processes: a stream each, since i13-cmux
 
 
@@ -66,10 +74,19 @@ class Result:
     per_run_processes: int = 0
 
 
+def rss(pid: int) -> float:
+    """The median of a few RSS readings of ``pid``, taken once what was added has settled."""
+    readings = []
+    for _ in range(_SAMPLES):
+        time.sleep(0.5)
+        readings.append(float(psutil.Process(pid).memory_info().rss))
+    return statistics.median(readings)
+
+
 def _grow(fleet: Fleet, target: str, pid: int, sizes: list[int], label: str) -> Growth:
     points: list[tuple[float, float]] = []
     time.sleep(1)
-    points.append((0.0, float(psutil.Process(pid).memory_info().rss)))
+    points.append((0.0, rss(pid)))
     for size in sorted(s for s in sizes if s > 0):
         shares = split(size - fleet.size, len(fleet.workers))
         fleet.each(
@@ -81,9 +98,8 @@ def _grow(fleet: Fleet, target: str, pid: int, sizes: list[int], label: str) -> 
         fleet.size = size
         time.sleep(2)
         registered = int(fleet.total("registered"))
-        rss = psutil.Process(pid).memory_info().rss
-        points.append((float(registered), float(rss)))
-        say(f"memory {label}: {registered} streams, RSS {rss / 2**20:.1f} MiB")
+        points.append((float(registered), rss(pid)))
+        say(f"memory {label}: {registered} streams, RSS {points[-1][1] / 2**20:.1f} MiB")
     per_stream, _ = slope(points)
     return Growth(
         points=[Point(streams=int(n), rss_bytes=int(r)) for n, r in points],
@@ -116,7 +132,7 @@ def _runs(bench: Bench, cfg: Settings, out: Result) -> None:
         fleet = Fleet(bench.procs, "mux", cfg.run_processes, bench.logs)
         try:
             time.sleep(1)
-            points = [(0.0, float(coord.rss_bytes()))]
+            points = [(0.0, rss(coord.pid))]
             for size in sorted(s for s in cfg.runs if s > 0):
                 shares = split(size - fleet.size, len(fleet.workers))
                 fleet.each(
@@ -127,7 +143,7 @@ def _runs(bench: Bench, cfg: Settings, out: Result) -> None:
                 )  # fmt: skip
                 fleet.size = size
                 time.sleep(2)
-                points.append((float(size), float(coord.rss_bytes())))
+                points.append((float(size), rss(coord.pid)))
                 say(f"memory runs: {size} runs, RSS {points[-1][1] / 2**20:.1f} MiB")
             out.per_run_streams = sum(int(r["streams"]) for r in fleet.all("streams"))
         finally:

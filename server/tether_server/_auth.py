@@ -92,6 +92,9 @@ class Guard:
 class _Interceptor(grpc.aio.ServerInterceptor):
     def __init__(self, guard: Guard) -> None:
         self._guard = guard
+        # method -> (its handler, that handler wrapped): built once a method, not once a
+        # call, since a stream holds its handler for as long as it is open.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -102,12 +105,17 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         method = str(handler_call_details.method)
         if handler is None or not method.startswith(_SERVICES):
             return handler
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
         name = method.rsplit("/", 1)[-1]
 
         async def admit(request: Any, context: Any) -> Principal:
             return await self._guard.admit(name, request, context)
 
-        return _wrapped(handler, admit, method)
+        wrapped = _wrapped(handler, admit, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def _wrapped(handler: Any, admit: Admit, method: str) -> Any:

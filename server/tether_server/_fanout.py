@@ -150,7 +150,7 @@ class Fanout:
         """The sessions ``sel`` matches, grouped by the writer they share, in order."""
         groups: dict[Any, list[Session]] = {}
         for session in self._presence.candidates(sel):
-            if matches(sel, session.key, session.record.labels):
+            if matches(sel, session.key, session.labels):
                 groups.setdefault(session.outbox.shared, []).append(session)
         return list(groups.values())
 
@@ -158,7 +158,7 @@ class Fanout:
         revision = self._halts.revision
         if session.revision > revision or self._presence.get(session.key) is not session:
             return  # registration read a newer view than this table, or it has gone
-        halts, ids, payload, stops = orders.of(session.key, session.record.labels)
+        halts, ids, payload, stops = orders.of(session.key, session.labels)
         session.revision = revision
         session.order_bytes = None
         if ids == tuple(map(_news, session.halts)):

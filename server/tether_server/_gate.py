@@ -189,8 +189,11 @@ class Gate:
 
     def seed(self, run: RunKey, records: Iterable[types_pb2.Effect]) -> list[str]:
         """Load a run's landed keys at registration; returns them for the session grant."""
+        found = landed(records)
+        if not found:  # a set is held only for a run with landed keys: most have none
+            return sorted(self._landed.get(run, ()))
         keys = self._landed.setdefault(run, set())
-        keys |= landed(records)
+        keys |= found
         return sorted(keys)
 
     def forget(self, run: RunKey) -> None:

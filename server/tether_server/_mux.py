@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -41,14 +41,15 @@ log = logging.getLogger("tether_server")
 _UNCLEAN = "the agent closed its side without goodbye for {} instance(s)"
 
 
-class _Instance:
-    """One local on the stream: its port, its session once registered, and the frames that
-    wait while it registers or leaves (None: none wait, take them at once)."""
+class _Instance(MuxPort):
+    """One local on the stream: its port (itself: one object an instance, not two), its
+    session once registered, and the frames that wait while it registers or leaves (None:
+    none wait, take them at once)."""
 
-    __slots__ = ("port", "session", "waiting")
+    __slots__ = ("session", "waiting")
 
-    def __init__(self, port: MuxPort) -> None:
-        self.port = port
+    def __init__(self, writer: MuxWriter, local: int, on_end: Callable[[MuxPort, End], None]):
+        super().__init__(writer, local, on_end)
         self.session: Session | None = None
         self.waiting: list[agent_pb2.HeartbeatRequest] | None = []
 
@@ -99,7 +100,7 @@ class MuxStream:
         """The stream ended: each instance still open on it is STALE."""
         self._writer.closed = True
         for inst in self._open.values():
-            inst.port.ended = True
+            inst.ended = True
             if inst.session is not None:
                 self._sessions.let_go(inst.session)
         self._open.clear()
@@ -121,14 +122,14 @@ class MuxStream:
             self._take(inst, body)
 
     def _register(self, local: int, register: agent_pb2.Register) -> None:
-        inst = self._open[local] = _Instance(MuxPort(self._writer, local, self._end_port))
+        inst = self._open[local] = _Instance(self._writer, local, self._end_port)
         spawn(self._tasks, self._admit(inst, register))
 
     async def _admit(self, inst: _Instance, register: agent_pb2.Register) -> None:
         sessions = self._sessions
         try:
             inst.session = await sessions.register(
-                register, self._metadata, self._who, inst.port, clock=self._writer
+                register, self._metadata, self._who, inst, clock=self._writer
             )
         except ANSWERABLE as err:
             if not sessions.serving:  # it can serve no one (etcd lost, starting): go elsewhere
@@ -150,7 +151,7 @@ class MuxStream:
         """Take what waited for the instance, in order, until something makes it wait again."""
         waiting, inst.waiting = inst.waiting or [], None
         for n, body in enumerate(waiting):
-            if inst.port.ended:
+            if inst.ended:
                 return
             if inst.waiting is not None:  # leaving: the rest comes after its goodbye
                 inst.waiting.extend(waiting[n:])
@@ -186,22 +187,22 @@ class MuxStream:
 
     def _failed(self, inst: _Instance, err: Exception) -> None:
         """A bug: log it and end the instance it hit, not its neighbours."""
-        log.exception("instance %d of a multiplex stream failed", inst.port.local, exc_info=err)
+        log.exception("instance %d of a multiplex stream failed", inst.local, exc_info=err)
         self._end(inst, End(grpc.StatusCode.INTERNAL, f"coordinator error: {type(err).__name__}"))
 
     def _end(self, inst: _Instance, end: End) -> None:
         """End one instance: write its end and free its local; without goodbye, STALE."""
-        if inst.port.ended:
+        if inst.ended:
             return
-        inst.port.finish(end)
-        if self._open.get(inst.port.local) is inst:
-            del self._open[inst.port.local]
+        inst.finish(end)
+        if self._open.get(inst.local) is inst:
+            del self._open[inst.local]
         if end is not DONE and inst.session is not None:
             self._sessions.let_go(inst.session)
 
     def _end_port(self, port: MuxPort, end: End) -> None:
         inst = self._open.get(port.local)
-        if inst is not None and inst.port is port:
+        if inst is not None and inst is port:
             self._end(inst, end)
 
     def _refuse(self, local: int, message: str) -> None:

@@ -13,6 +13,7 @@ says how it ended. Three ways out, three names:
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -89,6 +90,8 @@ def identity_from(reg: agent_pb2.Register) -> InstanceKey:
             raise InvalidArgument("register needs tenant and agent, or agent_uri")
         tenant = check_name("tenant", reg.tenant)
         agent = check_name("agent", reg.agent)
+    # Interned: thousands of sessions share a few tenants and agents, and their keys with them.
+    tenant, agent = sys.intern(tenant), sys.intern(agent)
     if not reg.run_id or not reg.instance_id:
         raise InvalidArgument("register needs run_id and instance_id")
     for cap in reg.capabilities:
@@ -235,9 +238,10 @@ class Presence:
         """
         await self._flush.run_now(session.checkpoint_key, session.key.run)
         age = max(time.monotonic() - session.last_beat, 0.0)
-        session.record.last_heartbeat.FromNanoseconds(time.time_ns() - int(age * 1e9))
+        record = session.record()
+        record.last_heartbeat.FromNanoseconds(time.time_ns() - int(age * 1e9))
         live = live_key(session.key)
         await self._store.txn(
             [holds(live, session.session_id.encode())],  # a newer stream may own it by now
-            [put_op(roster_key(session.key), to_json(session.record)), delete_op(live)],
+            [put_op(roster_key(session.key), to_json(record)), delete_op(live)],
         )

@@ -213,9 +213,10 @@ class Sessions:
         async with self._registering:
             stored, halts, effects = await self._presence.claim(key, record, session_id, lease)
         session = Session(key, session_id, record, outbox, clock)
-        session.reads = frozenset(register.read_capabilities)
+        if register.read_capabilities:  # else the shared empty default
+            session.reads = frozenset(register.read_capabilities)
         landed = self._gate.seed(key.run, effects)
-        session.halts = tuple(halts.matching(key, record.labels))
+        session.halts = tuple(halts.matching(key, session.labels))
         session.revision = halts.revision
         self._checkpoints.seed(session.checkpoint_key, stored)
         if self._keeper is not keeper:  # etcd was lost while this registration was in flight
@@ -326,9 +327,7 @@ class Sessions:
         self._metrics.kill_push_duration.record(seconds)
 
     async def _permit(self, session: Session, request: agent_pb2.PermitRequest) -> None:
-        decision = await self._gate.decide(
-            session.key, session.record.labels, request, session.reads
-        )
+        decision = await self._gate.decide(session.key, session.labels, request, session.reads)
         resp = order_message(session.halts, session.revision)
         resp.permit.CopyFrom(decision)
         session.outbox.post(resp)
@@ -362,7 +361,9 @@ class Sessions:
             if any_stop(session.halts)
             else types_pb2.INSTANCE_STATE_EXITED
         )
-        session.record.state = ended
-        session.record.ended_at.GetCurrentTime()
+        record = session.record()
+        record.state = ended
+        record.ended_at.GetCurrentTime()
+        session.keep(record)
         self._presence.forget_locally(session)
         await self._presence.write_final(session)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.json_format import MessageToDict
 from opentelemetry import _logs, metrics, propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRecordExporter
@@ -154,6 +156,19 @@ class _MetadataGetter(Getter[Sequence[Any]]):
 _GETTER = _MetadataGetter()
 
 
+@functools.cache  # one entry a method of the coordinator's services
+def _naming(method: str) -> tuple[str, Mapping[str, str]]:
+    """A call's span name and metric labels, from ``method``."""
+    service, _, name = method.lstrip("/").partition("/")
+    return f"{service}/{name}", {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+def _parent(context: grpc.aio.ServicerContext[Any, Any]) -> Context:
+    """The caller's trace context, from its ``traceparent`` metadata."""
+    carrier: Sequence[Any] = tuple(context.invocation_metadata() or ())
+    return propagate.extract(carrier, getter=_GETTER)
+
+
 @contextlib.contextmanager
 def server_span(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[Span]:
     """A SERVER span around one call of ``method`` (``/tether.v1.Service/Method``), not
@@ -162,13 +177,12 @@ def server_span(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Ite
     Its parent is the caller's ``traceparent``; its status code is the one the call ends
     with, read from ``context`` (so a refusal records its code, not the abort's exception).
     """
-    service, _, name = method.lstrip("/").partition("/")
-    labels = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-    carrier: Sequence[Any] = tuple(context.invocation_metadata() or ())
-    parent = propagate.extract(carrier, getter=_GETTER)
+    # What this frame keeps is held for as long as a stream is open: the span, its start
+    # and the method's labels (shared); not the metadata or the parent's context.
+    span_name, labels = _naming(method)
     started = time.monotonic()
     span = tracer.start_span(
-        f"{service}/{name}", context=parent, kind=SpanKind.SERVER, attributes=labels
+        span_name, context=_parent(context), kind=SpanKind.SERVER, attributes=labels
     )
     failure: BaseException | None = None
     try:
