@@ -1,5 +1,6 @@
 """The one place a channel to a coordinator is opened: for agents, ``AdminClient`` and
-``HaltCache``, plaintext or TLS from file paths, with an optional bearer token.
+``HaltCache``, plaintext or TLS from file paths, with an optional bearer token; and where
+the coordinators' addresses are read (``--addr``, ``TETHER_ADDR``).
 
 The files are read each time a channel opens, so a client whose certificate was renewed
 on disk presents the new one at its next connection.
@@ -10,12 +11,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from tether._errors import InvalidArgument
+
+# grpc is imported where a channel opens, and pathlib when TLS is configured: the CLI
+# parses its arguments, and refuses bad ones, before either is loaded.
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import grpc
 
 ENV_CA, ENV_CERT, ENV_KEY, ENV_TOKEN = (
     "TETHER_TLS_CA",
@@ -25,6 +30,28 @@ ENV_CA, ENV_CERT, ENV_KEY, ENV_TOKEN = (
 )
 
 Metadata = tuple[tuple[str, str], ...]
+
+DEFAULT_ADDR = "127.0.0.1:7700"
+
+
+def resolve_targets(target: str | None, environ: Mapping[str, str]) -> list[str]:
+    """``target``, else ``TETHER_ADDR``, else the default; a comma-separated list fails over."""
+    raw = target or environ.get("TETHER_ADDR") or DEFAULT_ADDR
+    targets = [t.strip() for t in raw.split(",") if t.strip()]
+    if not targets:
+        raise InvalidArgument(f"no coordinator address in {raw!r}: expected HOST:PORT[,HOST:PORT]")
+    return targets
+
+
+def host_port(raw: str) -> tuple[str, int] | None:
+    """``raw`` split at its last colon into host and port; None without a port in 1..65535.
+
+    The host is as written (brackets and all): each caller checks it its own way.
+    """
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +71,8 @@ class ClientTls:
         Raises:
             InvalidArgument: a file cannot be read.
         """
+        import grpc
+
         key = _read(self.key, "key") if self.key else None
         cert = _read(self.cert, "cert") if self.cert else None
         return grpc.ssl_channel_credentials(_read(self.ca, "ca"), key, cert)
@@ -68,6 +97,8 @@ def client_tls(
                 f"(--tls-ca or {ENV_CA})"
             )
         return None
+    from pathlib import Path
+
     cert, key = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else (None, None)
     return ClientTls(Path(tls_ca), cert, key)
 
@@ -118,6 +149,8 @@ def open_channel(
     target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.Channel:
     """A blocking-API channel to ``target``: TLS with ``tls``, else plaintext."""
+    import grpc
+
     if tls is None:
         return grpc.insecure_channel(target, options=list(options) or None)
     return grpc.secure_channel(target, tls.credentials(), options=list(options) or None)
@@ -127,6 +160,8 @@ def open_aio_channel(
     target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.aio.Channel:
     """An asyncio channel to ``target``: TLS with ``tls``, else plaintext."""
+    import grpc
+
     if tls is None:
         return grpc.aio.insecure_channel(target, options=list(options) or None)
     return grpc.aio.secure_channel(target, tls.credentials(), options=list(options) or None)

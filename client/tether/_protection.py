@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from tether._types import _time
+from tether._halt import _time
 from tether.v1 import admin_pb2
 
 T = TypeVar("T")

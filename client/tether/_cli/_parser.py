@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from tether._admin import AUDIT_LIMIT
-from tether._cli._certs_verb import certs_args
+from tether._channel import DEFAULT_ADDR
 from tether._cli._help import ENVIRONMENT, epilog
 from tether._cli._output import EXIT_USAGE
-from tether._cli._protect_verbs import breakers_args, policy_args
-from tether._cli._recovery import compensate_args, effects_args
-from tether._config import DEFAULT_ADDR
-from tether._types import State
 
 # The drill's scopes, narrowest first; the drill itself lives in tether_server.
 DRILL_SCOPES = ("capability", "run", "agent", "tenant", "global")
@@ -229,6 +225,8 @@ def _resume_args(resume: argparse.ArgumentParser) -> None:
 
 
 def _agents_args(agents: argparse.ArgumentParser) -> None:
+    from tether._types import State
+
     _filter_args(agents)
     agents.add_argument("--state", choices=[s.value for s in State], type=str.upper)
     agents.add_argument(
@@ -241,6 +239,8 @@ def _halts_args(halts: argparse.ArgumentParser) -> None:
 
 
 def _audit_args(audit: argparse.ArgumentParser) -> None:
+    from tether._admin import AUDIT_LIMIT
+
     audit.add_argument("--tenant", default="")
     audit.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
     audit.add_argument("--limit", type=_positive, default=AUDIT_LIMIT)
@@ -299,6 +299,17 @@ def _watch_args(watch: argparse.ArgumentParser) -> None:
 
 _Args = Callable[[argparse.ArgumentParser], None]
 
+
+def _from(module: str, name: str) -> _Args:
+    """The arguments of a verb that lives in ``tether._cli.MODULE``, imported only when that
+    verb's parser is built: `tether kill` loads none of the other verbs' modules."""
+
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(f"tether._cli.{module}"), name)(parser)
+
+    return arguments
+
+
 # (verb, help, takes --addr/-o/--token, its own arguments), in the order --help lists them.
 _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("serve", "run a coordinator", False, _serve_args),
@@ -307,20 +318,24 @@ _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
     ("agents", "list agent instances", True, _agents_args),
     ("halts", "list the halts in force", True, _halts_args),
     ("audit", "every kill and resume", True, _audit_args),
-    ("effects", "the side-effect ledger", True, effects_args),
-    ("compensate", "reverse landed effects with a handler, newest first", True, compensate_args),
+    ("effects", "the side-effect ledger", True, _from("_recovery", "effects_args")),
+    ("compensate", "reverse landed effects with a handler, newest first", True,
+        _from("_recovery", "compensate_args")),
     ("permit-key", "the public key that verifies permits", True, _no_args),
     ("token", "issue a signed agent token (admins)", True, _token_args),
     ("whoami", "who the coordinator takes you to be, and your role", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
     ("doctor", "check every coordinator of --addr and what they agree on", True, _doctor_args),
-    ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
+    ("certs", "a development CA and certificates (init, agent, operator, etcd)", False,
+        _from("_certs_verb", "certs_args")),
     ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
-    ("policy", "the protection policy: apply -f FILE, get, history, test", True, policy_args),
-    ("breakers", "every breaker's state and figures", True, breakers_args),
+    ("policy", "the protection policy: apply -f FILE, get, history, test", True,
+        _from("_protect_verbs", "policy_args")),
+    ("breakers", "every breaker's state and figures", True,
+        _from("_protect_verbs", "breakers_args")),
     ("completion", "a shell completion script: bash, zsh or fish", False, _completion_args),
-)
+)  # fmt: skip
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
