@@ -14,6 +14,7 @@ import grpc
 
 from tether._channel import (
     ENV_TOKEN,
+    ServiceStub,
     bearer,
     client_tls,
     open_channel,
@@ -26,7 +27,7 @@ from tether._errors import from_rpc_error
 from tether._failover import Coordinators, FailoverStub
 from tether._halt import Halt, Selector
 from tether._protection import ProtectionCalls
-from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from tether.v1 import admin_pb2, types_pb2
 
 # The listing calls import the types they return (tether._types) when first called: a
 # `tether kill` needs only a Halt, and creating every record class would cost it about 5 ms
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+_ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 AUDIT_LIMIT = 100  # audit entries asked for when the caller names no limit (the CLI too)
 
 
@@ -117,7 +119,7 @@ class AdminClient(ProtectionCalls):
         self._coordinators = Coordinators(
             targets,
             lambda addr: open_channel(addr, tls, CHANNEL_OPTIONS),
-            admin_pb2_grpc.AdminServiceStub,
+            lambda channel: ServiceStub(channel, _ADMIN_SERVICE),
             connect_timeout,
         )
         self._stub = FailoverStub(self._coordinators)  # its calls try every coordinator
@@ -357,7 +359,7 @@ class AdminClient(ProtectionCalls):
                 raise from_rpc_error(err) from err
 
     def _watch_on(
-        self, req: admin_pb2.WatchAgentsRequest, stub: admin_pb2_grpc.AdminServiceStub
+        self, req: admin_pb2.WatchAgentsRequest, stub: ServiceStub
     ) -> Iterator[admin_pb2.AgentEvent]:
         stream = stub.WatchAgents(req, metadata=traced(self._metadata, self._trace))
         try:

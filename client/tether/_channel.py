@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import grpc
+    from google.protobuf.descriptor import ServiceDescriptor
 
 ENV_CA, ENV_CERT, ENV_KEY, ENV_TOKEN = (
     "TETHER_TLS_CA",
@@ -172,3 +173,42 @@ def _read(path: Path, which: str) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise InvalidArgument(f"tls_{which} {path}: {err.strerror or err}") from None
+
+
+class ServiceStub:
+    """A client stub of one service of the generated API, whose methods are made when first
+    used: the generated ``*_pb2_grpc`` stub makes every method of its service at once, and
+    its module imports grpc's version check, for a one-shot ``tether kill`` that calls one.
+
+    Args:
+        channel: The channel its calls go over.
+        service: The service's descriptor, e.g. ``admin_pb2.DESCRIPTOR.services_by_name[...]``.
+    """
+
+    def __init__(self, channel: grpc.Channel, service: ServiceDescriptor) -> None:
+        self._channel = channel
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        """The method ``name``, as the generated stub has it (kept once made).
+
+        Raises:
+            AttributeError: the service has no such method.
+        """
+        method = self._service.methods_by_name.get(name)
+        if method is None or method.client_streaming:
+            raise AttributeError(f"{self._service.full_name} has no method {name!r}")
+        from google.protobuf.message_factory import GetMessageClass
+
+        path = f"/{self._service.full_name}/{name}"
+        make = self._channel.unary_stream if method.server_streaming else self._channel.unary_unary
+        request, response = (GetMessageClass(t) for t in (method.input_type, method.output_type))
+        # _registered_method, as the generated stub passes it: core interns the path once.
+        call = make(  # type: ignore[call-arg]
+            path,
+            request_serializer=request.SerializeToString,
+            response_deserializer=response.FromString,
+            _registered_method=True,
+        )
+        setattr(self, name, call)
+        return call

@@ -359,8 +359,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     named = _named_verbs(argv)
     for name, help_text, takes_common, arguments in _VERBS:
-        if named is not None and name not in named:
-            verbs.add_parser(name, help=help_text, formatter_class=raw)
+        if named is not None and name not in named:  # listed, never parsed: no -h of its own
+            verbs.add_parser(name, help=help_text, formatter_class=raw, add_help=False)
             continue
         arguments(
             verbs.add_parser(
