@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from tether._channel import host_port, resolve_targets
 from tether._cli._output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail
-from tether._cli._parser import build_parser
+from tether._cli._parser import build_parser, parse
 from tether._errors import FailedPrecondition, InvalidArgument, TetherError
 
 __all__ = ["build_parser", "main", "run"]
@@ -61,8 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parse(words: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = build_parser(words)
-    return parser, parser.parse_args(words)
+    return parse(words)
 
 
 def _execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
