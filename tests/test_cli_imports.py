@@ -40,6 +40,7 @@ HEAVY = (
     # The SDK's listing types (a kill needs only tether._halt), the agent's configuration,
     # and the other verbs' modules: each a millisecond or more, mostly creating classes.
     "tether._types",
+    "tether._protection",
     "tether._config",
     "tether._cli._recovery",
     "tether._cli._protect_verbs",

@@ -26,7 +26,7 @@ from tether._channel import (
 from tether._errors import from_rpc_error
 from tether._failover import Coordinators, FailoverStub
 from tether._halt import Halt, Selector
-from tether._protection import ProtectionCalls
+from tether._policy_calls import ProtectionCalls
 from tether.v1 import admin_pb2, types_pb2
 
 # The listing calls import the types they return (tether._types) when first called: a

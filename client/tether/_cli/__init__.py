@@ -46,7 +46,7 @@ def run() -> NoReturn:
     admin verbs import them when they run.
     """
     gc.disable()
-    parser, args = _parse(sys.argv[1:])
+    parser, args = parse(sys.argv[1:])
     if args.verb not in _ONE_SHOT:
         gc.enable()
     code = _execute(parser, args)
@@ -57,11 +57,7 @@ def run() -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``tether`` command; return its exit code."""
-    return _execute(*_parse(sys.argv[1:] if argv is None else argv))
-
-
-def _parse(words: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    return parse(words)
+    return _execute(*parse(sys.argv[1:] if argv is None else argv))
 
 
 def _execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
