@@ -193,8 +193,11 @@ class ServiceStub:
         """The method ``name``, as the generated stub has it (kept once made).
 
         Raises:
-            AttributeError: the service has no such method.
+            AttributeError: the service has no such method, or only a client-streaming one
+                (none of Tether's services has any).
         """
+        if name.startswith("_"):  # not a method: and before __init__ (copy), not _service
+            raise AttributeError(name)
         method = self._service.methods_by_name.get(name)
         if method is None or method.client_streaming:
             raise AttributeError(f"{self._service.full_name} has no method {name!r}")

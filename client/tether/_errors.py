@@ -97,6 +97,7 @@ class TetherLost(Killed):
 
 @functools.cache
 def _by_code() -> dict[grpc.StatusCode, type[TetherError]]:
+    """The table: gRPC status codes onto the SDK's exceptions (made on first use)."""
     import grpc
 
     return {

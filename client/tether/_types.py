@@ -30,7 +30,6 @@ __all__ = [
     "Scope",
     "Selector",
     "State",
-    "_time",
     "selector_from_pb",
     "struct_to_dict",
 ]
