@@ -37,7 +37,22 @@ HEAVY = (
     "tether._cli._dashboard",
     "tether._cli._server_verbs",
     "tether._cli._completion",
+    # The SDK's listing types (a kill needs only tether._halt), the agent's configuration,
+    # and the other verbs' modules: each a millisecond or more, mostly creating classes.
+    "tether._types",
+    "tether._protection",
+    "tether._config",
+    "tether._cli._recovery",
+    "tether._cli._protect_verbs",
+    "tether._cli._certs_verb",
+    # The generated stub makes every AdminService method at once and checks grpc's version
+    # on import; tether._channel.ServiceStub makes the one a command calls.
+    "tether.v1.admin_pb2_grpc",
+    "grpc._utilities",
 )
+
+# What a usage error never needs: it is refused before anything dials a coordinator.
+TRANSPORT = ("grpc", "google.protobuf", "tether.v1", "tether._admin")
 
 # Run ``main`` as the console script would, then list what it loaded into the file argv[1].
 _PROBE = """
@@ -64,8 +79,8 @@ def _loaded(tmp_path: Path, *argv: str) -> tuple[int, list[str]]:
     return found["code"], found["modules"]
 
 
-def _heavy(modules: list[str]) -> list[str]:
-    return [m for m in modules if any(m == h or m.startswith(f"{h}.") for h in HEAVY)]
+def _heavy(modules: list[str], heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    return [m for m in modules if any(m == h or m.startswith(f"{h}.") for h in heavy)]
 
 
 def test_a_kill_loads_none_of_the_heavy_modules(
@@ -74,7 +89,7 @@ def test_a_kill_loads_none_of_the_heavy_modules(
     argv = ("--addr", coord.addr, "kill", "--tenant", tenant, "--reason", "imports", "--force")
     code, modules = _loaded(tmp_path, *argv)
     assert code == 0
-    assert "tether.v1.admin_pb2_grpc" in modules  # the probe saw a kill that really ran
+    assert "tether._admin" in modules  # the probe saw a kill that really ran
     assert _heavy(modules) == []
 
 
@@ -82,6 +97,13 @@ def test_usage_errors_load_none_of_them_either(tmp_path: Path) -> None:
     code, modules = _loaded(tmp_path, "kill", "--tenant", "acme")  # no --reason
     assert code == 2
     assert _heavy(modules) == []
+    assert _heavy(modules, TRANSPORT) == []
+
+
+def test_a_bad_address_is_refused_before_the_transport_loads(tmp_path: Path) -> None:
+    code, modules = _loaded(tmp_path, "--addr", "nohost", "kill", "--tenant", "a", "--reason", "r")
+    assert code == 2
+    assert _heavy(modules, TRANSPORT) == []
 
 
 def test_the_probe_sees_a_heavy_module_when_a_verb_loads_one(tmp_path: Path) -> None:

@@ -8,43 +8,48 @@ import getpass
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from tether._channel import (
     ENV_TOKEN,
+    ServiceStub,
     bearer,
     client_tls,
     open_channel,
+    resolve_targets,
     tls_from_env,
     trace_from_env,
     traced,
 )
-from tether._config import resolve_targets
 from tether._errors import from_rpc_error
 from tether._failover import Coordinators, FailoverStub
-from tether._protection import ProtectionCalls
-from tether._types import (
-    EFFECT_STATUS_TO_PB,
-    STATE_TO_PB,
-    AgentEvent,
-    AgentInstance,
-    AgentToken,
-    AuditEntry,
-    EffectRecord,
-    EffectStatus,
-    Halt,
-    Principal,
-    Selector,
-    State,
-)
-from tether.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from tether._halt import Halt, Selector
+from tether._policy_calls import ProtectionCalls
+from tether.v1 import admin_pb2, types_pb2
+
+# The listing calls import the types they return (tether._types) when first called: a
+# `tether kill` needs only a Halt, and creating every record class would cost it about 5 ms
+# (bench/run.py --only cli).
+if TYPE_CHECKING:
+    from datetime import datetime
+    from pathlib import Path
+
+    from tether._types import (
+        AgentEvent,
+        AgentInstance,
+        AgentToken,
+        AuditEntry,
+        EffectRecord,
+        EffectStatus,
+        Principal,
+        State,
+    )
 
 T = TypeVar("T")
 
+_ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 AUDIT_LIMIT = 100  # audit entries asked for when the caller names no limit (the CLI too)
 
 
@@ -114,7 +119,7 @@ class AdminClient(ProtectionCalls):
         self._coordinators = Coordinators(
             targets,
             lambda addr: open_channel(addr, tls, CHANNEL_OPTIONS),
-            admin_pb2_grpc.AdminServiceStub,
+            lambda channel: ServiceStub(channel, _ADMIN_SERVICE),
             connect_timeout,
         )
         self._stub = FailoverStub(self._coordinators)  # its calls try every coordinator
@@ -197,6 +202,8 @@ class AdminClient(ProtectionCalls):
     def agents(
         self, *, tenant: str = "", agent: str = "", run_id: str = "", state: State | None = None
     ) -> list[AgentInstance]:
+        from tether._types import STATE_TO_PB, AgentInstance
+
         req = admin_pb2.ListAgentsRequest(
             tenant=tenant,
             agent=agent,
@@ -206,6 +213,8 @@ class AdminClient(ProtectionCalls):
         return [AgentInstance.from_pb(a) for a in self._call(self._stub.ListAgents, req).agents]
 
     def agent(self, tenant: str, agent: str, run_id: str, instance_id: str = "") -> AgentInstance:
+        from tether._types import AgentInstance
+
         req = admin_pb2.GetAgentRequest(
             tenant=tenant, agent=agent, run_id=run_id, instance_id=instance_id
         )
@@ -218,6 +227,8 @@ class AdminClient(ProtectionCalls):
     def audit(
         self, *, tenant: str = "", since: datetime | None = None, limit: int = AUDIT_LIMIT
     ) -> list[AuditEntry]:
+        from tether._types import AuditEntry
+
         req = admin_pb2.ListAuditRequest(tenant=tenant, limit=limit)
         if since is not None:
             req.since.FromDatetime(since)
@@ -240,6 +251,8 @@ class AdminClient(ProtectionCalls):
         ``run_id`` without ``agent`` looks for the run across the tenant; ``since`` and
         ``until`` bound when effects were intended (``until`` excluded).
         """
+        from tether._types import EFFECT_STATUS_TO_PB, EffectRecord
+
         req = admin_pb2.ListEffectsRequest(
             tenant=tenant, agent=agent, run_id=run_id, trace_id=trace_id, capability=capability
         )
@@ -259,6 +272,8 @@ class AdminClient(ProtectionCalls):
         failed; with ``claim``, take it before calling a handler (``FailedPrecondition``
         while another run holds it). Returns the effect as the ledger now has it, and
         whether it had been compensated already (then nothing was recorded)."""
+        from tether._types import EffectRecord
+
         status = types_pb2.COMPENSATION_STATUS_FAILED if error else (
             types_pb2.COMPENSATION_STATUS_CLAIMED if claim
             else types_pb2.COMPENSATION_STATUS_COMPENSATED
@@ -282,6 +297,8 @@ class AdminClient(ProtectionCalls):
 
     def whoami(self) -> Principal:
         """Who the coordinator takes this client to be, and what its role allows."""
+        from tether._types import Principal
+
         return Principal.from_pb(self._call(self._stub.WhoAmI, admin_pb2.WhoAmIRequest()))
 
     def issue_agent_token(
@@ -292,6 +309,8 @@ class AdminClient(ProtectionCalls):
         Args:
             ttl: Seconds the token lives; the coordinator's default is 24 hours, at most 30 days.
         """
+        from tether._types import AgentToken
+
         req = admin_pb2.IssueAgentTokenRequest(tenant=tenant, agent=agent)
         if ttl is not None:
             req.ttl.FromMilliseconds(int(ttl * 1000))
@@ -322,6 +341,8 @@ class AdminClient(ProtectionCalls):
         checkpoint to the events, and an event (state unchanged) whenever a stored
         checkpoint changes.
         """
+        from tether._types import AgentEvent
+
         req = admin_pb2.WatchAgentsRequest(
             tenant=tenant, agent=agent, run_id=run_id, progress=progress
         )
@@ -338,7 +359,7 @@ class AdminClient(ProtectionCalls):
                 raise from_rpc_error(err) from err
 
     def _watch_on(
-        self, req: admin_pb2.WatchAgentsRequest, stub: admin_pb2_grpc.AdminServiceStub
+        self, req: admin_pb2.WatchAgentsRequest, stub: ServiceStub
     ) -> Iterator[admin_pb2.AgentEvent]:
         stream = stub.WatchAgents(req, metadata=traced(self._metadata, self._trace))
         try:

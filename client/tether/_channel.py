@@ -1,5 +1,6 @@
 """The one place a channel to a coordinator is opened: for agents, ``AdminClient`` and
-``HaltCache``, plaintext or TLS from file paths, with an optional bearer token.
+``HaltCache``, plaintext or TLS from file paths, with an optional bearer token; and where
+the coordinators' addresses are read (``--addr``, ``TETHER_ADDR``).
 
 The files are read each time a channel opens, so a client whose certificate was renewed
 on disk presents the new one at its next connection.
@@ -10,12 +11,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from tether._errors import InvalidArgument
+
+# grpc is imported where a channel opens, and pathlib when TLS is configured: the CLI
+# parses its arguments, and refuses bad ones, before either is loaded.
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import grpc
+    from google.protobuf.descriptor import ServiceDescriptor
 
 ENV_CA, ENV_CERT, ENV_KEY, ENV_TOKEN = (
     "TETHER_TLS_CA",
@@ -25,6 +31,28 @@ ENV_CA, ENV_CERT, ENV_KEY, ENV_TOKEN = (
 )
 
 Metadata = tuple[tuple[str, str], ...]
+
+DEFAULT_ADDR = "127.0.0.1:7700"
+
+
+def resolve_targets(target: str | None, environ: Mapping[str, str]) -> list[str]:
+    """``target``, else ``TETHER_ADDR``, else the default; a comma-separated list fails over."""
+    raw = target or environ.get("TETHER_ADDR") or DEFAULT_ADDR
+    targets = [t.strip() for t in raw.split(",") if t.strip()]
+    if not targets:
+        raise InvalidArgument(f"no coordinator address in {raw!r}: expected HOST:PORT[,HOST:PORT]")
+    return targets
+
+
+def host_port(raw: str) -> tuple[str, int] | None:
+    """``raw`` split at its last colon into host and port; None without a port in 1..65535.
+
+    The host is as written (brackets and all): each caller checks it its own way.
+    """
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +72,8 @@ class ClientTls:
         Raises:
             InvalidArgument: a file cannot be read.
         """
+        import grpc
+
         key = _read(self.key, "key") if self.key else None
         cert = _read(self.cert, "cert") if self.cert else None
         return grpc.ssl_channel_credentials(_read(self.ca, "ca"), key, cert)
@@ -68,6 +98,8 @@ def client_tls(
                 f"(--tls-ca or {ENV_CA})"
             )
         return None
+    from pathlib import Path
+
     cert, key = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else (None, None)
     return ClientTls(Path(tls_ca), cert, key)
 
@@ -118,6 +150,8 @@ def open_channel(
     target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.Channel:
     """A blocking-API channel to ``target``: TLS with ``tls``, else plaintext."""
+    import grpc
+
     if tls is None:
         return grpc.insecure_channel(target, options=list(options) or None)
     return grpc.secure_channel(target, tls.credentials(), options=list(options) or None)
@@ -127,6 +161,8 @@ def open_aio_channel(
     target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.aio.Channel:
     """An asyncio channel to ``target``: TLS with ``tls``, else plaintext."""
+    import grpc
+
     if tls is None:
         return grpc.aio.insecure_channel(target, options=list(options) or None)
     return grpc.aio.secure_channel(target, tls.credentials(), options=list(options) or None)
@@ -137,3 +173,45 @@ def _read(path: Path, which: str) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise InvalidArgument(f"tls_{which} {path}: {err.strerror or err}") from None
+
+
+class ServiceStub:
+    """A client stub of one service of the generated API, whose methods are made when first
+    used: the generated ``*_pb2_grpc`` stub makes every method of its service at once, and
+    its module imports grpc's version check, for a one-shot ``tether kill`` that calls one.
+
+    Args:
+        channel: The channel its calls go over.
+        service: The service's descriptor, e.g. ``admin_pb2.DESCRIPTOR.services_by_name[...]``.
+    """
+
+    def __init__(self, channel: grpc.Channel, service: ServiceDescriptor) -> None:
+        self._channel = channel
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        """The method ``name``, as the generated stub has it (kept once made).
+
+        Raises:
+            AttributeError: the service has no such method, or only a client-streaming one
+                (none of Tether's services has any).
+        """
+        if name.startswith("_"):  # not a method: and before __init__ (copy), not _service
+            raise AttributeError(name)
+        method = self._service.methods_by_name.get(name)
+        if method is None or method.client_streaming:
+            raise AttributeError(f"{self._service.full_name} has no method {name!r}")
+        from google.protobuf.message_factory import GetMessageClass
+
+        path = f"/{self._service.full_name}/{name}"
+        make = self._channel.unary_stream if method.server_streaming else self._channel.unary_unary
+        request, response = (GetMessageClass(t) for t in (method.input_type, method.output_type))
+        # _registered_method, as the generated stub passes it: core interns the path once.
+        call = make(  # type: ignore[call-arg]
+            path,
+            request_serializer=request.SerializeToString,
+            response_deserializer=response.FromString,
+            _registered_method=True,
+        )
+        setattr(self, name, call)
+        return call

@@ -4,36 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tether._channel import ENV_TOKEN, ClientTls, client_tls, tls_from_env
+# DEFAULT_ADDR, host_port and resolve_targets live in _channel, which `tether kill` loads
+# without this module; they are imported from here too.
+from tether._channel import (
+    DEFAULT_ADDR,
+    ENV_TOKEN,
+    ClientTls,
+    client_tls,
+    host_port,
+    resolve_targets,
+    tls_from_env,
+)
 from tether._errors import InvalidArgument
 
+__all__ = ["DEFAULT_ADDR", "AgentConfig", "host_port", "resolve_targets"]
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tether._verdict import Verdict  # its agent stubs: not for `tether kill`
-
-DEFAULT_ADDR = "127.0.0.1:7700"
-
-
-def resolve_targets(target: str | None, environ: Mapping[str, str]) -> list[str]:
-    """``target``, else ``TETHER_ADDR``, else the default; a comma-separated list fails over."""
-    raw = target or environ.get("TETHER_ADDR") or DEFAULT_ADDR
-    targets = [t.strip() for t in raw.split(",") if t.strip()]
-    if not targets:
-        raise InvalidArgument(f"no coordinator address in {raw!r}: expected HOST:PORT[,HOST:PORT]")
-    return targets
-
-
-def host_port(raw: str) -> tuple[str, int] | None:
-    """``raw`` split at its last colon into host and port; None without a port in 1..65535.
-
-    The host is as written (brackets and all): each caller checks it its own way.
-    """
-    host, sep, port = raw.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
 
 
 @dataclass(frozen=True, slots=True)

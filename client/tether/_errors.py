@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import grpc
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc  # imported where an error is translated: a CLI usage error never loads it
 
 
 class TetherError(Exception):
@@ -91,19 +95,26 @@ class TetherLost(Killed):
         super().__init__(reason, scope="tether", actor="tether")
 
 
-_BY_CODE: dict[grpc.StatusCode, type[TetherError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
-}
+@functools.cache
+def _by_code() -> dict[grpc.StatusCode, type[TetherError]]:
+    """The table: gRPC status codes onto the SDK's exceptions (made on first use)."""
+    import grpc
+
+    return {
+        grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+        grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+        grpc.StatusCode.NOT_FOUND: NotFound,
+        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+        grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+        grpc.StatusCode.UNAVAILABLE: Unavailable,
+        grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    }
 
 
 def rpc_status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     """Code and details of a blocking (``grpc.Call``) or asyncio (``AioRpcError``) error."""
+    import grpc
+
     if isinstance(err, grpc.Call | grpc.aio.AioRpcError):
         return err.code(), err.details() or ""
     return grpc.StatusCode.UNKNOWN, str(err)
@@ -112,13 +123,15 @@ def rpc_status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
 def from_rpc_error(err: grpc.RpcError) -> TetherError:
     """Translate a gRPC error at the transport boundary: ``raise from_rpc_error(e) from e``."""
     code, details = rpc_status(err)
-    cls = _BY_CODE.get(code, TetherError)
+    cls = _by_code().get(code, TetherError)
     return cls(details or code.name)
 
 
 def is_permanent(err: grpc.RpcError) -> bool:
     """True for errors that retrying the same request cannot fix: a malformed registration,
     or one the coordinator refuses for who the caller is."""
+    import grpc
+
     return rpc_status(err)[0] in (
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from tether._errors import InvalidArgument
-from tether._types import Scope, Selector
+from tether._halt import Scope, Selector
 from tether._uri import parse_agent_uri
 
 

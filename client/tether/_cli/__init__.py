@@ -12,11 +12,12 @@ import contextlib
 import gc
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
+from tether._channel import host_port, resolve_targets
 from tether._cli._output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail
-from tether._cli._parser import build_parser
+from tether._cli._parser import build_parser, parse
 from tether._errors import FailedPrecondition, InvalidArgument, TetherError
 
 __all__ = ["build_parser", "main", "run"]
@@ -40,10 +41,12 @@ def run() -> NoReturn:
     the collector stays off for those verbs, and once their output is flushed the process
     ends at once (``os._exit``): they hold no file, thread or exit hook of their own. The
     other verbs (``serve``, ``watch``, ``compensate`` with its handlers, ...) run as usual.
-    ``bench/run.py`` times ``tether kill`` (phase ``cli``).
+    ``bench/run.py`` times ``tether kill`` (phase ``cli``). The collector is off before grpc
+    loads because this package imports neither grpc nor protobuf at module level: the
+    admin verbs import them when they run.
     """
     gc.disable()
-    parser, args = _parse(sys.argv[1:])
+    parser, args = parse(sys.argv[1:])
     if args.verb not in _ONE_SHOT:
         gc.enable()
     code = _execute(parser, args)
@@ -54,12 +57,7 @@ def run() -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``tether`` command; return its exit code."""
-    return _execute(*_parse(sys.argv[1:] if argv is None else argv))
-
-
-def _parse(words: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = build_parser(words)
-    return parser, parser.parse_args(words)
+    return _execute(*parse(sys.argv[1:] if argv is None else argv))
 
 
 def _execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -111,9 +109,21 @@ _NO_ADDR = ("completion", "serve", "certs")  # verbs that never dial --addr
 
 def check_addr_of(args: argparse.Namespace) -> None:
     """Refuse a malformed ``--addr`` (or ``TETHER_ADDR``) before anything dials it."""
-    from tether._cli._verbs import check_addr
-
     check_addr(args.addr, os.environ)
+
+
+def check_addr(raw: str | None, environ: Mapping[str, str]) -> None:
+    """Refuse a coordinator address without a port, rather than let gRPC dial 443."""
+    source = "--addr" if raw else "TETHER_ADDR"
+    for target in resolve_targets(raw, environ):
+        host = found[0] if (found := host_port(target)) else ""
+        bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+        if not host or bare_v6:
+            example = f"[{target}]:7700" if ":" in target else f"{target.rstrip(':')}:7700"
+            raise InvalidArgument(
+                f"{source} {target!r} needs HOST:PORT with a port, e.g. {example} "
+                "(7700 is tether serve's default)"
+            )
 
 
 def _verb_elsewhere(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -1,16 +1,19 @@
-"""How the CLI prints: one-line errors, JSON, tables, and the rows of each listing."""
+"""How the CLI prints: one-line errors, JSON, tables, and the rows of each listing.
+
+``json`` is imported by the functions that write it: ``tether kill`` prints one line.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tether._types import AgentEvent, AgentInstance, AuditEntry, EffectRecord, Halt
+if TYPE_CHECKING:
+    from tether._types import AgentEvent, AgentInstance, AuditEntry, EffectRecord, Halt
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 R = TypeVar("R")
@@ -39,6 +42,8 @@ def plain(value: Any) -> Any:
 
 
 def print_json(value: Any) -> None:
+    import json
+
     print(json.dumps(plain(value), indent=2, sort_keys=True))
 
 
@@ -95,6 +100,8 @@ def wide_agent_row(a: AgentInstance) -> list[str]:
 
 
 def agent_row(a: AgentInstance) -> list[str]:
+    import json
+
     checkpoint = json.dumps(a.checkpoint, separators=(",", ":")) if a.checkpoint else "-"
     if len(checkpoint) > 40:
         checkpoint = checkpoint[:37] + "..."
@@ -143,6 +150,8 @@ EFFECT_HEADERS = [
 
 
 def effect_row(e: EffectRecord) -> list[str]:
+    import json
+
     undo = json.dumps(e.undo, separators=(",", ":"), sort_keys=True) if e.undo is not None else "-"
     return [
         ago(e.intended_at),
@@ -153,6 +162,8 @@ def effect_row(e: EffectRecord) -> list[str]:
 
 def print_event(event: AgentEvent, output: str) -> None:
     if output == "json":
+        import json
+
         print(json.dumps(plain(event), separators=(",", ":")), flush=True)
         return
     a = event.instance

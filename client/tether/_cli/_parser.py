@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from tether._admin import AUDIT_LIMIT
-from tether._cli._certs_verb import certs_args
+from tether._channel import DEFAULT_ADDR
 from tether._cli._help import ENVIRONMENT, epilog
 from tether._cli._output import EXIT_USAGE
-from tether._cli._protect_verbs import breakers_args, policy_args
-from tether._cli._recovery import compensate_args, effects_args
-from tether._config import DEFAULT_ADDR
-from tether._types import State
 
 # The drill's scopes, narrowest first; the drill itself lives in tether_server.
 DRILL_SCOPES = ("capability", "run", "agent", "tenant", "global")
@@ -28,9 +24,33 @@ SHELLS = ("bash", "zsh", "fish")
 class _Parser(argparse.ArgumentParser):
     """argparse, but its usage errors are one line and exit 2."""
 
+    narrowed = False  # a top parser with only the verbs its command names (see parse)
+
     def error(self, message: str) -> NoReturn:
+        if self.narrowed:
+            raise _Narrowed
         print(f"tether: {message} (see: {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+class _Narrowed(Exception):
+    """A usage error of a top parser that holds only the verbs its command names."""
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """``argv`` parsed, and the parser that did it.
+
+    The parser holds only the verbs ``argv`` names: building every verb's parser would
+    cost ``tether kill`` about 1 ms, mostly argparse looking up translations. A usage
+    error outside them (a verb misspelt) is reported by the whole parser, which lists
+    every verb.
+    """
+    parser = build_parser(argv)
+    try:
+        return parser, parser.parse_args(argv)
+    except _Narrowed:
+        parser = build_parser()
+        return parser, parser.parse_args(argv)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -147,59 +167,6 @@ def _filter_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default="", metavar="RUN_ID")
 
 
-def _serve_args(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7700)")
-    serve.add_argument(
-        "--etcd", help="etcd endpoints, http(s)://HOST:PORT[,...]; default: embedded"
-    )
-    serve.add_argument("--data-dir", help="embedded etcd data directory (default .tether)")
-    serve.add_argument(
-        "--workers", metavar="N|auto",
-        help="coordinator processes sharing --listen and --health-listen with SO_REUSEPORT "
-        "(auto: one per core; default 1). Each attaches to etcd with its own id (ID-w0, ...) "
-        "and its own canary socket (telemetry is pushed: no port); one embedded etcd serves "
-        "all. SIGTERM drains every worker. A worker that dies is restarted "
-        "with backoff; one that fails before it first serves stops them all (exit 1 or 2)",
-    )  # fmt: skip
-    serve.add_argument("--lease-ttl", type=float, help="instance lease TTL in seconds (default 10)")
-    serve.add_argument("--max-checkpoint-bytes", type=int, help="checkpoint size limit (512 KiB)")
-    serve.add_argument("--permit-key", help="PEM Ed25519 key for effect permits (default: in etcd)")
-    serve.add_argument(
-        "--admin-tokens", metavar="FILE", help="file of 'TOKEN OPERATOR' lines (needs --rbac)"
-    )
-    serve.add_argument("--rbac", metavar="FILE", help="YAML of operators, their roles and tenants")
-    serve.add_argument("--trust-domain", help="SPIFFE trust domain of callers (default tether)")
-    serve.add_argument(
-        "--roster-retention", metavar="DURATION",
-        help="forget EXITED and STALE instances this long after they ended (default 24h)",
-    )  # fmt: skip
-    serve.add_argument(
-        "--canary-interval", metavar="DURATION",
-        help="kill and resume a synthetic _canary instance this often, e.g. 60s (default off)",
-    )  # fmt: skip
-    _serve_tls_args(serve)
-
-
-def _serve_tls_args(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate to serve TLS with")
-    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    serve.add_argument(
-        "--tls-client-ca", metavar="FILE",
-        help="require a client certificate signed by this CA on every call",
-    )  # fmt: skip
-    serve.add_argument(
-        "--health-listen", metavar="HOST:PORT",
-        help="also serve grpc.health.v1 in plaintext here, on loopback, for probes",
-    )  # fmt: skip
-    serve.add_argument(
-        "--insecure", action="store_true", default=None,
-        help="allow a non-loopback --listen without TLS and client certificates",
-    )  # fmt: skip
-    serve.add_argument("--etcd-cacert", metavar="FILE", help="CA that verifies etcd (https://)")
-    serve.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd")
-    serve.add_argument("--etcd-key", metavar="FILE", help="private key of --etcd-cert")
-
-
 def _kill_args(kill: argparse.ArgumentParser) -> None:
     _scope_args(kill)
     kill.add_argument("--reason", required=True, help="why; it goes into the audit")
@@ -229,6 +196,8 @@ def _resume_args(resume: argparse.ArgumentParser) -> None:
 
 
 def _agents_args(agents: argparse.ArgumentParser) -> None:
+    from tether._types import State
+
     _filter_args(agents)
     agents.add_argument("--state", choices=[s.value for s in State], type=str.upper)
     agents.add_argument(
@@ -241,6 +210,8 @@ def _halts_args(halts: argparse.ArgumentParser) -> None:
 
 
 def _audit_args(audit: argparse.ArgumentParser) -> None:
+    from tether._admin import AUDIT_LIMIT
+
     audit.add_argument("--tenant", default="")
     audit.add_argument("--since", help="ISO time, or an age such as 30m, 2h, 1d")
     audit.add_argument("--limit", type=_positive, default=AUDIT_LIMIT)
@@ -299,36 +270,51 @@ def _watch_args(watch: argparse.ArgumentParser) -> None:
 
 _Args = Callable[[argparse.ArgumentParser], None]
 
+
+def _from(module: str, name: str) -> _Args:
+    """The arguments of a verb that lives in ``tether._cli.MODULE``, imported only when that
+    verb's parser is built: `tether kill` loads none of the other verbs' modules."""
+
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(f"tether._cli.{module}"), name)(parser)
+
+    return arguments
+
+
 # (verb, help, takes --addr/-o/--token, its own arguments), in the order --help lists them.
 _VERBS: tuple[tuple[str, str, bool, _Args], ...] = (
-    ("serve", "run a coordinator", False, _serve_args),
+    ("serve", "run a coordinator", False, _from("_server_verbs", "serve_args")),
     ("kill", "halt a scope now", True, _kill_args),
     ("resume", "lift a halt", True, _resume_args),
     ("agents", "list agent instances", True, _agents_args),
     ("halts", "list the halts in force", True, _halts_args),
     ("audit", "every kill and resume", True, _audit_args),
-    ("effects", "the side-effect ledger", True, effects_args),
-    ("compensate", "reverse landed effects with a handler, newest first", True, compensate_args),
+    ("effects", "the side-effect ledger", True, _from("_recovery", "effects_args")),
+    ("compensate", "reverse landed effects with a handler, newest first", True,
+        _from("_recovery", "compensate_args")),
     ("permit-key", "the public key that verifies permits", True, _no_args),
     ("token", "issue a signed agent token (admins)", True, _token_args),
     ("whoami", "who the coordinator takes you to be, and your role", True, _no_args),
     ("drill", "pull the lever at each scope and prove the stop", True, _drill_args),
     ("watch", "stream state changes", True, _watch_args),
     ("doctor", "check every coordinator of --addr and what they agree on", True, _doctor_args),
-    ("certs", "a development CA and certificates (init, agent, operator, etcd)", False, certs_args),
+    ("certs", "a development CA and certificates (init, agent, operator, etcd)", False,
+        _from("_certs_verb", "certs_args")),
     ("dashboard", "the fleet, halts, audit and ledger live in a browser", True, _dashboard_args),
-    ("policy", "the protection policy: apply -f FILE, get, history, test", True, policy_args),
-    ("breakers", "every breaker's state and figures", True, breakers_args),
+    ("policy", "the protection policy: apply -f FILE, get, history, test", True,
+        _from("_protect_verbs", "policy_args")),
+    ("breakers", "every breaker's state and figures", True,
+        _from("_protect_verbs", "breakers_args")),
     ("completion", "a shell completion script: bash, zsh or fish", False, _completion_args),
-)
+)  # fmt: skip
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``tether`` parser: one subcommand per verb; ``args.verb`` names the one given.
 
     The global flags (``--addr``, ``-o``, ``--timeout``, ...) go before or after the verb.
-    Given ``argv``, only the verbs it names get their arguments: the others still list in
-    ``--help``, and building all of them would cost ``tether kill`` a twentieth of its time.
+    Given ``argv``, only the verbs it names are in it, unless ``argv`` asks for the list of
+    verbs (``tether --help``) or completes (``completion``); ``parse`` uses it so.
     """
     raw = _Formatter
     parser = _Parser(
@@ -343,9 +329,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         dest="verb", required=True, parser_class=_Parser, prog="tether"
     )
     named = _named_verbs(argv)
+    parser.narrowed = named is not None
     for name, help_text, takes_common, arguments in _VERBS:
         if named is not None and name not in named:
-            verbs.add_parser(name, help=help_text, formatter_class=raw)
             continue
         arguments(
             verbs.add_parser(
@@ -362,7 +348,17 @@ def _named_verbs(argv: Sequence[str] | None) -> set[str] | None:
     if argv is None:
         return None
     named = {word for word in argv if word in _VERB_NAMES}
-    return None if not named or "completion" in named else named
+    return None if not named or "completion" in named or _asks_for_verbs(argv) else named
+
+
+def _asks_for_verbs(argv: Sequence[str]) -> bool:
+    """``-h`` or ``--help`` (or an abbreviation of it) before the verb: the top help."""
+    for word in argv:
+        if word in _VERB_NAMES:
+            return False
+        if word == "-h" or (len(word) > 2 and "--help".startswith(word)):
+            return True
+    return False
 
 
 _VERB_NAMES = frozenset(name for name, *_ in _VERBS)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
-from typing import Any
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from tether._admin import AdminClient
 from tether._cli._output import (
     AGENT_HEADERS,
     AUDIT_HEADERS,
@@ -23,29 +23,15 @@ from tether._cli._output import (
     print_listing,
     wide_agent_row,
 )
-from tether._cli._protect_verbs import breakers, policy
-from tether._cli._recovery import age, compensate, effects, when
-from tether._config import host_port, resolve_targets
 from tether._errors import FailedPrecondition, InvalidArgument
+from tether._halt import Halt, Scope, Selector
 from tether._selector import selector
-from tether._types import Halt, Scope, Selector, State
 from tether._uri import parse_agent_uri
 
-_ENDED = (State.EXITED, State.STALE)  # listed by `tether agents` only with --all or --state
-
-
-def check_addr(raw: str | None, environ: Mapping[str, str]) -> None:
-    """Refuse a coordinator address without a port, rather than let gRPC dial 443."""
-    source = "--addr" if raw else "TETHER_ADDR"
-    for target in resolve_targets(raw, environ):
-        host = found[0] if (found := host_port(target)) else ""
-        bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
-        if not host or bare_v6:
-            example = f"[{target}]:7700" if ":" in target else f"{target.rstrip(':')}:7700"
-            raise InvalidArgument(
-                f"{source} {target!r} needs HOST:PORT with a port, e.g. {example} "
-                "(7700 is tether serve's default)"
-            )
+# The other verbs' modules, and the types they list (tether._types), are imported when
+# their verb runs: `tether kill` needs none of them (tests/test_cli_imports.py).
+if TYPE_CHECKING:
+    from tether._admin import AdminClient
 
 
 def _selector(args: argparse.Namespace) -> Any:
@@ -147,9 +133,12 @@ def resume_command(sel: Selector) -> str:
 
 
 def agents(client: AdminClient, args: argparse.Namespace) -> int:
+    from tether._types import State
+
+    ended = (State.EXITED, State.STALE)  # listed only with --all or --state
     found = client.agents(**_agent_filter(args), state=State(args.state) if args.state else None)
     if not (args.all or args.state):
-        found = [a for a in found if a.state not in _ENDED]
+        found = [a for a in found if a.state not in ended]
     headers, row = (WIDE_AGENT_HEADERS, wide_agent_row) if args.output == "wide" else (
         AGENT_HEADERS, agent_row)  # fmt: skip
     print_listing(args.output, found, headers, row, no_headers=args.no_headers)
@@ -165,6 +154,8 @@ def halts(client: AdminClient, args: argparse.Namespace) -> int:
 def audit(client: AdminClient, args: argparse.Namespace) -> int:
     if args.verify:
         return _verify_audit(client, args)
+    from tether._cli._recovery import when
+
     entries = client.audit(tenant=args.tenant, since=when("--since", args.since), limit=args.limit)
     print_listing(args.output, entries, AUDIT_HEADERS, audit_row, no_headers=args.no_headers)
     return EXIT_OK
@@ -193,6 +184,8 @@ def watch(client: AdminClient, args: argparse.Namespace) -> int:
 
 def _seconds(flag: str, raw: str) -> float:
     """``30m``, ``24h``, ``7d``, ``90s`` or plain seconds."""
+    from tether._cli._recovery import age
+
     if (duration := age(raw)) is not None:
         return duration.total_seconds()
     try:
@@ -233,18 +226,31 @@ def permit_key(client: AdminClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-ADMIN_VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
+Verb = Callable[["AdminClient", argparse.Namespace], int]
+
+
+def _from(module: str, name: str) -> Verb:
+    """A verb that lives in ``tether._cli.MODULE``, imported when it runs."""
+
+    def run(client: AdminClient, args: argparse.Namespace) -> int:
+        verb: Verb = getattr(importlib.import_module(f"tether._cli.{module}"), name)
+        return verb(client, args)
+
+    return run
+
+
+ADMIN_VERBS: dict[str, Verb] = {
     "kill": kill,
     "resume": resume,
     "agents": agents,
     "halts": halts,
     "audit": audit,
     "watch": watch,
-    "effects": effects,
-    "compensate": compensate,
+    "effects": _from("_recovery", "effects"),
+    "compensate": _from("_recovery", "compensate"),
     "permit-key": permit_key,
     "token": token,
     "whoami": whoami,
-    "policy": policy,
-    "breakers": breakers,
+    "policy": _from("_protect_verbs", "policy"),
+    "breakers": _from("_protect_verbs", "breakers"),
 }
