@@ -153,6 +153,8 @@ class FleetTotals:
         self._runs: set[RunKey] = set()
         self._born: dict[tuple[str, ...], int] = {}  # the merge that first saw a subject
         self._merges = 0
+        self._now = 0.0  # the round's time, as the evaluator gives it
+        self._moved: dict[RunKey, float] = {}  # when each run's figures last moved
         self.changed: set[RunKey] = set()  # runs whose figures moved since ``take_changed``
         self.labels: dict[RunKey, dict[str, str]] = {}  # read from the roster, when asked
         self.checkpoints: dict[RunKey, dict[str, Any]] = {}  # the last stored, when asked
@@ -168,9 +170,37 @@ class FleetTotals:
         """True when the subject first showed up in this round's merges."""
         return self._born.get(subject, -1) == self._merges
 
-    def next_round(self) -> None:
+    def next_round(self, now: float = 0.0) -> None:
         """Rounds count merges: subjects born before this one are history."""
         self._merges += 1
+        self._now = now
+
+    def forget(self, before: float) -> list[tuple[str, ...]]:
+        """Drop every run that no coordinator publishes any more (each forgot it, or died)
+        and that has not moved since ``before``, with what is kept of it; an agent or a
+        tenant goes with its last run. The subjects dropped: a run that comes back under
+        the same name starts afresh, as a new one."""
+        published = {RunKey(*name.split("/")) for seen in self._seen.values() for name in seen}
+        for heard in self._heard.values():
+            published.update(InstanceKey(*name.split("/")).run for name in heard)
+        gone = {r for r, t in self._moved.items() if t < before and r not in published}
+        dropped: list[tuple[str, ...]] = []
+        for run in gone:
+            del self._moved[run]
+            self._runs.discard(run)
+            self.labels.pop(run, None)
+            self.checkpoints.pop(run, None)
+            for depth in (3, 2, 1):
+                prefix = tuple(run[:depth])
+                members = self._members.get(prefix, set())
+                members.discard(run)
+                if not members:  # its last run: the agent (tenant) is forgotten with it
+                    for table in (self._members, self._totals, self._spend, self._born):
+                        table.pop(prefix, None)
+                    dropped.append(prefix)
+        for key in [k for k in self.signals if k.run in gone]:
+            del self.signals[key]
+        return dropped
 
     def members_of(self, subject: tuple[str, ...]) -> set[RunKey]:
         """The runs of a tenant ``(t,)``, an agent ``(t, a)`` or a run ``(t, a, r)``."""
@@ -195,6 +225,7 @@ class FleetTotals:
             u, t, c = self._spend.get(prefix, (0.0, 0, 0))
             self._spend[prefix] = (u + spent[0], t + spent[1], c + spent[2])
         self.changed.add(run)
+        self._moved[run] = self._now
 
     def merge(self, source: str, document: dict[str, Any]) -> None:
         """Take one coordinator's published counts in."""
