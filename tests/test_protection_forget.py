@@ -65,3 +65,25 @@ async def _ended_run(etcd: Etcd, tenant: str) -> None:
     assert fleet.spend(run) == (0.25, 2, 1)
     (breaker,) = (await list_breakers(store, tenant)).breakers
     assert breaker.reason == "error rate 0.75 over 10s (3/4) > 0.5", breaker.reason
+
+
+def test_a_new_evaluator_counts_a_run_that_began_under_the_policy(etcd: Etcd, tenant: str) -> None:
+    """Elected after a run's first counts were published (the last evaluator died, or the
+    key was gone a moment): what the run did since it began under the policy is in its
+    window, and a run that began before the policy is history."""
+    asyncio.run(_elected_late(etcd, tenant))
+
+
+async def _elected_late(etcd: Etcd, tenant: str) -> None:
+    store = Store([etcd.endpoint])
+    before = time.time() - 1.0
+    await PolicyStore(store, AuditLog(store)).apply(POLICY.format(t=tenant), "test")
+    began = time.time()
+    runs = {f"{tenant}/mailer/old": [6, 6, 4], f"{tenant}/mailer/new": [6, 6, 4]}
+    doc = {"runs": runs, "signals": {}, "began": {
+        f"{tenant}/mailer/old": [before], f"{tenant}/mailer/new": [began],
+    }}  # fmt: skip
+    await store.txn((), [put_op(counts_key(f"late-{tenant}"), json.dumps(doc).encode())])
+    await Evaluator(store, "late", HaltTable()).decide(time.time())  # its first round
+    found = {b.subject: b.reason for b in (await list_breakers(store, tenant)).breakers}
+    assert found == {f"{tenant}/mailer/new": "error rate 0.67 over 10s (4/6) > 0.5"}, found

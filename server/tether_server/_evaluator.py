@@ -242,10 +242,22 @@ class Evaluator:
         found = of_window.get(subject)
         if found is None:
             found = of_window[subject] = Series(window)
-            if self._warm and self._fleet.new(subject):  # it began since the last round
-                found.add(now - EVALUATE_EVERY, Totals())
+            if (began := self._began(subject, window, now)) is not None:
+                found.add(began, Totals())
         found.add(now, totals)
         return found
+
+    def _began(self, subject: tuple[str, ...], window: float, now: float) -> float | None:
+        """When a subject first sampled began from nothing, if all it did falls within the
+        window: it showed up since the last round, or its coordinators say it began since
+        ``now - window`` and under the policy in force (even when this evaluator was just
+        elected). None: its totals are history, and its window starts from them."""
+        if self._warm and self._fleet.new(subject):
+            return now - EVALUATE_EVERY
+        began = self._fleet.began.get(subject)
+        if began is not None and began >= max(now - window, self._policies.applied_at):
+            return min(began, now - EVALUATE_EVERY)  # a clock ahead of ours: just before
+        return None
 
     def _judged(
         self,

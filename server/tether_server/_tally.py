@@ -50,9 +50,11 @@ class Tally:
         self._key = counts_key(coordinator_id)
         self.runs: dict[RunKey, list[int]] = {}  # effects, writes, failed
         self.signals: dict[InstanceKey, Signals] = {}
+        self.began: dict[RunKey, list[float]] = {}  # when this coordinator first heard of it
         self._dirty: set[RunKey | InstanceKey] = set()  # changed since the last document
         self._runs = _Encoded(self.runs)
         self._signals = _Encoded(self.signals)
+        self._began = _Encoded(self.began)
         self._swept = 0.0
         self._changed = asyncio.Event()
 
@@ -70,6 +72,7 @@ class Tally:
                 counts[1] += 1
                 counts[2] += effect.status == types_pb2.EFFECT_STATUS_FAILED
         if counts is not None:
+            self.began.setdefault(key.run, [time.time()])
             self._dirty.add(key.run)
             self._changed.set()
 
@@ -78,7 +81,9 @@ class Tally:
         new = (signals.usd, signals.tokens, signals.calls, signals.anomalies)
         if self.signals.get(key) != new:
             self.signals[key] = new
-            self._dirty.add(key)
+            run = key.run
+            self.began.setdefault(run, [time.time()])
+            self._dirty.update((key, run))
             self._changed.set()
 
     def document(self, now: float | None = None) -> bytes:
@@ -86,15 +91,18 @@ class Tally:
         now = time.monotonic() if now is None else now
         self._runs.update(self._dirty, now)
         self._signals.update(self._dirty, now)
+        self._began.update(self._dirty, now)  # kept while the run moves
         self._dirty.clear()
         if now - self._swept >= FORGET_AFTER / 10:
             for key in self._runs.forget(now - FORGET_AFTER):
                 del self.runs[key]
             for key in self._signals.forget(now - FORGET_AFTER):
                 del self.signals[key]
+            for key in self._began.forget(now - FORGET_AFTER):
+                del self.began[key]
             self._swept = now
-        runs, signals = self._runs.joined(), self._signals.joined()
-        return f'{{"runs":{{{runs}}},"signals":{{{signals}}}}}'.encode()
+        runs, signals, began = self._runs.joined(), self._signals.joined(), self._began.joined()
+        return f'{{"runs":{{{runs}}},"signals":{{{signals}}},"began":{{{began}}}}}'.encode()
 
     async def publish(self, store: Store, lease: int) -> None:
         """Put the counts on ``lease`` whenever they changed, at most every PUBLISH_EVERY."""
@@ -155,6 +163,9 @@ class FleetTotals:
         self._merges = 0
         self._now = 0.0  # the round's time, as the evaluator gives it
         self._moved: dict[RunKey, float] = {}  # when each run's figures last moved
+        # When a run (agent, tenant) began, by the clock of the coordinator that first
+        # counted it: a new evaluator knows from it which counts are recent.
+        self.began: dict[tuple[str, ...], float] = {}
         self.changed: set[RunKey] = set()  # runs whose figures moved since ``take_changed``
         self.labels: dict[RunKey, dict[str, str]] = {}  # read from the roster, when asked
         self.checkpoints: dict[RunKey, dict[str, Any]] = {}  # the last stored, when asked
@@ -195,7 +206,8 @@ class FleetTotals:
                 members = self._members.get(prefix, set())
                 members.discard(run)
                 if not members:  # its last run: the agent (tenant) is forgotten with it
-                    for table in (self._members, self._totals, self._spend, self._born):
+                    tables = (self._members, self._totals, self._spend, self._born, self.began)
+                    for table in tables:
                         table.pop(prefix, None)
                     dropped.append(prefix)
         for key in [k for k in self.signals if k.run in gone]:
@@ -227,9 +239,19 @@ class FleetTotals:
         self.changed.add(run)
         self._moved[run] = self._now
 
+    def _began(self, run: str, began: Mapping[str, list[float]]) -> None:
+        """Note when ``run`` (its agent, its tenant) began, if its coordinator says."""
+        when = began.get(run)
+        if when:
+            parts = tuple(run.split("/"))
+            for depth in (1, 2, 3):
+                prefix = parts[:depth]
+                self.began[prefix] = min(self.began.get(prefix, when[0]), when[0])
+
     def merge(self, source: str, document: dict[str, Any]) -> None:
         """Take one coordinator's published counts in."""
         seen = self._seen.setdefault(source, {})
+        began: dict[str, list[float]] = document.get("began", {})
         runs: dict[str, list[int]] = document.get("runs", {})
         for name in seen.keys() - runs.keys():  # the tally forgot it: from zero, if it returns
             del seen[name]
@@ -238,6 +260,8 @@ class FleetTotals:
             if before == counts:
                 continue
             seen[name] = counts
+            if before is None:
+                self._began(name, began)
             if before is None or any(n < b for n, b in zip(counts, before, strict=True)):
                 before = [0, 0, 0]  # new, or the coordinator restarted from zero
             grew = Totals(*(n - b for n, b in zip(counts, before, strict=True)))
@@ -252,6 +276,8 @@ class FleetTotals:
                 continue  # as this coordinator published it last time
             heard[name] = values
             key = InstanceKey(*name.split("/"))
+            if key.run not in self._runs:
+                self._began(name.rsplit("/", 1)[0], began)
             old = signals.get(key, _NO_SIGNALS)
             usd, tokens, calls, anomalies = map(max, old, values)
             if (usd, tokens, calls, anomalies) != old:
