@@ -237,7 +237,6 @@ class Series:
         self._values: list[Totals] = []
         self._last: tuple[float, float, Figures] | None = None  # figures() asked last
         self._grows = True  # every count only grew: a window is at most latest - earliest
-        self._most: Totals | None = None  # latest - earliest, once asked
 
     def add(self, now: float, totals: Totals) -> None:
         values, times = self._values, self._times
@@ -247,7 +246,7 @@ class Series:
                 return  # unchanged: the step goes on
             if self._grows:
                 self._grows = _at_least(totals, last)
-        self._last = self._most = None
+        self._last = None
         times.append(now)
         values.append(totals)
         horizon = now - self.window * (BASELINE_WINDOWS + 1) - 1
@@ -263,12 +262,15 @@ class Series:
         if not values or not self._grows:
             return True
         first, last = values[0], values[-1]
-        if last.effects - first.effects < spec.min_calls:
-            return False  # no verdict on fewer calls: as may_trip finds, without a Totals
-        most = self._most
-        if most is None:
-            most = self._most = last - first
-        return may_trip(spec, most)
+        effects = last.effects - first.effects
+        if effects < spec.min_calls:
+            return False  # the rest is may_trip(spec, last - first), without making it
+        e, a, v = spec.error_rate, spec.anomaly_rate, spec.volume_factor
+        return (
+            (e is not None and (last.failed > first.failed or e < 0))
+            or (a is not None and (last.anomalies > first.anomalies or a < 0))
+            or (v is not None and effects > v)
+        )
 
     def stayed(self, count: int) -> bool:
         """Whether the count at index ``count`` of the totals (``Totals._fields``) never

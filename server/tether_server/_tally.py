@@ -2,14 +2,16 @@
 
 A coordinator counts the effects its streams report (per run: finished, finished writes,
 failed writes) and keeps the newest signals of each instance (running totals of spend and
-anomalies, as the SDK sends them). It publishes both as one key on its own lease, a few
-times a second when they changed: when it dies, the key goes with it.
+anomalies, as the SDK sends them), and when it first counted each run ("began", by its
+clock). It publishes them as one key on its own lease, a few times a second when they
+changed: when it dies, the key goes with it.
 
 The evaluator merges every coordinator's key into running totals that only grow: an
 effect is reported to exactly one coordinator, so effect counts add up across them (by
 their increase, so that a coordinator's restart from zero loses nothing); an instance's
 signals are totals of its own, so across coordinators (a reconnect moves it) the largest
-one is the truth.
+one is the truth. A run that no coordinator publishes any more (each dropped it after
+``FORGET_AFTER`` idle, or died) is forgotten once the policy's longest window has passed.
 """
 
 from __future__ import annotations
