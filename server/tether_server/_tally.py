@@ -74,7 +74,8 @@ class Tally:
                 counts[1] += 1
                 counts[2] += effect.status == types_pb2.EFFECT_STATUS_FAILED
         if counts is not None:
-            self.began.setdefault(key.run, [time.time()])
+            if key.run not in self.began:
+                self.began[key.run] = [time.time()]
             self._dirty.add(key.run)
             self._changed.set()
 
@@ -83,9 +84,9 @@ class Tally:
         new = (signals.usd, signals.tokens, signals.calls, signals.anomalies)
         if self.signals.get(key) != new:
             self.signals[key] = new
-            run = key.run
-            self.began.setdefault(run, [time.time()])
-            self._dirty.update((key, run))
+            if key[:3] not in self.began:  # its first signal here: the run began
+                self.began[key.run] = [time.time()]
+            self._dirty.add(key)
             self._changed.set()
 
     def document(self, now: float | None = None) -> bytes:
@@ -93,7 +94,7 @@ class Tally:
         now = time.monotonic() if now is None else now
         self._runs.update(self._dirty, now)
         self._signals.update(self._dirty, now)
-        self._began.update(self._dirty, now)  # kept while the run moves
+        self._began.update({key[:3] for key in self._dirty}, now)  # kept while it moves
         self._dirty.clear()
         if now - self._swept >= FORGET_AFTER / 10:
             for key in self._runs.forget(now - FORGET_AFTER):
