@@ -4,6 +4,7 @@ and forgetting, the merge's shortcuts. Pure, without etcd."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -92,8 +93,11 @@ def test_the_tally_encodes_what_changed_and_forgets_the_idle() -> None:
     key = InstanceKey("acme", "mail", "r1", "i1")
     tally.signal(key, agent_pb2.Signals(usd=1.5, tokens=10))
     effect = types_pb2.Effect(capability="send", status=types_pb2.EFFECT_STATUS_FAILED)
+    started = time.time()
     tally.effects(key, [effect], reads=())
     first = json.loads(tally.document(now=1000.0))
+    ((began,),) = first.pop("began").values()  # when the run began, by this clock
+    assert started - 1 <= began <= time.time()
     assert first == {
         "runs": {"acme/mail/r1": [1, 1, 1]},
         "signals": {"acme/mail/r1/i1": [1.5, 10, 0, 0]},
@@ -104,6 +108,7 @@ def test_the_tally_encodes_what_changed_and_forgets_the_idle() -> None:
     other = InstanceKey("acme", "mail", "r2", "i2")
     tally.signal(other, agent_pb2.Signals(usd=3.0))
     later = json.loads(tally.document(now=1000.0 + FORGET_AFTER + 1))
+    assert later.pop("began").keys() == {"acme/mail/r2"}  # r1's went with it
     assert later == {"runs": {}, "signals": {"acme/mail/r2/i2": [3.0, 0, 0, 0]}}
     assert key not in tally.signals and key.run not in tally.runs
 

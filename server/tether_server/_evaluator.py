@@ -58,7 +58,7 @@ from tether_server._store import (
     put_op,
     range_op,
 )
-from tether_server._tally import FleetTotals
+from tether_server._tally import FORGET_AFTER, FleetTotals
 
 log = logging.getLogger("tether_server")
 EVALUATE_EVERY = 0.25  # seconds between decisions while elected
@@ -67,6 +67,8 @@ EVALUATE_EVERY = 0.25  # seconds between decisions while elected
 FULL_SWEEP = 5.0
 _CLOSED = BreakerState()
 _DEPTH = {Scope.TENANT: 1, Scope.AGENT: 2, Scope.RUN: 3}
+_SCOPE_OF = {depth: scope for scope, depth in _DEPTH.items()}
+DEFAULT_WINDOW = 60.0  # with no policy, ended runs are forgotten after this
 
 
 def state_json(st: BreakerState, figures: dict[str, Any]) -> bytes:
@@ -118,7 +120,8 @@ class Evaluator:
         self._notifier = Notifier(self._policies.policy)
         self._rules = RuleRunner(self._halt_store, audit, store, self._notifier)
         self.leading = False
-        self._groups: tuple[Policy | None, list[RuleGroup]] = (None, [])
+        self._groups: tuple[Policy | None, list[RuleGroup], list[tuple[BreakerSpec, ...]]]
+        self._groups = (None, [], [])
         self._keys: dict[tuple[str, tuple[str, ...]], bytes] = {}  # breaker and subject
         self._tripped: dict[str, int] = {}  # halt id -> the revision of the trip's halt
         self._reset()
@@ -126,7 +129,8 @@ class Evaluator:
     def _reset(self) -> None:
         self._fleet = FleetTotals()
         self._merged: dict[str, int] = {}  # each coordinator's counts: the revision merged
-        self._series: dict[tuple[float, tuple[str, ...]], Series] = {}
+        self._vanished: dict[str, float] = {}  # a source merged whose key is gone: since when
+        self._series: dict[float, dict[tuple[str, ...], Series]] = {}  # window -> subject
         # A window starts from the subject's totals when first sampled (they are history:
         # after an election, or when a policy names a subject that ran before it), except
         # for a subject that first showed up in this round: it started from nothing, so its
@@ -167,30 +171,60 @@ class Evaluator:
         """One round: merge the counts, then every breaker and rule of the policy."""
         policy, version = await self._policies.policy()
         if policy is not self._groups[0]:  # parsed anew: another policy
-            self._groups = (policy, groups_of(policy.rules))
+            self._groups = (policy, groups_of(policy.rules), breaker_groups(policy.breakers))
         groups = self._groups[1]
-        self._fleet.next_round()
-        for kv in (await self._store.range(COUNTS)).kvs:
-            source = counts_source(kv.key)
-            if self._merged.get(source) != kv.mod_revision:  # published anew since
-                self._merged[source] = kv.mod_revision
-                self._fleet.merge(source, json.loads(kv.value))
+        await self._merge(now)
         changed = self._fleet.take_changed()
         if now - self._swept[0] >= FULL_SWEEP or version != self._swept[1]:
+            self._forget(policy, now)
             changed, self._swept = self._fleet.known_runs(), (now, version)
         await read_context(self._store, self._fleet, policy, groups, changed)
         states = await self._breaker_states()
-        for spec in policy.breakers:
-            unclosed = _unclosed(spec, states)
-            for subject in _due(spec, changed, unclosed, self._fleet.labels):
-                closed = subject not in unclosed
-                if found := self._judge(spec, subject, states, now, closed=closed):
-                    await self._write(spec, *found)
+        for specs in self._groups[2]:
+            for spec, found in self._judged(specs, changed, states, now):
+                await self._write(spec, *found)
         if groups:
             due = self._rules.decisions.due
             decided = due(groups, version, self._fleet, self.series, now, changed=changed)
             await self._rules.act(decided, version)
         self._warm = True
+
+    async def _merge(self, now: float) -> None:
+        """Take in every coordinator's counts published since the last round. A source
+        whose key has been gone for FORGET_AFTER (the coordinator died, or lost etcd that
+        long) no longer holds its runs: they may be forgotten (see ``_forget``)."""
+        self._fleet.next_round(now)
+        live = set()
+        for kv in (await self._store.range(COUNTS)).kvs:
+            source = counts_source(kv.key)
+            live.add(source)
+            self._vanished.pop(source, None)
+            if self._merged.get(source) != kv.mod_revision:  # published anew since
+                self._merged[source] = kv.mod_revision
+                self._fleet.merge(source, json.loads(kv.value))
+        for source in self._merged.keys() - live:
+            if now - self._vanished.setdefault(source, now) > FORGET_AFTER:
+                del self._merged[source], self._vanished[source]
+                self._fleet.merge(source, {})  # it publishes nothing any more
+
+    def _forget(self, policy: Policy, now: float) -> None:
+        """Forget the runs that ended (no coordinator publishes them) longer than the
+        policy's longest window ago, from every structure kept per run (and an agent or a
+        tenant with its last run): a new run of the same name starts afresh."""
+        windows = [b.window for b in policy.breakers] + [r.window for r in policy.rules]
+        dropped = self._fleet.forget(now - max(windows, default=DEFAULT_WINDOW))
+        if not dropped:
+            return
+        gone = set(dropped)
+        for of_window in self._series.values():
+            for subject in gone & of_window.keys():
+                del of_window[subject]
+        for key in [k for k in self._keys if k[1] in gone]:
+            del self._keys[key]
+        for subject in gone:
+            sel = selector_of(_SCOPE_OF[len(subject)], subject, writes=True)
+            self._tripped.pop(halt_id(sel), None)
+        self._rules.decisions.forget(gone)
 
     async def _breaker_states(self) -> dict[bytes, BreakerState]:
         """Every breaker's state: read once per election, then kept as this one writes them
@@ -202,29 +236,63 @@ class Evaluator:
 
     def series(self, window: float, subject: tuple[str, ...], totals: Totals, now: float) -> Series:
         """The subject's samples over ``window``, with ``totals`` added at ``now``."""
-        found = self._series.get((window, subject))
+        of_window = self._series.get(window)
+        if of_window is None:
+            of_window = self._series[window] = {}
+        found = of_window.get(subject)
         if found is None:
-            found = self._series[(window, subject)] = Series(window)
-            if self._warm and self._fleet.new(subject):  # it began since the last round
-                found.add(now - EVALUATE_EVERY, Totals())
+            found = of_window[subject] = Series(window)
+            if (began := self._began(subject, window, now)) is not None:
+                found.add(began, Totals())
         found.add(now, totals)
+        return found
+
+    def _began(self, subject: tuple[str, ...], window: float, now: float) -> float | None:
+        """When a subject first sampled began from nothing, if all it did falls within the
+        window: it showed up since the last round, or its coordinators say it began since
+        ``now - window`` and under the policy in force (even when this evaluator was just
+        elected). None: its totals are history, and its window starts from them."""
+        if self._warm and self._fleet.new(subject):
+            return now - EVALUATE_EVERY
+        began = self._fleet.began.get(subject)
+        if began is not None and began >= max(now - window, self._policies.applied_at):
+            return min(began, now - EVALUATE_EVERY)  # a clock ahead of ours: just before
+        return None
+
+    def _judged(
+        self,
+        specs: tuple[BreakerSpec, ...],
+        changed: set[RunKey],
+        states: dict[bytes, BreakerState],
+        now: float,
+    ) -> list[tuple[BreakerSpec, tuple[bytes, BreakerState, Event, Figures]]]:
+        """What the breakers ``specs`` (one scope, window and selector: one series per
+        subject) do now on the subjects due; most subjects need only their sample taken."""
+        unclosed = {spec.name: _unclosed(spec, states) for spec in specs}
+        every = set().union(*unclosed.values())
+        found = []
+        for subject in _due(specs[0], changed, every, self._fleet.labels):
+            totals = self._fleet.totals(subject)
+            series = self.series(specs[0].window, subject, totals, now)
+            for spec in specs:
+                closed = not every or subject not in unclosed[spec.name]
+                if closed and not series.may_trip(spec):
+                    continue  # no window of it can cross a threshold: as step would find
+                if judged := self._judge(spec, subject, series, totals, states=states, now=now):
+                    found.append((spec, judged))
         return found
 
     def _judge(
         self,
         spec: BreakerSpec,
         subject: tuple[str, ...],
+        series: Series,
+        totals: Totals,
+        *,
         states: dict[bytes, BreakerState],
         now: float,
-        *,
-        closed: bool,
     ) -> tuple[bytes, BreakerState, Event, Figures] | None:
-        """What the breaker, ``closed`` or not, does on ``subject`` now; None: nothing
-        (most calls, so no I/O)."""
-        totals = self._fleet.totals(subject)
-        series = self.series(spec.window, subject, totals, now)
-        if closed and not series.may_trip(spec):
-            return None  # no window of it can cross a threshold: as step would find
+        """What the breaker does on ``subject`` now; None: nothing (most calls, so no I/O)."""
         key = self._keys.get((spec.name, subject))
         if key is None:
             key = self._keys[(spec.name, subject)] = breaker_key(spec.name, subject)
@@ -278,6 +346,15 @@ class Evaluator:
             reason = f"half-open after {spec.cooldown:g}s: {spec.probes} probe writes go through"
             await self._halt_store.resume(sel, actor, reason)
         log.info("breaker %s on %s: %s %s", spec.name, halt_id(sel), event.value, st.reason)
+
+
+def breaker_groups(specs: Iterable[BreakerSpec]) -> list[tuple[BreakerSpec, ...]]:
+    """The breakers by scope, window and selector, in the policy's order: those of one
+    group share their subjects and each subject's series."""
+    groups: dict[tuple[object, ...], list[BreakerSpec]] = {}
+    for s in specs:
+        groups.setdefault((s.scope, s.window, s.tenant, s.agent, s.run_id, s.labels), []).append(s)
+    return [tuple(g) for g in groups.values()]
 
 
 def _unclosed(spec: BreakerSpec, states: Mapping[bytes, BreakerState]) -> set[tuple[str, ...]]:

@@ -115,6 +115,7 @@ class RuleGroup:
             whole = any(n is None for n in named)
             self.fields[root] = None if whole else frozenset().union(*named)  # type: ignore[arg-type]
         self.labels = any(r.labels or r.reads("labels") for r in rules)
+        self.selects = any(r.tenant or r.agent or r.run_id or r.labels for r in rules)
         self.checkpoint = any(r.reads("checkpoint") for r in rules)
         # Each on lines of its own: a `// comment` in one must not swallow what follows.
         source = "[" + ", ".join(f"(\n{r.when}\n)" for r in rules) + "]"

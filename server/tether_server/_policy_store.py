@@ -41,6 +41,7 @@ class PolicyStore:
         # The last policy parsed, with its version, by the etcd revision of its key: each
         # is parsed once (the JSON too: the evaluator asks every round).
         self._parsed: tuple[int, Policy, int] = (0, EMPTY, 0)
+        self.applied_at = 0.0  # when the policy last read was applied (wall time, seconds)
 
     async def current(self) -> tuple[admin_pb2.PolicyVersion, int]:
         """The policy in force (version 0 when none was applied), and its etcd revision."""
@@ -59,6 +60,7 @@ class PolicyStore:
             if revision:
                 from_json(resp.kvs[0].value, version)
             self._parsed = (revision, parse(version.yaml) if revision else EMPTY, version.version)
+            self.applied_at = version.applied_at.ToNanoseconds() / 1e9
         return self._parsed[1], self._parsed[2]
 
     async def apply(self, text: str, actor: str, note: str = "") -> admin_pb2.PolicyVersion:

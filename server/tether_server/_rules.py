@@ -174,11 +174,20 @@ class Decisions:
     def __init__(self) -> None:
         # What each window's rules last saw of each run: CEL is pure, so the same inputs
         # give the same answers, and a run whose figures did not move costs a comparison.
-        self._seen: dict[tuple[float, RunKey], dict[str, Any]] = {}
+        self._seen: dict[float, dict[RunKey, dict[str, Any]]] = {}  # window -> run -> inputs
         self._covering: dict[tuple[float, RunKey], bool] = {}
         self._fired: set[tuple[str, tuple[str, ...]]] = set()
         self._version = -1
         self._groups: list[RuleGroup] = []  # which parse of the policy: kept, to compare
+
+    def forget(self, gone: set[tuple[str, ...]]) -> None:
+        """Drop what is kept of the runs (agents, tenants) in ``gone``: they ended."""
+        for seen in self._seen.values():
+            for run in [r for r in seen if r in gone]:
+                del seen[run]
+        for key in [k for k in self._covering if k[1] in gone]:
+            del self._covering[key]
+        self._fired = {(rule, subject) for rule, subject in self._fired if subject not in gone}
 
     def again(self, rule: str, subject: tuple[str, ...]) -> None:
         """``rule`` did not act on ``subject`` (etcd failed): decide it anew next round."""
@@ -205,15 +214,15 @@ class Decisions:
         found: list[tuple[Rule, tuple[str, ...], dict[str, Any]]] = []
         for group in groups:
             level, paths = _Levels(fleet, series, group.window, now), group.flat_paths
+            seen_of = self._seen.setdefault(group.window, {})
             for run in _candidates(group.depth, changed, fleet):
-                if not self._covers(group, run, fleet):
+                if group.selects and not self._covers(group, run, fleet):
                     continue
                 context = level.context(run)  # its roots are built only if read
                 seen = group.inputs(context) if paths is None else level.flat(run, paths)
-                key = (group.window, run)
-                if self._seen.get(key) == seen:
+                if seen_of.get(run) == seen:
                     continue
-                self._seen[key] = seen
+                seen_of[run] = seen
                 held = group.results(seen, context)
                 if True in held:  # most runs: none holds
                     found += self._acting(group.rules, held, run, fleet, context)
@@ -261,6 +270,7 @@ def _candidates(depth: int, changed: set[RunKey], fleet: FleetTotals) -> set[Run
 
 
 _DEPTH = {"tenant": 1, "agent": 2, "run": 3, "run_id": 3}
+_NUMERATOR = {"error": Totals._fields.index("failed"), "anomaly": Totals._fields.index("anomalies")}
 
 
 class _Levels:
@@ -298,6 +308,8 @@ class _Levels:
         if part == "spend":
             usd, tokens, calls = self._fleet.spend(subject)
             return float(usd) if leaf == "usd" else tokens if leaf == "tokens" else calls
+        if part == "rates" and self._sampled(subject).stayed(_NUMERATOR[leaf]):
+            return 0.0  # no failure (anomaly) in any window: the rate is 0.0, as computed
         c = self._current(subject)
         if part == "effects":
             return getattr(c, "effects" if leaf == "total" else leaf)
@@ -305,12 +317,14 @@ class _Levels:
             return c.failed / c.writes if c.writes else 0.0
         return c.anomalies / c.effects if c.effects else 0.0
 
+    def _sampled(self, subject: tuple[str, ...]) -> Series:
+        """The subject's series over the window, sampled now."""
+        return self._series(self._window, subject, self._fleet.totals(subject), self._now)
+
     def _current(self, subject: tuple[str, ...]) -> Totals:
         found = self._currents.get(subject)
         if found is None:
-            totals, now = self._fleet.totals(subject), self._now
-            found = self._series(self._window, subject, totals, now).figures(now).current
-            self._currents[subject] = found
+            found = self._currents[subject] = self._sampled(subject).current(self._now)
         return found
 
     def context(self, run: RunKey) -> dict[str, Any]:

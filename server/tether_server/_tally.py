@@ -2,14 +2,16 @@
 
 A coordinator counts the effects its streams report (per run: finished, finished writes,
 failed writes) and keeps the newest signals of each instance (running totals of spend and
-anomalies, as the SDK sends them). It publishes both as one key on its own lease, a few
-times a second when they changed: when it dies, the key goes with it.
+anomalies, as the SDK sends them), and when it first counted each run ("began", by its
+clock). It publishes them as one key on its own lease, a few times a second when they
+changed: when it dies, the key goes with it.
 
 The evaluator merges every coordinator's key into running totals that only grow: an
 effect is reported to exactly one coordinator, so effect counts add up across them (by
 their increase, so that a coordinator's restart from zero loses nothing); an instance's
 signals are totals of its own, so across coordinators (a reconnect moves it) the largest
-one is the truth.
+one is the truth. A run that no coordinator publishes any more (each dropped it after
+``FORGET_AFTER`` idle, or died) is forgotten once the policy's longest window has passed.
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ class Tally:
         self._key = counts_key(coordinator_id)
         self.runs: dict[RunKey, list[int]] = {}  # effects, writes, failed
         self.signals: dict[InstanceKey, Signals] = {}
+        self.began: dict[RunKey, list[float]] = {}  # when this coordinator first heard of it
         self._dirty: set[RunKey | InstanceKey] = set()  # changed since the last document
         self._runs = _Encoded(self.runs)
         self._signals = _Encoded(self.signals)
+        self._began = _Encoded(self.began)
         self._swept = 0.0
         self._changed = asyncio.Event()
 
@@ -70,6 +74,8 @@ class Tally:
                 counts[1] += 1
                 counts[2] += effect.status == types_pb2.EFFECT_STATUS_FAILED
         if counts is not None:
+            if key.run not in self.began:
+                self.began[key.run] = [time.time()]
             self._dirty.add(key.run)
             self._changed.set()
 
@@ -78,6 +84,8 @@ class Tally:
         new = (signals.usd, signals.tokens, signals.calls, signals.anomalies)
         if self.signals.get(key) != new:
             self.signals[key] = new
+            if key[:3] not in self.began:  # its first signal here: the run began
+                self.began[key.run] = [time.time()]
             self._dirty.add(key)
             self._changed.set()
 
@@ -86,15 +94,18 @@ class Tally:
         now = time.monotonic() if now is None else now
         self._runs.update(self._dirty, now)
         self._signals.update(self._dirty, now)
+        self._began.update({key[:3] for key in self._dirty}, now)  # kept while it moves
         self._dirty.clear()
         if now - self._swept >= FORGET_AFTER / 10:
             for key in self._runs.forget(now - FORGET_AFTER):
                 del self.runs[key]
             for key in self._signals.forget(now - FORGET_AFTER):
                 del self.signals[key]
+            for key in self._began.forget(now - FORGET_AFTER):
+                del self.began[key]
             self._swept = now
-        runs, signals = self._runs.joined(), self._signals.joined()
-        return f'{{"runs":{{{runs}}},"signals":{{{signals}}}}}'.encode()
+        runs, signals, began = self._runs.joined(), self._signals.joined(), self._began.joined()
+        return f'{{"runs":{{{runs}}},"signals":{{{signals}}},"began":{{{began}}}}}'.encode()
 
     async def publish(self, store: Store, lease: int) -> None:
         """Put the counts on ``lease`` whenever they changed, at most every PUBLISH_EVERY."""
@@ -153,6 +164,11 @@ class FleetTotals:
         self._runs: set[RunKey] = set()
         self._born: dict[tuple[str, ...], int] = {}  # the merge that first saw a subject
         self._merges = 0
+        self._now = 0.0  # the round's time, as the evaluator gives it
+        self._moved: dict[RunKey, float] = {}  # when each run's figures last moved
+        # When a run (agent, tenant) began, by the clock of the coordinator that first
+        # counted it: a new evaluator knows from it which counts are recent.
+        self.began: dict[tuple[str, ...], float] = {}
         self.changed: set[RunKey] = set()  # runs whose figures moved since ``take_changed``
         self.labels: dict[RunKey, dict[str, str]] = {}  # read from the roster, when asked
         self.checkpoints: dict[RunKey, dict[str, Any]] = {}  # the last stored, when asked
@@ -168,9 +184,38 @@ class FleetTotals:
         """True when the subject first showed up in this round's merges."""
         return self._born.get(subject, -1) == self._merges
 
-    def next_round(self) -> None:
+    def next_round(self, now: float = 0.0) -> None:
         """Rounds count merges: subjects born before this one are history."""
         self._merges += 1
+        self._now = now
+
+    def forget(self, before: float) -> list[tuple[str, ...]]:
+        """Drop every run that no coordinator publishes any more (each forgot it, or died)
+        and that has not moved since ``before``, with what is kept of it; an agent or a
+        tenant goes with its last run. The subjects dropped: a run that comes back under
+        the same name starts afresh, as a new one."""
+        published = {RunKey(*name.split("/")) for seen in self._seen.values() for name in seen}
+        for heard in self._heard.values():
+            published.update(InstanceKey(*name.split("/")).run for name in heard)
+        gone = {r for r, t in self._moved.items() if t < before and r not in published}
+        dropped: list[tuple[str, ...]] = []
+        for run in gone:
+            del self._moved[run]
+            self._runs.discard(run)
+            self.labels.pop(run, None)
+            self.checkpoints.pop(run, None)
+            for depth in (3, 2, 1):
+                prefix = tuple(run[:depth])
+                members = self._members.get(prefix, set())
+                members.discard(run)
+                if not members:  # its last run: the agent (tenant) is forgotten with it
+                    tables = (self._members, self._totals, self._spend, self._born, self.began)
+                    for table in tables:
+                        table.pop(prefix, None)
+                    dropped.append(prefix)
+        for key in [k for k in self.signals if k.run in gone]:
+            del self.signals[key]
+        return dropped
 
     def members_of(self, subject: tuple[str, ...]) -> set[RunKey]:
         """The runs of a tenant ``(t,)``, an agent ``(t, a)`` or a run ``(t, a, r)``."""
@@ -195,10 +240,21 @@ class FleetTotals:
             u, t, c = self._spend.get(prefix, (0.0, 0, 0))
             self._spend[prefix] = (u + spent[0], t + spent[1], c + spent[2])
         self.changed.add(run)
+        self._moved[run] = self._now
+
+    def _began(self, run: str, began: Mapping[str, list[float]]) -> None:
+        """Note when ``run`` (its agent, its tenant) began, if its coordinator says."""
+        when = began.get(run)
+        if when:
+            parts = tuple(run.split("/"))
+            for depth in (1, 2, 3):
+                prefix = parts[:depth]
+                self.began[prefix] = min(self.began.get(prefix, when[0]), when[0])
 
     def merge(self, source: str, document: dict[str, Any]) -> None:
         """Take one coordinator's published counts in."""
         seen = self._seen.setdefault(source, {})
+        began: dict[str, list[float]] = document.get("began", {})
         runs: dict[str, list[int]] = document.get("runs", {})
         for name in seen.keys() - runs.keys():  # the tally forgot it: from zero, if it returns
             del seen[name]
@@ -207,6 +263,8 @@ class FleetTotals:
             if before == counts:
                 continue
             seen[name] = counts
+            if before is None:
+                self._began(name, began)
             if before is None or any(n < b for n, b in zip(counts, before, strict=True)):
                 before = [0, 0, 0]  # new, or the coordinator restarted from zero
             grew = Totals(*(n - b for n, b in zip(counts, before, strict=True)))
@@ -221,6 +279,8 @@ class FleetTotals:
                 continue  # as this coordinator published it last time
             heard[name] = values
             key = InstanceKey(*name.split("/"))
+            if key.run not in self._runs:
+                self._began(name.rsplit("/", 1)[0], began)
             old = signals.get(key, _NO_SIGNALS)
             usd, tokens, calls, anomalies = map(max, old, values)
             if (usd, tokens, calls, anomalies) != old:
