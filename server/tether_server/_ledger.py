@@ -28,7 +28,14 @@ from tether_server._etcd import Store, every
 from tether_server._store import RunKey, from_json, ledger_chunk_key, ledger_prefix, put_op, to_json
 
 _MAX_CHUNK = 128 * 1024  # bytes per value: several fit one transaction under etcd's limit
-_CONVERT_CHUNK = 256  # runs converted to JSON between two yields of the loop
+_CONVERT_CHUNK = 128  # runs converted to JSON between two yields of the loop
+
+
+async def pause(quiet: asyncio.Event | None) -> None:
+    """Let the loop serve others, and wait until no kill is being pushed (``quiet``)."""
+    await asyncio.sleep(0)
+    if quiet is not None:
+        await quiet.wait()
 
 
 def compensate(row: types_pb2.Effect, record: types_pb2.Effect) -> None:
@@ -92,6 +99,8 @@ class LedgerWriter:
         self._interval = interval
         self._pending: dict[RunKey, list[types_pb2.Effect]] = defaultdict(list)
         self._seq = 0
+        # Set while no kill is being pushed (``Fanout.quiet``); conversions wait for it.
+        self.quiet: asyncio.Event | None = None
 
     def add(self, run: RunKey, effects: Iterable[types_pb2.Effect]) -> None:
         self._pending[run].extend(effects)
@@ -100,8 +109,9 @@ class LedgerWriter:
         """Write what is buffered (for ``runs``, or all); on failure it stays buffered.
 
         Converting thousands of runs' records to JSON takes the loop a while: it yields
-        every ``_CONVERT_CHUNK`` runs, so that a Kill or a push never waits behind it. A
-        run's records are taken and named in one step, so chunk keys keep their order.
+        every ``_CONVERT_CHUNK`` runs, and waits out a kill's pushes, so that neither a Kill
+        nor a push waits behind it. A run's records are taken and named in one step, so
+        chunk keys keep their order.
         """
         keys = list(self._pending) if runs is None else [r for r in runs if r in self._pending]
         batch: dict[RunKey, list[types_pb2.Effect]] = {}
@@ -113,7 +123,7 @@ class LedgerWriter:
                     batch[run] = effects
                     ops.extend(self._ops(run, effects))
                 if done % _CONVERT_CHUNK == 0:
-                    await asyncio.sleep(0)
+                    await pause(self.quiet)
             if ops:
                 await self._store.put_many(ops)
         except BaseException:  # etcd refused, or cancelled: what was taken stays buffered
