@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether_server")
 
 
+# Frames of one request taken in before the loop serves others: a process's 1,000 runs
+# starting their work at once send 1,000 ledger records in one request, and ten such
+# streams taken in whole would keep a Kill waiting at each of its awaits for all of them.
+_INTAKE_SLICE = 64
 _UNCLEAN = "the agent closed its side without goodbye for {} instance(s)"
 
 
@@ -72,8 +76,12 @@ class MuxStream:
             async for req in requests:
                 if req.frames and not quiet.is_set():
                     await quiet.wait()  # a kill is being pushed: its streams go first
-                for frame in req.frames:
+                for n, frame in enumerate(req.frames, 1):
                     self._frame(frame.local, frame.body)
+                    if n % _INTAKE_SLICE == 0:
+                        await asyncio.sleep(0)
+                        if not quiet.is_set():
+                            await quiet.wait()
                 if req.seq:
                     writer.at = time.monotonic()
                     await writer.beat(req.seq)
