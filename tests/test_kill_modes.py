@@ -5,6 +5,7 @@ was cancelled, what the audit says); timings are only recorded, as bench/ is whe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -86,6 +87,49 @@ def test_hard_kill_cancels_work_in_flight_at_once(
     assert _statuses(admin, tenant, 1) == {"k-long": "cancelled"}
     ack = audited(admin, tenant, "ack")  # acknowledged as stopped, not escalated
     assert ack.reason == "1 instance(s) stopped; 1 effect(s) were in flight"
+
+
+def test_a_hard_kill_of_runs_sharing_a_stream_cancels_and_acknowledges_each(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    """One order names every run on the stream: each run's work is cancelled, and each
+    run's acknowledgement, built after the cancels, still lists the work it had in flight."""
+    uri, n = f"agent://{tenant}/many", 5
+
+    async def scenario() -> list[bool]:
+        async with contextlib.AsyncExitStack() as stack:
+            agents = [
+                await stack.enter_async_context(
+                    tether.AsyncAgent(uri, run_id=f"r{i}", target=coord.addr)
+                )
+                for i in range(n)
+            ]
+            entered = [asyncio.Event() for _ in agents]
+
+            async def work(i: int) -> None:
+                async with agents[i].effect("long_call", key=f"k{i}"):
+                    entered[i].set()
+                    await asyncio.sleep(10)
+
+            tasks = [asyncio.create_task(work(i)) for i in range(n)]
+            for event in entered:
+                await event.wait()
+            kill = tether.selector(agent=uri)
+            await asyncio.to_thread(admin.kill, kill, "every run on the stream", force=True)
+            await asyncio.wait(tasks, timeout=10)
+            return [task.cancelled() for task in tasks]
+
+    assert asyncio.run(scenario()) == [True] * n
+    assert _statuses(admin, tenant, n) == {f"k{i}": "cancelled" for i in range(n)}
+
+    def acks() -> list[tether.AuditEntry]:
+        found = [e for e in admin.audit(tenant=tenant) if e.action == "ack"]
+        assert sum(len(e.instances) for e in found) == n, found
+        return found
+
+    for ack in eventually(acks):
+        stopped = len(ack.instances)
+        assert ack.reason == f"{stopped} instance(s) stopped; {stopped} effect(s) were in flight"
 
 
 def test_soft_kill_escalates_to_hard_when_the_grace_runs_out(

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -240,16 +240,21 @@ class Core:
         verdict: Verdict,
         *,
         grant: bool = False,
+        later: list[Callable[[], None]] | None = None,
     ) -> None:
-        """Put the order of a reply in force (the halts and verdict are the reply's)."""
+        """Put the order of a reply in force (the halts and verdict are the reply's).
+
+        With ``later`` (a reply the link dispatches to many instances), a stop's work is
+        cancelled now and its acknowledgement appended there; the link wakes the writer.
+        """
         before = self.verdict
         self.halts = halts
         self.verdict = self._applied = verdict
         self._stopping = list(resp.halts)
-        self.stops.on_order(before, verdict, self._stopping)
+        self.stops.on_order(before, verdict, self._stopping, later)
         if resp.HasField("permit"):
             self.out.decided(resp.permit)
-        if verdict.stop is not None:
+        if verdict.stop is not None and later is None:
             self.out.wake_soon()  # send the newest checkpoint now: it is the one to resume from
         if self.config.on_reply is not None:
             self.config.on_reply(verdict, grant)

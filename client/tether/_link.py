@@ -19,6 +19,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -301,14 +302,32 @@ class Link:
             return
         halts = tuple(Halt.from_pb(h) for h in resp.halts)
         verdict = verdict_of(resp, halts, now)  # the same for every instance it lists
+        # A stop cancels the work of every instance listed first; their acknowledgements
+        # are built, and the writer woken, on a later turn, after the cancelled work ran.
+        later: list[Callable[[], None]] | None = [] if verdict.stop is not None else None
+        applied: list[Core] = []
         members = self.members
         for local in reply.locals:
             core = members.get(local)
             if core is not None and core.stream is stream:
+                applied.append(core)
                 try:  # one instance's hook that raises must not keep the order from the rest
-                    core.apply(resp, halts, verdict)
+                    core.apply(resp, halts, verdict, later=later)
                 except Exception:
                     log.exception("tether: applying an order to instance %d failed", local)
+        if later is not None:
+            self.loop.call_soon(self._acknowledge, later, applied)
+
+    def _acknowledge(self, later: list[Callable[[], None]], stopped: list[Core]) -> None:
+        """After a stop's cancels: queue the acks, then have the writer send them and the
+        newest checkpoints, one request for the whole stream."""
+        for ack in later:
+            try:
+                ack()
+            except Exception:
+                log.exception("tether: acknowledging a stop failed")
+        for core in stopped:
+            self.mark(core)
 
     def _granted(
         self, stream: Stream, locals_: Any, resp: agent_pb2.HeartbeatResponse, now: float

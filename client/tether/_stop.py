@@ -9,6 +9,7 @@ escalates: what is still running is cancelled and the acknowledgement says so.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -46,8 +47,18 @@ class Stopper:
 
     # -- called by the core when the order changes ----------------------------------------
 
-    def on_order(self, before: Verdict | None, after: Verdict, halts: list[types_pb2.Halt]) -> None:
-        """Act on a new verdict: what a stop cancels, waits out, and acknowledges."""
+    def on_order(
+        self,
+        before: Verdict | None,
+        after: Verdict,
+        halts: list[types_pb2.Halt],
+        later: list[Callable[[], None]] | None = None,
+    ) -> None:
+        """Act on a new verdict: what a stop cancels, waits out, and acknowledges.
+
+        With ``later``, the acknowledgement is appended there instead of sent: the link
+        cancels the work of every instance a reply stops first, and builds the acks after.
+        """
         self._loop = asyncio.get_running_loop()
         if after.stop is None:
             self.stop_in_force.clear()
@@ -67,19 +78,20 @@ class Stopper:
         hard = next((h for h in stopping if h.mode != types_pb2.KILL_MODE_SOFT), None)
         if hard is not None:  # the hardest halt decides, even one that came later
             if first or self._forget_soft():
-                self._ack(hard.id, escalated=not first, in_flight=self._cancel_inflight())
+                in_flight = self._cancel_inflight()
+                self._ack_soon(later, hard.id, escalated=not first, in_flight=in_flight)
             return
         if first:
-            self._start_soft(min(stopping, key=lambda h: h.grace.ToTimedelta()))
+            self._start_soft(min(stopping, key=lambda h: h.grace.ToTimedelta()), later)
 
-    def _start_soft(self, halt: types_pb2.Halt) -> None:
+    def _start_soft(self, halt: types_pb2.Halt, later: list[Callable[[], None]] | None) -> None:
         assert self._loop is not None
         with self._lock:
             if self.inflight:
                 grace = halt.grace.ToTimedelta().total_seconds()
                 self._soft = (halt.id, self._loop.call_later(grace, self._grace_over, halt.id))
                 return
-        self._ack(halt.id, escalated=False, in_flight=[])
+        self._ack_soon(later, halt.id, escalated=False, in_flight=[])
 
     def _soft_drained(self) -> None:
         with self._lock:
@@ -113,8 +125,35 @@ class Stopper:
                 task.cancel()
         return [record for record, _ in running]
 
-    def _ack(self, halt_id: str, *, escalated: bool, in_flight: list[types_pb2.Effect]) -> None:
+    def _ack_soon(
+        self,
+        later: list[Callable[[], None]] | None,
+        halt_id: str,
+        *,
+        escalated: bool,
+        in_flight: list[types_pb2.Effect],
+    ) -> None:
+        """Acknowledge now, or append the acknowledgement to ``later``, as it is now."""
+        if later is None:
+            self._ack(halt_id, escalated=escalated, in_flight=in_flight)
+            return
+        ack = functools.partial(
+            self._ack, halt_id, escalated=escalated, in_flight=in_flight, discarded=self.discarded
+        )
+        later.append(ack)
+
+    def _ack(
+        self,
+        halt_id: str,
+        *,
+        escalated: bool,
+        in_flight: list[types_pb2.Effect],
+        discarded: int | None = None,
+    ) -> None:
         ack = agent_pb2.KillAck(
-            halt_id=halt_id, escalated=escalated, in_flight=in_flight, discarded=self.discarded
+            halt_id=halt_id,
+            escalated=escalated,
+            in_flight=in_flight,
+            discarded=self.discarded if discarded is None else discarded,
         )
         self._send_ack(ack)

@@ -32,6 +32,7 @@ from tether_server._etcd import Store
 from tether_server._evaluator import list_breakers
 from tether_server._fleet import FleetReader, LastBeat
 from tether_server._halt_store import HaltStore, halt_from
+from tether_server._halts import COMMITTING
 from tether_server._identity import Kind, Principal, spiffe_id
 from tether_server._ledger import EffectFilter, LedgerReader
 from tether_server._notify import Notifier
@@ -187,7 +188,8 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         if not request.reason.strip():
             raise InvalidArgument("reason is required: say why, it goes into the audit")
         halt = halt_from(request, sel, who.id)
-        out = await self._halts.kill(halt, force=request.force)
+        with COMMITTING.kill():  # the stream intake makes way until it is committed
+            out = await self._halts.kill(halt, force=request.force)
         if not out.already_halted:
             self._notifier.emit(_event_of(sel), who.id, request.reason, sel)
         return out

@@ -17,7 +17,7 @@ from typing import Any
 
 from tether_server._errors import InvalidArgument
 from tether_server._etcd import EtcdUnavailable, Store, every
-from tether_server._ledger import LedgerWriter
+from tether_server._ledger import LedgerWriter, pause
 from tether_server._store import RunKey, put_op, to_json
 
 log = logging.getLogger("tether_server")
@@ -118,6 +118,8 @@ class CheckpointWriter:
         # One flush at a time: two in flight could commit out of order and leave an older
         # checkpoint stored last, and a resume would then repeat work.
         self._lock = asyncio.Lock()
+        # Set while no kill is being pushed (``Fanout.quiet``); conversions wait for it.
+        self.quiet: asyncio.Event | None = None
 
     def seed(self, key: bytes, stored: bytes | None) -> None:
         """Remember what etcd holds for ``key``, as read at registration."""
@@ -147,7 +149,7 @@ class CheckpointWriter:
                 except InvalidArgument as err:
                     item[1](str(err))
             if done % CONVERT_CHUNK == 0:
-                await asyncio.sleep(0)
+                await pause(self.quiet)
 
     def forget(self, key: bytes) -> None:
         """Drop the digest once no session serves the run; unwritten values still go out."""

@@ -109,6 +109,8 @@ class Coordinator:
             acks=self.acks,
             metrics=Metrics(),
         )
+        # Converting buffered records to JSON waits out a kill's pushes.
+        self._ledger.quiet = self.checkpoints.quiet = self.sessions.quiet
         self.evaluator = Evaluator(store, config.coordinator_id, self.halts)
         self.attached = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()

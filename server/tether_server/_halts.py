@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from tether.v1 import types_pb2
@@ -16,6 +17,27 @@ def halt_from_kv(kv: Any) -> types_pb2.Halt:
     halt.id = halt_id_of(kv.key)
     halt.revision = kv.create_revision
     return halt
+
+
+class Committing:
+    """How many Kills this process is committing now (from the handler's start to its
+    commit). The stream intake makes way for them, as it does for a push, so that a
+    Kill's few awaits do not each wait behind thousands of records being taken in."""
+
+    def __init__(self) -> None:
+        self.kills = 0
+
+    @contextlib.contextmanager
+    def kill(self) -> Iterator[None]:
+        self.kills += 1
+        try:
+            yield
+        finally:
+            self.kills -= 1
+
+
+COMMITTING = Committing()
+"""Per process, not per loop: a counter, so that no loop is bound to it."""
 
 
 class HaltTable:

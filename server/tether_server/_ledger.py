@@ -14,6 +14,7 @@ compensation that succeeded beats one that failed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections import defaultdict
@@ -23,10 +24,18 @@ from typing import Any
 
 from tether.v1 import agent_pb2, types_pb2
 
-from tether_server._etcd import EtcdUnavailable, Store, every
+from tether_server._etcd import Store, every
 from tether_server._store import RunKey, from_json, ledger_chunk_key, ledger_prefix, put_op, to_json
 
 _MAX_CHUNK = 128 * 1024  # bytes per value: several fit one transaction under etcd's limit
+_CONVERT_CHUNK = 128  # runs converted to JSON between two yields of the loop
+
+
+async def pause(quiet: asyncio.Event | None) -> None:
+    """Let the loop serve others, and wait until no kill is being pushed (``quiet``)."""
+    await asyncio.sleep(0)
+    if quiet is not None:
+        await quiet.wait()
 
 
 def compensate(row: types_pb2.Effect, record: types_pb2.Effect) -> None:
@@ -90,20 +99,34 @@ class LedgerWriter:
         self._interval = interval
         self._pending: dict[RunKey, list[types_pb2.Effect]] = defaultdict(list)
         self._seq = 0
+        # Set while no kill is being pushed (``Fanout.quiet``); conversions wait for it.
+        self.quiet: asyncio.Event | None = None
 
     def add(self, run: RunKey, effects: Iterable[types_pb2.Effect]) -> None:
         self._pending[run].extend(effects)
 
     async def flush(self, runs: Iterable[RunKey] | None = None) -> None:
-        """Write what is buffered (for ``runs``, or all); on failure it stays buffered."""
+        """Write what is buffered (for ``runs``, or all); on failure it stays buffered.
+
+        Converting thousands of runs' records to JSON takes the loop a while: it yields
+        every ``_CONVERT_CHUNK`` runs, and waits out a kill's pushes, so that neither a Kill
+        nor a push waits behind it. A run's records are taken and named in one step, so
+        chunk keys keep their order.
+        """
         keys = list(self._pending) if runs is None else [r for r in runs if r in self._pending]
-        batch = {run: self._pending.pop(run) for run in keys}
-        ops = [op for run, effects in batch.items() for op in self._ops(run, effects)]
-        if not ops:
-            return
+        batch: dict[RunKey, list[types_pb2.Effect]] = {}
+        ops: list[Any] = []
         try:
-            await self._store.put_many(ops)
-        except EtcdUnavailable:
+            for done, run in enumerate(keys, 1):
+                effects = self._pending.pop(run, None)  # None: a flush meanwhile took them
+                if effects:
+                    batch[run] = effects
+                    ops.extend(self._ops(run, effects))
+                if done % _CONVERT_CHUNK == 0:
+                    await pause(self.quiet)
+            if ops:
+                await self._store.put_many(ops)
+        except BaseException:  # etcd refused, or cancelled: what was taken stays buffered
             for run, effects in batch.items():
                 self._pending[run][:0] = effects
             raise

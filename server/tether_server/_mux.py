@@ -26,6 +26,7 @@ from tether.v1 import agent_pb2
 
 from tether_server._errors import ANSWERABLE, status_of
 from tether_server._etcd import spawn
+from tether_server._halts import COMMITTING
 from tether_server._identity import Principal
 from tether_server._muxbox import MuxPort, MuxWriter, StreamGone
 from tether_server._outbox import DONE, End
@@ -38,7 +39,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether_server")
 
 
+# Frames of one request taken in before the loop serves others: a process's 1,000 runs
+# starting their work at once send 1,000 ledger records in one request, and ten such
+# streams taken in whole would keep a Kill waiting at each of its awaits for all of them.
+_INTAKE_SLICE = 64
+_MAKE_WAY_MOST = 0.1  # seconds the intake waits for Kills being committed, per turn
 _UNCLEAN = "the agent closed its side without goodbye for {} instance(s)"
+
+
+async def _make_way(quiet: asyncio.Event) -> None:
+    """Let the loop serve others; wait out a push, and (briefly) a Kill being committed."""
+    await asyncio.sleep(0)
+    if not quiet.is_set():
+        await quiet.wait()
+    waited = 0.0
+    while COMMITTING.kills and waited < _MAKE_WAY_MOST:
+        await asyncio.sleep(0.002)
+        waited += 0.002
 
 
 class _Instance(MuxPort):
@@ -76,10 +93,12 @@ class MuxStream:
                         writer.at = time.monotonic()
                         await writer.beat(req)
                     continue
-                if req.frames and not quiet.is_set():
-                    await quiet.wait()  # a kill is being pushed: its streams go first
-                for frame in req.frames:
+                if req.frames and (not quiet.is_set() or COMMITTING.kills):
+                    await _make_way(quiet)  # a kill is being pushed or committed: it goes first
+                for n, frame in enumerate(req.frames, 1):
                     self._frame(frame.local, frame.body)
+                    if n % _INTAKE_SLICE == 0:
+                        await _make_way(quiet)
                 if req.seq:
                     writer.at = time.monotonic()
                     await writer.beat(req.seq)
