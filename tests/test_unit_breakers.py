@@ -72,6 +72,18 @@ def test_a_failing_probe_reopens() -> None:
     assert st.reason == "1 of 2 probe writes failed in HALF_OPEN"
 
 
+def test_half_open_counts_probes_afresh_when_its_subject_was_forgotten() -> None:
+    # HALF_OPEN began at totals that held the failures that tripped it; then every run of
+    # the subject ended and was forgotten, so its totals start again from zero
+    half = BreakerState(State.HALF_OPEN, since=0, probe_base=Totals(600, 500, 100, 0))
+    st, event = step(SPEC, half, Figures(60, Totals()), Totals(), 10)
+    assert event is Event.NONE and st.state is State.HALF_OPEN and st.probe_base == Totals()
+    three_ok = Totals(effects=3, writes=3)
+    assert step(SPEC, st, Figures(60, three_ok), three_ok, 11)[1] is Event.CLOSE
+    failing = Totals(effects=2, writes=2, failed=1)
+    assert step(SPEC, st, Figures(60, failing), failing, 11)[1] is Event.REOPEN
+
+
 def test_series_window_and_baseline() -> None:
     series = Series(window=10)
     total = Totals()

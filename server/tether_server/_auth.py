@@ -93,7 +93,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     def __init__(self, guard: Guard) -> None:
         self._guard = guard
         # method -> (its handler, that handler wrapped): built once a method, not once a
-        # call, since a stream holds its handler for as long as it is open.
+        # call, since a stream holds its handler for as long as it is open. It hits for the
+        # streams only: a unary handler comes back from MalformedRequests new each call.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(

@@ -218,6 +218,10 @@ def step(
         if now - st.since < spec.cooldown:
             return st, Event.NONE
         return replace(st, state=State.HALF_OPEN, since=now, probe_base=totals), Event.HALF_OPEN
+    if not _at_least(totals, st.probe_base):
+        # the subject's counts started again (its runs ended and were forgotten): the
+        # probes count from here, not as negative figures against the old base
+        return replace(st, probe_base=totals), Event.NONE
     probes = totals - st.probe_base
     if probes.failed:
         reason = f"{probes.failed} of {probes.writes} probe writes failed in HALF_OPEN"

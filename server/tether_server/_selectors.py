@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from types import MappingProxyType
 
 from tether.v1 import types_pb2
 
@@ -88,7 +89,7 @@ def halt_id(sel: types_pb2.Selector) -> str:
     return name
 
 
-EMPTY: Mapping[str, str] = {}
+EMPTY: Mapping[str, str] = MappingProxyType({})  # shared: never to be written
 
 
 def matches(sel: types_pb2.Selector, key: InstanceKey, labels: Mapping[str, str] = EMPTY) -> bool:
