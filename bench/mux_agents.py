@@ -69,11 +69,15 @@ class MuxFleet:
         try:
             async with self.agents[i].effect("work"):
                 inside.set()
-                await asyncio.sleep(3600)
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:  # the work is cancelled: the moment measured
+                    if self.cancelled_at[i] is None:
+                        self.cancelled_at[i] = time.monotonic()
+                        self.count += 1
+                    raise  # the gate's own exit (its ledger record) comes after
         except asyncio.CancelledError:
-            if self.cancelled_at[i] is None:
-                self.cancelled_at[i] = time.monotonic()
-                self.count += 1
+            pass
         except tether.TetherError:
             self.refused += 1
 
