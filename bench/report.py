@@ -109,8 +109,10 @@ def profiles(out_dir: Path, top: int = 12) -> list[str]:
         "## Where the time goes\n",
         "Kept from `python bench/run.py --only kill1,stackfloor,killmux --sizes 1000 --profile "
         "--out DIR` (the coordinator, or the floor's bare server, sampled by py-spy during the "
-        "kill rounds; the file is copied here from DIR). `CHANGES.md` says what each change "
-        "bought and what a load generator spends its time on.\n",
+        "kill rounds; the file is copied here from DIR). `profile-killmux-client.txt` is the "
+        "other side: one SDK load-generator process of killmux, sampled by hand as its header "
+        "says. `CHANGES.md` says what each change bought and what a load generator spends its "
+        "time on.\n",
     ]
     for path in found:
         lines = path.read_text().splitlines()
