@@ -14,7 +14,7 @@ from tether_server._flatten import Flat, flatten
 from tether_server._policy import groups_of, parse
 from tether_server._rules import Decisions
 from tether_server._store import InstanceKey, RunKey
-from tether_server._tally import FORGET_AFTER, FleetTotals, Tally
+from tether_server._tally import FORGET_AFTER, SHARDS, FleetTotals, Tally
 
 EXPRESSIONS = [
     "run.spend.usd > 5.0",
@@ -88,6 +88,15 @@ def test_one_flat_program_decides_as_each_rule_alone(ctx: dict[str, Any]) -> Non
         assert context["run"]["labels"] == ctx["labels"]
 
 
+def published(shards: dict[int, bytes]) -> dict[str, dict[str, Any]]:
+    """The shards' documents as one."""
+    out: dict[str, dict[str, Any]] = {"runs": {}, "signals": {}, "began": {}}
+    for doc in shards.values():
+        for table, entries in json.loads(doc).items():
+            out[table].update(entries)
+    return out
+
+
 def test_the_tally_encodes_what_changed_and_forgets_the_idle() -> None:
     tally = Tally("c1")
     key = InstanceKey("acme", "mail", "r1", "i1")
@@ -95,7 +104,7 @@ def test_the_tally_encodes_what_changed_and_forgets_the_idle() -> None:
     effect = types_pb2.Effect(capability="send", status=types_pb2.EFFECT_STATUS_FAILED)
     started = time.time()
     tally.effects(key, [effect], reads=())
-    first = json.loads(tally.document(now=1000.0))
+    first = published(tally.documents(now=1000.0))
     ((began,),) = first.pop("began").values()  # when the run began, by this clock
     assert started - 1 <= began <= time.time()
     assert first == {
@@ -107,7 +116,7 @@ def test_the_tally_encodes_what_changed_and_forgets_the_idle() -> None:
     assert not tally._changed.is_set()
     other = InstanceKey("acme", "mail", "r2", "i2")
     tally.signal(other, agent_pb2.Signals(usd=3.0))
-    later = json.loads(tally.document(now=1000.0 + FORGET_AFTER + 1))
+    later = published(tally.documents(now=1000.0 + FORGET_AFTER + 1))
     assert later.pop("began").keys() == {"acme/mail/r2"}  # r1's went with it
     assert later == {"runs": {}, "signals": {"acme/mail/r2/i2": [3.0, 0, 0, 0]}}
     assert key not in tally.signals and key.run not in tally.runs
@@ -153,3 +162,28 @@ def test_a_rule_whose_act_failed_is_decided_again() -> None:
     assert due() == []  # it acted: not again on the same subject
     decisions.again("cap", tuple(run))
     assert due() == ["cap"]  # its act failed (etcd): decided anew
+
+
+def test_the_tally_splits_its_counts_by_run_and_publishes_only_what_moved() -> None:
+    tally = Tally("c1")
+    effect = types_pb2.Effect(capability="send", status=types_pb2.EFFECT_STATUS_LANDED)
+    keys = [InstanceKey("acme", "mail", f"r{i}", f"i{i}") for i in range(200)]
+    for key in keys:
+        tally.effects(key, [effect], reads=())
+        tally.signal(key, agent_pb2.Signals(usd=1.0))
+    shards = tally.documents(now=1000.0)
+    assert len(shards) == SHARDS  # 200 runs reach every shard
+    seen: set[str] = set()
+    for doc in shards.values():
+        parsed = json.loads(doc)
+        runs = set(parsed["runs"])
+        assert runs == set(parsed["began"])  # a run's entries share its shard
+        assert {name.rsplit("/", 1)[0] for name in parsed["signals"]} == runs
+        assert not runs & seen  # and no run is in two
+        seen |= runs
+    assert len(seen) == 200
+    assert tally.documents(now=1001.0) == {}  # nothing moved: nothing to write
+    tally.signal(keys[7], agent_pb2.Signals(usd=2.0))
+    ((shard, doc),) = tally.documents(now=1002.0).items()
+    assert json.loads(doc)["signals"]["acme/mail/r7/i7"] == [2.0, 0, 0, 0]
+    assert json.loads(shards[shard])["runs"].keys() == json.loads(doc)["runs"].keys()

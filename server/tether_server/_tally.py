@@ -3,8 +3,12 @@
 A coordinator counts the effects its streams report (per run: finished, finished writes,
 failed writes) and keeps the newest signals of each instance (running totals of spend and
 anomalies, as the SDK sends them), and when it first counted each run ("began", by its
-clock). It publishes them as one key on its own lease, a few times a second when they
-changed: when it dies, the key goes with it.
+clock). It publishes them on its own lease, a few times a second when they changed, as
+``SHARDS`` keys, each run (with its instances) always in the same one: etcd refuses a
+request over 1.5 MiB, which one key would pass at about 7,500 to 15,000 runs, and a key
+whose runs did not move is not written again. When the coordinator dies, its keys go with
+it. Each key is a source of its own to the evaluator, which is exact because the keys
+split the runs and a run never moves between them.
 
 The evaluator merges every coordinator's key into running totals that only grow: an
 effect is reported to exactly one coordinator, so effect counts add up across them (by
@@ -20,6 +24,7 @@ import asyncio
 import json
 import logging
 import time
+import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +37,7 @@ from tether_server._store import InstanceKey, RunKey, counts_key, put_op
 log = logging.getLogger("tether_server")
 PUBLISH_EVERY = 0.5  # seconds; with the evaluator's 0.25 s, a trip within a heartbeat interval
 FORGET_AFTER = 600.0  # seconds an entry may stay unchanged before the tally drops it
+SHARDS = 16  # keys a coordinator's counts are split over, by run
 NO_CHECKPOINT: dict[str, Any] = {}
 _NO_SIGNALS = (0.0, 0, 0, 0)
 Signals = tuple[float, int, int, int]  # usd, tokens, calls, anomalies
@@ -49,7 +55,7 @@ class Tally:
     """
 
     def __init__(self, coordinator_id: str) -> None:
-        self._key = counts_key(coordinator_id)
+        self._keys = [counts_key(f"{coordinator_id}/{n}") for n in range(SHARDS)]
         self.runs: dict[RunKey, list[int]] = {}  # effects, writes, failed
         self.signals: dict[InstanceKey, Signals] = {}
         self.began: dict[RunKey, list[float]] = {}  # when this coordinator first heard of it
@@ -58,6 +64,7 @@ class Tally:
         self._signals = _Encoded(self.signals)
         self._began = _Encoded(self.began)
         self._swept = 0.0
+        self._stale: set[int] = set()  # shards to publish again
         self._changed = asyncio.Event()
 
     def effects(
@@ -89,63 +96,85 @@ class Tally:
             self._dirty.add(key)
             self._changed.set()
 
-    def document(self, now: float | None = None) -> bytes:
-        """Every entry, as JSON; only those that changed are encoded anew."""
+    def documents(self, now: float | None = None) -> dict[int, bytes]:
+        """The shards that changed since the last call, each as JSON; only the entries that
+        changed are encoded anew."""
         now = time.monotonic() if now is None else now
-        self._runs.update(self._dirty, now)
-        self._signals.update(self._dirty, now)
-        self._began.update({key[:3] for key in self._dirty}, now)  # kept while it moves
+        stale = self._stale
+        self._runs.update(self._dirty, now, stale)
+        self._signals.update(self._dirty, now, stale)
+        self._began.update({key[:3] for key in self._dirty}, now, stale)  # kept while it moves
         self._dirty.clear()
         if now - self._swept >= FORGET_AFTER / 10:
-            for key in self._runs.forget(now - FORGET_AFTER):
+            for key in self._runs.forget(now - FORGET_AFTER, stale):
                 del self.runs[key]
-            for key in self._signals.forget(now - FORGET_AFTER):
+            for key in self._signals.forget(now - FORGET_AFTER, stale):
                 del self.signals[key]
-            for key in self._began.forget(now - FORGET_AFTER):
+            for key in self._began.forget(now - FORGET_AFTER, stale):
                 del self.began[key]
             self._swept = now
-        runs, signals, began = self._runs.joined(), self._signals.joined(), self._began.joined()
+        out = {n: self._document(n) for n in sorted(stale)}
+        stale.clear()
+        return out
+
+    def _document(self, shard: int) -> bytes:
+        runs, signals = self._runs.joined(shard), self._signals.joined(shard)
+        began = self._began.joined(shard)
         return f'{{"runs":{{{runs}}},"signals":{{{signals}}},"began":{{{began}}}}}'.encode()
 
     async def publish(self, store: Store, lease: int) -> None:
-        """Put the counts on ``lease`` whenever they changed, at most every PUBLISH_EVERY."""
-        self._changed.set()  # a new lease starts without the key
+        """Put the counts on ``lease`` whenever they changed, at most every PUBLISH_EVERY:
+        every shard at first (a new lease starts without the keys), then those that moved."""
+        self._stale.update(range(SHARDS))
+        self._changed.set()
         while True:
             await self._changed.wait()
             self._changed.clear()
-            try:
-                await store.txn((), [put_op(self._key, self.document(), lease)])
-            except EtcdUnavailable as err:  # counts wait; the halt view fails closed by itself
-                log.warning("could not publish the protection counts: %s", err)
-                self._changed.set()
+            for shard, doc in self.documents().items():
+                try:
+                    await store.txn((), [put_op(self._keys[shard], doc, lease)])
+                except EtcdUnavailable as err:  # counts wait; the halt view fails closed by itself
+                    log.warning("could not publish the protection counts: %s", err)
+                    self._stale.add(shard)
+                    self._changed.set()
             await asyncio.sleep(PUBLISH_EVERY)
 
 
+def shard_of(key: tuple[str, ...]) -> int:
+    """The shard of a run's entries (``key`` starts with tenant, agent, run)."""
+    return zlib.crc32("/".join(key[:3]).encode()) % SHARDS
+
+
 class _Encoded:
-    """Each entry of one table as JSON, kept, with when it last changed."""
+    """Each entry of one table as JSON, by shard, kept, with when it last changed."""
 
     def __init__(self, table: Mapping[Any, Sequence[float]]) -> None:
         self._table = table
-        self._json: dict[tuple[str, ...], str] = {}
+        self._json: list[dict[tuple[str, ...], str]] = [{} for _ in range(SHARDS)]
         self._moved: dict[tuple[str, ...], float] = {}
 
-    def update(self, dirty: Iterable[tuple[str, ...]], now: float) -> None:
-        """Encode the ``dirty`` entries anew."""
+    def update(self, dirty: Iterable[tuple[str, ...]], now: float, stale: set[int]) -> None:
+        """Encode the ``dirty`` entries anew; their shards join ``stale``."""
         for key in dirty:
             values = self._table.get(key)
             if values is not None:
-                self._json[key] = f"{json.dumps('/'.join(key))}:{json.dumps(list(values))}"
+                shard = shard_of(key)
+                self._json[shard][key] = f"{json.dumps('/'.join(key))}:{json.dumps(list(values))}"
                 self._moved[key] = now
+                stale.add(shard)
 
-    def joined(self) -> str:
-        """The table's entries as the inside of a JSON object."""
-        return ",".join(self._json.values())
+    def joined(self, shard: int) -> str:
+        """The shard's entries as the inside of a JSON object."""
+        return ",".join(self._json[shard].values())
 
-    def forget(self, before: float) -> list[Any]:
-        """Drop the entries unchanged since ``before``; the keys to drop from the table."""
+    def forget(self, before: float, stale: set[int]) -> list[Any]:
+        """Drop the entries unchanged since ``before``; the keys to drop from the table.
+        Their shards join ``stale``."""
         gone = [k for k, t in self._moved.items() if t < before]
         for key in gone:
-            del self._moved[key], self._json[key]
+            shard = shard_of(key)
+            del self._moved[key], self._json[shard][key]
+            stale.add(shard)
         return gone
 
 
