@@ -31,6 +31,7 @@ class MuxFleet:
         self.cancelled_at: list[float | None] = []
         self.count = 0  # cancellations since arm
         self.work: list[asyncio.Task[None] | None] = []
+        self.armed: list[bool] = []  # whose work was in flight when the round was armed
 
     def commands(self) -> dict[str, Handler]:
         return {
@@ -101,18 +102,33 @@ class MuxFleet:
         return {"held": held, "runs": len(self.agents), "refused": self.refused}
 
     async def arm(self, _: dict[str, Any]) -> dict[str, Any]:
+        """Start a round: forget the last one's cancellations, and note which runs hold work
+        now (a run whose work ended since ``hold``, say because its stream failed closed, has
+        none for the kill to cancel; ``wait`` reports it apart)."""
+        self.armed = [t is not None and not t.done() for t in self.work]
         self.cancelled_at, self.count = [None] * len(self.agents), 0
-        return {"armed": len(self.agents)}
+        return {"armed": sum(self.armed), "idle": len(self.agents) - sum(self.armed)}
 
     async def wait(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Wait until every run's work was cancelled, at most ``timeout``: as ``Arrivals``."""
-        deadline = time.monotonic() + float(cmd["timeout"])
+        """Wait until the work of every run armed with work was cancelled, at most ``timeout``.
+
+        ``missing`` counts armed runs whose work was not cancelled; of them, ``missing_stopped``
+        are runs whose SDK holds a stop all the same. ``idle`` runs held no work when armed;
+        ``idle_running`` of them still run after the wait: the kill did not reach them either.
+        """
+        deadline, armed = time.monotonic() + float(cmd["timeout"]), sum(self.armed)
         while time.monotonic() < deadline:
-            if self.count >= len(self.agents):
+            if self.count >= armed:
                 break
             await asyncio.sleep(0.005)
         times = [t for t in self.cancelled_at if t is not None]
-        return {"times": times, "missing": len(self.agents) - len(times)}
+        left = [i for i, t in enumerate(self.cancelled_at) if t is None and self.armed[i]]
+        idle = [i for i, held in enumerate(self.armed) if not held]
+        return {
+            "times": times, "missing": len(left),
+            "missing_stopped": sum(1 for i in left if not _runs(self.agents[i])),
+            "idle": len(idle), "idle_running": sum(1 for i in idle if _runs(self.agents[i])),
+        }  # fmt: skip
 
     async def streams(self, _: dict[str, Any]) -> dict[str, Any]:
         connections, streams = open_streams()

@@ -67,7 +67,10 @@ class Fleetwide:
     from_issue_ms: Summary = field(default_factory=Summary)
     last_ms: Summary = field(default_factory=Summary)  # per round: the last run cancelled
     kill_rpc_ms: Summary = field(default_factory=Summary)
-    missing: int = 0  # runs whose work was not cancelled
+    missing: int = 0  # runs whose work was in flight at the Kill and not cancelled
+    missing_stopped: int = 0  # of them, runs whose SDK held a stop all the same
+    idle: int = 0  # runs whose work had ended before the Kill (their stream failed closed)
+    idle_running: int = 0  # of them, runs still running after the round: the kill missed them
     settle_s: list[float] = field(default_factory=list)  # waited per round for a steady coordinator
     stopped: str | None = field(default=None, metadata=OMIT)
 
@@ -156,13 +159,21 @@ def _rounds(
         replies = fleet.all("wait", within=timeout + 30, timeout=timeout)
         got = [(t - issued) * 1e3 for r in replies for t in r["times"]]
         missed = sum(int(r["missing"]) for r in replies)
+        idle = sum(int(r.get("idle", 0)) for r in replies)
+        unreached = sum(int(r.get("idle_running", 0)) for r in replies)
+        out.missing_stopped += sum(int(r.get("missing_stopped", 0)) for r in replies)
+        out.idle, out.idle_running = out.idle + idle, out.idle_running + unreached
         arrivals, out.missing, out.rounds = arrivals + got, out.missing + missed, n
         last.append(max(got, default=0.0))
-        say(f"killmux: round {n}: p50/p99 {summary(got)}, missed {missed}")
+        say(f"killmux: round {n}: p50/p99 {summary(got)}, missed {missed}, "
+            f"idle at the Kill {idle} (still running after it: {unreached})")  # fmt: skip
         admin.resume(sel, "benchmark resume (killmux)")
         held = sum(int(r["held"]) for r in fleet.all("hold", within=120, timeout=60))
-        if missed or held < out.held:
-            out.stopped = f"round {n}: {missed} runs' work not cancelled, {held} held again"
+        if missed or unreached or held < out.held:
+            out.stopped = (
+                f"round {n}: {missed} runs' work not cancelled ({out.missing_stopped} of them "
+                f"stopped), {unreached} runs without work still running, {held} held again"
+            )
             break
     out.from_issue_ms, out.last_ms, out.kill_rpc_ms = summary(arrivals), summary(last), summary(rpc)
 
@@ -211,6 +222,11 @@ def measure(bench: Bench, cfg: Settings) -> Result:
 
 def _held(f: Fleetwide) -> str:
     missed = "nothing missed" if not f.missing else f"**{f.missing:,} runs' work not cancelled**"
+    if f.idle:
+        missed += (
+            f"; {f.idle:,} runs' work had ended before a Kill (their stream failed closed), "
+            f"{f.idle_running:,} of them still running after it"
+        )
     return (
         f"{missed}; {f.streams:,} streams on {f.connections:,} connections for "
         f"{f.registered:,} runs (the coordinator saw {f.coordinator_connections:,} connections)"
@@ -225,7 +241,7 @@ def _rows(shape: Shape, label: str) -> list[Row]:
         return [[f"{figure}, p99", f"≤ {LIMIT_MS:g} ms", note, verdict(False)]]
     p99 = f.from_issue_ms.p99
     times = ratio(p99, floor.from_issue_ms.p99)
-    clean = not f.missing and not f.stopped
+    clean = not f.missing and not f.idle_running and not f.stopped
     return [
         [f"{figure}, p99{label}", f"≤ {LIMIT_MS:g} ms, nothing missed",
          f"{fmt(p99)} ms (p50 {fmt(f.from_issue_ms.p50)}); {_held(f)}"
