@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import tether
 from tether._failover import NoCoordinator
-from tether_server import free_port
+from tether_server import CoordinatorProcess, free_port
 
 from tests.conftest import Coordinator, Etcd, eventually, ok, tether_cli
 
@@ -147,3 +147,28 @@ def test_the_drill_fails_over(coord: Coordinator, dead: str) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
     assert re.search(r'"verdict": "PASS"', result.stdout)
+
+
+def test_a_busy_coordinator_still_gets_the_kill_when_no_other_answers(
+    etcd: Etcd, tmp_path: Path, tenant: str, dead: str
+) -> None:
+    """A coordinator whose connection is up but whose health check answers late (its loop
+    busy taking in a fleet's acknowledgements; here SIGSTOPped for a second) is not given up
+    after the connect timeout: once no other address answered, the Kill is sent to it with
+    the call's own deadline, and lands. Before, the Kill was never sent."""
+    busy = Coordinator(etcd)
+    busy.process = CoordinatorProcess(etcd.url, lease_ttl=10.0)  # outlives the pause
+    busy.start(tmp_path)
+    try:
+        with tether.AdminClient(f"{busy.addr},{dead}", connect_timeout=0.3, timeout=15) as admin:
+            assert admin.halts(tenant=tenant) == []  # connected
+            admin._coordinators._answered.clear()  # as after a failed call: checked again
+            assert busy.process.proc is not None
+            busy.process.proc.send_signal(signal.SIGSTOP)
+            threading.Timer(1.0, busy.process.proc.send_signal, (signal.SIGCONT,)).start()
+            halt, already = admin.kill(tether.selector(tenant=tenant), "busy", force=True)
+            assert not already
+            assert [h.id for h in admin.halts(tenant=tenant)] == [halt.id]
+            assert admin.target == busy.addr
+    finally:
+        busy.stop()

@@ -192,7 +192,7 @@ def _tether(bench: Bench, cfg: Settings, processes: int, label: str) -> Fleetwid
                 return out
             with profiling(bench, coord, label, on=cfg.profile):
                 _rounds(admin, coord, fleet, out, cfg.rounds)
-        except BenchError as err:
+        except (BenchError, tether.TetherError) as err:  # a Kill or Resume not answered
             out.stopped = str(err)
             say(f"{label}: {err}")
         finally:

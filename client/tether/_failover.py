@@ -3,7 +3,11 @@
 ``AdminClient`` (and so the CLI, ``HaltCache`` and the drill) holds one ``Coordinators``:
 a channel per address, opened when first needed. An address not known to answer is first
 asked for its health, with ``connect_timeout`` as the deadline, so that a dead or hung
-coordinator costs a short deadline, not the call's own. A call that fails with
+coordinator costs a short deadline, not the call's own. A coordinator that misses that
+deadline on a live connection is busy, not gone (a loop taking in a fleet's acknowledgements
+answers late): it is asked again, with the call's own deadline, once no other address has
+answered, so that a Kill is never given up on a coordinator that would have taken it. A call
+that fails with
 UNAVAILABLE or DEADLINE_EXCEEDED moves on to the next address; a refusal (INVALID_ARGUMENT,
 FAILED_PRECONDITION, PERMISSION_DENIED, ...) is the answer and is never retried. The address
 that answered last is tried first next time. When none answers, ``NoCoordinator`` says in
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import grpc
 
@@ -52,6 +56,7 @@ _HINTS = {
     "connection closed": "a plaintext client to a TLS coordinator? give --tls-ca",
     "not a gRPC server": "is that the coordinator's port (`tether serve --listen`)?",
 }
+_MISSED = object()  # a coordinator that could not answer a call, as opposed to its answer
 _DEADLINE_HINT = "is it reachable from here (a firewall?), and serving (its etcd up)?"
 
 
@@ -131,28 +136,47 @@ class Coordinators(Generic[S]):
             channel.close()
 
     def call(self, invoke: Callable[[S], T], timeout: float | None = None) -> T:
-        """``invoke(stub)`` on each coordinator in turn until one answers.
+        """``invoke(stub)`` on each coordinator in turn until one answers; then, if none did,
+        on each that was connected but slow to answer its health check.
 
         Raises:
             grpc.RpcError: a coordinator refused (an error that is not retried).
             NoCoordinator: none answered.
         """
         failures: list[tuple[str, str]] = []
+        busy: list[tuple[str, S]] = []
         for target in self._order():
-            stub = self._connected(target, failures)
+            stub = self._connected(target, failures, busy)
             if stub is None:
                 continue
-            try:
-                result = invoke(stub)
-            except grpc.RpcError as err:
-                if not retried(err):
-                    raise
-                failures.append((target, why(err, timeout)))
-                self._answered.discard(target)
-                continue
-            self._prefer(target)
-            return result
+            answer = self._invoke(target, stub, invoke, timeout, failures)
+            if answer is not _MISSED:
+                return cast(T, answer)
+        for target, stub in busy:  # connected, but late to answer its health check
+            answer = self._invoke(target, stub, invoke, timeout, failures)
+            if answer is not _MISSED:
+                return cast(T, answer)
         raise NoCoordinator(failures)
+
+    def _invoke(
+        self,
+        target: str,
+        stub: S,
+        invoke: Callable[[S], Any],
+        timeout: float | None,
+        failures: list[tuple[str, str]],
+    ) -> Any:
+        """``target``'s answer, or ``_MISSED`` (noted in ``failures``) if it could not answer."""
+        try:
+            answer = invoke(stub)
+        except grpc.RpcError as err:
+            if not retried(err):
+                raise
+            failures.append((target, why(err, timeout)))
+            self._answered.discard(target)
+            return _MISSED
+        self._prefer(target)
+        return answer
 
     def stream(self, open_stream: Callable[[S], Iterator[M]]) -> Iterator[tuple[int, M]]:
         """The messages of a server stream, reopened on the next coordinator when one breaks.
@@ -198,9 +222,12 @@ class Coordinators(Generic[S]):
             if self.current == target:
                 self._first = (self._first + 1) % len(self.targets)
 
-    def _connected(self, target: str, failures: list[tuple[str, str]]) -> S | None:
+    def _connected(
+        self, target: str, failures: list[tuple[str, str]], busy: list[tuple[str, S]] | None = None
+    ) -> S | None:
         """The stub of ``target`` if it answers a health check within the connect timeout;
-        None, with the reason noted in ``failures``, if it does not.
+        None, with the reason noted in ``failures``, if it does not. A target whose
+        connection is up but whose answer is late goes to ``busy`` instead, when given.
 
         An address that answered since its last failure is not checked again. Any answer,
         even a refusal, shows the coordinator is there.
@@ -214,7 +241,12 @@ class Coordinators(Generic[S]):
             )
             check(b"", timeout=self._connect_timeout)
         except grpc.RpcError as err:
-            if retried(err):
+            if not retried(err):
+                pass
+            elif busy is not None and _late(err) and _ready(channel):
+                busy.append((target, stub))
+                return None
+            else:
                 failures.append((target, why(err, self._connect_timeout)))
                 return None
         self._answered.add(target)
@@ -227,6 +259,22 @@ class Coordinators(Generic[S]):
                 channel = self._open(target)
                 found = self._channels[target] = (channel, self._stub(channel))
             return found
+
+
+def _late(err: grpc.RpcError) -> bool:
+    return isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _ready(channel: grpc.Channel) -> bool:
+    """Whether ``channel`` is connected (HTTP/2 up, TLS done), as far as gRPC knows now."""
+    ready = grpc.channel_ready_future(channel)
+    try:
+        ready.result(timeout=0.05)
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        ready.cancel()
+    return True
 
 
 class FailoverStub:
