@@ -117,13 +117,13 @@ class MuxFleet:
         ``idle_running`` of them still run after the wait: the kill did not reach them either.
         """
         deadline, armed = time.monotonic() + float(cmd["timeout"]), sum(self.armed)
+        idle = [i for i, held in enumerate(self.armed) if not held]
         while time.monotonic() < deadline:
-            if self.count >= armed:
+            if self.count >= armed and not any(_runs(self.agents[i]) for i in idle):
                 break
             await asyncio.sleep(0.005)
         times = [t for t in self.cancelled_at if t is not None]
         left = [i for i, t in enumerate(self.cancelled_at) if t is None and self.armed[i]]
-        idle = [i for i, held in enumerate(self.armed) if not held]
         return {
             "times": times, "missing": len(left),
             "missing_stopped": sum(1 for i in left if not _runs(self.agents[i])),

@@ -202,6 +202,7 @@ class Evaluator:
             if self._merged.get(source) != kv.mod_revision:  # published anew since
                 self._merged[source] = kv.mod_revision
                 self._fleet.merge(source, json.loads(kv.value))
+                await asyncio.sleep(0)  # a key holds thousands of runs: let the loop serve
         for source in self._merged.keys() - live:
             if now - self._vanished.setdefault(source, now) > FORGET_AFTER:
                 del self._merged[source], self._vanished[source]

@@ -223,10 +223,15 @@ class FleetTotals:
         and that has not moved since ``before``, with what is kept of it; an agent or a
         tenant goes with its last run. The subjects dropped: a run that comes back under
         the same name starts afresh, as a new one."""
-        published = {RunKey(*name.split("/")) for seen in self._seen.values() for name in seen}
+        still = {"/".join(r): r for r, t in self._moved.items() if t < before}
+        for seen in self._seen.values():  # each a lookup per still run, none per published
+            for name in still.keys() & seen.keys():
+                del still[name]
         for heard in self._heard.values():
-            published.update(InstanceKey(*name.split("/")).run for name in heard)
-        gone = {r for r, t in self._moved.items() if t < before and r not in published}
+            if still:
+                for name in still.keys() & {name.rsplit("/", 1)[0] for name in heard}:
+                    del still[name]
+        gone = set(still.values())
         dropped: list[tuple[str, ...]] = []
         for run in gone:
             del self._moved[run]
