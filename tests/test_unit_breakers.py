@@ -77,7 +77,7 @@ def test_half_open_counts_probes_afresh_when_its_subject_was_forgotten() -> None
     # the subject ended and was forgotten, so its totals start again from zero
     half = BreakerState(State.HALF_OPEN, since=0, probe_base=Totals(600, 500, 100, 0))
     st, event = step(SPEC, half, Figures(60, Totals()), Totals(), 10)
-    assert event is Event.NONE and st.state is State.HALF_OPEN and st.probe_base == Totals()
+    assert event is Event.REBASE and st.state is State.HALF_OPEN and st.probe_base == Totals()
     three_ok = Totals(effects=3, writes=3)
     assert step(SPEC, st, Figures(60, three_ok), three_ok, 11)[1] is Event.CLOSE
     failing = Totals(effects=2, writes=2, failed=1)

@@ -14,7 +14,7 @@ from tether_server._flatten import Flat, flatten
 from tether_server._policy import groups_of, parse
 from tether_server._rules import Decisions
 from tether_server._store import InstanceKey, RunKey
-from tether_server._tally import FORGET_AFTER, SHARDS, FleetTotals, Tally
+from tether_server._tally import FORGET_AFTER, SHARDS, FleetTotals, Tally, shard_of
 
 EXPRESSIONS = [
     "run.spend.usd > 5.0",
@@ -120,6 +120,26 @@ def test_the_tally_encodes_what_changed_and_forgets_the_idle() -> None:
     assert later.pop("began").keys() == {"acme/mail/r2"}  # r1's went with it
     assert later == {"runs": {}, "signals": {"acme/mail/r2/i2": [3.0, 0, 0, 0]}}
     assert key not in tally.signals and key.run not in tally.runs
+
+
+def test_the_tally_keeps_an_idle_run_while_its_session_is_open_here() -> None:
+    """An instance's signals are its lifetime totals: dropped while it is still connected,
+    the evaluator would forget the run and count them all again when it next moves."""
+    tally = Tally("c1")
+    open_here = {"r1"}
+    tally.serving = open_here.__contains__
+    idle, ended = InstanceKey("acme", "mail", "r1", "i1"), InstanceKey("acme", "mail", "r2", "i2")
+    for key in (idle, ended):
+        tally.signal(key, agent_pb2.Signals(usd=40.0, anomalies=50))
+    tally.documents(now=1000.0)
+    tally.documents(now=1000.0 + FORGET_AFTER + 1)
+    assert ended not in tally.signals  # r2's session is gone: dropped, its shard written
+    assert idle in tally.signals
+    kept = json.loads(tally._document(shard_of(idle)))["signals"]
+    assert kept["acme/mail/r1/i1"] == [40.0, 0, 0, 50]
+    open_here.clear()  # r1's session ends too: its entry goes at the next sweep
+    tally.documents(now=1000.0 + 2 * FORGET_AFTER + 2)
+    assert idle not in tally.signals and idle.run not in tally.began
 
 
 def test_a_run_the_tally_forgot_counts_from_zero_when_it_returns() -> None:

@@ -155,6 +155,7 @@ class Coordinators(Generic[S]):
         for target, stub in busy:  # connected, but late to answer its health check
             answer = self._invoke(target, stub, invoke, timeout, failures)
             if answer is not _MISSED:
+                self._answered.add(target)  # not checked again until it fails
                 return cast(T, answer)
         raise NoCoordinator(failures)
 

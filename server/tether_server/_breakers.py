@@ -200,6 +200,7 @@ class Event(enum.StrEnum):
     HALF_OPEN = "half_open"
     CLOSE = "close"
     REOPEN = "reopen"
+    REBASE = "rebase"  # HALF_OPEN counts its probes from new totals: stored, nothing to do
 
 
 def step(
@@ -221,7 +222,7 @@ def step(
     if not _at_least(totals, st.probe_base):
         # the subject's counts started again (its runs ended and were forgotten): the
         # probes count from here, not as negative figures against the old base
-        return replace(st, probe_base=totals), Event.NONE
+        return replace(st, probe_base=totals), Event.REBASE
     probes = totals - st.probe_base
     if probes.failed:
         reason = f"{probes.failed} of {probes.writes} probe writes failed in HALF_OPEN"

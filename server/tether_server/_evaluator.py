@@ -243,21 +243,27 @@ class Evaluator:
         found = of_window.get(subject)
         if found is None:
             found = of_window[subject] = Series(window)
-            if (began := self._began(subject, window, now)) is not None:
-                found.add(began, Totals())
+            if (began := self._began(subject, window, now, totals)) is not None:
+                found.add(*began)
         found.add(now, totals)
         return found
 
-    def _began(self, subject: tuple[str, ...], window: float, now: float) -> float | None:
-        """When a subject first sampled began from nothing, if all it did falls within the
-        window: it showed up since the last round, or its coordinators say it began since
-        ``now - window`` and under the policy in force (even when this evaluator was just
-        elected). None: its totals are history, and its window starts from them."""
+    def _began(
+        self, subject: tuple[str, ...], window: float, now: float, totals: Totals
+    ) -> tuple[float, Totals] | None:
+        """Where a subject's first window starts, if all it did falls within the window:
+        from nothing, when it showed up since the last round; when its coordinators say it
+        began since ``now - window`` and under the policy in force (even when this evaluator
+        was just elected), from nothing but its anomalies. Effects are counted by each
+        coordinator from zero when it first heard of the run, but anomalies are the
+        instance's lifetime totals, and a run that moved from a dead coordinator is stamped
+        anew: they are history. None: all its totals are history."""
         if self._warm and self._fleet.new(subject):
-            return now - EVALUATE_EVERY
+            return now - EVALUATE_EVERY, Totals()
         began = self._fleet.began.get(subject)
         if began is not None and began >= max(now - window, self._policies.applied_at):
-            return min(began, now - EVALUATE_EVERY)  # a clock ahead of ours: just before
+            # a clock ahead of ours: just before
+            return min(began, now - EVALUATE_EVERY), Totals(anomalies=totals.anomalies)
         return None
 
     def _judged(

@@ -208,6 +208,10 @@ class Presence:
             replaced.outbox.post(End(grpc.StatusCode.ABORTED, "replaced by a newer stream"))
         self._metrics.sessions.add(1)
 
+    def serves_run(self, run_id: str) -> bool:
+        """Whether a session of ``run_id`` is open here."""
+        return self._registry.serves_run(run_id)
+
     def forget_locally(self, session: Session) -> bool:
         """Stop serving ``session`` here; False when it was already gone or replaced."""
         if not self._registry.remove(session):

@@ -81,6 +81,7 @@ class Sessions:
             store=store, halts=halts, checkpoints=checkpoints, flush=self._flush, gate=gate,
             metrics=metrics, coordinator_id=config.coordinator_id,
         )  # fmt: skip
+        tally.serving = self._presence.serves_run  # the tally keeps an open run's counts
         self._fanout = Fanout(
             presence=self._presence, halts=halts, checkpoints=checkpoints, flush=self._flush,
             metrics=metrics, lease_ttl=config.lease_ttl, quiet=self.quiet,

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from tether.v1 import agent_pb2, types_pb2
@@ -49,9 +49,11 @@ class Tally:
 
     The per-beat path is a dict update: a signal that did not change marks nothing. A
     publication re-encodes only the entries that changed since the last one, and an entry
-    idle for ``FORGET_AFTER`` is dropped (its run ended, or moved to another coordinator):
-    an instance's signals are its own running totals, so when it speaks again its totals
-    come back whole, and the evaluator counts a dropped run's effects afresh from zero.
+    idle for ``FORGET_AFTER`` is dropped once no session of its run is open here (``serving``;
+    the run ended, or moved to another coordinator). An open run's entries are kept however
+    long it idles: the evaluator forgets a run no coordinator publishes, and an instance's
+    signals are its own running totals, so a live instance forgotten and heard again would
+    have its lifetime spend and anomalies counted a second time.
     """
 
     def __init__(self, coordinator_id: str) -> None:
@@ -66,6 +68,7 @@ class Tally:
         self._swept = 0.0
         self._stale: set[int] = set()  # shards to publish again
         self._changed = asyncio.Event()
+        self.serving: Callable[[str], bool] = _nothing  # whether a run_id has a session here
 
     def effects(
         self, key: InstanceKey, effects: Iterable[types_pb2.Effect], reads: Collection[str]
@@ -106,11 +109,12 @@ class Tally:
         self._began.update({key[:3] for key in self._dirty}, now, stale)  # kept while it moves
         self._dirty.clear()
         if now - self._swept >= FORGET_AFTER / 10:
-            for key in self._runs.forget(now - FORGET_AFTER, stale):
+            before, serving = now - FORGET_AFTER, self.serving
+            for key in self._runs.forget(before, stale, serving):
                 del self.runs[key]
-            for key in self._signals.forget(now - FORGET_AFTER, stale):
+            for key in self._signals.forget(before, stale, serving):
                 del self.signals[key]
-            for key in self._began.forget(now - FORGET_AFTER, stale):
+            for key in self._began.forget(before, stale, serving):
                 del self.began[key]
             self._swept = now
         out = {n: self._document(n) for n in sorted(stale)}
@@ -145,6 +149,10 @@ def shard_of(key: tuple[str, ...]) -> int:
     return zlib.crc32("/".join(key[:3]).encode()) % SHARDS
 
 
+def _nothing(_: str) -> bool:
+    return False
+
+
 class _Encoded:
     """Each entry of one table as JSON, by shard, kept, with when it last changed."""
 
@@ -167,10 +175,10 @@ class _Encoded:
         """The shard's entries as the inside of a JSON object."""
         return ",".join(self._json[shard].values())
 
-    def forget(self, before: float, stale: set[int]) -> list[Any]:
-        """Drop the entries unchanged since ``before``; the keys to drop from the table.
-        Their shards join ``stale``."""
-        gone = [k for k, t in self._moved.items() if t < before]
+    def forget(self, before: float, stale: set[int], serving: Callable[[str], bool]) -> list[Any]:
+        """Drop the entries unchanged since ``before`` whose run is not ``serving``; the keys
+        to drop from the table. Their shards join ``stale``."""
+        gone = [k for k, t in self._moved.items() if t < before and not serving(k[2])]
         for key in gone:
             shard = shard_of(key)
             del self._moved[key], self._json[shard][key]
