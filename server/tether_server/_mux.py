@@ -43,19 +43,18 @@ log = logging.getLogger("tether_server")
 # starting their work at once send 1,000 ledger records in one request, and ten such
 # streams taken in whole would keep a Kill waiting at each of its awaits for all of them.
 _INTAKE_SLICE = 64
-_MAKE_WAY_MOST = 0.1  # seconds the intake waits for Kills being committed, per turn
+_MAKE_WAY_MOST = 0.1  # seconds one request's intake waits, in all, for Kills being committed
 _UNCLEAN = "the agent closed its side without goodbye for {} instance(s)"
 
 
-async def _make_way(quiet: asyncio.Event) -> None:
-    """Let the loop serve others; wait out a push, and (briefly) a Kill being committed."""
+async def _make_way(quiet: asyncio.Event, until: float) -> None:
+    """Let the loop serve others; wait out a push, and a Kill being committed (but not past
+    ``until``: Kills one after the other must not hold a stream's beats back for a TTL)."""
     await asyncio.sleep(0)
     if not quiet.is_set():
         await quiet.wait()
-    waited = 0.0
-    while COMMITTING.kills and waited < _MAKE_WAY_MOST:
+    while COMMITTING.kills and time.monotonic() < until:  # noqa: ASYNC110 (a per-process count)
         await asyncio.sleep(0.002)
-        waited += 0.002
 
 
 class _Instance(MuxPort):
@@ -93,15 +92,7 @@ class MuxStream:
                         writer.at = time.monotonic()
                         await writer.beat(req)
                     continue
-                if req.frames and (not quiet.is_set() or COMMITTING.kills):
-                    await _make_way(quiet)  # a kill is being pushed or committed: it goes first
-                for n, frame in enumerate(req.frames, 1):
-                    self._frame(frame.local, frame.body)
-                    if n % _INTAKE_SLICE == 0:
-                        await _make_way(quiet)
-                if req.seq:
-                    writer.at = time.monotonic()
-                    await writer.beat(req.seq)
+                await self._intake(req, quiet)
             if self._open:  # as on Heartbeat: an end without goodbye is not a clean one
                 writer.end(End(grpc.StatusCode.CANCELLED, _UNCLEAN.format(len(self._open))))
         except DecodeError as err:  # parsed message by message, here, not at the edge
@@ -114,6 +105,20 @@ class MuxStream:
         finally:
             self._close()
         await writer.close()
+
+    async def _intake(self, req: agent_pb2.MuxRequest, quiet: asyncio.Event) -> None:
+        """One request's frames, a slice at a time; then its beat is acknowledged."""
+        until = time.monotonic() + _MAKE_WAY_MOST
+        if req.seq:
+            self._writer.at = until - _MAKE_WAY_MOST  # heard from, however long its intake
+        if req.frames and (not quiet.is_set() or COMMITTING.kills):
+            await _make_way(quiet, until)  # a kill being pushed or committed goes first
+        for n, frame in enumerate(req.frames, 1):
+            self._frame(frame.local, frame.body)
+            if n % _INTAKE_SLICE == 0:
+                await _make_way(quiet, until)
+        if req.seq:
+            await self._writer.beat(req.seq)
 
     def _close(self) -> None:
         """The stream ended: each instance still open on it is STALE."""
