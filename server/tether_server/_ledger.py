@@ -99,6 +99,9 @@ class LedgerWriter:
         self._interval = interval
         self._pending: dict[RunKey, list[types_pb2.Effect]] = defaultdict(list)
         self._seq = 0
+        # Runs whose records a flush under way has taken, and the event it sets when done:
+        # a session's final flush of its run waits for it rather than find nothing to write.
+        self._held: dict[RunKey, asyncio.Event] = {}
         # Set while no kill is being pushed (``Fanout.quiet``); conversions wait for it.
         self.quiet: asyncio.Event | None = None
 
@@ -113,14 +116,20 @@ class LedgerWriter:
         nor a push waits behind it. A run's records are taken and named in one step, so
         chunk keys keep their order.
         """
+        if runs is not None:  # a flush under way holds some of them: they are written
+            runs = list(runs)  # when it ends (or back in the buffer if it failed)
+            held = {self._held[r] for r in runs if r in self._held}
+            await asyncio.gather(*(written.wait() for written in held))
         keys = list(self._pending) if runs is None else [r for r in runs if r in self._pending]
         batch: dict[RunKey, list[types_pb2.Effect]] = {}
         ops: list[Any] = []
+        written = asyncio.Event()
         try:
             for done, run in enumerate(keys, 1):
                 effects = self._pending.pop(run, None)  # None: a flush meanwhile took them
                 if effects:
                     batch[run] = effects
+                    self._held[run] = written
                     ops.extend(self._ops(run, effects))
                 if done % _CONVERT_CHUNK == 0:
                     await pause(self.quiet)
@@ -130,6 +139,11 @@ class LedgerWriter:
             for run, effects in batch.items():
                 self._pending[run][:0] = effects
             raise
+        finally:
+            for run in batch:
+                if self._held.get(run) is written:
+                    del self._held[run]
+            written.set()
 
     def _ops(self, run: RunKey, effects: list[types_pb2.Effect]) -> list[Any]:
         ops, chunk = [], agent_pb2.EffectBatch()
