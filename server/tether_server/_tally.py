@@ -37,7 +37,7 @@ from tether_server._store import InstanceKey, RunKey, counts_key, put_op
 log = logging.getLogger("tether_server")
 PUBLISH_EVERY = 0.5  # seconds; with the evaluator's 0.25 s, a trip within a heartbeat interval
 FORGET_AFTER = 600.0  # seconds an entry may stay unchanged before the tally drops it
-SHARDS = 16  # keys a coordinator's counts are split over, by run
+SHARDS = 64  # keys a coordinator's counts are split over, by run
 NO_CHECKPOINT: dict[str, Any] = {}
 _NO_SIGNALS = (0.0, 0, 0, 0)
 Signals = tuple[float, int, int, int]  # usd, tokens, calls, anomalies
