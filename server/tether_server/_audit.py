@@ -1,9 +1,11 @@
 """The audit: append-only and tamper-evident, as a hash chain serialised through one head key.
 
 Every kill and resume commits in the same etcd transaction as its audit entry and the new
-chain head, guarded by a compare on the head's revision; a concurrent append makes the
-transaction fail and it is retried on the new head. Editing, inserting or deleting an
-entry afterwards breaks the chain, and ``verify`` says where.
+chain head, guarded by a compare on the head's value; a concurrent append makes the
+transaction fail and it is retried on the new head, which the failed transaction returns.
+The head this process last saw is tried first, so an append is one round trip unless
+another appended since. Editing, inserting or deleting an entry afterwards breaks the
+chain, and ``verify`` says where.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,12 +24,13 @@ from tether_server._etcd import EtcdUnavailable, Store
 from tether_server._store import (
     AUDIT,
     AUDIT_HEAD,
+    absent,
     audit_key,
     from_json,
+    holds,
     put_op,
     range_op,
     to_json,
-    unchanged_since,
 )
 from tether_server._telemetry import emit_audit
 
@@ -111,10 +115,28 @@ def _head_hash(kvs: Sequence[Any]) -> str:
     return str(json.loads(kvs[0].value)["hash"]) if kvs else ""
 
 
-def _chain_ops(record: admin_pb2.AuditEntry) -> list[Any]:
-    """Put ``record`` (already chained) and make it the head."""
+def _head_value(kvs: Sequence[Any]) -> bytes:
+    """The head key's value; b'' before the first entry."""
+    return bytes(kvs[0].value) if kvs else b""
+
+
+def _is_head(value: bytes) -> Any:
+    """A compare that holds while the head is still ``value``. Every head names a distinct
+    entry (its id and hash), so an equal value is the same head, even after etcd was
+    restored to an older revision: the value, not its revision, is compared."""
+    return holds(AUDIT_HEAD, value) if value else absent(AUDIT_HEAD)
+
+
+def _chain_ops(record: admin_pb2.AuditEntry) -> tuple[bytes, list[Any]]:
+    """The new head's value, and the ops that put ``record`` (already chained) and make it
+    the head."""
     head = json.dumps({"id": record.id, "hash": record.hash}).encode()
-    return [put_op(audit_key(record.id), to_json(record)), put_op(AUDIT_HEAD, head)]
+    return head, [put_op(audit_key(record.id), to_json(record)), put_op(AUDIT_HEAD, head)]
+
+
+_HEADS: weakref.WeakKeyDictionary[Store, bytes] = weakref.WeakKeyDictionary()
+"""The head value each store's appends last saw, shared by every AuditLog on that store (the
+Kill handler's, the acknowledgements', the evaluator's): a guess, checked by the compare."""
 
 
 class AuditLog:
@@ -135,30 +157,44 @@ class AuditLog:
         Returns whether ``compare`` held, and the transaction response, whose first
         responses are those of ``success`` or ``failure``.
         """
+        head = await self._last_head()
         for _ in range(_RETRIES):
-            head = await self._store.range(AUDIT_HEAD, prefix=False)
-            prev = _head_hash(head.kvs)
-            revision = head.kvs[0].mod_revision if head.kvs else 0
+            prev = str(json.loads(head)["hash"]) if head else ""
             record = chained(entry, prev, changed=True)
-            resp = await self._store.txn(
-                [unchanged_since(AUDIT_HEAD, revision), *compare],
-                [*success, *_chain_ops(record)],
-                [range_op(AUDIT_HEAD)],
-            )
-            if resp.succeeded:
-                emit_audit(record)  # a log record, for a SIEM
-                return True, resp
-            kvs = resp.responses[0].response_range.kvs
-            if (kvs[0].mod_revision if kvs else 0) != revision:
-                continue  # another append won the head; chain onto the new one
-            record = chained(entry, prev, changed=False)
-            resp = await self._store.txn(
-                [unchanged_since(AUDIT_HEAD, revision)], [*failure, *_chain_ops(record)]
-            )
-            if resp.succeeded:
-                emit_audit(record)
-                return False, resp
+            done, now = await self._append(record, [_is_head(head), *compare], success)
+            if done is not None:
+                return True, done
+            if now == head:  # the head held, so ``compare`` did not: audit the attempt
+                record = chained(entry, prev, changed=False)
+                done, now = await self._append(record, [_is_head(head)], failure)
+                if done is not None:
+                    return False, done
+            head = now  # another append won the head; chain onto the new one
         raise EtcdUnavailable(f"could not append to the audit after {_RETRIES} tries (contention)")
+
+    async def _last_head(self) -> bytes:
+        """The head this process last saw, or else the one etcd holds now."""
+        head = _HEADS.get(self._store)
+        if head is None:
+            head = _head_value((await self._store.range(AUDIT_HEAD, prefix=False)).kvs)
+            _HEADS[self._store] = head
+        return head
+
+    async def _append(
+        self, record: admin_pb2.AuditEntry, compare: Sequence[Any], ops: Sequence[Any]
+    ) -> tuple[Any, bytes]:
+        """Commit ``ops`` with ``record`` as the new head if ``compare`` holds.
+
+        Returns the response if it committed, else None; and the head as it is now.
+        """
+        head, chain = _chain_ops(record)
+        resp = await self._store.txn(compare, [*ops, *chain], [range_op(AUDIT_HEAD)])
+        if resp.succeeded:
+            emit_audit(record)  # a log record, for a SIEM
+        else:
+            head = _head_value(resp.responses[0].response_range.kvs)
+        _HEADS[self._store] = head
+        return (resp if resp.succeeded else None), head
 
     async def entries(self) -> list[admin_pb2.AuditEntry]:
         """Every entry, in the order it was committed (etcd revision order)."""
