@@ -197,8 +197,10 @@ class Core:
         """Say goodbye with the final checkpoint, wait for it to be stored, and leave."""
         if final is not None:
             self.out.latest = self._checked(final)
-        self.closing = True
         link = self.link
+        if link is not None:
+            link.ends.settle()  # the records and ack a stop left for later go first
+        self.closing = True
         if link is not None and link.says_goodbye(self) and self._ended is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._ended), _GOODBYE_TIMEOUT)

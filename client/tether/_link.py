@@ -305,7 +305,8 @@ class Link:
         halts = tuple(Halt.from_pb(h) for h in resp.halts)
         verdict = verdict_of(resp, halts, now)  # the same for every instance it lists
         # A stop cancels the work of every instance listed first; their acknowledgements
-        # are built, and the writer woken, on a later turn, after the cancelled work ran.
+        # are built, and the writer woken, once the process read no new stop for a moment
+        # (``AfterStops``), after the cancelled work ran.
         later: list[Callable[[], None]] | None = [] if verdict.stop is not None else None
         applied: list[Core] = []
         members, wire = self.members, list(resp.halts)
@@ -319,7 +320,7 @@ class Link:
                 except Exception:
                     log.exception("tether: applying an order to instance %d failed", local)
         if later is not None:
-            self.loop.call_soon(self._acknowledge, later, applied)
+            self.ends.after(functools.partial(self._acknowledge, later, applied))
 
     def _acknowledge(self, later: list[Callable[[], None]], stopped: list[Core]) -> None:
         """After a stop's cancels: record the passes they ended, queue the acks, then have
