@@ -23,8 +23,8 @@ from tether.v1 import agent_pb2, types_pb2
 
 log = logging.getLogger("tether")
 
-QUIET = 0.005  # what a stop leaves for later waits until no stop order came for this long
-MOST = 0.05  # ... and at most this long after the first one it holds
+QUIET = 0.05  # what a stop leaves for later waits until no stop order came for this long
+MOST = 0.1  # ... and at most this long after the first one it holds
 
 
 class AfterStops:
@@ -226,8 +226,8 @@ class Stopper:
         return True
 
     def _cancel_inflight(self) -> list[types_pb2.Effect]:
-        with self._lock:
-            running = list(self.inflight.values())
+        with self._lock:  # a done task's pass ended already (its record may wait in Ends)
+            running = [(r, t) for r, t in self.inflight.values() if t is None or not t.done()]
         for _, task in running:
             if task is not None:
                 task.cancel()
