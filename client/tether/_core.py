@@ -199,7 +199,7 @@ class Core:
             self.out.latest = self._checked(final)
         link = self.link
         if link is not None:
-            link.ends.settle()  # the records and ack a stop left for later go first
+            link.ends.run()  # the records of passes a kill cancelled go first
         self.closing = True
         if link is not None and link.says_goodbye(self) and self._ended is not None:
             try:

@@ -88,7 +88,7 @@ class Link:
         self._ttl = 0.0
         self._served = False  # the last stream granted a registration
         self._wake = asyncio.Event()
-        self.ends = Ends(loop)  # gate passes a kill ended, to record in one batch
+        self.ends = Ends(loop)  # gate passes a kill ended, recorded in one batch
         self._task = loop.create_task(self._run(), name="tether-link")
         self._watchdog = loop.create_task(self._watch(), name="tether-watchdog")
 
@@ -305,8 +305,7 @@ class Link:
         halts = tuple(Halt.from_pb(h) for h in resp.halts)
         verdict = verdict_of(resp, halts, now)  # the same for every instance it lists
         # A stop cancels the work of every instance listed first; their acknowledgements
-        # are built, and the writer woken, once the process read no new stop for a moment
-        # (``AfterStops``), after the cancelled work ran.
+        # are built, and the writer woken, on a later turn, after the cancelled work ran.
         later: list[Callable[[], None]] | None = [] if verdict.stop is not None else None
         applied: list[Core] = []
         members, wire = self.members, list(resp.halts)
@@ -320,12 +319,12 @@ class Link:
                 except Exception:
                     log.exception("tether: applying an order to instance %d failed", local)
         if later is not None:
-            self.ends.after(functools.partial(self._acknowledge, later, applied))
+            self.loop.call_soon(self._acknowledge, later, applied)
 
     def _acknowledge(self, later: list[Callable[[], None]], stopped: list[Core]) -> None:
-        """After a stop's cancels: record the passes they ended, queue the acks, then have
-        the writer send them and the newest checkpoints, one request for the whole stream."""
-        self.ends.run()  # the acks carry the records of what was in flight, ended
+        """After a stop's cancels: queue the acks, then have the writer send them and the
+        newest checkpoints, one request for the whole stream. The acks list the work in
+        flight as it was; its records, ended, follow in a batch (``Ends``)."""
         for ack in later:
             try:
                 ack()

@@ -13,7 +13,6 @@ import functools
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -23,98 +22,40 @@ from tether.v1 import agent_pb2, types_pb2
 
 log = logging.getLogger("tether")
 
-QUIET = 0.05  # what a stop leaves for later waits until no stop order came for this long
-MOST = 0.1  # ... and at most this long after the first one it holds
-
-
-class AfterStops:
-    """What stops leave for later on one event loop: the ledger records of the passes they
-    cancelled, the acks, and so their writes. It runs once the loop has had no new stop
-    order for ``QUIET`` seconds, at most ``MOST`` after the first, so that it does not
-    compete with the reads and cancels of the process's other runs (on its loop, or in
-    its other processes on the same cores).
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._work: list[Callable[[], None]] = []
-        self._first = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, work: Callable[[], None]) -> None:
-        """Run ``work`` after the quiet moment, after the work added before it."""
-        now = self._loop.time()
-        if not self._work:
-            self._first = now
-        self._work.append(work)
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(min(now + QUIET, self._first + MOST), self._run)
-
-    def now(self) -> None:
-        """Run what waits now: an instance leaving says goodbye after its records and ack."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._run()
-
-    def _run(self) -> None:
-        work, self._work, self._timer = self._work, [], None
-        for item in work:
-            try:
-                item()
-            except Exception:
-                log.exception("tether: the work a stop left for later failed")
-
-
-_AFTER: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AfterStops] = (
-    weakref.WeakKeyDictionary()
-)
-_AFTER_LOCK = threading.Lock()
-
-
-def after_stops(loop: asyncio.AbstractEventLoop) -> AfterStops:
-    """The loop's ``AfterStops``, shared by every link on it."""
-    with _AFTER_LOCK:
-        found = _AFTER.get(loop)
-        if found is None:
-            found = _AFTER[loop] = AfterStops(loop)
-        return found
+RECORD_DELAY = 0.05  # seconds the records of passes a kill cancelled wait, to batch them
 
 
 class Ends:
-    """The ends of gate passes a kill cancelled, recorded in one batch after the stop.
+    """The ends of gate passes a kill cancelled, recorded in one batch ``RECORD_DELAY``
+    after the first, with one timestamp.
 
     A kill's cancels all step in one loop turn; each pass's exit only queues its end here,
-    so the cancel of every run reaches its code before any ledger record is built.
+    so the cancel of every run reaches its code before any ledger record is built, and the
+    records and their writes come after the kill's cancels in this process and in the
+    others sharing its cores. The acks do not wait: they go a turn after the cancels.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._after = after_stops(loop)
         self._ends: list[Callable[[int], None]] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def later(self, end: Callable[[int], None]) -> bool:
-        """Call ``end`` with the time on a later turn; False off this loop (end it now)."""
+        """Call ``end`` with the time in the next batch; False off this loop (end it now)."""
         if asyncio.get_running_loop() is not self._loop:
             return False
         ends = self._ends
         ends.append(end)
-        if len(ends) == 1:
-            self._after.add(self.run)
+        if self._timer is None:
+            self._timer = self._loop.call_later(RECORD_DELAY, self.run)
         return True
 
-    def after(self, work: Callable[[], None]) -> None:
-        """Run ``work`` with what stops leave for later on this loop (``AfterStops``)."""
-        self._after.add(work)
-
-    def settle(self) -> None:
-        """Run, now, the ends and acks that wait on this loop."""
-        self._after.now()
-        self.run()
-
     def run(self) -> None:
-        """Call the ends queued so far, with one timestamp for them all."""
-        ends, self._ends = self._ends, []
+        """Call the ends queued so far, with one timestamp for them all: an instance that
+        leaves runs them first, so that its goodbye follows its records."""
+        if self._timer is not None:
+            self._timer.cancel()
+        ends, self._ends, self._timer = self._ends, [], None
         now = time.time_ns()
         for end in ends:
             try:
