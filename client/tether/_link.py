@@ -322,9 +322,9 @@ class Link:
             self.loop.call_soon(self._acknowledge, later, applied)
 
     def _acknowledge(self, later: list[Callable[[], None]], stopped: list[Core]) -> None:
-        """After a stop's cancels: queue the acks, then have the writer send them and the
-        newest checkpoints, one request for the whole stream. The acks list the work in
-        flight as it was; its records, ended, follow in a batch (``Ends``)."""
+        """After a stop's cancels: record the passes they ended, queue the acks, then have
+        the writer send them and the newest checkpoints, one request for the whole stream."""
+        self.ends.run()  # the acks carry the records of what was in flight, ended
         for ack in later:
             try:
                 ack()

@@ -22,40 +22,33 @@ from tether.v1 import agent_pb2, types_pb2
 
 log = logging.getLogger("tether")
 
-RECORD_DELAY = 0.05  # seconds the records of passes a kill cancelled wait, to batch them
-
 
 class Ends:
-    """The ends of gate passes a kill cancelled, recorded in one batch ``RECORD_DELAY``
-    after the first, with one timestamp.
+    """The ends of gate passes a kill cancelled, recorded in one batch a turn later.
 
     A kill's cancels all step in one loop turn; each pass's exit only queues its end here,
-    so the cancel of every run reaches its code before any ledger record is built, and the
-    records and their writes come after the kill's cancels in this process and in the
-    others sharing its cores. The acks do not wait: they go a turn after the cancels.
+    so the cancel of every run reaches its code before any ledger record is built. The
+    batch runs before the stop's acks are built (they carry the records, ended), and
+    before an instance that leaves says goodbye.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._ends: list[Callable[[int], None]] = []
-        self._timer: asyncio.TimerHandle | None = None
 
     def later(self, end: Callable[[int], None]) -> bool:
-        """Call ``end`` with the time in the next batch; False off this loop (end it now)."""
+        """Call ``end`` with the time on a later turn; False off this loop (end it now)."""
         if asyncio.get_running_loop() is not self._loop:
             return False
         ends = self._ends
         ends.append(end)
-        if self._timer is None:
-            self._timer = self._loop.call_later(RECORD_DELAY, self.run)
+        if len(ends) == 1:
+            self._loop.call_soon(self.run)
         return True
 
     def run(self) -> None:
-        """Call the ends queued so far, with one timestamp for them all: an instance that
-        leaves runs them first, so that its goodbye follows its records."""
-        if self._timer is not None:
-            self._timer.cancel()
-        ends, self._ends, self._timer = self._ends, [], None
+        """Call the ends queued so far, with one timestamp for them all."""
+        ends, self._ends = self._ends, []
         now = time.time_ns()
         for end in ends:
             try:
