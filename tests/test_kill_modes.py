@@ -132,6 +132,53 @@ def test_a_hard_kill_of_runs_sharing_a_stream_cancels_and_acknowledges_each(
         assert ack.reason == f"{stopped} instance(s) stopped; {stopped} effect(s) were in flight"
 
 
+def test_work_a_kill_cancelled_is_recorded_once_and_nothing_starts_after_it(
+    coord: Coordinator, admin: tether.AdminClient, tenant: str
+) -> None:
+    """The gate records a cancelled pass with the other cancels of the stop, after they all
+    reached their code: a pass tried from the cancelled code is refused at once all the
+    same, each pass is recorded exactly once, and runs that close at once lose nothing."""
+    uri, n = f"agent://{tenant}/batch", 4
+
+    async def scenario() -> list[str]:
+        refused: list[str] = []
+        async with contextlib.AsyncExitStack() as stack:
+            agents = [
+                await stack.enter_async_context(
+                    tether.AsyncAgent(uri, run_id=f"r{i}", target=coord.addr)
+                )
+                for i in range(n)
+            ]
+            entered = [asyncio.Event() for _ in agents]
+
+            async def work(i: int) -> None:
+                async with agents[i].effect("long_call", key=f"k{i}"):
+                    entered[i].set()
+                    try:
+                        await asyncio.sleep(10)
+                    except asyncio.CancelledError:
+                        try:  # its own record is not built yet: the gate refuses anyway
+                            async with agents[i].effect("after", key=f"j{i}"):
+                                pass
+                        except tether.Killed:
+                            refused.append(f"j{i}")
+                        raise
+
+            tasks = [asyncio.create_task(work(i)) for i in range(n)]
+            for event in entered:
+                await event.wait()
+            kill = tether.selector(agent=uri)
+            await asyncio.to_thread(admin.kill, kill, "batch", force=True)
+            await asyncio.wait(tasks, timeout=10)
+        return sorted(refused)  # every agent closed here, right after its cancel
+
+    assert asyncio.run(scenario()) == [f"j{i}" for i in range(n)]
+    rows = settled_effects(admin, tenant, 2 * n)
+    assert sorted((r.key, r.status.value) for r in rows) == sorted(
+        [(f"k{i}", "cancelled") for i in range(n)] + [(f"j{i}", "refused") for i in range(n)]
+    )
+
+
 def test_soft_kill_escalates_to_hard_when_the_grace_runs_out(
     coord: Coordinator,
     admin: tether.AdminClient,

@@ -158,6 +158,12 @@ class Core:
             self.landed.add(effect.key)
         self.out.record(effect)
 
+    def end_later(self, end: Callable[[int], None]) -> bool:
+        """While a stop is in force, have the link call ``end`` with the time, in one batch
+        with the other passes its cancels ended; False: the caller ends its pass now."""
+        link = self.link
+        return link is not None and self.stops.stop_in_force.is_set() and link.ends.later(end)
+
     def permit(
         self, capability: str, key: str, *, drain: bool = False
     ) -> Coroutine[Any, Any, agent_pb2.PermitDecision]:
@@ -191,8 +197,10 @@ class Core:
         """Say goodbye with the final checkpoint, wait for it to be stored, and leave."""
         if final is not None:
             self.out.latest = self._checked(final)
-        self.closing = True
         link = self.link
+        if link is not None:
+            link.ends.run()  # the records of passes a kill cancelled go first
+        self.closing = True
         if link is not None and link.says_goodbye(self) and self._ended is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._ended), _GOODBYE_TIMEOUT)
@@ -241,17 +249,23 @@ class Core:
         *,
         grant: bool = False,
         later: list[Callable[[], None]] | None = None,
+        wire: tuple[list[types_pb2.Halt], list[types_pb2.Halt]] | None = None,
     ) -> None:
         """Put the order of a reply in force (the halts and verdict are the reply's).
 
         With ``later`` (a reply the link dispatches to many instances), a stop's work is
         cancelled now and its acknowledgement appended there; the link wakes the writer.
+        ``wire``: the reply's halts as a list, and those that stop, shared by its instances.
         """
         before = self.verdict
         self.halts = halts
         self.verdict = self._applied = verdict
-        self._stopping = list(resp.halts)
-        self.stops.on_order(before, verdict, self._stopping, later)
+        if wire is None:
+            self._stopping = list(resp.halts)
+            self.stops.on_order(before, verdict, self._stopping, later)
+        else:
+            self._stopping = wire[0]
+            self.stops.on_order(before, verdict, wire[0], later, stopping=wire[1])
         if resp.HasField("permit"):
             self.out.decided(resp.permit)
         if verdict.stop is not None and later is None:

@@ -241,15 +241,24 @@ class Effect:
         if exc is None:
             self._finish(types_pb2.EFFECT_STATUS_LANDED)
         elif isinstance(exc, asyncio.CancelledError) and self._core.stops.stop_in_force.is_set():
-            self.record.error = "cancelled by a kill"
-            self._finish(types_pb2.EFFECT_STATUS_CANCELLED)
+            self._cancelled(time.time_ns())
         else:
             self.record.error = f"{type(exc).__name__}: {exc}"[:500]
             self._finish(types_pb2.EFFECT_STATUS_FAILED)
 
-    def _finish(self, status: int) -> None:
+    def _cancelled(self, now_ns: int) -> None:
+        """Record the pass as cancelled by a kill, ended at ``now_ns``."""
+        self.record.error = "cancelled by a kill"
+        self._finish(types_pb2.EFFECT_STATUS_CANCELLED, now_ns)
+
+    def _killed(self, now_ns: int) -> None:
+        """The end of a pass a kill cancelled, run in a batch after the kill's cancels."""
+        self._core.stops.untrack(self.record.effect_id)
+        self._cancelled(now_ns)
+
+    def _finish(self, status: int, now_ns: int | None = None) -> None:
         self.record.status = status  # type: ignore[assignment]
-        _now(self.record.ended_at)
+        self.record.ended_at.FromNanoseconds(time.time_ns() if now_ns is None else now_ns)
         self._core.record(self.record)  # a landed key joins core.landed before the release
         if self._claimed:
             self._claimed = False
@@ -307,6 +316,10 @@ class Effect:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # Work a kill cancelled: the kill is held already and the pass is over (nothing of
+        # it can start again), so its record is built with the other cancels', a turn later.
+        if isinstance(exc, asyncio.CancelledError) and self._core.end_later(self._killed):
+            return
         self._end(exc)
 
     def __call__(self, fn: F) -> F:

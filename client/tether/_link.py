@@ -29,8 +29,9 @@ from tether._config import AgentConfig
 from tether._core import Core
 from tether._errors import TetherError, from_rpc_error, is_permanent
 from tether._link_stream import Stream, chunks, eof_error
+from tether._stop import Ends
 from tether._types import Halt
-from tether._verdict import verdict_of
+from tether._verdict import stops, verdict_of
 from tether.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("tether")
@@ -87,6 +88,7 @@ class Link:
         self._ttl = 0.0
         self._served = False  # the last stream granted a registration
         self._wake = asyncio.Event()
+        self.ends = Ends(loop)  # gate passes a kill ended, recorded in one batch
         self._task = loop.create_task(self._run(), name="tether-link")
         self._watchdog = loop.create_task(self._watch(), name="tether-watchdog")
 
@@ -306,21 +308,23 @@ class Link:
         # are built, and the writer woken, on a later turn, after the cancelled work ran.
         later: list[Callable[[], None]] | None = [] if verdict.stop is not None else None
         applied: list[Core] = []
-        members = self.members
+        members, wire = self.members, list(resp.halts)
+        shared = (wire, stops(wire))  # the same for every instance it lists
         for local in reply.locals:
             core = members.get(local)
             if core is not None and core.stream is stream:
                 applied.append(core)
                 try:  # one instance's hook that raises must not keep the order from the rest
-                    core.apply(resp, halts, verdict, later=later)
+                    core.apply(resp, halts, verdict, later=later, wire=shared)
                 except Exception:
                     log.exception("tether: applying an order to instance %d failed", local)
         if later is not None:
             self.loop.call_soon(self._acknowledge, later, applied)
 
     def _acknowledge(self, later: list[Callable[[], None]], stopped: list[Core]) -> None:
-        """After a stop's cancels: queue the acks, then have the writer send them and the
-        newest checkpoints, one request for the whole stream."""
+        """After a stop's cancels: record the passes they ended, queue the acks, then have
+        the writer send them and the newest checkpoints, one request for the whole stream."""
+        self.ends.run()  # the acks carry the records of what was in flight, ended
         for ack in later:
             try:
                 ack()

@@ -10,13 +10,51 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from tether._errors import TetherLost
 from tether._verdict import Verdict, stops
 from tether.v1 import agent_pb2, types_pb2
+
+log = logging.getLogger("tether")
+
+
+class Ends:
+    """The ends of gate passes a kill cancelled, recorded in one batch a turn later.
+
+    A kill's cancels all step in one loop turn; each pass's exit only queues its end here,
+    so the cancel of every run reaches its code before any ledger record is built. The
+    batch runs before the stop's acks are built (they carry the records, ended), and
+    before an instance that leaves says goodbye.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ends: list[Callable[[int], None]] = []
+
+    def later(self, end: Callable[[int], None]) -> bool:
+        """Call ``end`` with the time on a later turn; False off this loop (end it now)."""
+        if asyncio.get_running_loop() is not self._loop:
+            return False
+        ends = self._ends
+        ends.append(end)
+        if len(ends) == 1:
+            self._loop.call_soon(self.run)
+        return True
+
+    def run(self) -> None:
+        """Call the ends queued so far, with one timestamp for them all."""
+        ends, self._ends = self._ends, []
+        now = time.time_ns()
+        for end in ends:
+            try:
+                end(now)
+            except Exception:
+                log.exception("tether: recording a cancelled effect failed")
 
 
 class Stopper:
@@ -53,11 +91,14 @@ class Stopper:
         after: Verdict,
         halts: list[types_pb2.Halt],
         later: list[Callable[[], None]] | None = None,
+        *,
+        stopping: list[types_pb2.Halt] | None = None,
     ) -> None:
         """Act on a new verdict: what a stop cancels, waits out, and acknowledges.
 
         With ``later``, the acknowledgement is appended there instead of sent: the link
         cancels the work of every instance a reply stops first, and builds the acks after.
+        ``stopping``: ``stops(halts)``, when the caller has it already.
         """
         self._loop = asyncio.get_running_loop()
         if after.stop is None:
@@ -66,11 +107,12 @@ class Stopper:
             return
         self.stop_in_force.set()
         first = before is None or before.stop is None
-        if first:
+        if first and self.timers:
             for timer in list(self.timers):
                 timer.cancel()
             self.timers.clear()
-        stopping = stops(halts)
+        if stopping is None:
+            stopping = stops(halts)
         if not stopping or isinstance(after.stop, TetherLost):
             if first:
                 self._cancel_inflight()  # fail closed: nothing to wait for, nobody to tell
@@ -118,8 +160,8 @@ class Stopper:
         return True
 
     def _cancel_inflight(self) -> list[types_pb2.Effect]:
-        with self._lock:
-            running = list(self.inflight.values())
+        with self._lock:  # a done task's pass ended already (its record may wait in Ends)
+            running = [(r, t) for r, t in self.inflight.values() if t is None or not t.done()]
         for _, task in running:
             if task is not None:
                 task.cancel()
