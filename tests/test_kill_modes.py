@@ -8,13 +8,41 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import tether
 
 from tests.conftest import Coordinator, Siblings, audited, eventually, settled_effects
+
+
+async def _runs_on_one_stream(
+    stack: contextlib.AsyncExitStack, uri: str, n: int, target: str
+) -> list[tether.AsyncAgent]:
+    """``n`` runs of the agent ``uri`` in this process: the SDK puts them on one stream."""
+    return [
+        await stack.enter_async_context(tether.AsyncAgent(uri, run_id=f"r{i}", target=target))
+        for i in range(n)
+    ]
+
+
+async def _kill_once_inside(
+    admin: tether.AdminClient,
+    uri: str,
+    work: Callable[[int], Coroutine[Any, Any, None]],
+    entered: list[asyncio.Event],
+    reason: str,
+) -> list[asyncio.Task[None]]:
+    """Start each run's ``work``, kill the agent once every one is inside its effect, and
+    give the work 10 s to end; its tasks."""
+    tasks = [asyncio.create_task(work(i)) for i in range(len(entered))]
+    for event in entered:
+        await event.wait()
+    await asyncio.to_thread(admin.kill, tether.selector(agent=uri), reason, force=True)
+    await asyncio.wait(tasks, timeout=10)
+    return tasks
 
 
 def _statuses(admin: tether.AdminClient, tenant: str, n: int) -> dict[str, str]:
@@ -98,12 +126,7 @@ def test_a_hard_kill_of_runs_sharing_a_stream_cancels_and_acknowledges_each(
 
     async def scenario() -> list[bool]:
         async with contextlib.AsyncExitStack() as stack:
-            agents = [
-                await stack.enter_async_context(
-                    tether.AsyncAgent(uri, run_id=f"r{i}", target=coord.addr)
-                )
-                for i in range(n)
-            ]
+            agents = await _runs_on_one_stream(stack, uri, n, coord.addr)
             entered = [asyncio.Event() for _ in agents]
 
             async def work(i: int) -> None:
@@ -111,12 +134,7 @@ def test_a_hard_kill_of_runs_sharing_a_stream_cancels_and_acknowledges_each(
                     entered[i].set()
                     await asyncio.sleep(10)
 
-            tasks = [asyncio.create_task(work(i)) for i in range(n)]
-            for event in entered:
-                await event.wait()
-            kill = tether.selector(agent=uri)
-            await asyncio.to_thread(admin.kill, kill, "every run on the stream", force=True)
-            await asyncio.wait(tasks, timeout=10)
+            tasks = await _kill_once_inside(admin, uri, work, entered, "every run on the stream")
             return [task.cancelled() for task in tasks]
 
     assert asyncio.run(scenario()) == [True] * n
@@ -143,12 +161,7 @@ def test_work_a_kill_cancelled_is_recorded_once_and_nothing_starts_after_it(
     async def scenario() -> list[str]:
         refused: list[str] = []
         async with contextlib.AsyncExitStack() as stack:
-            agents = [
-                await stack.enter_async_context(
-                    tether.AsyncAgent(uri, run_id=f"r{i}", target=coord.addr)
-                )
-                for i in range(n)
-            ]
+            agents = await _runs_on_one_stream(stack, uri, n, coord.addr)
             entered = [asyncio.Event() for _ in agents]
 
             async def work(i: int) -> None:
@@ -164,12 +177,7 @@ def test_work_a_kill_cancelled_is_recorded_once_and_nothing_starts_after_it(
                             refused.append(f"j{i}")
                         raise
 
-            tasks = [asyncio.create_task(work(i)) for i in range(n)]
-            for event in entered:
-                await event.wait()
-            kill = tether.selector(agent=uri)
-            await asyncio.to_thread(admin.kill, kill, "batch", force=True)
-            await asyncio.wait(tasks, timeout=10)
+            await _kill_once_inside(admin, uri, work, entered, "batch")
         return sorted(refused)  # every agent closed here, right after its cancel
 
     assert asyncio.run(scenario()) == [f"j{i}" for i in range(n)]

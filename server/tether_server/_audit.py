@@ -110,9 +110,9 @@ def verify_chain(
     return out
 
 
-def _head_hash(kvs: Sequence[Any]) -> str:
-    """The hash the head key names; '' before the first entry."""
-    return str(json.loads(kvs[0].value)["hash"]) if kvs else ""
+def _head_hash(head: bytes) -> str:
+    """The hash a head value names; '' before the first entry (no head)."""
+    return str(json.loads(head)["hash"]) if head else ""
 
 
 def _head_value(kvs: Sequence[Any]) -> bytes:
@@ -159,7 +159,7 @@ class AuditLog:
         """
         head = await self._last_head()
         for _ in range(_RETRIES):
-            prev = str(json.loads(head)["hash"]) if head else ""
+            prev = _head_hash(head)
             record = chained(entry, prev, changed=True)
             done, now = await self._append(record, [_is_head(head), *compare], success)
             if done is not None:
@@ -224,4 +224,4 @@ class AuditLog:
         """Check the stored chain against itself and against the head: see ``verify_chain``."""
         entries = await self.entries()
         head = await self._store.range(AUDIT_HEAD, prefix=False)
-        return verify_chain(entries, _head_hash(head.kvs))
+        return verify_chain(entries, _head_hash(_head_value(head.kvs)))
